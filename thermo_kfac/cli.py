@@ -1,0 +1,46 @@
+"""Command-line entry point ``thermo-kfac``: a thin layer over :mod:`thermo_kfac.experiments`.
+
+Each command lives in a module that exposes ``register(subparsers)``; that function adds one or
+more sub-commands and sets ``func`` (called with the parsed namespace, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that contribute sub-commands, in the order they appear in --help.
+COMMAND_MODULES = [
+    "thermo_kfac.experiments.training",  # train, compare
+    "thermo_kfac.experiments.hardware",  # calibrate, project
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="thermo-kfac",
+        description="K-FAC training with simulated thermodynamic (analog) solvers, and hardware "
+                    "cost projections.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:
+        # Configuration mistakes: one clear line, no traceback.
+        print(f"thermo-kfac {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The protocol every per-layer Kronecker solver implements, and the solver registry.
+
+K-FAC approximates a layer's curvature block by ``kron(G, A)`` acting on the row-major
+flattened gradient matrix ``V`` of shape ``(d_out, d_in)``; the damped system
+``kron(G + lam_G I, A + lam_A I) vec(X) = vec(V)`` has the solution
+``X = (G + lam_G I)^-1 V (A + lam_A I)^-1``. A solver gets the factors every
+``inverse_update_every`` steps (:meth:`KFACSolver.prepare`) and applies the inverse to the
+gradient every step (:meth:`KFACSolver.apply`).
+
+Solvers that model hardware (the thermodynamic solver, for instance) report the predicted
+hardware time and energy of each call in :attr:`KFACSolver.last_report`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from hw_models.validation import check_positive
+
+
+@dataclass(frozen=True)
+class Damping:
+    """Damping of one layer's Kronecker block.
+
+    ``value`` is the Tikhonov damping ``lambda`` of the full block. Solvers use the factored form
+    ``(A + pi*sqrt(lambda) I) kron (G + sqrt(lambda)/pi I)``; ``pi`` is 1 unless ``pi_damping`` is
+    on, in which case it balances the factors' average eigenvalues (Martens & Grosse 2015, sec 6.3):
+    ``pi = sqrt((tr A / dim A) / (tr G / dim G))``. Solvers that can apply the exact damping
+    ``kron(G, A) + lambda I`` (eigh with ``exact_damping=True``) use ``value`` directly.
+    """
+
+    value: float
+    pi_damping: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive("damping", self.value, allow_zero=True)
+
+    def split(self, A: torch.Tensor, G: torch.Tensor) -> tuple[float, float]:
+        """Return ``(lam_A, lam_G)`` for the factored damping of ``A`` and ``G``."""
+        gamma = math.sqrt(self.value)
+        pi = 1.0
+        if self.pi_damping:
+            tr_a = float(torch.diagonal(A).mean())
+            tr_g = float(torch.diagonal(G).mean())
+            # A factor can be all zero (a dead layer); fall back to pi = 1 rather than divide by 0.
+            if tr_a > 0 and tr_g > 0 and math.isfinite(tr_a) and math.isfinite(tr_g):
+                pi = math.sqrt(tr_a / tr_g)
+        return pi * gamma, gamma / pi
+
+
+@dataclass
+class SolverReport:
+    """What one solver call cost on the hardware it models.
+
+    ``hardware_time_s``/``energy_j`` are predictions of the modelled device (``None`` for purely
+    digital solvers, whose cost is the measured wall time). ``info`` carries solver specifics
+    (iterations, analog time, saturation counts, ...).
+    """
+
+    hardware_time_s: float | None = None
+    energy_j: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class KFACSolver(ABC):
+    """One layer's solver for the damped Kronecker system.
+
+    Subclasses set :attr:`name`, implement :meth:`prepare` and :meth:`apply`, and store what they
+    need for :meth:`apply` in tensors returned by :meth:`state_dict` (so a resumed run applies
+    exactly the same inverse as an uninterrupted one).
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self) -> None:
+        self.last_report: SolverReport | None = None
+
+    @abstractmethod
+    def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
+        """Factorize or otherwise precompute from the factors ``A`` (d_in) and ``G`` (d_out)."""
+
+    @abstractmethod
+    def apply(self, grad: torch.Tensor) -> torch.Tensor:
+        """Return ``(G + lam_G I)^-1 grad (A + lam_A I)^-1`` for ``grad`` of shape (d_out, d_in)."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`prepare` has run (or state was loaded)."""
+        return bool(self.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and values needed by :meth:`apply`."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+SolverFactory = Callable[[], KFACSolver]
+_REGISTRY: dict[str, type[KFACSolver]] = {}
+
+
+def register_solver(cls: type[KFACSolver]) -> type[KFACSolver]:
+    """Class decorator: make ``cls`` available by ``cls.name`` in :func:`make_solver`."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a solver named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_solvers() -> list[str]:
+    """Names accepted by ``KFACPreconditioner(solver=...)``."""
+    return sorted(_REGISTRY)
+
+
+def solver_factory(solver: str | KFACSolver | type[KFACSolver],
+                   options: dict[str, Any] | None = None) -> SolverFactory:
+    """Turn a solver name, class or prototype instance into a factory of per-layer solvers."""
+    options = dict(options or {})
+    if isinstance(solver, str):
+        if solver not in _REGISTRY:
+            raise ValueError(f"solver={solver!r} is not valid; choose one of: "
+                             f"{', '.join(available_solvers())}")
+        cls = _REGISTRY[solver]
+        _check_options(cls, options)
+        return lambda: cls(**options)
+    if isinstance(solver, type) and issubclass(solver, KFACSolver):
+        _check_options(solver, options)
+        return lambda: solver(**options)
+    if isinstance(solver, KFACSolver):
+        if options:
+            raise ValueError("solver_options cannot be combined with a solver instance; "
+                             "configure the instance instead")
+        # Each layer needs its own state, so the given instance serves as a prototype.
+        return lambda: copy.deepcopy(solver)
+    raise ValueError(f"solver={solver!r} must be a solver name ({', '.join(available_solvers())}), "
+                     "a KFACSolver subclass or instance")
+
+
+def _check_options(cls: type[KFACSolver], options: dict[str, Any]) -> None:
+    try:
+        cls(**options)
+    except TypeError as err:
+        raise ValueError(f"invalid solver_options {options!r} for solver {cls.name!r}: {err}") from None
