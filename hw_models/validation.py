@@ -36,7 +36,8 @@ def check_number(
     """
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name}={value!r} must be {kind}{_range_text(low, high, low_inclusive, high_inclusive)}")
+        bounds = _range_text(low, high, low_inclusive, high_inclusive)
+        raise ValueError(f"{name}={value!r} must be {kind}{bounds}")
     if integer and not isinstance(value, int):
         if not float(value).is_integer():
             raise ValueError(f"{name}={value!r} must be {kind}")

@@ -1,0 +1,471 @@
+"""K-FAC preconditioner that works with any ``torch.optim`` optimizer.
+
+Usage::
+
+    precond = KFACPreconditioner(model, loss="cross_entropy", optimizer=opt)
+    for x, y in loader:
+        opt.zero_grad()
+        out = model(x)
+        precond.accumulate_curvature(out)   # only needed for fisher_type "mc" / "type2"
+        loss_fn(out, y).backward()
+        precond.step()                      # rewrites .grad of the registered layers
+        opt.step()
+
+Each registered layer keeps exponential moving averages of its Kronecker factors ``A`` (inputs,
+bias column last) and ``G`` (output gradients), so that the curvature block of the row-major
+flattened ``[W | b]`` is ``kron(G, A)``. Every ``inverse_update_every`` steps its solver is
+prepared from the damped factors; every step the gradient matrix ``V`` is replaced by
+``(G + lam_G I)^-1 V (A + lam_A I)^-1`` (optionally KL-clipped).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hw_models.validation import check_choice, check_number, check_positive
+from thermo_kfac.capture import LayerAdapter, make_adapter
+from thermo_kfac.curvature import (
+    FISHER_TYPES,
+    LOSSES,
+    REDUCTIONS,
+    hessian_sqrt_columns,
+    loss_scale,
+    mc_loss,
+)
+from thermo_kfac.solvers.base import Damping, KFACSolver, solver_factory
+
+FACTOR_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class _LayerState:
+    """Everything the preconditioner tracks for one registered layer."""
+
+    adapter: LayerAdapter
+    solver: KFACSolver
+    A: torch.Tensor | None = None
+    G: torch.Tensor | None = None
+    # statistics of the current step, accumulated by the hooks
+    a_sum: torch.Tensor | None = None
+    a_rows: int = 0
+    g_sum: torch.Tensor | None = None
+    fired_forward: bool = False
+    fired_backward: bool = False
+    skipped_updates: int = 0
+    handles: list[Any] = field(default_factory=list)
+
+
+class KFACPreconditioner:
+    """Kronecker-factored preconditioner for the ``nn.Linear`` and ``nn.Conv2d`` layers of a model.
+
+    Args:
+        model: the network. Every ``nn.Linear`` and ``nn.Conv2d`` (groups=1) whose weight requires
+            grad is registered unless matched by ``skip``; other parameters are left untouched.
+        loss: the loss the model is trained with: ``"cross_entropy"`` (logits, class dim 1),
+            ``"mse"`` or ``"bce"`` (binary cross-entropy with logits).
+        reduction: ``"mean"`` (as in ``torch.nn.functional``, over all loss elements) or ``"sum"``.
+            Factors are scaled so that ``kron(G, A)`` approximates the curvature of exactly
+            that loss.
+        fisher_type: ``"empirical"`` (gradients of the data labels, from the user's backward),
+            ``"mc"`` (labels sampled from the model; needs :meth:`accumulate_curvature`) or
+            ``"type2"`` (exact GGN factors by backpropagating the columns of the loss Hessian's
+            square root; needs :meth:`accumulate_curvature`; one backward per output feature).
+        damping: Tikhonov damping ``lambda`` of each Kronecker block (>= 0).
+        pi_damping: split the damping between the factors by the pi rule of Martens & Grosse.
+        factor_decay: EMA decay of the factors in [0, 1); 0 keeps only the current batch.
+        factor_update_every: update the factors every this many steps.
+        inverse_update_every: re-prepare the solvers every this many steps.
+        solver: ``"eigh"``, ``"cholesky"`` (or any registered name, see
+            :func:`thermo_kfac.available_solvers`), a ``KFACSolver`` subclass or a prototype
+            instance (copied per layer).
+        solver_options: keyword arguments for the solver class.
+        kl_clip: scale the step so that the predicted KL change ``lr^2 <U, grad>`` stays below
+            this value (None disables). The learning rates are read from ``optimizer``.
+        optimizer: the optimizer whose param groups give the learning rates for KL clipping.
+        factor_dtype: ``torch.float32`` or ``torch.float64``; factors are accumulated and
+            factorized in this dtype whatever the model or autocast dtype.
+        skip: regular expressions; a layer whose qualified name or class name matches one of
+            them (``re.search``) is not registered.
+        mc_samples: labels drawn per example for ``fisher_type="mc"``.
+        seed: seed of the preconditioner's own generator (MC labels).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        loss: str = "cross_entropy",
+        reduction: str = "mean",
+        fisher_type: str = "empirical",
+        damping: float = 1e-3,
+        pi_damping: bool = False,
+        factor_decay: float = 0.95,
+        factor_update_every: int = 1,
+        inverse_update_every: int = 10,
+        solver: str | KFACSolver | type[KFACSolver] = "eigh",
+        solver_options: dict[str, Any] | None = None,
+        kl_clip: float | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        factor_dtype: torch.dtype = torch.float32,
+        skip: str | Sequence[str] = (),
+        mc_samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.loss = check_choice("loss", loss, LOSSES)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.fisher_type = check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        self.damping = Damping(check_positive("damping", damping, allow_zero=True),
+                               bool(pi_damping))
+        self.factor_decay = check_number("factor_decay", factor_decay, low=0.0, high=1.0,
+                                         high_inclusive=False)
+        self.factor_update_every = check_positive("factor_update_every", factor_update_every,
+                                                  integer=True)
+        self.inverse_update_every = check_positive("inverse_update_every", inverse_update_every,
+                                                   integer=True)
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+            if optimizer is None:
+                raise ValueError("kl_clip needs the learning rate: pass optimizer=<your torch.optim "
+                                 "optimizer> (its param groups' lr are used), or set kl_clip=None")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.kl_clip = kl_clip
+        self.optimizer = optimizer
+        self.factor_dtype = check_choice("factor_dtype", factor_dtype, FACTOR_DTYPES)
+        self.mc_samples = check_positive("mc_samples", mc_samples, integer=True)
+        self.seed = check_number("seed", seed, integer=True)
+        self.solver_spec = solver
+        self._make_solver = solver_factory(solver, solver_options)
+        skip = [skip] if isinstance(skip, str) else list(skip)
+        try:
+            self._skip = [re.compile(pattern) for pattern in skip]
+        except re.error as err:
+            raise ValueError(f"skip={skip!r} contains an invalid regular expression: {err}") from None
+
+        self.model = model
+        self.steps = 0
+        self._generator: torch.Generator | None = None
+        self._output_shape: torch.Size | None = None
+        self._capturing_extra = False  # inside accumulate_curvature's own backward passes
+        self._g_weight = 1.0
+        self.last_report: dict[str, Any] = {}
+        self._layers: dict[str, _LayerState] = {}
+        self._register(model)
+        if not self._layers:
+            raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition "
+                             "(after applying skip)")
+
+    # ------------------------------------------------------------------ registration and hooks
+    def _register(self, model: nn.Module) -> None:
+        attention_children = set()
+        for name, module in model.named_modules():
+            if isinstance(module, nn.MultiheadAttention):
+                # MHA calls its projections' weights functionally, so their hooks never fire.
+                attention_children.update(f"{name}.{child}" if name else child
+                                          for child, _ in module.named_modules() if child)
+        for name, module in model.named_modules():
+            if name in attention_children or self._skipped(name, module):
+                continue
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
+                continue
+            adapter = make_adapter(name, module)
+            if adapter is None:
+                continue
+            state = _LayerState(adapter=adapter, solver=self._make_solver())
+            state.handles.append(module.register_forward_pre_hook(self._make_input_hook(state)))
+            state.handles.append(module.register_forward_hook(self._make_output_hook(state)))
+            self._layers[name] = state
+        self._root_handle = model.register_forward_hook(self._record_output)
+
+    def _skipped(self, name: str, module: nn.Module) -> bool:
+        cls = type(module).__name__
+        return any(p.search(name) or p.search(cls) for p in self._skip)
+
+    def _record_output(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            self._output_shape = output.shape
+
+    def _capture_step(self) -> bool:
+        return self.steps % self.factor_update_every == 0
+
+    def _make_input_hook(self, state: _LayerState):
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if not (torch.is_grad_enabled() and module.training and self._capture_step()):
+                return
+            a = inputs[0].detach()
+            # Factors are computed in factor_dtype, never in an autocast dtype.
+            with torch.autocast(a.device.type, enabled=False):
+                rows = state.adapter.input_rows(a).to(self.factor_dtype)
+                contribution = rows.T @ rows
+            state.a_sum = contribution if state.a_sum is None else state.a_sum + contribution
+            state.a_rows += rows.shape[0]
+            state.fired_forward = True
+
+        return hook
+
+    def _make_output_hook(self, state: _LayerState):
+        def grad_hook(g: torch.Tensor) -> None:
+            if self.fisher_type != "empirical" and not self._capturing_extra:
+                return  # the user's backward; mc/type2 statistics come from accumulate_curvature
+            if self.fisher_type == "empirical" and self._capturing_extra:
+                return
+            with torch.autocast(g.device.type, enabled=False):
+                rows = state.adapter.output_rows(g.detach()).to(self.factor_dtype)
+                contribution = rows.T @ rows
+            weight = self._g_weight if self._capturing_extra else self._empirical_weight()
+            contribution = contribution * weight
+            state.g_sum = contribution if state.g_sum is None else state.g_sum + contribution
+            state.fired_backward = True
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if not (torch.is_grad_enabled() and module.training and self._capture_step()):
+                return
+            # A tensor hook on the output (rather than a module backward hook) sees the gradient
+            # of the layer's own output even when an in-place activation follows it.
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(grad_hook)
+
+        return hook
+
+    def _empirical_weight(self) -> float:
+        if self._output_shape is None:
+            raise RuntimeError(
+                "cannot scale the empirical Fisher: the model's forward did not return a tensor. "
+                "Call precond.accumulate_curvature(outputs) with the tensor the loss is computed "
+                "from before loss.backward()")
+        return 1.0 / loss_scale(self.loss, self.reduction, self._output_shape)
+
+    # ------------------------------------------------------------------------------ public API
+    @property
+    def layers(self) -> list[str]:
+        """Qualified names of the registered layers."""
+        return list(self._layers)
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer name: (A, G)}`` of the layers whose factors have been computed."""
+        return {name: (s.A, s.G) for name, s in self._layers.items() if s.A is not None}
+
+    def skipped_updates(self) -> dict[str, int]:
+        """Number of factor updates skipped per layer because of NaN/Inf statistics."""
+        return {name: s.skipped_updates for name, s in self._layers.items()}
+
+    def accumulate_curvature(self, outputs: torch.Tensor) -> None:
+        """Compute the curvature statistics from ``outputs`` (the tensor the loss is computed from).
+
+        Call after the forward pass and before ``loss.backward()``. For ``fisher_type="mc"`` it
+        backpropagates ``mc_samples`` losses of labels sampled from the model, for ``"type2"``
+        the columns of the loss Hessian's square root; the graph is kept and ``.grad`` is not
+        touched. For ``"empirical"`` it only records the output shape used for scaling. On steps
+        that update no factors it returns at once.
+        """
+        if not isinstance(outputs, torch.Tensor):
+            raise ValueError(f"outputs must be a tensor, got {type(outputs).__name__}")
+        if not self._capture_step():
+            return
+        self._output_shape = outputs.shape
+        if self.fisher_type == "empirical":
+            return
+        if not outputs.requires_grad:
+            raise ValueError("outputs does not require grad; call accumulate_curvature on the "
+                             "model's output in a forward pass with gradients enabled")
+        scale = loss_scale(self.loss, self.reduction, outputs.shape)
+        params = [p for s in self._layers.values() for p in s.adapter.parameters()]
+        self._capturing_extra = True
+        try:
+            if self.fisher_type == "mc":
+                generator = self._get_generator(outputs.device)
+                self._g_weight = 1.0 / self.mc_samples
+                for _ in range(self.mc_samples):
+                    sampled = math.sqrt(scale) * mc_loss(self.loss, outputs, generator)
+                    torch.autograd.grad(sampled, params, retain_graph=True, allow_unused=True)
+            else:
+                self._g_weight = 1.0
+                for column in hessian_sqrt_columns(self.loss, outputs):
+                    torch.autograd.grad(outputs, params, grad_outputs=math.sqrt(scale) * column,
+                                        retain_graph=True, allow_unused=True)
+        finally:
+            self._capturing_extra = False
+
+    def step(self) -> None:
+        """Update factors/solvers when due and precondition the registered layers' gradients."""
+        start = time.perf_counter()
+        factor_update = self._capture_step()
+        inverse_update = self.steps % self.inverse_update_every == 0
+        if factor_update:
+            self._update_factors()
+            if self.steps == 0:
+                self._check_fired()
+        reports: dict[str, Any] = {}
+        if inverse_update:
+            for name, state in self._layers.items():
+                if state.A is not None and state.G is not None:
+                    self._prepare_solver(name, state)
+                    if state.solver.last_report is not None:
+                        reports[f"{name}/prepare"] = state.solver.last_report
+        preconditioned = self._precondition(reports)
+        kl_scale = self._apply(preconditioned)
+        self.steps += 1
+        times = [r.hardware_time_s for r in reports.values() if r.hardware_time_s is not None]
+        energies = [r.energy_j for r in reports.values() if r.energy_j is not None]
+        self.last_report = {
+            "step": self.steps,
+            "factor_update": factor_update,
+            "inverse_update": inverse_update,
+            "kl_scale": kl_scale,
+            "hardware_time_s": sum(times) if times else None,
+            "energy_j": sum(energies) if energies else None,
+            "solver_reports": reports,
+            "wall_time_s": time.perf_counter() - start,
+        }
+
+    # ---------------------------------------------------------------------------- internals
+    def _get_generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def _update_factors(self) -> None:
+        decay = self.factor_decay
+        for name, state in self._layers.items():
+            if state.a_sum is None or state.g_sum is None or state.a_rows == 0:
+                self._reset_statistics(state)
+                continue
+            A_new = state.a_sum / state.a_rows
+            G_new = state.g_sum
+            if not (torch.isfinite(A_new).all() and torch.isfinite(G_new).all()):
+                state.skipped_updates += 1
+                # No running count in the message, so Python's filter shows it once per layer;
+                # skipped_updates() has the counts.
+                warnings.warn(f"K-FAC: non-finite curvature statistics in layer {name!r}; factor "
+                              "update skipped, training continues (see skipped_updates())",
+                              RuntimeWarning, stacklevel=3)
+            elif state.A is None or decay == 0.0:
+                state.A, state.G = A_new, G_new
+            else:
+                state.A.mul_(decay).add_(A_new, alpha=1 - decay)
+                state.G.mul_(decay).add_(G_new, alpha=1 - decay)
+            self._reset_statistics(state)
+
+    @staticmethod
+    def _reset_statistics(state: _LayerState) -> None:
+        state.a_sum = state.g_sum = None
+        state.a_rows = 0
+
+    def _check_fired(self) -> None:
+        silent = [n for n, s in self._layers.items() if not (s.fired_forward and s.fired_backward)]
+        if silent:
+            detail = ", ".join(
+                f"{n!r} ({'no forward' if not self._layers[n].fired_forward else 'no backward'})"
+                for n in silent)
+            hint = ("call precond.accumulate_curvature(outputs) before loss.backward()"
+                    if self.fisher_type != "empirical" else "call loss.backward() before step()")
+            raise RuntimeError(
+                f"K-FAC: the hooks of registered layer(s) {detail} never fired during the first "
+                f"step. If a layer is unused or applied functionally, exclude it with "
+                f"skip=[...]; otherwise {hint}. Registered layers: {self.layers}")
+
+    def _prepare_solver(self, name: str, state: _LayerState) -> None:
+        try:
+            state.solver.prepare(state.A, state.G, self.damping)
+        except (RuntimeError, torch.linalg.LinAlgError) as err:
+            state.skipped_updates += 1
+            warnings.warn(f"K-FAC: solver {type(state.solver).__name__} failed on layer {name!r} "
+                          f"({err}); keeping the previous preconditioner", RuntimeWarning,
+                          stacklevel=3)
+
+    def _precondition(self, reports: dict[str, Any]) -> dict[str, tuple[_LayerState, torch.Tensor]]:
+        out = {}
+        for name, state in self._layers.items():
+            grad = state.adapter.grad_matrix()
+            if grad is None or not state.solver.ready:
+                continue
+            result = state.solver.apply(grad.to(self.factor_dtype))
+            if state.solver.last_report is not None:
+                reports[f"{name}/apply"] = state.solver.last_report
+            out[name] = (state, result.to(grad.dtype))
+        return out
+
+    def _apply(self, preconditioned: dict[str, tuple[_LayerState, torch.Tensor]]) -> float:
+        scale = 1.0
+        if self.kl_clip is not None and preconditioned:
+            lrs = self._learning_rates()
+            vg = 0.0
+            for state, update in preconditioned.values():
+                grad = state.adapter.grad_matrix()
+                lr = lrs.get(state.adapter.module.weight, 0.0)
+                vg += float((update * grad).sum()) * lr * lr
+            if vg > 0:
+                scale = min(1.0, math.sqrt(self.kl_clip / vg))
+        for state, update in preconditioned.values():
+            state.adapter.set_grad(update if scale == 1.0 else update * scale)
+        return scale
+
+    def _learning_rates(self) -> dict[torch.Tensor, float]:
+        assert self.optimizer is not None
+        return {p: float(group["lr"]) for group in self.optimizer.param_groups
+                for p in group["params"]}
+
+    # --------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, solver states, counters and RNG state (everything needed to resume exactly)."""
+        return {
+            "steps": self.steps,
+            "layers": {
+                name: {"A": s.A, "G": s.G, "solver": s.solver.state_dict(),
+                       "skipped_updates": s.skipped_updates}
+                for name, s in self._layers.items()
+            },
+            "generator": None if self._generator is None else self._generator.get_state(),
+            "output_shape": None if self._output_shape is None else tuple(self._output_shape),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the layers must match the registered ones."""
+        saved = set(state["layers"])
+        if saved != set(self._layers):
+            raise ValueError(f"state_dict layers {sorted(saved)} do not match the registered "
+                             f"layers {sorted(self._layers)}")
+        self.steps = int(state["steps"])
+        for name, layer_state in state["layers"].items():
+            s = self._layers[name]
+            s.A, s.G = _clone(layer_state["A"]), _clone(layer_state["G"])
+            s.solver.load_state_dict({k: _clone(v) for k, v in layer_state["solver"].items()})
+            s.skipped_updates = int(layer_state["skipped_updates"])
+            # A resumed run has already passed its first step.
+            s.fired_forward = s.fired_backward = True
+        if state.get("generator") is not None:
+            device = next(iter(self._layers.values())).adapter.module.weight.device
+            self._get_generator(device).set_state(state["generator"])
+        shape = state.get("output_shape")
+        self._output_shape = None if shape is None else torch.Size(shape)
+
+    def remove_hooks(self) -> None:
+        """Detach all hooks from the model (the preconditioner is unusable afterwards)."""
+        for s in self._layers.values():
+            for handle in s.handles:
+                handle.remove()
+            s.handles.clear()
+        self._root_handle.remove()
+
+    def __repr__(self) -> str:
+        return (f"KFACPreconditioner(layers={len(self._layers)}, loss={self.loss!r}, "
+                f"fisher_type={self.fisher_type!r}, damping={self.damping.value}, "
+                f"solver={self.solver_spec!r}, factor_update_every={self.factor_update_every}, "
+                f"inverse_update_every={self.inverse_update_every})")
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
