@@ -14,7 +14,13 @@ from torch.func import functional_call, hessian, jacrev
 
 from thermo_kfac import KFACPreconditioner
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _loss_fn(loss: str, reduction: str):

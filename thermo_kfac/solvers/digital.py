@@ -52,8 +52,8 @@ class EighSolver(_ExplicitInverseSolver):
         self.scale: torch.Tensor | None = None  # exact damping: 1 / (dG dA^T + lambda)
 
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
-        dA, QA = torch.linalg.eigh(A)
-        dG, QG = torch.linalg.eigh(G)
+        dA, QA = _robust_eigh(A)
+        dG, QG = _robust_eigh(G)
         dA, dG = dA.clamp_min(0), dG.clamp_min(0)
         if self.exact_damping:
             # Keep the eigenbases in the A_inv/G_inv slots; apply() rotates in and out.
@@ -76,6 +76,16 @@ class EighSolver(_ExplicitInverseSolver):
         if state and self.exact_damping:
             state["scale"] = self.scale
         return state
+
+
+def _robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh that retries in float64 when LAPACK's float32 divide-and-conquer fails to converge
+    (it does on factors with many repeated eigenvalues, e.g. from dead ReLU units)."""
+    try:
+        return torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        vals, vecs = torch.linalg.eigh(M.double())
+        return vals.to(M.dtype), vecs.to(M.dtype)
 
 
 @register_solver
