@@ -280,6 +280,16 @@ class KFACPreconditioner:
         if not outputs.requires_grad:
             raise ValueError("outputs does not require grad; call accumulate_curvature on the "
                              "model's output in a forward pass with gradients enabled")
+        if not bool(torch.isfinite(outputs).all()):
+            # Sampling labels from NaN logits is impossible; leave this step's G statistics empty,
+            # so _update_factors skips (and counts) the update for every layer.
+            warnings.warn("K-FAC: non-finite model outputs; curvature update skipped, training "
+                          "continues (see skipped_updates())", RuntimeWarning, stacklevel=2)
+            for state in self._layers.values():
+                state.skipped_updates += 1
+                self._reset_statistics(state)
+                state.fired_backward = True  # skipped on purpose, not a hook problem
+            return
         scale = loss_scale(self.loss, self.reduction, outputs.shape)
         params = [p for s in self._layers.values() for p in s.adapter.parameters()]
         self._capturing_extra = True
@@ -345,7 +355,9 @@ class KFACPreconditioner:
                 continue
             A_new = state.a_sum / state.a_rows
             G_new = state.g_sum
-            if not (torch.isfinite(A_new).all() and torch.isfinite(G_new).all()):
+            # NaN/Inf propagate through a sum: one cheap reduction per factor instead of an
+            # elementwise mask.
+            if not bool(torch.isfinite(A_new.sum() + G_new.sum())):
                 state.skipped_updates += 1
                 # No running count in the message, so Python's filter shows it once per layer;
                 # skipped_updates() has the counts.

@@ -278,3 +278,22 @@ def test_one_kfac_step_on_a_linear_model_is_a_newton_step(fisher_type):
         torch.testing.assert_close(got, solution, rtol=1e-6, atol=1e-6)
     else:  # the MC G factor is 2c*I up to sampling error ~ 1/sqrt(samples)
         assert float((got - solution).norm() / solution.norm()) < 0.05
+
+
+def test_mc_with_nonfinite_outputs_skips_curvature_and_continues():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    precond = KFACPreconditioner(model, fisher_type="mc")
+    _train(model, precond, opt, 1)
+    before = precond.factors()["2"][1].clone()
+    x, y = _batch(4)
+    x[1] = float("inf")
+    out = model(x)
+    with pytest.warns(RuntimeWarning, match="non-finite model outputs"):
+        precond.accumulate_curvature(out)
+    precond.step()
+    assert torch.equal(precond.factors()["2"][1], before)
+    assert precond.skipped_updates() == {"0": 1, "2": 1}
+    opt.zero_grad()
+    _train(model, precond, opt, 2, start=5)
+    assert not torch.equal(precond.factors()["2"][1], before)
