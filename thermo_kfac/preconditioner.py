@@ -367,8 +367,8 @@ class KFACPreconditioner:
             elif state.A is None or decay == 0.0:
                 state.A, state.G = A_new, G_new
             else:
-                state.A.mul_(decay).add_(A_new, alpha=1 - decay)
-                state.G.mul_(decay).add_(G_new, alpha=1 - decay)
+                state.A.lerp_(A_new, 1 - decay)  # decay * A + (1 - decay) * A_new, one pass
+                state.G.lerp_(G_new, 1 - decay)
             self._reset_statistics(state)
 
     @staticmethod
@@ -398,8 +398,9 @@ class KFACPreconditioner:
                           f"({err}); keeping the previous preconditioner", RuntimeWarning,
                           stacklevel=3)
 
-    def _precondition(self, reports: dict[str, Any]) -> dict[str, tuple[_LayerState, torch.Tensor]]:
-        out = {}
+    def _precondition(self, reports: dict[str, Any]) -> list[tuple[_LayerState, torch.Tensor, torch.Tensor]]:
+        """``[(layer state, raw gradient matrix, preconditioned matrix)]`` for ready layers."""
+        out = []
         for name, state in self._layers.items():
             grad = state.adapter.grad_matrix()
             if grad is None or not state.solver.ready:
@@ -407,21 +408,20 @@ class KFACPreconditioner:
             result = state.solver.apply(grad.to(self.factor_dtype))
             if state.solver.last_report is not None:
                 reports[f"{name}/apply"] = state.solver.last_report
-            out[name] = (state, result.to(grad.dtype))
+            out.append((state, grad, result.to(grad.dtype)))
         return out
 
-    def _apply(self, preconditioned: dict[str, tuple[_LayerState, torch.Tensor]]) -> float:
+    def _apply(self, preconditioned: list[tuple[_LayerState, torch.Tensor, torch.Tensor]]) -> float:
         scale = 1.0
         if self.kl_clip is not None and preconditioned:
             lrs = self._learning_rates()
-            vg = 0.0
-            for state, update in preconditioned.values():
-                grad = state.adapter.grad_matrix()
-                lr = lrs.get(state.adapter.module.weight, 0.0)
-                vg += float((update * grad).sum()) * lr * lr
+            # one host sync for all layers: sum_l lr_l^2 <U_l, grad_l>
+            vg = float(torch.stack([
+                (update * grad).sum() * lrs.get(state.adapter.module.weight, 0.0) ** 2
+                for state, grad, update in preconditioned]).sum())
             if vg > 0:
                 scale = min(1.0, math.sqrt(self.kl_clip / vg))
-        for state, update in preconditioned.values():
+        for state, _, update in preconditioned:
             state.adapter.set_grad(update if scale == 1.0 else update * scale)
         return scale
 
