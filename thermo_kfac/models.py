@@ -1,0 +1,212 @@
+"""Model zoo for the experiments: MLP classifier/regressor, deep auto-encoder, small CNN.
+
+All models are plain ``nn.Linear`` / ``nn.Conv2d`` stacks, so every weight layer is registered by
+:class:`thermo_kfac.KFACPreconditioner`. Models return logits (or raw regression outputs); the
+loss (cross-entropy, BCE with logits, MSE) is applied outside.
+
+:func:`build_model` builds a model by name for a :class:`thermo_kfac.data.Dataset` (or anything
+with ``input_shape``, ``output_dim`` and ``task``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hw_models.validation import check_choice, check_positive
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+}
+# The classic K-FAC benchmark (Hinton & Salakhutdinov 2006; Martens & Grosse 2015):
+# 784-1000-500-250-30 encoder and its mirror decoder.
+MNIST_AUTOENCODER_WIDTHS = (1000, 500, 250, 30)
+MNIST_INPUT_DIM = 784
+
+
+def activation(name: str) -> nn.Module:
+    """A fresh activation module by name (see :data:`ACTIVATIONS`)."""
+    return ACTIVATIONS[check_choice("activation", name, tuple(ACTIVATIONS))]()
+
+
+def _check_widths(widths: Sequence[int], allow_empty: bool = True) -> tuple[int, ...]:
+    if isinstance(widths, int):
+        widths = (widths,)
+    widths = tuple(widths)
+    if not widths and not allow_empty:
+        raise ValueError("widths must name at least one layer width")
+    for w in widths:
+        check_positive("widths", w, integer=True)
+    return tuple(int(w) for w in widths)
+
+
+class MLP(nn.Sequential):
+    """``Flatten -> [Linear -> activation] * len(widths) -> Linear(out_features)``."""
+
+    def __init__(self, in_features: int, out_features: int, widths: Sequence[int] = (128, 128),
+                 activation: str = "relu") -> None:
+        check_positive("in_features", in_features, integer=True)
+        check_positive("out_features", out_features, integer=True)
+        widths = _check_widths(widths)
+        act = check_choice("activation", activation, tuple(ACTIVATIONS))
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = in_features
+        for width in widths:
+            layers += [nn.Linear(fan_in, width), ACTIVATIONS[act]()]
+            fan_in = width
+        layers.append(nn.Linear(fan_in, out_features))
+        super().__init__(*layers)
+        self.widths = widths
+
+
+class AutoEncoder(nn.Module):
+    """Deep auto-encoder ``in - widths... - code`` with the mirror decoder back to ``in``.
+
+    The last width is the code layer, which is linear (no activation), as in the classic
+    benchmark; all other hidden layers use ``activation``. The output is flattened logits of
+    shape ``(n, in_features)``: train with BCE-with-logits on inputs in [0, 1], or MSE.
+    """
+
+    def __init__(self, in_features: int = MNIST_INPUT_DIM,
+                 widths: Sequence[int] = MNIST_AUTOENCODER_WIDTHS, activation: str = "sigmoid") -> None:
+        super().__init__()
+        check_positive("in_features", in_features, integer=True)
+        widths = _check_widths(widths, allow_empty=False)
+        act = check_choice("activation", activation, tuple(ACTIVATIONS))
+        sizes = (in_features, *widths)
+        encoder: list[nn.Module] = [nn.Flatten()]
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            encoder.append(nn.Linear(fan_in, fan_out))
+            if i < len(widths) - 1:
+                encoder.append(ACTIVATIONS[act]())
+        decoder: list[nn.Module] = []
+        back = sizes[::-1]
+        for i, (fan_in, fan_out) in enumerate(zip(back[:-1], back[1:], strict=True)):
+            decoder.append(nn.Linear(fan_in, fan_out))
+            if i < len(widths) - 1:
+                decoder.append(ACTIVATIONS[act]())
+        self.encoder = nn.Sequential(*encoder)
+        self.decoder = nn.Sequential(*decoder)
+        self.in_features = in_features
+        self.widths = widths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def mnist_autoencoder(activation: str = "sigmoid") -> AutoEncoder:
+    """The MNIST-shaped 784-1000-500-250-30-250-500-1000-784 auto-encoder."""
+    return AutoEncoder(MNIST_INPUT_DIM, MNIST_AUTOENCODER_WIDTHS, activation)
+
+
+class SmallCNN(nn.Module):
+    """``[Conv3x3(pad 1) -> activation -> MaxPool2] * len(channels) -> Linear(hidden) -> Linear``.
+
+    Works for any image size whose sides survive the poolings (8x8 digits, 28x28 MNIST,
+    32x32 CIFAR-10).
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_outputs: int, channels: Sequence[int] = (16, 32),
+                 hidden: int = 64, activation: str = "relu") -> None:
+        super().__init__()
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3:
+            raise ValueError(f"SmallCNN needs image inputs (C, H, W), got input shape {input_shape}")
+        check_positive("num_outputs", num_outputs, integer=True)
+        check_positive("hidden", hidden, integer=True)
+        channels = _check_widths(channels, allow_empty=False)
+        act = check_choice("activation", activation, tuple(ACTIVATIONS))
+        c, h, w = input_shape
+        if h >> len(channels) < 1 or w >> len(channels) < 1:
+            raise ValueError(f"images of size {h}x{w} are too small for {len(channels)} conv+pool "
+                             f"stages (each halves the size); use fewer channels entries")
+        layers: list[nn.Module] = []
+        for out in channels:
+            layers += [nn.Conv2d(c, out, 3, padding=1), ACTIVATIONS[act](), nn.MaxPool2d(2)]
+            c, h, w = out, h // 2, w // 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), ACTIVATIONS[act](),
+                                        nn.Linear(hidden, num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+# ---------------------------------------------------------------------------------- registry
+def _build_mlp(spec: Any, widths: Sequence[int] = (128, 128), activation: str = "relu") -> nn.Module:
+    return MLP(math.prod(spec.input_shape), spec.output_dim, widths, activation)
+
+
+def _build_autoencoder(spec: Any, widths: Sequence[int] | None = None,
+                       activation: str = "sigmoid") -> nn.Module:
+    if spec.task != "autoencoder":
+        raise ValueError(f"model 'autoencoder' needs an autoencoder task, got task={spec.task!r} "
+                         "(load the dataset with task='autoencoder')")
+    in_features = math.prod(spec.input_shape)
+    if widths is None:
+        widths = default_autoencoder_widths(in_features)
+    return AutoEncoder(in_features, widths, activation)
+
+
+def default_autoencoder_widths(in_features: int) -> tuple[int, ...]:
+    """The classic 1000-500-250-30 for 784 inputs; for others, the same shape scaled to the input.
+
+    For the 64 pixels of digits this gives (128, 64, 32, 8).
+    """
+    if in_features == MNIST_INPUT_DIM:
+        return MNIST_AUTOENCODER_WIDTHS
+    first = max(8, 2 * in_features)
+    return (first, max(4, first // 2), max(4, first // 4), max(2, first // 16))
+
+
+def _build_cnn(spec: Any, channels: Sequence[int] = (16, 32), hidden: int = 64,
+               activation: str = "relu") -> nn.Module:
+    return SmallCNN(spec.input_shape, spec.output_dim, channels, hidden, activation)
+
+
+MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
+    "mlp": (_build_mlp, "fully connected net; options widths=(128, 128), activation='relu'"),
+    "autoencoder": (_build_autoencoder, "deep auto-encoder with mirror decoder (autoencoder task); "
+                    "options widths (default 1000-500-250-30 for 784 inputs), activation='sigmoid'"),
+    "cnn": (_build_cnn, "small CNN for images; options channels=(16, 32), hidden=64, activation='relu'"),
+}
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return list(MODELS)
+
+
+def model_options(name: str) -> list[str]:
+    """Keyword options accepted by model ``name`` in :func:`build_model`."""
+    builder = MODELS[check_choice("model", name, tuple(MODELS))][0]
+    return list(inspect.signature(builder).parameters)[1:]
+
+
+def build_model(name: str, dataset: Any, **options: Any) -> nn.Module:
+    """Build model ``name`` sized for ``dataset`` (anything with ``input_shape``, ``output_dim``,
+    ``task``). ``options`` are the model's keyword options (see :data:`MODELS`).
+
+    Parameters are initialized from torch's global generator: seed it (``torch.manual_seed``)
+    for reproducible runs.
+    """
+    check_choice("model", name, tuple(MODELS))
+    for attr in ("input_shape", "output_dim", "task"):
+        if not hasattr(dataset, attr):
+            raise ValueError(f"build_model needs a dataset with {attr!r}, got {type(dataset).__name__}")
+    valid = model_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"model {name!r} has no option(s) {', '.join(unknown)}; valid options: "
+                         f"{', '.join(valid)}")
+    return MODELS[name][0](dataset, **options)
