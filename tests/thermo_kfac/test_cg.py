@@ -1,0 +1,117 @@
+"""CG solver: reaches its tolerance, equals the dense Kronecker solve, warm start, reports."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from thermo_kfac import KFACPreconditioner
+from thermo_kfac.solvers import Damping, solver_factory
+from thermo_kfac.solvers.cg import CGSolver, kronecker_cg
+
+
+def _spd(n: int, seed: int, kappa: float = 100.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    vals = torch.logspace(0, -torch.log10(torch.tensor(kappa)).item(), n, dtype=torch.float64)
+    return (Q * vals) @ Q.T
+
+
+def _dense_kron_solve(A, G, V, lam_a, lam_g):
+    """Solve kron(G_d, A_d) vec(X) = vec(V) (row-major vec) with the full Kronecker matrix."""
+    Ad = A + lam_a * torch.eye(A.shape[0], dtype=A.dtype)
+    Gd = G + lam_g * torch.eye(G.shape[0], dtype=G.dtype)
+    x = torch.linalg.solve(torch.kron(Gd, Ad), V.reshape(-1))
+    return x.reshape(V.shape)
+
+
+@pytest.mark.parametrize("jacobi", [True, False])
+def test_cg_reaches_tolerance_and_equals_dense_kronecker_solve(jacobi):
+    A, G = _spd(9, 0), _spd(7, 1)
+    V = torch.randn(7, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    damping = Damping(1e-3)
+    lam_a, lam_g = damping.split(A, G)
+    expected = _dense_kron_solve(A, G, V, lam_a, lam_g)
+    for tol in (1e-4, 1e-10):
+        solver = CGSolver(tol=tol, max_iter=500, jacobi=jacobi)
+        solver.prepare(A, G, damping)
+        X = solver.apply(V)
+        info = solver.last_report.info
+        assert info["converged"] and 0 < info["cg_iterations"] <= 500
+        # independent residual check
+        Ad = A + lam_a * torch.eye(9, dtype=A.dtype)
+        Gd = G + lam_g * torch.eye(7, dtype=G.dtype)
+        assert float((V - Gd @ X @ Ad).norm() / V.norm()) <= tol * 1.0001
+    assert torch.allclose(X, expected, rtol=1e-7, atol=1e-8)
+
+
+def test_warm_start_saves_iterations_and_cap_is_respected():
+    A, G = _spd(30, 3, kappa=1e3), _spd(20, 4, kappa=1e3)
+    g = torch.Generator().manual_seed(5)
+    V = torch.randn(20, 30, generator=g, dtype=torch.float64)
+    solver = CGSolver(tol=1e-8, max_iter=1000)
+    solver.prepare(A, G, Damping(1e-4))
+    solver.apply(V)
+    cold = solver.last_report.info["cg_iterations"]
+    solver.apply(V + 1e-3 * torch.randn(20, 30, generator=g, dtype=torch.float64))
+    warm = solver.last_report.info
+    assert warm["warm_started"] and warm["converged"] and warm["cg_iterations"] < cold
+    capped = CGSolver(tol=1e-12, max_iter=3)
+    capped.prepare(A, G, Damping(1e-4))
+    capped.apply(V)
+    assert capped.last_report.info["cg_iterations"] == 3 and not capped.last_report.info["converged"]
+
+
+def test_kronecker_cg_zero_rhs():
+    X, it, res = kronecker_cg(torch.eye(3), torch.eye(4), torch.zeros(3, 4))
+    assert it == 0 and res == 0.0 and not X.any()
+
+
+def test_options_are_validated():
+    for bad in ({"tol": 0}, {"tol": 2.0}, {"max_iter": 0}, {"jacobi": "yes"}, {"matrix_free": True}):
+        with pytest.raises(ValueError):
+            solver_factory("cg", bad)
+
+
+def test_preconditioner_with_cg_matches_cholesky_and_resumes_bitwise():
+    def make(solver, options):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        pre = KFACPreconditioner(model, optimizer=opt, solver=solver, solver_options=options,
+                                 inverse_update_every=2, factor_dtype=torch.float64)
+        return model, opt, pre
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 10, generator=g, dtype=torch.float64), torch.randint(0, 4, (16,), generator=g))
+            for _ in range(6)]
+
+    def run(model, pre, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            pre.step()
+            opt.step()
+
+    ref = make("cholesky", {})
+    run(ref[0], ref[2], ref[1], data)
+    model, opt, pre = make("cg", {"tol": 1e-12, "max_iter": 1000})
+    run(model, pre, opt, data[:3])
+    saved = copy.deepcopy((model.state_dict(), pre.state_dict(), opt.state_dict()))
+    run(model, pre, opt, data[3:])
+    final = [p.clone() for p in model.parameters()]
+    for a, b in zip(final, ref[0].parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    pre.remove_hooks()
+    model.load_state_dict(saved[0])
+    opt2 = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt2.load_state_dict(saved[2])
+    pre2 = KFACPreconditioner(model, optimizer=opt2, solver="cg", inverse_update_every=2,
+                              solver_options={"tol": 1e-12, "max_iter": 1000},
+                              factor_dtype=torch.float64)
+    pre2.load_state_dict(saved[1])
+    run(model, pre2, opt2, data[3:])
+    assert all(torch.equal(a, b) for a, b in zip(final, model.parameters(), strict=True))
