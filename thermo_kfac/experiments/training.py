@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
 import os
@@ -522,7 +523,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             try:
                 build_optimizer(spec, probe, options, loss, seed)
             except ValueError as err:
-                raise ValueError(f"optimizer {spec.label!r}: {err}") from None
+                raise ValueError(f"optimizer {spec.label!r}: {err}{_solver_option_hint(spec)}") from None
         else:
             build_model(model, data, **model_options)
     data = _to_device(data, torch_device)
@@ -561,7 +562,19 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
     return results
 
 
-def train(dataset: str | Dataset = "digits", model: str = "mlp", optimizer: str | OptimizerSpec = "adam",
+def _solver_option_hint(spec: OptimizerSpec) -> str:
+    """For unknown kfac keys (taken as solver options): the valid kfac keys, and close matches."""
+    if not spec.solver_options:
+        return ""
+    valid = [k for k, o in OPTIONS.items() if "kfac" in o.optimizers]
+    close = {k: difflib.get_close_matches(k, valid, n=1) for k in spec.solver_options}
+    guesses = [f"{k!r} -> {m[0]!r}" for k, m in close.items() if m]
+    hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+    return (f"{hint}; keys that are not kfac options ({', '.join(valid)}) are passed to the "
+            "solver as solver_options")
+
+
+def train(dataset: str | Dataset = "digits", model: str = "mlp", optimizer: str | OptimizerSpec = "kfac",
           **kwargs: Any) -> dict[str, Any]:
     """Train with one optimizer spec; same arguments as :func:`compare` (``results["runs"]`` has
     one run). ``time_to_target_s`` is recorded only when ``target_loss`` is given."""
