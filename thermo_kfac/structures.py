@@ -93,6 +93,10 @@ class Structure:
         """``Pi_hat(Y^T Y)`` for ``Y`` of shape ``(N, dim)``."""
         return cls.from_symmetric(Y.T @ Y, **opts)
 
+    def gram(self) -> Structure:
+        """``Pi_hat(S^T S)``."""
+        return type(self).from_inner(self.to_dense(), **self.opts)
+
     def _new(self, params: Params) -> Structure:
         return type(self)(self.dim, params, **self.opts)
 
@@ -204,6 +208,9 @@ class Diagonal(Structure):
 
     def to_dense(self):
         return torch.diag(self.params["d"])
+
+    def gram(self):
+        return self._new({"d": self.params["d"] * self.params["d"]})
 
     def matmul(self, M, transpose=False):
         return self.params["d"][:, None] * M

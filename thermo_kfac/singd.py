@@ -1,0 +1,278 @@
+"""SINGD / IKFAC (Lin, Dangel et al., ICML 2024, arXiv 2312.05705): inverse-free structured K-FAC.
+
+Each ``nn.Linear`` layer keeps structured roots ``K`` (``d_in + 1``, bias column included) and ``C``
+(``d_out``) with ``K K^T ~ A^-1`` and ``C C^T ~ G^-1``, initialised to the identity. Every ``T``
+steps, from the captured inputs ``a`` and output gradients ``g`` of the step's batch
+(``U = a^T a / N``, ``G_hat = N g^T g`` for a batch-averaged loss)::
+
+    H_K = Pi(K^T U K),  H_C = Pi(C^T G_hat C)
+    IKFAC (kfac_like=True):  m_K <- alpha1 m_K + (H_K + lambda Pi(K^T K) - I) / 2
+    SINGD:  m_K <- alpha1 m_K + (tr(H_C) H_K + lambda tr(C^T C) Pi(K^T K) - d_out I) / (2 d_out)
+    K <- K (I - beta1 m_K)                      (m_C, C symmetric: swap K <-> C, d_out <-> d_in)
+
+and every step the parameters move by ``m <- momentum m + C C^T grad K K^T + wd W``,
+``W <- W - lr m``. No inverse or eigendecomposition is computed, so the preconditioner can live
+in bfloat16/float16 (``dtype``) with every operation in that precision. With ``alpha1 = 0`` IKFAC
+tracks K-FAC with the damping inside the EMA, ``S <- (1 - beta1) S + beta1 (U + lambda I)``, to first
+order in ``beta1``. Parameters outside ``nn.Linear`` layers get plain SGD with momentum.
+
+Capture uses the optimizer's own forward pre-hooks and output-gradient hooks, active in training
+mode on steps where the preconditioner is updated. ``Conv2d`` layers are not supported (treated as
+other parameters).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from hw_models.validation import check_number, check_positive
+from thermo_kfac.structures import Structure, get_structure
+
+
+class _Layer:
+    """State and captured statistics of one preconditioned ``nn.Linear``."""
+
+    def __init__(self, name: str, module: nn.Linear) -> None:
+        self.name = name
+        self.module = module
+        self.a: torch.Tensor | None = None
+        self.g: torch.Tensor | None = None
+        self.K: Structure | None = None
+        self.C: Structure | None = None
+        self.m_K: Structure | None = None
+        self.m_C: Structure | None = None
+        self.handles: list[Any] = []
+
+
+class SINGD(torch.optim.Optimizer):
+    """Structured inverse-free natural gradient descent (SINGD) and its K-FAC-like variant IKFAC.
+
+    Args:
+        model: the network; every ``nn.Linear`` whose weight requires grad is preconditioned.
+        lr: step size ``beta2`` of the parameter update.
+        momentum: parameter momentum ``alpha2``.
+        damping: ``lambda``.
+        alpha1: Riemannian momentum of the factor updates.
+        beta1: step size of the factor updates.
+        T: update ``K`` and ``C`` every ``T`` steps.
+        weight_decay: ``gamma``, added to the preconditioned gradient.
+        structure: ``"dense"``, ``"diagonal"``, ``"block"``, ``"hierarchical"``, ``"toeplitz"`` or
+            ``"lowrank"`` (see :mod:`thermo_kfac.structures`), used for both ``K`` and ``C``.
+        structure_options: options of the structure (``block_size``, ``k1``/``k2``, ``rank``).
+        kfac_like: IKFAC update (``True``) or SINGD's (``False``).
+        dtype: precision of ``K``, ``C``, their momenta and all preconditioner arithmetic
+            (default: the parameters' dtype).
+        batch_averaged: the loss is a mean over the batch (output gradients carry ``1/N``).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
+                 damping: float = 1e-3, alpha1: float = 0.5, beta1: float = 1e-2, T: int = 10,
+                 weight_decay: float = 0.0, structure: str = "dense",
+                 structure_options: dict[str, Any] | None = None, kfac_like: bool = False,
+                 dtype: torch.dtype | None = None, batch_averaged: bool = True) -> None:
+        check_positive("lr", lr, allow_zero=True)
+        check_number("momentum", momentum, low=0, high=1, high_inclusive=False)
+        check_positive("damping", damping, allow_zero=True)
+        check_number("alpha1", alpha1, low=0, high=1, high_inclusive=False)
+        check_positive("beta1", beta1, allow_zero=True)
+        self.T = check_positive("T", T, integer=True)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        self.structure_cls = get_structure(structure)
+        self.structure_options = dict(structure_options or {})
+        self.structure_cls.normalize_options(10_000, **self.structure_options)  # validate early
+        for key, value in (("kfac_like", kfac_like), ("batch_averaged", batch_averaged)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key}={value!r} must be True or False")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype={dtype!r} must be a floating-point torch.dtype or None")
+        self.kfac_like = kfac_like
+        self.batch_averaged = batch_averaged
+        self.dtype = dtype
+        self.steps = 0
+        self._layers: list[_Layer] = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module.weight.requires_grad:
+                layer = _Layer(name, module)
+                layer.handles = [module.register_forward_pre_hook(self._pre_hook(layer)),
+                                 module.register_forward_hook(self._out_hook(layer))]
+                self._layers.append(layer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no trainable parameters")
+        defaults = {"lr": lr, "momentum": momentum, "damping": damping, "alpha1": alpha1,
+                    "beta1": beta1, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ capture
+    def _capturing(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled() and self.steps % self.T == 0
+
+    def _pre_hook(self, layer: _Layer):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if self._capturing(module):
+                layer.a = inputs[0].detach()
+        return hook
+
+    def _out_hook(self, layer: _Layer):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if self._capturing(module) and output.requires_grad:
+                def store(grad: torch.Tensor) -> None:
+                    layer.g = grad.detach()
+                output.register_hook(store)
+        return hook
+
+    # ------------------------------------------------------------------ helpers
+    def _pdtype(self, layer: _Layer) -> torch.dtype:
+        return self.dtype or layer.module.weight.dtype
+
+    def _init_layer(self, layer: _Layer) -> None:
+        w = layer.module.weight
+        d_in = w.shape[1] + (layer.module.bias is not None)
+        d_out = w.shape[0]
+        dt, dev, cls, opts = self._pdtype(layer), w.device, self.structure_cls, self.structure_options
+        layer.K = cls.identity(d_in, dt, dev, **opts)
+        layer.C = cls.identity(d_out, dt, dev, **opts)
+        layer.m_K = cls.zeros(d_in, dt, dev, **opts)
+        layer.m_C = cls.zeros(d_out, dt, dev, **opts)
+
+    def _update_factors(self, layer: _Layer, group: dict[str, Any]) -> None:
+        assert layer.a is not None and layer.g is not None
+        dt = self._pdtype(layer)
+        a = layer.a.reshape(-1, layer.a.shape[-1]).to(dt)
+        g = layer.g.reshape(-1, layer.g.shape[-1]).to(dt)
+        if layer.module.bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=dt, device=a.device)], dim=1)
+        n = a.shape[0]
+        K, C, m_K, m_C = layer.K, layer.C, layer.m_K, layer.m_C
+        assert K is not None and C is not None and m_K is not None and m_C is not None
+        cls, opts = self.structure_cls, self.structure_options
+        H_K = cls.from_inner(K.rmatmul(a) / math.sqrt(n), **opts)
+        g_scale = math.sqrt(n) if self.batch_averaged else 1 / math.sqrt(n)
+        H_C = cls.from_inner(C.rmatmul(g) * g_scale, **opts)
+        lam, alpha1, beta1 = group["damping"], group["alpha1"], group["beta1"]
+        KtK, CtC = K.gram(), C.gram()
+        if self.kfac_like:
+            step_K = H_K.add(KtK, lam).add_identity(-1.0).scale(0.5)
+            step_C = H_C.add(CtC, lam).add_identity(-1.0).scale(0.5)
+        else:
+            d_in, d_out = K.dim, C.dim
+            step_K = (H_K.scale(float(H_C.trace())).add(KtK, lam * float(C.frob_sq()))
+                      .add_identity(-float(d_out)).scale(1 / (2 * d_out)))
+            step_C = (H_C.scale(float(H_K.trace())).add(CtC, lam * float(K.frob_sq()))
+                      .add_identity(-float(d_in)).scale(1 / (2 * d_in)))
+        layer.m_K = m_K.scale(alpha1).add(step_K)
+        layer.m_C = m_C.scale(alpha1).add(step_C)
+        layer.K = K.compose(layer.m_K.scale(-beta1).add_identity(1.0))
+        layer.C = C.compose(layer.m_C.scale(-beta1).add_identity(1.0))
+
+    def preconditioned_gradient(self, layer: _Layer) -> torch.Tensor | None:
+        """``C C^T [grad W | grad b] K K^T`` in the preconditioner dtype (``None`` without grad)."""
+        w, b = layer.module.weight, layer.module.bias
+        if w.grad is None:
+            return None
+        grad = w.grad.reshape(w.shape[0], -1)
+        if b is not None:
+            bg = b.grad if b.grad is not None else torch.zeros_like(b)
+            grad = torch.cat([grad, bg[:, None]], dim=1)
+        grad = grad.to(self._pdtype(layer))
+        assert layer.K is not None and layer.C is not None
+        X = layer.C.matmul(layer.C.matmul(grad, transpose=True))
+        return layer.K.rmatmul(layer.K.rmatmul(X), transpose=True)
+
+    # ------------------------------------------------------------------ optimizer API
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One SINGD step (updates ``K``/``C`` every ``T`` steps from the captured batch)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        updates: dict[torch.Tensor, torch.Tensor] = {}
+        for layer in self._layers:
+            if layer.K is None:
+                self._init_layer(layer)
+            if self.steps % self.T == 0 and layer.a is not None and layer.g is not None:
+                self._update_factors(layer, group)
+            layer.a = layer.g = None
+            nat = self.preconditioned_gradient(layer)
+            if nat is None:
+                continue
+            w, b = layer.module.weight, layer.module.bias
+            updates[w] = nat[:, : w[0].numel()].reshape(w.shape).to(w.dtype)
+            if b is not None:
+                updates[b] = nat[:, -1].to(b.dtype)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = updates.get(p, p.grad)
+                if group["weight_decay"]:
+                    d = d + group["weight_decay"] * p
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(d)
+                p.sub_(group["lr"] * buf)
+        self.steps += 1
+        return loss
+
+    def memory_per_layer(self) -> dict[str, dict[str, int]]:
+        """Bytes of ``K``, ``C`` and their momenta per layer (``total`` included)."""
+        out = {}
+        for layer in self._layers:
+            if layer.K is None:
+                self._init_layer(layer)
+            parts = {"K": layer.K.nbytes(), "C": layer.C.nbytes(), "m_K": layer.m_K.nbytes(),
+                     "m_C": layer.m_C.nbytes()}
+            parts["total"] = sum(parts.values())
+            out[layer.name] = parts
+        return out
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the preconditioned layers."""
+        return [layer.name for layer in self._layers]
+
+    def factor_roots(self, name: str) -> tuple[Structure, Structure]:
+        """``(K, C)`` of the layer called ``name``."""
+        for layer in self._layers:
+            if layer.name == name:
+                if layer.K is None:
+                    self._init_layer(layer)
+                return layer.K, layer.C
+        raise ValueError(f"no preconditioned layer named {name!r}; layers: {self.layers}")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["singd"] = {
+            "steps": self.steps,
+            "layers": {layer.name: None if layer.K is None else
+                       {k: getattr(layer, k).state_dict() for k in ("K", "C", "m_K", "m_C")}
+                       for layer in self._layers},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        singd = state_dict.pop("singd")
+        super().load_state_dict(state_dict)
+        if set(singd["layers"]) != set(self.layers):
+            raise ValueError(f"state_dict layers {sorted(singd['layers'])} do not match {self.layers}")
+        self.steps = int(singd["steps"])
+        for layer in self._layers:
+            saved = singd["layers"][layer.name]
+            for k in ("K", "C", "m_K", "m_C"):
+                setattr(layer, k, None if saved is None else Structure.from_state_dict(saved[k]))
+
+    def remove_hooks(self) -> None:
+        """Detach the capture hooks from the model."""
+        for layer in self._layers:
+            for h in layer.handles:
+                h.remove()
+            layer.handles = []
