@@ -512,7 +512,10 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
     eval_every = check_positive("eval_every", eval_every, integer=True)
     if target_loss is not None:
         check_number("target_loss", target_loss)
-    torch_device = torch.device(device)
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err})") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} is not available (torch.cuda.is_available() is False)")
     resolved = [resolve_options(s, overrides) for s in specs]
