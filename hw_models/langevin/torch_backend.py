@@ -1,0 +1,265 @@
+"""Time stepping with torch (CPU or CUDA, float32 or float64).
+
+Every function works on canonical batched tensors (``A``: ``(k, n, n)``, states ``(k, n, m)``)
+already on the compute device, and draws all randomness from one ``torch.Generator``.
+
+Performance notes: the Euler-Maruyama state is kept in units of the noise scale ``sigma`` so a
+step is one in-place Gaussian fill, one in-place add of the drive ``dt*b/sigma`` and one in-place
+``addmm``/``baddbmm`` with ``beta=1`` (``X' = (I - dt A) X + dt b/sigma + Z``) -- no temporaries,
+the GEMM writes straight into the noise buffer -- plus the running sum. Eigenbasis chains draw
+their noise in blocks and fold the noise scale into the block, so one step is one ``addcmul_``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from hw_models.noise import NoiseConfig, read_out
+
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _block_len(per_step: int, total: int) -> int:
+    return int(max(1, min(total, 4096, _BLOCK_ELEMENTS // max(per_step, 1))))
+
+
+def normal(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device,
+           generator: torch.Generator) -> torch.Tensor:
+    """Standard normal samples."""
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+
+def _noise_sigma(kappa0: float, dt: float, underdamped: bool, friction: float) -> float:
+    return math.sqrt(2.0 * kappa0 * dt * (friction if underdamped else 1.0))
+
+
+def euler_mean(A: torch.Tensor, B: torch.Tensor, X0: torch.Tensor, *, dt: float, kappa0: float,
+               n_burn: int, n_avg: int, underdamped: bool, mass: float, friction: float,
+               generator: torch.Generator) -> torch.Tensor:
+    """Time average of Euler-Maruyama samples ``t = n_burn+1 .. n_burn+n_avg``; ``(k, n, m)``."""
+    k, n, m = B.shape
+    sigma = _noise_sigma(kappa0, dt, underdamped, friction)
+    scale = sigma if sigma > 0 else 1.0
+    has_b = bool(B.count_nonzero())
+    if k == 1:  # plain GEMM is faster than a batch of one
+        A, B, X0 = A[0], B[0], X0[0]
+
+        def gemm_(out: torch.Tensor, M: torch.Tensor, Y: torch.Tensor, alpha: float = 1.0) -> None:
+            out.addmm_(M, Y, alpha=alpha)
+    else:
+        def gemm_(out: torch.Tensor, M: torch.Tensor, Y: torch.Tensor, alpha: float = 1.0) -> None:
+            out.baddbmm_(M, Y, alpha=alpha)
+
+    C = B * (dt / scale)
+    X = X0 / scale
+    S = torch.zeros_like(X)
+    N = torch.empty_like(X)
+
+    def drive(buf: torch.Tensor) -> None:
+        if sigma > 0:
+            buf.normal_(generator=generator)
+            if has_b:
+                buf.add_(C)
+        elif has_b:
+            buf.copy_(C)
+        else:
+            buf.zero_()
+
+    if not underdamped:
+        eye = torch.eye(n, dtype=A.dtype, device=A.device)
+        P = eye - dt * A
+        for t in range(n_burn + n_avg):
+            drive(N)
+            gemm_(N, P, X)  # N = (I - dt A) X + dt b / sigma + z
+            X, N = N, X
+            if t >= n_burn:
+                S.add_(X)
+    else:
+        c1 = 1.0 - dt * friction / mass
+        Pm = torch.zeros_like(X)
+        for t in range(n_burn + n_avg):
+            drive(N)
+            N.add_(Pm, alpha=c1)
+            gemm_(N, A, X, alpha=-dt)  # p' = c1 p - dt (A x - b) + noise
+            Pm, N = N, Pm
+            X.add_(Pm, alpha=dt / mass)
+            if t >= n_burn:
+                S.add_(X)
+    S.mul_(scale / n_avg)
+    return S.reshape(k, n, m)
+
+
+def _accumulate(S: torch.Tensor, Y: torch.Tensor, readout: NoiseConfig | None, scale: float,
+                generator: torch.Generator) -> int:
+    """``S += R R^T`` for the samples ``Y`` ``(k, n, L)`` after the read-out; returns clip count."""
+    clipped = 0
+    if readout is not None:
+        Y, clipped = read_out(Y * scale, readout, dims=(1,), generator=generator)
+    S.baddbmm_(Y, Y.transpose(1, 2))
+    return clipped
+
+
+def euler_second_moment(A: torch.Tensor, x0: torch.Tensor, *, dt: float, kappa0: float,
+                        n_burn: int, n_avg: int, underdamped: bool, mass: float, friction: float,
+                        readout: NoiseConfig | None,
+                        generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """``sum_t x_t x_t^T`` over one Euler-Maruyama chain per system (``b = 0``), ``(k, n, n)``.
+
+    With ``readout`` each sample goes through read noise and the ADC before it is accumulated.
+    Returns the sum (not yet divided by ``n_avg``) and the number of clipped read-outs.
+    """
+    k, n, _ = x0.shape
+    sigma = _noise_sigma(kappa0, dt, underdamped, friction)
+    scale = sigma if sigma > 0 else 1.0
+    L = _block_len(k * n, n_burn + n_avg)
+    Nb = torch.empty((L, k, n, 1), dtype=A.dtype, device=A.device)
+    Xs = torch.empty_like(Nb) if underdamped else Nb
+    S = torch.zeros((k, n, n), dtype=A.dtype, device=A.device)
+    x = x0 / scale
+    p = torch.zeros_like(x)
+    c1 = 1.0 - dt * friction / mass
+    P = torch.eye(n, dtype=A.dtype, device=A.device) - dt * A
+    clipped = 0
+    done = 0
+    total = n_burn + n_avg
+    while done < total:
+        # blocks never straddle the end of the burn-in, so a block is either kept or discarded
+        Lb = min(L, n_burn - done) if done < n_burn else min(L, total - done)
+        if sigma > 0:
+            Nb[:Lb].normal_(generator=generator)
+        else:
+            Nb[:Lb].zero_()
+        for t in range(Lb):
+            if underdamped:
+                p = Nb[t].add_(p, alpha=c1).baddbmm_(A, x, alpha=-dt)
+                x = torch.add(x, p, alpha=dt / mass, out=Xs[t])
+            else:
+                x = Nb[t].baddbmm_(P, x)
+        # the next block overwrites the buffers that x and p alias
+        x = x.clone()
+        p = p.clone()
+        if done >= n_burn:
+            Y = Xs[:Lb].reshape(Lb, k, n).permute(1, 2, 0)
+            clipped += _accumulate(S, Y, readout, scale, generator)
+        done += Lb
+    if readout is None:
+        S.mul_(scale * scale)
+    return S, clipped
+
+
+def _coef(coef: np.ndarray, like: torch.Tensor) -> list[torch.Tensor]:
+    t = torch.as_tensor(coef, dtype=like.dtype, device=like.device)
+    return [t[..., i : i + 1] for i in range(t.shape[-1])]
+
+
+def eig_mean(coef: np.ndarray, coef_burn: np.ndarray, U0: torch.Tensor, *, n_avg: int,
+             underdamped: bool, generator: torch.Generator) -> torch.Tensor:
+    """Mean of ``n_avg`` exact eigenmode samples after an exact burn-in jump; ``(k, n, m)``.
+
+    ``coef`` is ``(k, n, 2)`` = ``(a, std)`` (overdamped) or ``(k, n, 7)`` =
+    ``(f11, f12, f21, f22, l11, l21, l22)`` (underdamped, momentum starting at 0); ``U0`` is the
+    centred initial state ``Q^T x0 - u*``.
+    """
+    shape = tuple(U0.shape)
+    L = _block_len(int(np.prod(shape)), n_avg)
+    opts = {"dtype": U0.dtype, "device": U0.device}
+    S = torch.zeros_like(U0)
+    if not underdamped:
+        a, s = _coef(coef, U0)
+        ab, sb = _coef(coef_burn, U0)
+        U = ab * U0 + sb * torch.randn(shape, generator=generator, **opts)
+        Z = torch.empty((L, *shape), **opts)
+        done = 0
+        while done < n_avg:
+            Lb = min(L, n_avg - done)
+            Zb = Z[:Lb]
+            Zb.normal_(generator=generator).mul_(s)
+            for t in range(Lb):
+                U = Zb[t].addcmul_(a, U)  # u' = a u + std z
+            S.add_(Zb.sum(dim=0))
+            U = U.clone()
+            done += Lb
+        return S / n_avg
+    f11, f12, f21, f22, l11, l21, l22 = _coef(coef, U0)
+    g11, g12, g21, g22, m11, m21, m22 = _coef(coef_burn, U0)
+    z1 = torch.randn(shape, generator=generator, **opts)
+    z2 = torch.randn(shape, generator=generator, **opts)
+    U = g11 * U0 + m11 * z1
+    P = g21 * U0 + m21 * z1 + m22 * z2
+    Z1 = torch.empty((L, *shape), **opts)
+    Z2 = torch.empty((L, *shape), **opts)
+    done = 0
+    while done < n_avg:
+        Lb = min(L, n_avg - done)
+        Z1[:Lb].normal_(generator=generator)
+        Z2[:Lb].normal_(generator=generator)
+        Z2[:Lb].mul_(l22).addcmul_(l21, Z1[:Lb])
+        Z1[:Lb].mul_(l11)
+        for t in range(Lb):
+            U_new = Z1[t].addcmul_(f11, U).addcmul_(f12, P)
+            P = Z2[t].addcmul_(f21, U).addcmul_(f22, P)
+            U = U_new
+        S.add_(Z1[:Lb].sum(dim=0))
+        U, P = U.clone(), P.clone()
+        done += Lb
+    return S / n_avg
+
+
+def eig_second_moment(coef: np.ndarray, coef_burn: np.ndarray, u0: torch.Tensor, Q: torch.Tensor,
+                      *, n_avg: int, underdamped: bool, readout: NoiseConfig | None,
+                      generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """``sum_t x_t x_t^T`` of one exact chain per system, simulated in the eigenbasis.
+
+    ``u0`` is ``(k, n, 1)`` in the eigenbasis. Without read-out non-idealities the sum is formed
+    in the eigenbasis and rotated once (``Q S Q^T``); with them, each block of samples is rotated
+    to ``x = Q u`` and read out first. Returns the sum and the clip count.
+    """
+    k, n, _ = u0.shape
+    opts = {"dtype": u0.dtype, "device": u0.device}
+    L = _block_len(k * n, n_avg)
+    S = torch.zeros((k, n, n), **opts)
+    clipped = 0
+    if not underdamped:
+        a, s = _coef(coef, u0)
+        ab, sb = _coef(coef_burn, u0)
+        U = ab * u0 + sb * torch.randn(u0.shape, generator=generator, **opts)
+    else:
+        f11, f12, f21, f22, l11, l21, l22 = _coef(coef, u0)
+        g11, g12, g21, g22, m11, m21, m22 = _coef(coef_burn, u0)
+        z1 = torch.randn(u0.shape, generator=generator, **opts)
+        z2 = torch.randn(u0.shape, generator=generator, **opts)
+        U = g11 * u0 + m11 * z1
+        P = g21 * u0 + m21 * z1 + m22 * z2
+        Z2 = torch.empty((L, k, n, 1), **opts)
+    Z = torch.empty((L, k, n, 1), **opts)
+    done = 0
+    while done < n_avg:
+        Lb = min(L, n_avg - done)
+        Zb = Z[:Lb]
+        Zb.normal_(generator=generator)
+        if not underdamped:
+            Zb.mul_(s)
+            for t in range(Lb):
+                U = Zb[t].addcmul_(a, U)
+        else:
+            Z2b = Z2[:Lb]
+            Z2b.normal_(generator=generator).mul_(l22).addcmul_(l21, Zb)
+            Zb.mul_(l11)
+            for t in range(Lb):
+                U_new = Zb[t].addcmul_(f11, U).addcmul_(f12, P)
+                P = Z2b[t].addcmul_(f21, U).addcmul_(f22, P)
+                U = U_new
+            P = P.clone()
+        U = U.clone()
+        Y = Zb.reshape(Lb, k, n).permute(1, 2, 0)
+        if readout is not None:
+            clipped += _accumulate(S, torch.bmm(Q, Y), readout, 1.0, generator)
+        else:
+            S.baddbmm_(Y, Y.transpose(1, 2))
+        done += Lb
+    if readout is None:
+        S = Q @ S @ Q.transpose(1, 2)
+    return S, clipped

@@ -1,0 +1,280 @@
+"""Non-idealities of an analog thermodynamic processor.
+
+The simulator (:mod:`hw_models.langevin`) applies these, in this order, to one solve:
+
+1. **coupling quantization**: the matrix ``A`` is programmed into ``coupling_bits``-bit couplings
+   (symmetric signed levels ``-L..L`` with ``L = 2**(bits-1) - 1``) over a managed range: abs-max
+   of each matrix by default, or a fixed ``coupling_range`` (values beyond it are clipped and
+   counted);
+2. **mismatch / programming error**: each programmed coupling is off by a static Gaussian error,
+   ``absolute`` (``A + std*eps``) or ``proportional`` (``A * (1 + std*eps)``). ``eps`` is drawn
+   from ``device_seed`` alone, so one simulated device keeps its errors across calls. A coupling
+   joins two cells, so ``eps`` is symmetric and a symmetric ``A`` stays symmetric;
+3. **input DAC**: each right-hand-side column is quantized to ``input_bits`` over its abs-max (or
+   ``input_range``);
+4. **thermal noise** ``kappa0 = 1/beta`` drives the dynamics (it is ``AnalogConfig.kappa0``;
+   :func:`thermal_kappa0` converts a temperature and capacitance into it);
+5. **read-out**: Gaussian ``read_noise`` then an ``output_bits`` ADC per read-out vector;
+6. **rounding-ensemble mitigation** (Aifer et al., arXiv:2401.16231): ``mitigation_copies``
+   independently (stochastically) rounded instances of the problem are solved and their
+   estimates averaged. Unbiased rounding makes first-order rounding errors cancel in the
+   average, so the systematic error falls from ``O(eps)`` towards ``O(eps**2)``.
+
+Every function works on torch tensors (CPU or CUDA) and takes an explicit ``torch.Generator``
+so results are reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hw_models.validation import check_choice, check_number, check_positive
+
+ROUNDING_MODES = ("nearest", "stochastic")
+MISMATCH_KINDS = ("absolute", "proportional")
+BOLTZMANN = 1.380649e-23  # J/K
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Optional hardware non-idealities; ``None`` (the default everywhere) means ideal.
+
+    Attributes:
+        coupling_bits: bits of the matrix couplings (>= 2).
+        input_bits: bits of the DAC that loads the right-hand side (>= 2).
+        output_bits: bits of the ADC that reads the result (>= 2).
+        rounding: ``"nearest"`` or ``"stochastic"`` (unbiased) rounding for all converters.
+        mismatch_std: standard deviation of the static coupling error (>= 0).
+        mismatch_kind: ``"proportional"`` (relative to each coupling) or ``"absolute"``.
+        read_noise: standard deviation of Gaussian noise on every read-out value (>= 0).
+        mitigation_copies: independently rounded instances averaged (>= 1).
+        coupling_range, input_range, output_range: fixed converter ranges (> 0); ``None`` means
+            abs-max range management (the range follows the data, nothing clips).
+        device_seed: seed of the simulated device's static mismatch pattern.
+    """
+
+    coupling_bits: int | None = None
+    input_bits: int | None = None
+    output_bits: int | None = None
+    rounding: str = "nearest"
+    mismatch_std: float | None = None
+    mismatch_kind: str = "proportional"
+    read_noise: float | None = None
+    mitigation_copies: int = 1
+    coupling_range: float | None = None
+    input_range: float | None = None
+    output_range: float | None = None
+    device_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("coupling_bits", "input_bits", "output_bits"):
+            value = getattr(self, name)
+            if value is not None:
+                check_number(name, value, low=2, high=32, integer=True)
+        check_choice("rounding", self.rounding, ROUNDING_MODES)
+        check_choice("mismatch_kind", self.mismatch_kind, MISMATCH_KINDS)
+        for name in ("mismatch_std", "read_noise"):
+            value = getattr(self, name)
+            if value is not None:
+                check_positive(name, value, allow_zero=True)
+        for name in ("coupling_range", "input_range", "output_range"):
+            value = getattr(self, name)
+            if value is not None:
+                check_positive(name, value)
+        check_number("mitigation_copies", self.mitigation_copies, low=1, integer=True)
+        check_number("device_seed", self.device_seed, low=0, integer=True)
+        quantized = self.coupling_bits is not None or self.input_bits is not None
+        if self.mitigation_copies > 1 and quantized and self.rounding != "stochastic":
+            raise ValueError(
+                f"mitigation_copies={self.mitigation_copies} needs rounding='stochastic': with "
+                f"rounding={self.rounding!r} every quantized copy is identical, so averaging "
+                "copies cannot cancel rounding errors")
+
+    @property
+    def ideal(self) -> bool:
+        """True when no non-ideality is switched on."""
+        return (self.coupling_bits is None and self.input_bits is None and self.output_bits is None
+                and not self.mismatch_std and not self.read_noise and self.mitigation_copies == 1)
+
+    @property
+    def programs_couplings(self) -> bool:
+        """True when the programmed matrix differs from ``A`` (quantization or mismatch)."""
+        return self.coupling_bits is not None or bool(self.mismatch_std)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Result of :func:`quantize`: the values, the step of each range group, clipped count."""
+
+    values: torch.Tensor
+    step: torch.Tensor
+    n_clipped: int
+
+
+def quantize(x: torch.Tensor, bits: int, *, rounding: str = "nearest", bound: float | None = None,
+             dims: tuple[int, ...] | None = None,
+             generator: torch.Generator | None = None) -> Quantized:
+    """Quantize ``x`` to signed ``bits``-bit levels ``q * step`` with ``|q| <= 2**(bits-1) - 1``.
+
+    The range is ``bound`` if given (values with ``|x| > bound`` clip to the end level and are
+    counted), else the abs-max of ``x`` over ``dims`` (every other dimension indexes an
+    independent group with its own step; ``None`` means one group). Stochastic rounding rounds up
+    with probability equal to the fractional part, so it is unbiased.
+    """
+    check_number("bits", bits, low=2, high=32, integer=True)
+    check_choice("rounding", rounding, ROUNDING_MODES)
+    levels = float(2 ** (bits - 1) - 1)
+    if bound is None:
+        if dims is None:
+            span = x.abs().amax()
+        else:
+            span = x.abs().amax(dim=dims, keepdim=True)
+        n_clipped = 0
+    else:
+        check_positive("bound", bound)
+        span = torch.full((), float(bound), dtype=x.dtype, device=x.device)
+        n_clipped = int((x.abs() > bound).sum())
+    step = span / levels
+    safe_step = torch.where(step > 0, step, torch.ones_like(step))
+    q = x / safe_step
+    if rounding == "nearest":
+        q = torch.round(q)
+    else:
+        u = torch.rand(q.shape, generator=generator, dtype=q.dtype, device=q.device)
+        q = torch.floor(q + u)
+    q.clamp_(-levels, levels)
+    return Quantized(values=q * step, step=step, n_clipped=n_clipped)
+
+
+def quantize_couplings(A: torch.Tensor, bits: int, *, rounding: str = "nearest",
+                       bound: float | None = None,
+                       generator: torch.Generator | None = None) -> Quantized:
+    """Quantize each matrix of a ``(..., n, n)`` stack over its own abs-max (or ``bound``).
+
+    Symmetric matrices stay exactly symmetric: the upper triangle (one physical coupling per
+    pair of cells) is quantized and mirrored, and only it is counted for clipping.
+    """
+    symmetric = bool(torch.equal(A, A.transpose(-1, -2)))
+    if not symmetric:
+        return quantize(A, bits, rounding=rounding, bound=bound, dims=(-2, -1), generator=generator)
+    result = quantize(A, bits, rounding=rounding, bound=bound, dims=(-2, -1), generator=generator)
+    upper = torch.triu(result.values)
+    values = upper + torch.triu(result.values, diagonal=1).transpose(-1, -2)
+    n_clipped = 0 if bound is None else int(torch.triu(A.abs() > bound).sum())
+    return Quantized(values=values, step=result.step, n_clipped=n_clipped)
+
+
+def mismatch_pattern(shape: tuple[int, ...], device_seed: int, *, symmetric: bool = True,
+                     dtype: torch.dtype = torch.float64,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard-normal static error pattern of the simulated device ``device_seed``.
+
+    Drawn on the CPU in float64 from ``device_seed`` only, so every backend, device and call sees
+    the same pattern; with ``symmetric`` the lower triangle mirrors the upper one.
+    """
+    gen = torch.Generator().manual_seed(int(device_seed))
+    eps = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if symmetric:
+        eps = torch.triu(eps) + torch.triu(eps, diagonal=1).transpose(-1, -2)
+    return eps.to(dtype=dtype, device=device)
+
+
+def apply_mismatch(A: torch.Tensor, std: float, kind: str = "proportional", *, device_seed: int = 0,
+                   symmetric: bool | None = None) -> torch.Tensor:
+    """Return ``A`` with the device's static coupling errors: ``A + std*eps`` or ``A*(1+std*eps)``.
+
+    ``symmetric=None`` keeps a symmetric ``A`` symmetric (one error per coupling pair).
+    """
+    check_positive("mismatch_std", std, allow_zero=True)
+    check_choice("mismatch_kind", kind, MISMATCH_KINDS)
+    if symmetric is None:
+        symmetric = bool(torch.equal(A, A.transpose(-1, -2)))
+    eps = mismatch_pattern(tuple(A.shape), device_seed, symmetric=symmetric, dtype=A.dtype,
+                           device=A.device)
+    if kind == "absolute":
+        return A + std * eps
+    return A * (1.0 + std * eps)
+
+
+def program_couplings(A: torch.Tensor, config: NoiseConfig, *, copies: int = 1,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Matrices the device realises for the stack ``A`` of shape ``(k, n, n)``.
+
+    Returns ``(A_hw, info)`` with ``A_hw`` of shape ``(k * copies, n, n)`` (copy-major:
+    ``A_hw[c * k + i]`` is copy ``c`` of system ``i``) and ``info`` holding ``clipped`` and the
+    quantization ``step`` per system.
+    """
+    A_rep = A.repeat(copies, 1, 1) if copies > 1 else A
+    info: dict = {"clipped": 0, "step": None}
+    if config.coupling_bits is not None:
+        q = quantize_couplings(A_rep, config.coupling_bits, rounding=config.rounding,
+                               bound=config.coupling_range, generator=generator)
+        A_rep = q.values
+        info["clipped"] = q.n_clipped
+        info["step"] = q.step.reshape(-1)[: A.shape[0]]
+    if config.mismatch_std:
+        # one device per system: the pattern is indexed by system, shared by all copies
+        symmetric = bool(torch.equal(A, A.transpose(-1, -2)))
+        eps = mismatch_pattern(tuple(A.shape), config.device_seed, symmetric=symmetric,
+                               dtype=A.dtype, device=A.device)
+        eps = eps.repeat(copies, 1, 1) if copies > 1 else eps
+        if config.mismatch_kind == "absolute":
+            A_rep = A_rep + config.mismatch_std * eps
+        else:
+            A_rep = A_rep * (1.0 + config.mismatch_std * eps)
+    return A_rep, info
+
+
+def load_inputs(B: torch.Tensor, config: NoiseConfig, *, copies: int = 1,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Right-hand sides ``(k, n, m)`` after the DAC, repeated for each copy (copy-major).
+
+    Each column has its own range (abs-max over ``n``, or ``input_range``). Returns
+    ``(B_hw, clipped)``.
+    """
+    B_rep = B.repeat(copies, 1, 1) if copies > 1 else B
+    if config.input_bits is None:
+        return B_rep, 0
+    q = quantize(B_rep, config.input_bits, rounding=config.rounding, bound=config.input_range,
+                 dims=(-2,), generator=generator)
+    return q.values, q.n_clipped
+
+
+def read_out(X: torch.Tensor, config: NoiseConfig, *, dims: tuple[int, ...] = (-2,),
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Read-out of analog values: add ``read_noise``, then the ADC (range groups over ``dims``).
+
+    Returns ``(values, clipped)``; ``X`` is not modified.
+    """
+    clipped = 0
+    if config.read_noise:
+        noise = torch.randn(X.shape, generator=generator, dtype=X.dtype, device=X.device)
+        X = X + config.read_noise * noise
+    if config.output_bits is not None:
+        q = quantize(X, config.output_bits, rounding=config.rounding, bound=config.output_range,
+                     dims=dims, generator=generator)
+        X, clipped = q.values, q.n_clipped
+    return X, clipped
+
+
+def average_copies(X: torch.Tensor, copies: int) -> torch.Tensor:
+    """Mean over the copy-major leading axis: ``(copies * k, ...) -> (k, ...)``."""
+    if copies == 1:
+        return X
+    return X.reshape(copies, X.shape[0] // copies, *X.shape[1:]).mean(dim=0)
+
+
+def thermal_kappa0(temperature: float = 300.0, capacitance: float = 1e-9,
+                   voltage_scale: float = 1.0) -> float:
+    """Dimensionless thermal noise level ``kappa0 = k_B T / (C V**2)``.
+
+    Equipartition gives a cell of capacitance ``C`` the voltage variance ``k_B T / C``; dividing
+    by the square of the voltage that represents 1.0 gives ``kappa0`` in the simulator's units.
+    (300 K, 1 nF, 1 V: about 4.1e-12.)
+    """
+    check_positive("temperature", temperature)
+    check_positive("capacitance", capacitance)
+    check_positive("voltage_scale", voltage_scale)
+    return BOLTZMANN * temperature / (capacitance * voltage_scale**2)
