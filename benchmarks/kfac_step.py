@@ -1,0 +1,162 @@
+"""K-FAC step overhead on the MNIST-shaped auto-encoder (784-1000-500-250-30-...-784, batch 1000).
+
+Measures, in one process and interleaved round by round, the mean step time of SGD, Adam and
+K-FAC (SGD base) with (factor_update_every, inverse_update_every) in {(1,10), (10,10), (10,100)}.
+Each K-FAC timing block covers whole update cycles, so the amortized factor and inverse work is
+included. Ratios to SGD are taken within each round; the report gives their median, min and max.
+
+The FLOP lower bound of a ratio is ``1 + (factor FLOPs / T_f + eigh FLOPs / T_inv) /
+forward+backward FLOPs`` (the issue's definition); ``flop_bound_with_apply`` adds the two
+matrix products per layer that applying the preconditioner costs every step.
+
+    python benchmarks/kfac_step.py [--quick] [--rounds 5] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thermo_kfac import KFACPreconditioner
+from thermo_kfac.models import mnist_autoencoder
+
+WIDTHS = [784, 1000, 500, 250, 30]
+CONFIGS = [(1, 10), (10, 10), (10, 100)]
+
+
+def layer_dims(model: nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def flop_counts(dims: list[tuple[int, int]], batch: int) -> dict[str, float]:
+    """FLOPs of one training step's parts (multiply-add = 2 FLOPs)."""
+    fwd = sum(2 * batch * i * o for i, o in dims)
+    # backward: weight gradient for all layers, input gradient for all but the first
+    bwd = sum(2 * batch * i * o for i, o in dims) + sum(2 * batch * i * o for i, o in dims[1:])
+    # factor statistics as executed (dense GEMMs a^T a, g^T g), bias column included
+    factors = sum(2 * batch * ((i + 1) ** 2 + o**2) for i, o in dims)
+    # eigh: tridiagonal reduction 4/3 n^3 + back-transformation 2 n^3 (LAPACK syevd), plus
+    # 2 n^3 to form the explicit damped inverse; per factor
+    eigh = sum((4 / 3 + 2 + 2) * n**3 for i, o in dims for n in (i + 1, o))
+    apply = sum(2 * (o * o * (i + 1) + o * (i + 1) ** 2) for i, o in dims)
+    return {"forward": fwd, "backward": bwd, "factors": factors, "eigh": eigh, "apply": apply}
+
+
+def make_run(kind: str, batch: int, seed: int, config: tuple[int, int] | None = None):
+    torch.manual_seed(seed)
+    model = mnist_autoencoder()
+    if kind == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    precond = None
+    if kind == "kfac":
+        precond = KFACPreconditioner(model, loss="bce", damping=1e-2, kl_clip=1e-3, optimizer=opt,
+                                     factor_update_every=config[0],
+                                     inverse_update_every=config[1])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, WIDTHS[0], generator=g)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)
+        loss = F.binary_cross_entropy_with_logits(model(x), x)
+        loss.backward()
+        if precond is not None:
+            precond.step()
+        opt.step()
+
+    return step
+
+
+def time_block(step, n_steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    return (time.perf_counter() - start) / n_steps
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (>= 1)")
+    parser.add_argument("--batch", type=int, default=1000, help="batch size")
+    parser.add_argument("--sgd-steps", type=int, default=10, help="steps per SGD/Adam block")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, batch 500: a fast smoke run")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.batch = 2, 500
+    if args.rounds < 1 or args.batch < 1 or args.sgd_steps < 1:
+        parser.error("--rounds, --batch and --sgd-steps must be >= 1")
+    torch.set_num_threads(args.threads)
+
+    runs = {"sgd": make_run("sgd", args.batch, 0), "adam": make_run("adam", args.batch, 0)}
+    kfac_configs = {f"kfac{cfg}": cfg for cfg in CONFIGS}
+    for name, cfg in kfac_configs.items():
+        runs[name] = make_run("kfac", args.batch, 0, cfg)
+    cycle = {name: args.sgd_steps for name in ("sgd", "adam")}
+    cycle.update({f"kfac{cfg}": max(cfg) * max(1, args.sgd_steps // max(cfg)) for cfg in CONFIGS})
+
+    for step in runs.values():  # warm-up: allocator, first factor/eigh, caches
+        time_block(step, 2)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, step in runs.items():  # interleaved: every round times every configuration
+            times[name].append(time_block(step, cycle[name]))
+
+    flops = flop_counts(layer_dims(mnist_autoencoder()), args.batch)
+    fb = flops["forward"] + flops["backward"]
+    result: dict = {
+        "benchmark": "kfac_step",
+        "workload": {"model": "autoencoder " + "-".join(map(str, WIDTHS + WIDTHS[-2::-1])),
+                     "batch": args.batch, "loss": "bce", "activation": "sigmoid",
+                     "inputs": "synthetic uniform [0,1)"},
+        "machine": {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "rounds": args.rounds,
+        "step_time_s": {n: {"median": statistics.median(t), "min": min(t), "max": max(t)}
+                        for n, t in times.items()},
+        "flops_per_step": flops,
+        "ratios_to_sgd": {},
+    }
+    sgd = times["sgd"]
+    for name in runs:
+        if name == "sgd":
+            continue
+        per_round = [t / s for t, s in zip(times[name], sgd, strict=True)]
+        entry = {"median": statistics.median(per_round), "min": min(per_round),
+                 "max": max(per_round)}
+        if name in kfac_configs:
+            tf, ti = kfac_configs[name]
+            bound = 1 + (flops["factors"] / tf + flops["eigh"] / ti) / fb
+            entry["flop_bound"] = bound
+            entry["flop_bound_with_apply"] = bound + flops["apply"] / fb
+            entry["ratio_over_bound"] = entry["median"] / bound
+            entry["ratio_over_bound_with_apply"] = entry["median"] / entry["flop_bound_with_apply"]
+        result["ratios_to_sgd"][name] = entry
+    k110 = result["ratios_to_sgd"]["kfac(1, 10)"]
+    result["targets"] = {
+        "kfac(1,10) < 2.5x SGD": k110["median"] < 2.5,
+        "every K-FAC ratio within 1.3x of its FLOP bound": all(
+            result["ratios_to_sgd"][n]["ratio_over_bound"] <= 1.3 for n in kfac_configs),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
