@@ -376,7 +376,8 @@ def _run(data: Dataset, model_name: str, model_options: dict[str, Any], spec: Op
 
 
 def _make_step(model: nn.Module, opt: torch.optim.Optimizer, precond: Any,
-               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+               ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One training step ``(x, y) -> (outputs, loss)``: the only code inside the timed region."""
     curvature = precond is not None and precond.fisher_type != "empirical"
 
