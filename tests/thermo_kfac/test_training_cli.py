@@ -135,15 +135,17 @@ def test_failed_run_leaves_previous_results_intact(tmp_path, monkeypatch, capsys
     assert _main("train", "--optimizer", "sgd", "--steps", "2", "--out", str(out)) == 0
     before = (out / "results.json").read_text()
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("interrupted")
+    def broken(self):
+        if self.history:  # fail in the middle of training
+            raise RuntimeError("interrupted")
+        return original(self)
 
-    original = training._run
-    monkeypatch.setattr(training, "_run", broken)
+    original = training._Run.step
+    monkeypatch.setattr(training._Run, "step", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         _main("train", "--optimizer", "adam", "--steps", "2", "--out", str(out))
     assert (out / "results.json").read_text() == before
-    monkeypatch.setattr(training, "_run", original)
+    monkeypatch.setattr(training._Run, "step", original)
     capsys.readouterr()
     assert _main("train", "--optimizer", "adam", "--steps", "2", "--out", str(out)) == 0
     assert "replaced the previous results" in capsys.readouterr().out

@@ -3,7 +3,8 @@
 Both are library functions (returning the results dict) and CLI sub-commands (``thermo-kfac
 train`` / ``thermo-kfac compare``, added by :func:`register`). Every run of a comparison starts
 from the same initial parameters (``torch.manual_seed(seed)`` before the model is built) and sees
-the same batches in the same order (:meth:`thermo_kfac.data.Dataset.batches`).
+the same batches in the same order (:meth:`thermo_kfac.data.Dataset.batches`). The runs advance
+in lockstep, one step each in turn, so that load changes on a shared machine hit all alike.
 
 Optimizers are given as specs ``name[:key=value,key=value]``, e.g. ``adam:lr=3e-3`` or
 ``kfac:solver=cholesky,damping=0.1``. For ``kfac``, keys that are neither K-FAC nor base-optimizer
@@ -282,97 +283,120 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
     return total / max(elements, 1), accuracy
 
 
-def _run(data: Dataset, model_name: str, model_options: dict[str, Any], spec: OptimizerSpec,
-         options: dict[str, Any], *, loss: str, steps: int, batch_size: int, seed: int, eval_every: int,
-         progress: bool, device: torch.device) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    model = build_model(model_name, data, **model_options).to(device)
-    opt, precond = build_optimizer(spec, model, options, loss, seed)
-    fn = loss_function(loss)
-    classification = loss == "cross_entropy"
-    eval_x, eval_y = data.x_train[:MAX_EVAL_EXAMPLES], data.y_train[:MAX_EVAL_EXAMPLES]
-    x_test, y_test = data.x_test, data.y_test
+class _Run:
+    """One optimizer's training run, advanced one step at a time so that runs can be interleaved."""
 
-    def evaluation() -> dict[str, Any]:
-        train_loss, train_acc = evaluate(model, eval_x, eval_y, loss)
-        test_loss, test_acc = evaluate(model, x_test, y_test, loss)
-        record = {"eval_train_loss": train_loss, "test_loss": test_loss}
-        if classification:
+    def __init__(self, data: Dataset, model_name: str, model_options: dict[str, Any],
+                 spec: OptimizerSpec, options: dict[str, Any], *, loss: str, steps: int,
+                 batch_size: int, seed: int, eval_every: int, device: torch.device) -> None:
+        torch.manual_seed(seed)  # same initial parameters for every run
+        self.model = build_model(model_name, data, **model_options).to(device)
+        self.opt, self.precond = build_optimizer(spec, self.model, options, loss, seed)
+        self.spec, self.options, self.loss = spec, options, loss
+        self.steps, self.eval_every = steps, eval_every
+        self.classification = loss == "cross_entropy"
+        self.eval_x, self.eval_y = data.x_train[:MAX_EVAL_EXAMPLES], data.y_train[:MAX_EVAL_EXAMPLES]
+        self.x_test, self.y_test = data.x_test, data.y_test
+        self.steps_per_epoch = data.steps_per_epoch(batch_size)
+        self.stream = data.stream(batch_size, seed=seed)  # same batches in the same order
+        self.step_fn = _make_step(self.model, self.opt, self.precond, loss_function(loss))
+        self.history: list[dict[str, Any]] = []
+        self.wall = 0.0
+        self.hardware_total: float | None = None
+        self.diverged = False
+        self.initial = self.evaluation()
+        _warm_up(data, model_name, model_options, spec, options, loss, batch_size, seed, device)
+
+    @property
+    def done(self) -> bool:
+        return self.diverged or len(self.history) >= self.steps
+
+    def evaluation(self) -> dict[str, Any]:
+        train_loss, train_acc = evaluate(self.model, self.eval_x, self.eval_y, self.loss)
+        test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test, self.loss)
+        record: dict[str, Any] = {"eval_train_loss": train_loss, "test_loss": test_loss}
+        if self.classification:
             record.update(eval_train_accuracy=train_acc, test_accuracy=test_acc)
         return record
 
-    initial = evaluation()
-    history: list[dict[str, Any]] = []
-    wall = 0.0
-    hardware_total: float | None = None
-    diverged = False
-    stream = data.stream(batch_size, seed=seed)
-    steps_per_epoch = data.steps_per_epoch(batch_size)
-    step_fn = _make_step(model, opt, precond, fn)
-    _warm_up(data, model_name, model_options, spec, options, loss, batch_size, seed, device)
-    bar = _progress_bar(steps, spec.label, progress)
-    try:
-        for step in range(1, steps + 1):
-            _, x, y = next(stream)
-            start = time.perf_counter()
-            out, batch_loss = step_fn(x, y)
-            loss_value = float(batch_loss.detach())
-            step_time = time.perf_counter() - start
-            wall += step_time
-            record: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch,
-                                      "train_loss": loss_value, "step_time_s": step_time,
-                                      "wall_time_s": wall}
-            if classification:
-                record["train_accuracy"] = float((out.detach().argmax(dim=1) == y).float().mean())
-            if precond is not None:
-                predicted = precond.last_report.get("hardware_time_s")
-                if predicted is not None:
-                    record["predicted_hardware_s"] = float(predicted)
-                    hardware_total = (hardware_total or 0.0) + float(predicted)
-            if not math.isfinite(loss_value):
-                diverged = True
-            if step % eval_every == 0 or step == steps or diverged:
-                record.update(evaluation())
-            history.append(record)
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0 or step == steps:
-                    postfix = {"loss": f"{loss_value:.4f}", "ms/step": f"{1e3 * wall / step:.2f}"}
-                    if classification:
-                        postfix["acc"] = f"{record['train_accuracy']:.3f}"
-                    bar.set_postfix(postfix, refresh=False)
-            if diverged:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
+    def step(self) -> dict[str, Any]:
+        """Run, time and record the next step (evaluating when due); return its record."""
+        step = len(self.history) + 1
+        _, x, y = next(self.stream)
+        start = time.perf_counter()
+        out, batch_loss = self.step_fn(x, y)
+        loss_value = float(batch_loss.detach())
+        step_time = time.perf_counter() - start
+        self.wall += step_time
+        record: dict[str, Any] = {"step": step, "epoch": step / self.steps_per_epoch,
+                                  "train_loss": loss_value, "step_time_s": step_time,
+                                  "wall_time_s": self.wall}
+        if self.classification:
+            record["train_accuracy"] = float((out.detach().argmax(dim=1) == y).float().mean())
+        if self.precond is not None:
+            predicted = self.precond.last_report.get("hardware_time_s")
+            if predicted is not None:
+                record["predicted_hardware_s"] = float(predicted)
+                self.hardware_total = (self.hardware_total or 0.0) + float(predicted)
+        self.diverged = not math.isfinite(loss_value)
+        if step % self.eval_every == 0 or step == self.steps or self.diverged:
+            record.update(self.evaluation())
+        self.history.append(record)
+        return record
 
-    final = history[-1] if history else {"step": 0, **initial}
-    run: dict[str, Any] = {
-        "label": spec.label,
-        "optimizer": spec.name,
-        "base_optimizer": options.get("base") if spec.name == "kfac" else None,
-        "solver": options.get("solver") if spec.name == "kfac" else None,
-        "options": {k: v for k, v in options.items()},
-        "steps": int(final["step"]),
-        "epochs": final["step"] / steps_per_epoch,
-        "wall_time_s": wall,
-        "mean_step_time_s": wall / max(len(history), 1),
-        "initial_train_loss": initial["eval_train_loss"],
-        "initial_test_loss": initial["test_loss"],
-        "initial_eval": initial,
-        "final_train_loss": final.get("eval_train_loss"),
-        "final_test_loss": final.get("test_loss"),
-        "diverged": diverged,
-    }
-    if classification:
-        run["train_accuracy"] = final.get("eval_train_accuracy")
-        run["test_accuracy"] = final.get("test_accuracy")
-    if precond is not None:
-        run["layers"] = list(precond.layers)
-        run["predicted_hardware_total_s"] = hardware_total
-    run["history"] = history
-    return run
+    def result(self) -> dict[str, Any]:
+        """The run's entry of ``results["runs"]``."""
+        spec, options = self.spec, self.options
+        final = self.history[-1] if self.history else {"step": 0, **self.initial}
+        run: dict[str, Any] = {
+            "label": spec.label,
+            "optimizer": spec.name,
+            "base_optimizer": options.get("base") if spec.name == "kfac" else None,
+            "solver": options.get("solver") if spec.name == "kfac" else None,
+            "options": dict(options),
+            "steps": int(final["step"]),
+            "epochs": final["step"] / self.steps_per_epoch,
+            "wall_time_s": self.wall,
+            "mean_step_time_s": self.wall / max(len(self.history), 1),
+            "initial_train_loss": self.initial["eval_train_loss"],
+            "initial_test_loss": self.initial["test_loss"],
+            "initial_eval": self.initial,
+            "final_train_loss": final.get("eval_train_loss"),
+            "final_test_loss": final.get("test_loss"),
+            "diverged": self.diverged,
+        }
+        if self.classification:
+            run["train_accuracy"] = final.get("eval_train_accuracy")
+            run["test_accuracy"] = final.get("test_accuracy")
+        if self.precond is not None:
+            run["layers"] = list(self.precond.layers)
+            run["predicted_hardware_total_s"] = self.hardware_total
+        run["history"] = self.history
+        return run
+
+
+def _train_interleaved(runs: list[_Run], progress: bool) -> None:
+    """Advance all runs step by step, round robin (A B A B ...), so that load changes on the
+    machine affect every run alike; a diverged run drops out."""
+    bars = [_progress_bar(r.steps, r.spec.label, progress, position=i) for i, r in enumerate(runs)]
+    try:
+        while any(not r.done for r in runs):
+            for run, bar in zip(runs, bars, strict=True):
+                if run.done:
+                    continue
+                record = run.step()
+                if bar is not None:
+                    bar.update(1)
+                    if record["step"] % 10 == 0 or run.done:
+                        postfix = {"loss": f"{record['train_loss']:.4f}",
+                                   "ms/step": f"{1e3 * run.wall / record['step']:.2f}"}
+                        if "train_accuracy" in record:
+                            postfix["acc"] = f"{record['train_accuracy']:.3f}"
+                        bar.set_postfix(postfix, refresh=False)
+    finally:
+        for bar in bars:
+            if bar is not None:
+                bar.close()
 
 
 def _make_step(model: nn.Module, opt: torch.optim.Optimizer, precond: Any,
@@ -418,12 +442,13 @@ def _warm_up(data: Dataset, model_name: str, model_options: dict[str, Any], spec
         torch.random.set_rng_state(rng)
 
 
-def _progress_bar(total: int, label: str, enabled: bool) -> Any:
+def _progress_bar(total: int, label: str, enabled: bool, position: int = 0) -> Any:
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True,
+                position=position)
 
 
 def time_to_target(run: dict[str, Any], target: float | None) -> tuple[float | None, int | None]:
@@ -533,12 +558,13 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
     data = _to_device(data, torch_device)
 
     labels = _unique_labels([s.label for s in specs])
-    runs = []
-    for spec, options, label in zip(specs, resolved, labels, strict=True):
-        spec = OptimizerSpec(spec.name, spec.options, spec.solver_options, label)
-        runs.append(_run(data, model, model_options, spec, options, loss=loss, steps=steps,
-                         batch_size=batch_size, seed=seed, eval_every=eval_every,
-                         progress=progress, device=torch_device))
+    runners = [
+        _Run(data, model, model_options, OptimizerSpec(spec.name, spec.options, spec.solver_options, label),
+             options, loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
+             device=torch_device)
+        for spec, options, label in zip(specs, resolved, labels, strict=True)]
+    _train_interleaved(runners, progress)
+    runs = [runner.result() for runner in runners]
     target_source = "given"
     if target_loss is None and target_from_first:
         target_loss = runs[0]["final_train_loss"]
