@@ -356,8 +356,8 @@ class _Run:
             need = []
             for row in lam:
                 a, s = self._ar(row, dt0)
-                G = laws.inverse_error_law(a, s, 1, cfg.kappa0)  # ~ G / N for large N
-                need.append(G / (eps**2 * np.sum(row**-2.0)) * dt0)
+                rate = laws.inverse_error_rate(a, s, cfg.kappa0)  # MSE ~ rate / N
+                need.append(rate / (eps**2 * np.sum(row**-2.0)) * dt0)
             T = float(max(need))
         self.diag["required_analog_time"] = T
         if cfg.analog_time is not None and T > cfg.analog_time:

@@ -184,6 +184,16 @@ def solve_error_law(lam: np.ndarray, window: float, kappa0: float, friction: flo
     return float(2.0 * friction * kappa0 * np.sum(lam**-2.0) / window)
 
 
+def inverse_error_rate(a: np.ndarray, s: np.ndarray, kappa0: float) -> float:
+    """Large-``N`` limit of ``N * inverse_error_law(a, s, N, kappa0)`` (``r -> (1+a)/(1-a)/N``)."""
+    a = np.asarray(a, dtype=np.float64)
+    s = np.asarray(s, dtype=np.float64)
+    rho = np.outer(a, a)
+    cross = np.einsum("i,j,ij->", s, s, (1.0 + rho) / (1.0 - rho))
+    diag = np.sum(s * s * (1.0 + a * a) / (1.0 - a * a))
+    return float((cross + diag) / kappa0**2)
+
+
 def inverse_error_law(a: np.ndarray, s: np.ndarray, n_samples: int, kappa0: float) -> float:
     """``E||C_hat / kappa0 - C / kappa0||_F**2`` of the raw second moment of ``N`` samples.
 
