@@ -8,15 +8,25 @@ from thermo_kfac.solvers.base import (
     register_solver,
     solver_factory,
 )
+from thermo_kfac.solvers.cg import CGSolver
 from thermo_kfac.solvers.digital import CholeskySolver, EighSolver
+from thermo_kfac.solvers.randomized import (
+    RandomizedSVDSolver,
+    SymmetricRandomizedEighSolver,
+    spectrum_decay,
+)
 
 __all__ = [
+    "CGSolver",
     "CholeskySolver",
     "Damping",
     "EighSolver",
     "KFACSolver",
+    "RandomizedSVDSolver",
     "SolverReport",
+    "SymmetricRandomizedEighSolver",
     "available_solvers",
     "register_solver",
     "solver_factory",
+    "spectrum_decay",
 ]
