@@ -58,6 +58,9 @@ class _LayerState:
     a_sum: torch.Tensor | None = None
     a_rows: int = 0
     g_sum: torch.Tensor | None = None
+    # raw rows of the current step, kept only for solvers with uses_batch_statistics
+    a_batch: list[torch.Tensor] = field(default_factory=list)
+    g_batch: list[torch.Tensor] = field(default_factory=list)
     fired_forward: bool = False
     fired_backward: bool = False
     skipped_updates: int = 0
@@ -162,6 +165,7 @@ class KFACPreconditioner:
         self.last_report: dict[str, Any] = {}
         self._layers: dict[str, _LayerState] = {}
         self._register(model)
+        self._batch_solvers = any(s.solver.uses_batch_statistics for s in self._layers.values())
         if not self._layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition "
                              "(after applying skip)")
@@ -200,17 +204,24 @@ class KFACPreconditioner:
     def _capture_step(self) -> bool:
         return self.steps % self.factor_update_every == 0
 
+    def _captures(self, state: _LayerState) -> bool:
+        """Whether the hooks of this layer record anything in the current step."""
+        return self._capture_step() or state.solver.uses_batch_statistics
+
     def _make_input_hook(self, state: _LayerState):
         def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            if not (torch.is_grad_enabled() and module.training and self._capture_step()):
+            if not (torch.is_grad_enabled() and module.training and self._captures(state)):
                 return
             a = inputs[0].detach()
             # Factors are computed in factor_dtype, never in an autocast dtype.
             with torch.autocast(a.device.type, enabled=False):
                 rows = state.adapter.input_rows(a).to(self.factor_dtype)
-                contribution = rows.T @ rows
-            state.a_sum = contribution if state.a_sum is None else state.a_sum + contribution
-            state.a_rows += rows.shape[0]
+                if state.solver.uses_batch_statistics:
+                    state.a_batch.append(rows)
+                if self._capture_step():
+                    contribution = rows.T @ rows
+                    state.a_sum = contribution if state.a_sum is None else state.a_sum + contribution
+                    state.a_rows += rows.shape[0]
             state.fired_forward = True
 
         return hook
@@ -221,16 +232,18 @@ class KFACPreconditioner:
                 return  # the user's backward; mc/type2 statistics come from accumulate_curvature
             if self.fisher_type == "empirical" and self._capturing_extra:
                 return
+            weight = self._g_weight if self._capturing_extra else self._empirical_weight()
             with torch.autocast(g.device.type, enabled=False):
                 rows = state.adapter.output_rows(g.detach()).to(self.factor_dtype)
-                contribution = rows.T @ rows
-            weight = self._g_weight if self._capturing_extra else self._empirical_weight()
-            contribution = contribution * weight
-            state.g_sum = contribution if state.g_sum is None else state.g_sum + contribution
+                if state.solver.uses_batch_statistics:
+                    state.g_batch.append(rows * math.sqrt(weight))
+                if self._capture_step():
+                    contribution = (rows.T @ rows) * weight
+                    state.g_sum = contribution if state.g_sum is None else state.g_sum + contribution
             state.fired_backward = True
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if not (torch.is_grad_enabled() and module.training and self._capture_step()):
+            if not (torch.is_grad_enabled() and module.training and self._captures(state)):
                 return
             # A tensor hook on the output (rather than a module backward hook) sees the gradient
             # of the layer's own output even when an in-place activation follows it.
@@ -272,7 +285,7 @@ class KFACPreconditioner:
         """
         if not isinstance(outputs, torch.Tensor):
             raise ValueError(f"outputs must be a tensor, got {type(outputs).__name__}")
-        if not self._capture_step():
+        if not (self._capture_step() or self._batch_solvers):
             return
         self._output_shape = outputs.shape
         if self.fisher_type == "empirical":
@@ -402,6 +415,12 @@ class KFACPreconditioner:
         """``[(layer state, raw gradient matrix, preconditioned matrix)]`` for ready layers."""
         out = []
         for name, state in self._layers.items():
+            if state.solver.uses_batch_statistics:
+                a_batch, g_batch = state.a_batch, state.g_batch
+                state.a_batch, state.g_batch = [], []
+                if a_batch and g_batch:
+                    a_rows = torch.cat(a_batch)
+                    state.solver.observe_batch(a_rows / math.sqrt(a_rows.shape[0]), torch.cat(g_batch))
             grad = state.adapter.grad_matrix()
             if grad is None or not state.solver.ready:
                 continue

@@ -297,3 +297,24 @@ def test_mc_with_nonfinite_outputs_skips_curvature_and_continues():
     opt.zero_grad()
     _train(model, precond, opt, 2, start=5)
     assert not torch.equal(precond.factors()["2"][1], before)
+
+
+def test_batch_statistics_reach_solvers_that_ask_for_them_every_step():
+    seen = []
+
+    class BatchSolver(EighSolver):
+        uses_batch_statistics = True
+
+        def observe_batch(self, a_rows, g_rows):
+            seen.append((a_rows.T @ a_rows, g_rows.T @ g_rows))
+
+    model = _mlp()
+    precond = KFACPreconditioner(model, solver=BatchSolver, factor_decay=0.0, factor_update_every=3,
+                                 factor_dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    _train(model, precond, opt, 1)
+    A, G = precond.factors()["2"]
+    torch.testing.assert_close(seen[1][0], A)  # layer "2" is the second layer reported
+    torch.testing.assert_close(seen[1][1], G)
+    _train(model, precond, opt, 2, start=1)  # steps without factor updates still observe batches
+    assert len(seen) == 3 * 2

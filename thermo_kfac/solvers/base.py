@@ -78,9 +78,18 @@ class KFACSolver(ABC):
     """
 
     name: ClassVar[str] = "base"
+    #: Solvers that work from the current batch (e.g. matrix-free CG) set this; the
+    #: preconditioner then captures every step and calls :meth:`observe_batch` before :meth:`apply`.
+    uses_batch_statistics: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.last_report: SolverReport | None = None
+
+    def observe_batch(self, a_rows: torch.Tensor, g_rows: torch.Tensor) -> None:
+        """The current step's rows, scaled so that ``a_rows.T @ a_rows`` and ``g_rows.T @ g_rows``
+        are this batch's A and G factors (bias column included). Only called when
+        :attr:`uses_batch_statistics` is true."""
+        return None  # most solvers only need the EMA factors given to prepare()
 
     @abstractmethod
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
