@@ -10,7 +10,12 @@ from torch import nn
 
 from thermo_kfac import KFACPreconditioner
 from thermo_kfac.solvers import Damping, solver_factory
-from thermo_kfac.solvers.cg import CGSolver, kronecker_cg
+from thermo_kfac.solvers.cg import (
+    CGSolver,
+    MatrixFreeCGSolver,
+    batch_kronecker_operator,
+    kronecker_cg,
+)
 
 
 def _spd(n: int, seed: int, kappa: float = 100.0) -> torch.Tensor:
@@ -71,7 +76,8 @@ def test_kronecker_cg_zero_rhs():
 
 
 def test_options_are_validated():
-    for bad in ({"tol": 0}, {"tol": 2.0}, {"max_iter": 0}, {"jacobi": "yes"}, {"matrix_free": True}):
+    for bad in ({"tol": 0}, {"tol": 2.0}, {"max_iter": 0}, {"jacobi": "yes"},
+                {"matrix_free": "yes"}):
         with pytest.raises(ValueError):
             solver_factory("cg", bad)
 
@@ -115,3 +121,66 @@ def test_preconditioner_with_cg_matches_cholesky_and_resumes_bitwise():
     pre2.load_state_dict(saved[1])
     run(model, pre2, opt2, data[3:])
     assert all(torch.equal(a, b) for a, b in zip(final, model.parameters(), strict=True))
+
+
+def test_matrix_free_construction_and_registry():
+    for solver in (solver_factory("cg", {"matrix_free": True})(), CGSolver(matrix_free=True),
+                   solver_factory("cg-matrix-free", {"tol": 1e-6})()):
+        assert type(solver) is MatrixFreeCGSolver and solver.uses_batch_statistics
+        assert type(copy.deepcopy(solver)) is MatrixFreeCGSolver
+    assert type(CGSolver()) is CGSolver and not CGSolver.uses_batch_statistics
+    with pytest.raises(ValueError):
+        solver_factory("cg-matrix-free", {"matrix_free": False})
+
+
+@pytest.mark.parametrize("lam", [(0.3, 0.2), (0.0, 0.0)])
+def test_batch_operator_equals_dense_product(lam):
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 40):  # both associations (N x N and row-sequential) when undamped
+        a, gr = (torch.randn(n, 6, generator=g, dtype=torch.float64),
+                 torch.randn(n, 5, generator=g, dtype=torch.float64))
+        X = torch.randn(5, 6, generator=g, dtype=torch.float64)
+        lam_g, lam_a = lam
+        dense = (gr.T @ gr + lam_g * torch.eye(5, dtype=torch.float64)) @ X @ (
+            a.T @ a + lam_a * torch.eye(6, dtype=torch.float64))
+        assert torch.allclose(batch_kronecker_operator(gr, a, lam_g, lam_a)(X), dense)
+
+
+@pytest.mark.parametrize("pi_damping", [False, True])
+def test_matrix_free_in_preconditioner_equals_dense_batch_solve(pi_damping):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    pre = KFACPreconditioner(model, solver="cg", factor_decay=0.0, damping=1e-2,
+                             pi_damping=pi_damping, inverse_update_every=3,
+                             solver_options={"matrix_free": True, "tol": 1e-12, "max_iter": 500},
+                             factor_dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (12,), generator=g)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        raw = {i: torch.cat([model[i].weight.grad, model[i].bias.grad[:, None]], 1).clone()
+               for i in (0, 2)}
+        pre.step()
+        factors = pre.factors()  # factor_decay=0: this batch's A and G
+        for i in (0, 2):
+            A, G = factors[str(i)]
+            lam_a, lam_g = pre.damping.split(A, G)
+            expected = _dense_kron_solve(A, G, raw[i], lam_a, lam_g)
+            got = torch.cat([model[i].weight.grad, model[i].bias.grad[:, None]], 1)
+            assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10), (step, i)
+            info = pre.last_report["solver_reports"][f"{i}/apply"].info
+            assert info["converged"] and info["cg_iterations"] >= 1
+            assert info["warm_started"] == (step > 0)
+    state = pre.state_dict()["layers"]["0"]["solver"]
+    assert set(state) == {"damping_value", "pi_damping", "X_prev"}
+
+
+def test_matrix_free_without_batch_rows_raises():
+    solver = MatrixFreeCGSolver()
+    solver.prepare(torch.eye(3), torch.eye(2), Damping(1e-3))
+    solver.observe_batch(torch.randn(4, 3), torch.randn(4, 2))
+    solver.apply(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="observe_batch"):
+        solver.apply(torch.randn(2, 3))  # rows are used once
