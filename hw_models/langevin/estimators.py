@@ -70,6 +70,21 @@ class _TorchBackend:
                                                **kw)
 
 
+def _single_threaded_blas():
+    """Context limiting the BLAS that numba calls (scipy's) to one thread.
+
+    Each numba thread runs its own GEMMs; a multi-threaded BLAS would oversubscribe the cores,
+    and OpenBLAS's busy-waiting workers would steal them from numba's threads.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 class _NumbaBackend:
     """Adapter: canonical torch CPU tensors <-> the numba kernels' numpy layouts."""
 
@@ -108,16 +123,25 @@ class _NumbaBackend:
                    friction) -> torch.Tensor:
         k, n, m = B.shape
         sigma = math.sqrt(2.0 * kappa0 * dt * (friction if underdamped else 1.0))
+        At = np.ascontiguousarray(A.numpy().transpose(0, 2, 1))
         Bt = np.ascontiguousarray(B.numpy().transpose(0, 2, 1))
         X0t = np.ascontiguousarray(X0.numpy().transpose(0, 2, 1))
         out = np.empty_like(Bt)
-        args = (dt, sigma, 1.0 - dt * friction / mass, dt / mass, underdamped, n_burn, n_avg,
-                self._streams(k * m), *self._tables(), out)
-        if n <= self.small_n:
-            self.nb.euler_small(A.numpy(), Bt, X0t, *args)
+        use_blas = n > self.small_n
+        threads = self.nb.numba.get_num_threads()
+        # enough (system, column-block) tasks to keep every thread busy; small blocks for the
+        # loop kernel so a block's states stay in L1
+        per_system = max(1, -(-2 * threads // k))
+        block = max(1, -(-m // per_system))
+        if not use_blas:
+            block = min(block, 32)
+        args = (At, Bt, X0t, dt, sigma, 1.0 - dt * friction / mass, dt / mass, underdamped,
+                n_burn, n_avg, block, use_blas, self._streams(k * m), *self._tables(), out)
+        if use_blas:
+            with _single_threaded_blas():
+                self.nb.euler_mean(*args)
         else:
-            At = np.ascontiguousarray(A.numpy().transpose(0, 2, 1))
-            self.nb.euler_blas(At, Bt, X0t, *args)
+            self.nb.euler_mean(*args)
         return torch.from_numpy(out.transpose(0, 2, 1).copy())
 
     def euler_second_moment(self, A, x0, *, dt, kappa0, n_burn, n_avg, underdamped, mass,
@@ -585,19 +609,21 @@ def _compute_device(cfg: AnalogConfig, A: Array) -> torch.device | None:
 
 
 def _eigen_rhs(spec: _Spectrum, B_hw: torch.Tensor, X0: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Q, u*, U0)``: eigenvectors, ``u* = Lambda^-1 Q^T b`` and ``U0 = Q^T x0 - u*``."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(Q, u*, Q^T x0 - u*)``: eigenvectors and ``u* = Lambda^-1 Q^T b``; the last is ``None``
+    for a zero start (it is then ``-u*``)."""
     Q = spec.Q
     lam = torch.as_tensor(spec.lam, dtype=B_hw.dtype, device=B_hw.device).unsqueeze(-1)
     Qt = Q.transpose(1, 2)
-    ustar = (Qt @ B_hw) / lam
-    U0 = -ustar if not bool(X0.count_nonzero()) else Qt @ X0 - ustar
+    ustar = (Qt @ B_hw).div_(lam)
+    U0 = None if not bool(X0.count_nonzero()) else (Qt @ X0).sub_(ustar)
     return Q, ustar, U0
 
 
 def _exact_mean(run: _Run, spec: _Spectrum, B_hw: torch.Tensor, X0: torch.Tensor, dt: float,
                 n_burn: int, n_avg: int) -> torch.Tensor:
     Q, ustar, U0 = _eigen_rhs(spec, B_hw, X0)
+    U0 = -ustar if U0 is None else U0
     coef = run.mode_coefficients(spec.lam, dt)
     coef_b = run.mode_coefficients(spec.lam, n_burn * dt)
     Ubar = run.backend.eig_mean(coef, coef_b, U0.contiguous(), n_avg=n_avg,
@@ -617,8 +643,10 @@ def _analytic_mean(run: _Run, spec: _Spectrum, A_hw: torch.Tensor, B_hw: torch.T
                                        cfg.friction)
         w = wv[..., 0]  # the momentum starts at 0
     opts = {"dtype": B_hw.dtype, "device": B_hw.device}
-    w_t = torch.as_tensor(w, **opts).unsqueeze(-1)
     sd_t = torch.as_tensor(np.sqrt(var), **opts).unsqueeze(-1)
-    Z = run.backend.normal(tuple(U0.shape), U0).to(B_hw.device)
-    U = ustar.add_(U0.mul_(w_t)).addcmul_(sd_t, Z)
-    return Q @ U, var
+    Z = run.backend.normal(tuple(ustar.shape), ustar).to(B_hw.device)
+    if U0 is None:  # mean = u* + w (0 - u*) = (1 - w) u*
+        U = ustar.mul_(torch.as_tensor(1.0 - w, **opts).unsqueeze(-1))
+    else:
+        U = ustar.add_(U0.mul_(torch.as_tensor(w, **opts).unsqueeze(-1)))
+    return Q @ U.addcmul_(sd_t, Z), var

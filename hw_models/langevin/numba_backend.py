@@ -193,82 +193,67 @@ def _read_out(v, tmp, read_noise, levels, bound, stochastic, st, zx, zr, zf):
 
 
 @njit(cache=True, fastmath=True)
-def _euler_chain(A, b, x, i, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, st, zx, zr, zf,
-                 out):
-    """Euler-Maruyama chain of column ``b`` of system ``i`` from ``x`` (modified); mean -> out."""
-    n = x.shape[0]
-    p = np.zeros_like(x)
-    g = np.empty_like(x)
+def _euler_block(At, Bt, X, j0, stream0, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg,
+                 use_blas, states, zx, zr, zf, out):
+    """Euler-Maruyama for the columns ``j0 .. j0 + len(X)`` of one system, all steps.
+
+    ``At`` is ``A^T`` (``n x n``), ``X`` the block's initial states (``mb x n``, one row per
+    column, modified), ``Bt``/``out`` the system's ``(m, n)`` drive and mean. The product
+    ``Y = X A^T`` is one single-threaded BLAS GEMM (``use_blas``) or explicit loops vectorised
+    over ``r`` (small ``n``). Column ``j`` draws from stream ``stream0 + j - j0``.
+    """
+    mb, n = X.shape
+    P = np.zeros_like(X)
+    Y = np.empty_like(X)
+    S = np.zeros_like(X)
     z = np.empty(n)
-    acc = np.zeros(n)
     for step in range(n_burn + n_avg):
-        for r in range(n):
-            s = 0.0
-            for c in range(n):
-                s += A[i, r, c] * x[c]
-            g[r] = s - b[r]
-        _fill(z, st, zx, zr, zf)
-        if underdamped:
-            for r in range(n):
-                p[r] = c1 * p[r] - dt * g[r] + sigma * z[r]
-                x[r] += dt_m * p[r]
+        if use_blas:
+            np.dot(X, At, Y)
         else:
+            for j in range(mb):
+                for r in range(n):
+                    Y[j, r] = 0.0
+                for c in range(n):
+                    xc = X[j, c]
+                    for r in range(n):
+                        Y[j, r] += xc * At[c, r]
+        keep = step >= n_burn
+        for j in range(mb):
+            _fill(z, states[stream0 + j], zx, zr, zf)
             for r in range(n):
-                x[r] += sigma * z[r] - dt * g[r]
-        if step >= n_burn:
-            for r in range(n):
-                acc[r] += x[r]
-    for r in range(n):
-        out[r] = acc[r] / n_avg
+                g = Y[j, r] - Bt[j0 + j, r]
+                if underdamped:
+                    P[j, r] = c1 * P[j, r] - dt * g + sigma * z[r]
+                    X[j, r] += dt_m * P[j, r]
+                else:
+                    X[j, r] += sigma * z[r] - dt * g
+            if keep:
+                for r in range(n):
+                    S[j, r] += X[j, r]
+    for j in range(mb):
+        for r in range(n):
+            out[j0 + j, r] = S[j, r] / n_avg
 
 
 @njit(cache=True, parallel=True)
-def euler_small(A, Bt, X0t, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, states, zx, zr, zf,
-                out):
-    """One task per (system, column) chain with explicit loops; for small ``n``.
+def euler_mean(At, Bt, X0t, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, block, use_blas,
+               states, zx, zr, zf, out):
+    """Time average of Euler-Maruyama chains, one task per (system, block of columns).
 
-    ``Bt``/``X0t``/``out`` are ``(k, m, n)`` (column-major per system); stream ``i*m + j``.
+    ``At`` is ``(k, n, n)`` = ``A^T`` per system; ``Bt``/``X0t``/``out`` are ``(k, m, n)``. Blocks
+    evolve independently through all steps, so there is no synchronisation per step. Column
+    ``j`` of system ``i`` uses stream ``i*m + j`` whatever the blocking, so the result does not
+    depend on ``block``, ``use_blas`` or the number of threads (up to rounding for BLAS).
     """
     k, m, n = Bt.shape
-    for task in prange(k * m):
-        i = task // m
-        j = task % m
-        _euler_chain(A, Bt[i, j], X0t[i, j].copy(), i, dt, sigma, c1, dt_m, underdamped, n_burn,
-                     n_avg, states[task], zx, zr, zf, out[i, j])
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def euler_blas(At, Bt, X0t, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, states, zx, zr, zf,
-               out):
-    """Per step one BLAS GEMM ``Y = X A^T`` (``X`` is ``(m, n)``) and one fused parallel pass
-    (noise, drive, update, running sum) over the columns; for large ``n``. Same layout and
-    streams as :func:`euler_small`, so both give the same results up to rounding."""
-    k, m, n = Bt.shape
-    for i in range(k):
-        X = X0t[i].copy()
-        P = np.zeros_like(X)
-        Y = np.empty_like(X)
-        S = np.zeros_like(X)
-        Z = np.empty((m, n))
-        Ai = At[i]
-        for step in range(n_burn + n_avg):
-            np.dot(X, Ai, Y)
-            keep = step >= n_burn
-            for j in prange(m):
-                z = Z[j]
-                _fill(z, states[i * m + j], zx, zr, zf)
-                for r in range(n):
-                    g = Y[j, r] - Bt[i, j, r]
-                    if underdamped:
-                        P[j, r] = c1 * P[j, r] - dt * g + sigma * z[r]
-                        X[j, r] += dt_m * P[j, r]
-                    else:
-                        X[j, r] += sigma * z[r] - dt * g
-                    if keep:
-                        S[j, r] += X[j, r]
-        for j in range(m):
-            for r in range(n):
-                out[i, j, r] = S[j, r] / n_avg
+    n_blocks = (m + block - 1) // block
+    for task in prange(k * n_blocks):
+        i = task // n_blocks
+        j0 = (task % n_blocks) * block
+        j1 = min(m, j0 + block)
+        _euler_block(At[i], Bt[i], X0t[i, j0:j1].copy(), j0, i * m + j0, dt, sigma, c1, dt_m,
+                     underdamped, n_burn, n_avg, use_blas, states, zx, zr, zf, out[i])
 
 
 @njit(cache=True)
