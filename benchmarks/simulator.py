@@ -52,13 +52,22 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+PARK_S = 0.05
+
+
 def interleave(cases: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Run every case once per round, in order; each case returns its own time per unit."""
+    """Run every case once per round, in order; each case returns its own time per unit.
+
+    Before each timed block the process sleeps ``PARK_S`` (untimed): torch and numba each have
+    their own OpenMP pool whose workers busy-wait for a while after a parallel region, and
+    without the pause one case's spinning workers would tax the next case.
+    """
     for fn in cases.values():  # warm-up: JIT, allocator, caches
         fn()
     out: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
+            time.sleep(PARK_S)
             out[name].append(fn())
     return out
 
@@ -89,50 +98,52 @@ def ratio_summary(num: list[float], *dens: list[float]) -> dict[str, float]:
 
 
 def euler_step(sizes: list[int], dtype: torch.dtype, rounds: int, budget: float) -> dict:
-    results = {}
+    return {str(n): euler_step_one(n, dtype, rounds, budget) for n in sizes}
+
+
+def euler_step_one(n: int, dtype: torch.dtype, rounds: int, budget: float) -> dict:
     nb_backend = estimators._NumbaBackend(1, torch.device("cpu"))
-    for n in sizes:
-        A = spd(n, n, dtype)[None]
-        P = torch.eye(n, dtype=dtype) - 0.01 * A[0]
-        B = torch.randn(1, n, n, dtype=dtype)
-        X = torch.randn(n, n, dtype=dtype)
-        out = torch.empty_like(X)
-        noise = torch.empty_like(X)
-        gen = torch.Generator().manual_seed(0)
-        kw = {"dt": 0.01, "kappa0": 0.01, "n_burn": 0, "underdamped": False, "mass": 1.0,
-              "friction": 1.0}
+    A = spd(n, n, dtype)[None]
+    P = torch.eye(n, dtype=dtype) - 0.01 * A[0]
+    B = torch.randn(1, n, n, dtype=dtype)
+    X = torch.randn(n, n, dtype=dtype)
+    out = torch.empty_like(X)
+    noise = torch.empty_like(X)
+    gen = torch.Generator().manual_seed(0)
+    kw = {"dt": 0.01, "kappa0": 0.01, "n_burn": 0, "underdamped": False, "mass": 1.0,
+          "friction": 1.0}
 
-        def gemm(reps: int) -> None:
-            for _ in range(reps):
-                torch.mm(P, X, out=out)
+    def gemm(reps: int) -> None:
+        for _ in range(reps):
+            torch.mm(P, X, out=out)
 
-        def gauss(reps: int) -> None:
-            for _ in range(reps):
-                noise.normal_(generator=gen)
+    def gauss(reps: int) -> None:
+        for _ in range(reps):
+            noise.normal_(generator=gen)
 
-        def torch_steps(reps: int) -> None:
-            torch_backend.euler_mean(A, B, X[None], n_avg=reps, generator=gen, **kw)
+    def torch_steps(reps: int) -> None:
+        torch_backend.euler_mean(A, B, X[None], n_avg=reps, generator=gen, **kw)
 
-        def numba_steps(reps: int) -> None:
-            nb_backend.euler_mean(A, B, X[None], n_avg=reps, **kw)
+    def numba_steps(reps: int) -> None:
+        nb_backend.euler_mean(A, B, X[None], n_avg=reps, **kw)
 
-        funcs = {"gemm": gemm, "gaussians": gauss, "torch_step": torch_steps,
-                 "numba_step": numba_steps}
-        reps = {k: calibrate(f, budget) for k, f in funcs.items()}
-        raw = interleave({k: per_unit(lambda f=f, r=reps[k]: f(r), reps[k])
-                          for k, f in funcs.items()}, rounds)
-        results[str(n)] = {
-            "m": n,
-            "seconds": {k: summary(v) for k, v in raw.items()},
-            "steps_per_block": reps,
-            "gemm_gflops": 2 * n**3 / statistics.median(raw["gemm"]) / 1e9,
-            "gaussians_per_s": n * n / statistics.median(raw["gaussians"]),
-            "torch_over_floor": ratio_summary(raw["torch_step"], raw["gemm"], raw["gaussians"]),
-            "numba_over_floor": ratio_summary(raw["numba_step"], raw["gemm"], raw["gaussians"]),
-        }
-        results[str(n)]["target_torch_le_1.25x_floor"] = (
-            None if n < 256 else results[str(n)]["torch_over_floor"]["median"] <= 1.25)
-    return results
+    funcs = {"gemm": gemm, "gaussians": gauss, "torch_step": torch_steps,
+             "numba_step": numba_steps}
+    reps = {k: calibrate(f, budget) for k, f in funcs.items()}
+    raw = interleave({k: per_unit(lambda f=f, r=reps[k]: f(r), reps[k])
+                      for k, f in funcs.items()}, rounds)
+    res = {
+        "m": n,
+        "seconds": {k: summary(v) for k, v in raw.items()},
+        "steps_per_block": reps,
+        "gemm_gflops": 2 * n**3 / statistics.median(raw["gemm"]) / 1e9,
+        "gaussians_per_s": n * n / statistics.median(raw["gaussians"]),
+        "torch_over_floor": ratio_summary(raw["torch_step"], raw["gemm"], raw["gaussians"]),
+        "numba_over_floor": ratio_summary(raw["numba_step"], raw["gemm"], raw["gaussians"]),
+    }
+    res["target_torch_le_1.25x_floor"] = (
+        None if n < 256 else res["torch_over_floor"]["median"] <= 1.25)
+    return res
 
 
 def throughput(d: int, dtype: torch.dtype, rounds: int, budget: float) -> dict:
@@ -194,68 +205,72 @@ def throughput(d: int, dtype: torch.dtype, rounds: int, budget: float) -> dict:
 
 
 def analytic_vs_eigh(sizes: list[int], dtype: torch.dtype, rounds: int, budget: float) -> dict:
-    results = {}
-    for n in sizes:
-        A = spd(n, 3 * n, dtype)
-        Bm = torch.randn(n, n, dtype=dtype)
-        bv = torch.randn(n, dtype=dtype)
-        cfg = hm.AnalogConfig(analog_time=100.0, burn_in=10.0, integrator="analytic", seed=0)
+    return {str(n): analytic_vs_eigh_one(n, dtype, rounds, budget) for n in sizes}
 
-        def eigh(reps: int) -> None:
-            for _ in range(reps):
-                torch.linalg.eigh(A)
 
-        def analytic_matrix(reps: int) -> None:
-            for _ in range(reps):
-                hm.solve(A, Bm, cfg)
+def analytic_vs_eigh_one(n: int, dtype: torch.dtype, rounds: int, budget: float) -> dict:
+    A = spd(n, 3 * n, dtype)
+    Bm = torch.randn(n, n, dtype=dtype)
+    bv = torch.randn(n, dtype=dtype)
+    cfg = hm.AnalogConfig(analog_time=100.0, burn_in=10.0, integrator="analytic", seed=0)
 
-        def analytic_vector(reps: int) -> None:
-            for _ in range(reps):
-                hm.solve(A, bv, cfg)
+    def eigh(reps: int) -> None:
+        for _ in range(reps):
+            torch.linalg.eigh(A)
 
-        funcs = {"eigh": eigh, "analytic_m_eq_n": analytic_matrix, "analytic_m_1": analytic_vector}
-        reps = {k: calibrate(f, budget, lo=1, hi=100) for k, f in funcs.items()}
-        raw = interleave({k: per_unit(lambda f=f, r=reps[k]: f(r), reps[k])
-                          for k, f in funcs.items()}, rounds)
-        results[str(n)] = {
-            "seconds": {k: summary(v) for k, v in raw.items()},
-            "analytic_m_eq_n_over_eigh": ratio_summary(raw["analytic_m_eq_n"], raw["eigh"]),
-            "analytic_m_1_over_eigh": ratio_summary(raw["analytic_m_1"], raw["eigh"]),
-        }
-        results[str(n)]["target_le_2x"] = (
-            results[str(n)]["analytic_m_eq_n_over_eigh"]["median"] <= 2.0)
-    return results
+    def analytic_matrix(reps: int) -> None:
+        for _ in range(reps):
+            hm.solve(A, Bm, cfg)
+
+    def analytic_vector(reps: int) -> None:
+        for _ in range(reps):
+            hm.solve(A, bv, cfg)
+
+    funcs = {"eigh": eigh, "analytic_m_eq_n": analytic_matrix, "analytic_m_1": analytic_vector}
+    reps = {k: calibrate(f, budget, lo=1, hi=100) for k, f in funcs.items()}
+    raw = interleave({k: per_unit(lambda f=f, r=reps[k]: f(r), reps[k])
+                      for k, f in funcs.items()}, rounds)
+    res = {
+        "seconds": {k: summary(v) for k, v in raw.items()},
+        "analytic_m_eq_n_over_eigh": ratio_summary(raw["analytic_m_eq_n"], raw["eigh"]),
+        "analytic_m_1_over_eigh": ratio_summary(raw["analytic_m_1"], raw["eigh"]),
+    }
+    res["target_le_2x"] = res["analytic_m_eq_n_over_eigh"]["median"] <= 2.0
+    return res
 
 
 def small_batches(k: int, n: int, ms: list[int], dtype: torch.dtype, rounds: int,
                   budget: float) -> dict:
-    results = {}
     A = torch.stack([spd(n, 11 + i, dtype) for i in range(k)])
+    results = {f"m={m}": small_batches_one(A, m, rounds, budget) for m in ms}
+    return {"systems": k, "n": n, **results}
+
+
+def small_batches_one(A: torch.Tensor, m: int, rounds: int, budget: float) -> dict:
+    k, n, _ = A.shape
     nb_backend = estimators._NumbaBackend(3, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     kw = {"dt": 0.01, "kappa0": 0.01, "n_burn": 0, "underdamped": False, "mass": 1.0,
           "friction": 1.0}
-    for m in ms:
-        B = torch.randn(k, n, m, dtype=dtype)
-        X0 = torch.zeros_like(B)
+    B = torch.randn(k, n, m, dtype=A.dtype)
+    X0 = torch.zeros_like(B)
 
-        def torch_steps(reps: int) -> None:
-            torch_backend.euler_mean(A, B, X0, n_avg=reps, generator=gen, **kw)
+    def torch_steps(reps: int) -> None:
+        torch_backend.euler_mean(A, B, X0, n_avg=reps, generator=gen, **kw)
 
-        def numba_steps(reps: int) -> None:
-            nb_backend.euler_mean(A, B, X0, n_avg=reps, **kw)
+    def numba_steps(reps: int) -> None:
+        nb_backend.euler_mean(A, B, X0, n_avg=reps, **kw)
 
-        funcs = {"torch_step": torch_steps, "numba_step": numba_steps}
-        reps = {key: calibrate(f, budget) for key, f in funcs.items()}
-        raw = interleave({key: per_unit(lambda f=f, r=reps[key]: f(r), reps[key])
-                          for key, f in funcs.items()}, rounds)
-        results[f"m={m}"] = {
-            "seconds_per_step": {key: summary(v) for key, v in raw.items()},
-            "torch_over_numba": ratio_summary(raw["torch_step"], raw["numba_step"]),
-        }
-        results[f"m={m}"]["target_numba_ge_torch"] = (
-            results[f"m={m}"]["torch_over_numba"]["median"] >= 1.0)
-    return {"systems": k, "n": n, **results}
+    funcs = {"torch_step": torch_steps, "numba_step": numba_steps}
+    reps = {key: calibrate(f, budget) for key, f in funcs.items()}
+    raw = interleave({key: per_unit(lambda f=f, r=reps[key]: f(r), reps[key])
+                      for key, f in funcs.items()}, rounds)
+    res = {
+        "seconds_per_step": {key: summary(v) for key, v in raw.items()},
+        "torch_over_numba": ratio_summary(raw["torch_step"], raw["numba_step"]),
+    }
+    res["target_numba_ge_torch"] = res["torch_over_numba"]["median"] >= 1.0
+    return res
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -285,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "numpy": np.__version__, "python": platform.python_version(),
                     "platform": platform.platform(), "processor": platform.processor()},
         "settings": {"quick": args.quick, "rounds": rounds, "dtype": args.dtype,
-                     "block_budget_s": budget},
+                     "block_budget_s": budget, "pause_before_block_s": PARK_S},
     }
     sizes = [64, 256] if args.quick else [64, 256, 512, 1024]
     report["euler_step"] = euler_step(sizes, dtype, rounds, budget)

@@ -70,19 +70,28 @@ class _TorchBackend:
                                                **kw)
 
 
-def _single_threaded_blas():
-    """Context limiting the BLAS that numba calls (scipy's) to one thread.
+_BLAS_CONTROLLER: Any = None
 
-    Each numba thread runs its own GEMMs; a multi-threaded BLAS would oversubscribe the cores,
-    and OpenBLAS's busy-waiting workers would steal them from numba's threads.
+
+def _single_threaded_blas() -> Any:
+    """Context limiting the BLAS that numba calls (scipy's OpenBLAS) to one thread.
+
+    Each numba thread runs its own GEMMs; a multi-threaded BLAS inside numba's OpenMP region
+    would oversubscribe the cores (OpenBLAS even warns it may hang), and its busy-waiting
+    workers would steal the cores from numba's threads. scipy's BLAS is loaded first so that the
+    limit covers it (threadpoolctl only sees libraries already loaded).
     """
+    global _BLAS_CONTROLLER
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        import scipy.linalg.cython_blas  # noqa: F401 - loads the library numba's np.dot calls
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - both come with scipy / scikit-learn
         import contextlib
 
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
 class _NumbaBackend:
