@@ -258,8 +258,9 @@ def test_rounding_ensemble_reduces_error():
     assert rms16 < 0.4 * rms1
 
 
+@pytest.mark.parametrize("dynamics", ["overdamped", "underdamped"])
 @pytest.mark.parametrize("integrator", ["euler", "exact"])
-def test_numba_and_torch_agree(problem5, integrator):
+def test_numba_and_torch_agree(problem5, integrator, dynamics):
     A, b, _ = problem5
     lam_t, Q = _eig(A)
     xstar = np.linalg.solve(A, b)
@@ -267,7 +268,7 @@ def test_numba_and_torch_agree(problem5, integrator):
     out = {}
     for i, backend in enumerate(BACKENDS):
         cfg = hm.AnalogConfig(analog_time=10.0, burn_in=5.0, kappa0=0.05, integrator=integrator,
-                              backend=backend, seed=500 + i)
+                              dynamics=dynamics, backend=backend, seed=500 + i)
         out[backend] = Q.T @ (_columns(A, b, m, cfg).x - xstar[:, None])
     for mode in range(5):
         assert stats.ks_2samp(out["torch"][mode], out["numba"][mode]).pvalue > 1e-4
