@@ -10,7 +10,14 @@ realistic one (``g^T a / b`` of a fresh batch) and a Gaussian one. The error is
 per-update cost (factorization/sketch), ``apply`` the per-step cost; CG has no prepare and its
 apply is a full solve to relative residual 1e-4 (cold start).
 
-    python benchmarks/solvers.py [--quick] [--repeats 5] [--out result.json]
+Factors from a real training run (``"trained"`` in the output): the MNIST-shaped auto-encoder
+784-1000-500-250-30-...-784 is trained with K-FAC (eigh, EMA decay 0.95, damping 0.1, batch 250)
+on the digits upsampled to 28x28 (``benchmarks/randomized_training.py``'s ``digits28``) for
+``--train-steps`` steps; the solvers are then benchmarked the same way on the saved float32 factors
+of a few layers (non-square: ``A`` is d_in+1, ``G`` d_out), with that layer's last gradient as the
+realistic right-hand side and the damping of the training run.
+
+    python benchmarks/solvers.py [--quick] [--repeats 5] [--train-steps 40] [--out result.json]
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
+from thermo_kfac import KFACPreconditioner
+from thermo_kfac.models import mnist_autoencoder
 from thermo_kfac.solvers import CholeskySolver, Damping, EighSolver
 from thermo_kfac.solvers.cg import CGSolver
 from thermo_kfac.solvers.randomized import (
@@ -34,6 +44,8 @@ from thermo_kfac.solvers.randomized import (
 )
 
 DAMPING = 1e-3
+TRAIN_DAMPING = 0.1
+TRAINED_LAYERS = ("encoder.1", "encoder.3", "decoder.6")  # (A, G) dims 785x1000, 1001x500, 1001x784
 
 
 def realistic_factor(n: int, seed: int, batches: int = 40, batch: int = 128, rho: float = 0.95,
@@ -79,12 +91,48 @@ def summarize(xs: list[float]) -> dict[str, float]:
 def bench_size(n: int, repeats: int) -> dict[str, object]:
     A, xa = realistic_factor(n, seed=n)
     G, xg = realistic_factor(n, seed=n + 1)
-    V_real = xg.T @ xa / xa.shape[0]
-    V_rand = torch.randn(n, n, generator=torch.Generator().manual_seed(7))
-    damping = Damping(DAMPING)
+    return bench_factors(A, G, xg.T @ xa / xa.shape[0], Damping(DAMPING), repeats)
+
+
+def trained_factors(steps: int, layers: tuple[str, ...] = TRAINED_LAYERS
+                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
+    """Train the MNIST-shaped auto-encoder with K-FAC on digits28; ``{layer: (A, G, grad)}``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from randomized_training import digits28
+
+    data = digits28()
+    torch.manual_seed(0)
+    model = mnist_autoencoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    pre = KFACPreconditioner(model, loss="bce", damping=TRAIN_DAMPING, kl_clip=1.0, optimizer=opt,
+                             factor_update_every=1, inverse_update_every=5)
+    g = torch.Generator().manual_seed(0)
+    x_all = data.x_train.flatten(1)
+    losses = []
+    grads: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    for _ in range(steps):
+        x = x_all[torch.randint(0, len(x_all), (250,), generator=g)]
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(model(x), x)
+        loss.backward()
+        losses.append(float(loss))
+        grads = {k: torch.cat([modules[k].weight.grad, modules[k].bias.grad[:, None]], 1).clone()
+                 for k in layers}
+        pre.step()
+        opt.step()
+    factors = pre.factors()
+    out = {k: (factors[k][0].clone(), factors[k][1].clone(), grads[k]) for k in layers}
+    return out, {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def bench_factors(A: torch.Tensor, G: torch.Tensor, V_real: torch.Tensor, damping: Damping,
+                  repeats: int) -> dict[str, object]:
+    """Time/accuracy of every solver on ``(A, G)`` for ``V_real`` and a Gaussian gradient."""
+    V_rand = torch.randn(V_real.shape, generator=torch.Generator().manual_seed(7))
     lam_a, lam_g = damping.split(A, G)
-    A64 = A.double() + lam_a * torch.eye(n, dtype=torch.float64)
-    G64 = G.double() + lam_g * torch.eye(n, dtype=torch.float64)
+    A64 = A.double() + lam_a * torch.eye(A.shape[0], dtype=torch.float64)
+    G64 = G.double() + lam_g * torch.eye(G.shape[0], dtype=torch.float64)
     exact = {k: torch.linalg.solve(A64, torch.linalg.solve(G64, V.double()).T).T
              for k, V in (("real", V_real), ("rand", V_rand))}
     solvers = make_solvers()
@@ -136,24 +184,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n in {256, 512}, 3 repeats")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=40,
+                        help="K-FAC steps on the auto-encoder before saving its factors")
     parser.add_argument("--out", type=str, default=None)
     args = parser.parse_args(argv)
     threads = os.cpu_count() or 2
     torch.set_num_threads(threads)
     sizes = [256, 512] if args.quick else [256, 512, 1024, 2048]
     repeats = 3 if args.quick else max(5, args.repeats)
+    train_steps = 10 if args.quick else args.train_steps
+    trained_layers = TRAINED_LAYERS[1:2] if args.quick else TRAINED_LAYERS
     report: dict[str, object] = {
-        "script": "benchmarks/solvers.py" + (" --quick" if args.quick else ""),
+        "script": "benchmarks/solvers.py" + (" --quick" if args.quick else "")
+        + (f" --train-steps {args.train_steps}" if args.train_steps != 40 and not args.quick else ""),
         "machine": {"threads": threads, "torch": torch.__version__, "python": sys.version.split()[0],
                     "platform": platform.platform()},
         "inputs": {"sizes": sizes, "repeats": repeats, "dtype": "float32", "damping": DAMPING,
                    "factors": "EMA(rho=0.95) of 40 batches of 128, activation singular values i^-1",
                    "randomized": {"oversample": 10, "power_iters": 3}},
+        "trained_inputs": {"model": "mnist_autoencoder, BCE, digits upsampled to 28x28",
+                           "kfac": f"eigh, damping {TRAIN_DAMPING}, EMA 0.95, batch 250, lr 0.3, "
+                                   "momentum 0.9, kl_clip 1", "layers": list(trained_layers),
+                           "damping": TRAIN_DAMPING},
         "gemm_gflops_n1024": gemm_gflops(1024),
         "sizes": {},
     }
     for n in sizes:
         report["sizes"][str(n)] = bench_size(n, repeats)
+    layers, run_info = trained_factors(train_steps, trained_layers)
+    report["trained"] = {"run": run_info, "layers": {}}
+    for name, (A, G, V) in layers.items():
+        entry = {"A_dim": A.shape[0], "G_dim": G.shape[0]}
+        entry.update(bench_factors(A, G, V, Damping(TRAIN_DAMPING), repeats))
+        report["trained"]["layers"][name] = entry
     if 2048 in sizes:
         r = report["sizes"]["2048"]
         best = "sre_r128" if r["prepare_s"]["sre_r128"]["median"] <= r["prepare_s"]["rsvd_r128"]["median"] \
