@@ -213,21 +213,25 @@ def _h100() -> DigitalDevice:
 def _cpu_fallback() -> DigitalDevice:
     """The host CPU when no calibration file exists: numbers measured on the project's dev machine.
 
-    Measured with ``thermo-kfac calibrate`` (torch 2.13 CPU, 2 threads, Intel Xeon with AVX-512,
-    KVM guest, 2 cores) and rounded. ``peak_fp32`` is the best measured FP32 GEMM throughput (so
-    ``gemm.eff_max`` is close to 1 by construction); TF32/BF16 are taken equal to FP32 (no matrix
-    units are used by torch's CPU GEMM for fp32 work) and FP64 as half of FP32 (AVX-512 lanes).
-    Memory bandwidth is a measured large-tensor copy. Power is an assumption: 6.25 W per core
-    (a 56-core, 350 W server part's TDP per core) times 2 cores. Run ``thermo-kfac calibrate`` to
-    replace these with your own machine's figures (see :func:`default_calibration_path`).
+    Fitted (``hw_models.calibration.fit_op``) to two-thread wall-clock timings at sizes 257-1025
+    taken with torch 2.13 (MKL) on the 2-core AVX-512 Xeon KVM guest the project is developed on,
+    and rounded; the fit's largest error over those sizes was 13 % (Cholesky). ``peak_fp32`` is the
+    best measured FP32 GEMM throughput, so ``gemm.eff_max`` is about 1 by construction; eigh's
+    ``eff_max`` exceeds 1 because LAPACK's divide-and-conquer does fewer than the nominal 9 n^3
+    FLOPs. TF32/BF16 are taken equal to FP32 (torch's CPU fp32 GEMM uses no matrix units) and FP64
+    as half of FP32 (AVX-512 lanes). Memory bandwidth is a 32 MB tensor copy (it varied from 8 to
+    53 GB/s between runs on the shared machine; 50 GB/s is the undisturbed figure). Power is an
+    assumption: 6.25 W per core (a 56-core, 350 W server part's TDP per core) times 2 cores.
+    Run ``thermo-kfac calibrate`` to replace these with your own machine's figures (see
+    :func:`default_calibration_path`).
     """
     return DigitalDevice(
-        name="cpu", kind="cpu", peak_fp32=2.9e11, peak_tf32=2.9e11, peak_bf16=2.9e11,
-        peak_fp64=1.45e11, mem_bandwidth=1.0e10, launch_latency_s=5e-6, power_w=12.5,
-        gemm=OpModel(eff_max=0.9, n_half=10.0, latency_s=5e-6),
-        cholesky=OpModel(eff_max=0.5, n_half=1500.0, latency_s=3e-5),
-        eigh=OpModel(eff_max=0.8, n_half=500.0, latency_s=2e-4),
-        inverse=OpModel(eff_max=0.6, n_half=250.0, latency_s=5e-5),
+        name="cpu", kind="cpu", peak_fp32=2.24e11, peak_tf32=2.24e11, peak_bf16=2.24e11,
+        peak_fp64=1.12e11, mem_bandwidth=5.0e10, launch_latency_s=5e-6, power_w=12.5,
+        gemm=OpModel(eff_max=1.0, n_half=51.0, latency_s=5e-6),
+        cholesky=OpModel(eff_max=0.44, n_half=317.0, latency_s=1.5e-4),
+        eigh=OpModel(eff_max=1.43, n_half=1167.0, latency_s=2.6e-4),
+        inverse=OpModel(eff_max=0.76, n_half=581.0, latency_s=1.2e-4),
         source="fallback: measured once on the 2-core dev machine (no calibration file found)",
     )
 
