@@ -1,0 +1,616 @@
+"""``thermo-kfac calibrate`` and ``thermo-kfac project``: hardware cost model on the command line.
+
+``calibrate`` times GEMM/Cholesky/eigh/inverse on this machine, fits the digital time model of
+:mod:`hw_models.devices` and saves it where the ``cpu`` (or ``cuda``) preset finds it.
+
+``project`` prices one training step of a network on a digital device alone and with a
+thermodynamic co-processor (:mod:`hw_models.cost`), per layer and in total, or sweeps one
+parameter. Networks are the tables of :mod:`hw_models.workloads` or any torch model given as
+``module.path:factory``: it is built on the ``meta`` device (no weights are allocated) and a
+forward pass on a meta tensor records every Linear/Conv layer's input shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hw_models.calibration import calibrate, save_calibration
+from hw_models.cost import (
+    DIGITAL_METHODS,
+    SWEEP_AXES,
+    THERMO_METHODS,
+    KFACSchedule,
+    LayerComparison,
+    Scenario,
+    StepCost,
+    break_even_kappa,
+    step_cost,
+    sweep,
+)
+from hw_models.devices import (
+    DIGITAL_PRESETS,
+    OPS,
+    OVERSIZE_POLICIES,
+    PRECISIONS,
+    THERMO_PRESETS,
+    default_calibration_path,
+    digital_device,
+    thermo_device,
+)
+from hw_models.validation import check_positive
+from hw_models.workloads import WORKLOADS, LayerShape, Workload, workload
+
+# --------------------------------------------------------------------------------------------
+# Torch models read on the meta device
+# --------------------------------------------------------------------------------------------
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Resolve ``"package.module:callable"`` to the callable (a model class or factory)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model {spec!r} is neither a known model ({', '.join(WORKLOADS)}) nor of "
+                         "the form 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r} for --model {spec!r}: {err}") from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from --model {spec!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{spec!r} is not callable; it must build a torch.nn.Module")
+    return target
+
+
+def workload_from_module(model: Any, *, name: str, batch: int, input_shape: Sequence[int] | None = None,
+                         input_dtype: str = "float") -> Workload:
+    """Layer shapes of a torch model (ideally built on the meta device).
+
+    With ``input_shape`` (one example, no batch dimension) a forward pass on a meta tensor
+    records, for every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``, how many positions it is
+    applied to per example (summed over calls, as K-FAC-expand does); layers the pass never
+    reaches are left out. Without it, linear layers get one position and convolutions are an
+    error (their position count depends on the input size).
+    """
+    import torch
+    from torch import nn
+
+    check_positive("batch", batch, integer=True)
+    kinds = ((nn.Conv2d, "conv2d"), (nn.Conv1d, "conv1d"), (nn.Linear, "linear"))
+    modules = []
+    for mod_name, module in model.named_modules():
+        for cls, kind in kinds:
+            if isinstance(module, cls):
+                modules.append((mod_name or type(model).__name__, module, kind))
+                break
+    if not modules:
+        raise ValueError(f"model {name!r} has no nn.Linear or nn.Conv1d/Conv2d layers to precondition")
+    positions: dict[int, float] = {id(m): 0.0 for _, m, _ in modules}
+    if input_shape is not None:
+        dims = [check_positive("input shape entry", int(d), integer=True) for d in input_shape]
+
+        def hook(module: Any, inputs: Any, output: Any) -> None:
+            if isinstance(module, nn.Linear):
+                positions[id(module)] += inputs[0].numel() / module.in_features
+            else:
+                positions[id(module)] += output[0].numel() / module.out_channels
+
+        handles = [m.register_forward_hook(hook) for _, m, _ in modules]
+        dtype = {"float": torch.float32, "long": torch.long}[input_dtype]
+        try:
+            with torch.no_grad():
+                model(torch.zeros((1, *dims), dtype=dtype, device="meta"))
+        except Exception as err:  # any failure of user code: report it as a bad input
+            shape = ", ".join(map(str, dims))
+            raise ValueError(f"forward pass of {name!r} on a meta tensor of shape (1, {shape}) failed: "
+                             f"{type(err).__name__}: {err}") from None
+        finally:
+            for handle in handles:
+                handle.remove()
+    layers = []
+    for mod_name, module, kind in modules:
+        reached = positions[id(module)]
+        if input_shape is not None and reached == 0:
+            continue
+        if kind == "linear":
+            d_in, d_out = module.in_features, module.out_features
+        else:
+            if input_shape is None:
+                raise ValueError(f"layer {mod_name!r} of {name!r} is a convolution: pass --input-shape "
+                                 "(one example, e.g. 3,224,224) so its positions can be counted")
+            d_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+            d_out = module.out_channels
+        layers.append(LayerShape(mod_name, d_in, d_out, reached if input_shape is not None else 1.0,
+                                 module.bias is not None, kind))
+    if not layers:
+        raise ValueError(f"the forward pass of {name!r} reached none of its Linear/Conv layers")
+    source = "read on the meta device" + (f" with input {tuple(input_shape)}" if input_shape else "")
+    return Workload(name, tuple(layers), batch, description=f"torch model {name}", source=source)
+
+
+def resolve_workload(spec: str, *, batch: int | None = None, input_shape: Sequence[int] | None = None,
+                     input_dtype: str = "float") -> Workload:
+    """A standard workload by name, or a torch model ``module:factory`` read on the meta device."""
+    if spec in WORKLOADS:
+        if input_shape is not None:
+            raise ValueError(f"--input-shape only applies to torch models given as module:factory, "
+                             f"not to {spec!r}")
+        return workload(spec, batch=batch)
+    factory = load_factory(spec)
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception as err:
+        raise ValueError(f"building {spec!r} on the meta device failed: "
+                         f"{type(err).__name__}: {err}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return workload_from_module(model, name=spec, batch=batch or 1, input_shape=input_shape,
+                                input_dtype=input_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float | None) -> str:
+    """Seconds with a readable unit (``-`` for None)."""
+    if seconds is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(seconds) >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A plain-text table; ``align`` is one ``l``/``r`` per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        padded = (c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True))
+        return "  ".join(padded).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _group_name(name: str) -> str:
+    """``blocks.3.mlp.fc1`` -> ``blocks.*.mlp.fc1``: index segments become ``*``."""
+    parts = name.split(".")
+    out = []
+    for p in parts:
+        if p.isdigit():
+            out.append("*")
+        elif p.startswith("step") and p[4:].isdigit():
+            out.append("step*")
+        else:
+            out.append(p)
+    return ".".join(out)
+
+
+def layer_groups(step: StepCost, group: bool = True) -> list[tuple[str, int, LayerComparison]]:
+    """``(name, count, representative)`` per table row; identical layers merge when ``group``."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for layer in step.layers:
+        name = _group_name(layer.name) if group else layer.name
+        key = (name, layer.n_in, layer.n_out, round(layer.positions, 6), layer.bias)
+        if key in groups:
+            groups[key][1] += 1
+        else:
+            groups[key] = [name, 1, layer]
+    return [(name, count, layer) for name, count, layer in groups.values()]
+
+
+def layer_rows(step: StepCost, group: bool = True) -> list[list[Any]]:
+    """Rows of the per-layer table (see :data:`LAYER_HEADERS`).
+
+    ``stats`` is the factor accumulation both sides pay; ``solver d/t`` compares what differs
+    (digital decomposition + preconditioning vs the analog work and its host-side products).
+    """
+    rows = []
+    for name, count, layer in layer_groups(step, group):
+        n_a, n_g = layer.n_in + int(layer.bias), layer.n_out
+        thermo = layer.thermo
+        stats = layer.digital.breakdown_s.get("factor_accumulation", 0.0)
+        ratio = "-"
+        if thermo is not None:
+            solver_d = layer.digital.seconds - stats
+            solver_t = thermo.seconds - thermo.breakdown_s.get("factor_accumulation", 0.0)
+            ratio = f"{solver_d / solver_t:.3g}x" if solver_t > 0 else "-"
+        rows.append([name, f"x{count}", f"{layer.n_in}->{layer.n_out}", f"{n_a}/{n_g}",
+                     f"{layer.positions:g}", fmt_time(stats), fmt_time(layer.digital.seconds),
+                     fmt_time(thermo.seconds if thermo else None),
+                     thermo.info.get("method", "-") if thermo else "too big", ratio, layer.cheaper])
+    return rows
+
+
+LAYER_HEADERS = ["layer", "n", "d_in->d_out", "A/G", "R", "stats", "digital", "thermo", "method",
+                 "solver d/t", "cheaper"]
+
+
+def headline(step: StepCost, scenario: Scenario, be_kappa: float | None) -> str:
+    """The step summary printed under the table."""
+    s = step.summary()
+    th, sched = scenario.thermo, scenario.schedule
+    bits = scenario.bits or th.dac_bits
+    too_big = f", {s['layers_not_fitting']} too big for it" if s["layers_not_fitting"] else ""
+    lines = [
+        f"Per training step of {step.workload}, batch {step.batch}:",
+        f"  digital {scenario.digital.name} ({sched.precision}, {sched.digital_method} every "
+        f"{sched.inverse_every} steps); thermodynamic {th.name} ({th.units} x {th.cells} cells, "
+        f"tau {fmt_time(th.tau_s)}, {bits} bit, {th.io_bandwidth_bps / 1e9:g} Gb/s);",
+        f"  kappa {scenario.kappa:g}, eps {scenario.eps:g}, method {scenario.method}",
+        f"  Adam                      {fmt_time(s['adam_s']):>10}   "
+        f"(forward+backward {fmt_time(s['fwd_bwd_s'])})",
+        f"  digital K-FAC             {fmt_time(s['digital_kfac_s']):>10}   "
+        f"{s['digital_overhead_vs_adam']:.3g}x Adam",
+        f"  thermodynamic K-FAC       {fmt_time(s['thermo_kfac_s']):>10}   "
+        f"{s['thermo_overhead_vs_adam']:.3g}x Adam; {s['layers_on_thermo']}/{s['layers']} layers on the "
+        f"analog device{too_big}",
+        f"  speed-up vs digital K-FAC {s['speedup_vs_digital_kfac']:>9.3g}x   (every layer that fits on the "
+        f"analog device: {s['speedup_thermo_only']:.3g}x)",
+    ]
+    if be_kappa is None:
+        lines.append("  break-even kappa: none (thermodynamic K-FAC is slower even at kappa = 1)")
+    else:
+        lines.append(f"  break-even kappa: {be_kappa:.3g} (all-thermodynamic K-FAC is faster below it)")
+    lines.append(f"  energy per step: Adam {s['adam_j']:.3g} J, digital K-FAC {s['digital_kfac_j']:.3g} J, "
+                 f"thermodynamic K-FAC {s['thermo_kfac_j']:.3g} J")
+    return "\n".join(lines)
+
+
+def project_json(step: StepCost, scenario: Scenario, be_kappa: float | None) -> dict[str, Any]:
+    """The ``--json`` document of ``project`` (schema in docs/hardware_model.md)."""
+    layers = []
+    for layer in step.layers:
+        thermo = layer.thermo
+        layers.append({
+            "name": layer.name, "n_in": layer.n_in, "n_out": layer.n_out,
+            "digital_s": layer.digital.seconds, "thermo_s": thermo.seconds if thermo else None,
+            "cheaper": layer.cheaper, "kind": layer.kind, "positions": layer.positions, "bias": layer.bias,
+            "factor_sizes": [layer.n_in + int(layer.bias), layer.n_out],
+            "method": thermo.info.get("method") if thermo else None,
+            "digital_j": layer.digital.joules, "thermo_j": thermo.joules if thermo else None,
+            "digital_breakdown_s": dict(layer.digital.breakdown_s),
+            "thermo_breakdown_s": dict(thermo.breakdown_s) if thermo else None,
+            "thermo_error_floor": thermo.info.get("error_floor") if thermo else None,
+            "note": layer.note,
+        })
+    summary = step.summary()
+    summary["break_even_kappa"] = be_kappa
+    return {"model": step.workload, "hardware": scenario.thermo.name, "digital": scenario.digital.name,
+            "batch": step.batch, "assumptions": scenario.describe(), "layers": layers, "step": summary}
+
+
+def _write_csv(path: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(headers)
+        writer.writerows(rows)
+
+
+def _plot_project(path: str, step: StepCost, scenario: Scenario) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = layer_groups(step)
+    names = [f"{name} x{count}" if count > 1 else name for name, count, _ in groups]
+    digital = [layer.digital.seconds for _, _, layer in groups]
+    thermo = [layer.thermo.seconds if layer.thermo else float("nan") for _, _, layer in groups]
+    height = max(3.0, 0.28 * len(names) + 1.5)
+    fig, ax = plt.subplots(figsize=(9, height))
+    y = range(len(names))
+    ax.barh([i - 0.2 for i in y], digital, height=0.4, label=f"digital ({scenario.digital.name})")
+    ax.barh([i + 0.2 for i in y], thermo, height=0.4, label=f"thermodynamic ({scenario.thermo.name})")
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("K-FAC curvature time per training step per layer [s]")
+    ax.set_title(f"{step.workload}: speed-up {step.speedup_vs_digital_kfac:.3g}x "
+                 f"(kappa {scenario.kappa:g}, eps {scenario.eps:g})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_sweep(path: str, axis: str, points: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [p["x"] for p in points]
+    nan = float("nan")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    top.plot(xs, [p["digital_s"] for p in points], "o-", label="digital K-FAC")
+    top.plot(xs, [p["thermo_s"] if p["thermo_s"] is not None else nan for p in points], "s-",
+             label="thermodynamic K-FAC")
+    top.set_yscale("log")
+    top.set_ylabel("time [s]")
+    top.legend(fontsize=8)
+    top.set_title(title, fontsize=10)
+    bottom.plot(xs, [p["speedup"] if p["speedup"] is not None else nan for p in points], "o-",
+                label="thermodynamic only")
+    bottom.plot(xs, [p["hybrid_speedup"] for p in points], "--", label="hybrid (cheaper side per layer)")
+    bottom.axhline(1.0, color="grey", lw=0.8)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("speed-up over digital K-FAC")
+    bottom.legend(fontsize=8)
+    labels = {"width": "layer width n", "kappa": "condition number kappa", "bits": "DAC/ADC bits",
+              "bandwidth": "host link bandwidth [bit/s]"}
+    bottom.set_xlabel(labels[axis])
+    if axis != "bits":
+        bottom.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """``thermo-kfac calibrate``: measure, fit, report held-out error, save."""
+    result = calibrate(args.device, fit_sizes=args.sizes, holdout_sizes=args.holdout, repeats=args.repeats,
+                       quick=args.quick, threads=args.threads, ops=args.ops, power_w=args.power_w,
+                       statistic=args.statistic, clock=args.clock)
+    dev = result.device
+    rows = []
+    for m in result.measurements:
+        pred = result.predicted(m)
+        value = result.measured(m)
+        rows.append([m.op, m.n, m.role, fmt_time(m.min_s), fmt_time(m.median_s), fmt_time(m.max_s),
+                     fmt_time(pred), f"{100 * (pred - value) / value:+.1f}%"])
+    print(f"Calibration of {result.machine['device_name']} ({result.machine['threads']} threads, "
+          f"torch {result.machine['torch']}), {result.settings['repeats']} interleaved repeats each; "
+          f"{result.settings['clock']} clock, fit to the {result.settings['statistic']}")
+    print(table(["op", "n", "role", "min", "median", "max", "model", "error"], rows, "lrlrrrrr"))
+    print()
+    fit_rows = []
+    for op in OPS:
+        if op in result.fit_error:
+            model = dev.op(op)
+            fit_rows.append([op, f"{model.eff_max:.3g}", f"{model.n_half:.4g}", fmt_time(model.latency_s),
+                             f"{100 * result.fit_error[op]:.1f}%",
+                             f"{100 * result.holdout_error.get(op, float('nan')):.1f}%"])
+    print("Fit t(n) = latency + flops(n) / (eff_max * peak) * (1 + n_half / n), "
+          f"peak = {dev.peak_fp32 / 1e9:.4g} GFLOP/s (best FP32 GEMM);")
+    print(f"FP64 GEMM {dev.peak_fp64 / 1e9:.4g} GFLOP/s; memory copy {dev.mem_bandwidth / 1e9:.3g} GB/s")
+    print(table(["op", "eff_max", "n_half", "latency", "max fit err", "max held-out err"], fit_rows))
+    if not args.no_save:
+        path = save_calibration(result, args.out)
+        print(f"\nsaved to {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def build_scenario(args: argparse.Namespace) -> Scenario:
+    """Devices and assumptions from ``project``'s options."""
+    digital = digital_device(args.digital, calibration=args.calibration)
+    overrides: dict[str, Any] = {}
+    if args.cells is not None:
+        overrides["cells"] = args.cells
+    if args.units is not None:
+        overrides["units"] = args.units
+    if args.tau is not None:
+        overrides["tau_s"] = args.tau
+    if args.bandwidth is not None:
+        check_positive("bandwidth", args.bandwidth)
+        overrides["io_bandwidth_bps"] = args.bandwidth * 1e9
+    if args.noise_kappa0 is not None:
+        overrides["noise_kappa0"] = args.noise_kappa0
+    if args.oversize is not None:
+        overrides["oversize"] = args.oversize
+    thermo = thermo_device(args.hardware, **overrides)
+    schedule = KFACSchedule(factor_every=args.factor_every, inverse_every=args.inverse_every,
+                            digital_method=args.digital_method, precision=args.precision)
+    return Scenario(digital=digital, thermo=thermo, kappa=args.kappa, eps=args.eps, bits=args.bits,
+                    method=args.method, schedule=schedule, nongemm_factor=args.nongemm_factor,
+                    resident=args.resident)
+
+
+def run_project(args: argparse.Namespace) -> int:
+    """``thermo-kfac project``: per-layer table and step headline, or a sweep."""
+    scenario = build_scenario(args)
+    work = resolve_workload(args.model, batch=args.batch, input_shape=args.input_shape,
+                            input_dtype=args.input_dtype)
+    if args.sweep:
+        return _run_sweep(args, scenario, work)
+    step = step_cost(work, scenario)
+    be_kappa = break_even_kappa(work, scenario)
+    print(f"{work.name}: {work.description}; {len(work.layers)} preconditioned layers, "
+          f"{work.params / 1e6:.4g} M parameters")
+    print(table(LAYER_HEADERS, layer_rows(step, group=not args.all_layers), "llllrrrrlrl"))
+    print("Per layer and training step: digital/thermo = K-FAC curvature time including the factor "
+          "statistics (stats) both pay;\nsolver d/t = digital/thermodynamic time of the rest (inversion "
+          "amortized over its period, preconditioning); A/G = factor sizes; R = positions per example.")
+    print()
+    print(headline(step, scenario, be_kappa))
+    doc = project_json(step, scenario, be_kappa)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    if args.csv:
+        cols = ["name", "kind", "n_in", "n_out", "positions", "bias", "digital_s", "thermo_s", "cheaper",
+                "method", "digital_j", "thermo_j", "note"]
+        _write_csv(args.csv, cols, [[row[c] for c in cols] for row in doc["layers"]])
+    if args.plot:
+        _plot_project(args.plot, step, scenario)
+    for label, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):
+        if path:
+            print(f"wrote {label}: {path}")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace, scenario: Scenario, work: Workload) -> int:
+    points = sweep(args.sweep, args.values, scenario, workload=work, batch=work.batch)
+    scope = "layer" if args.sweep == "width" else "step"
+    what = (f"one square layer, batch {work.batch}, curvature work only" if scope == "layer"
+            else f"{work.name} training step, batch {work.batch}")
+    print(f"Sweep of {args.sweep}: {what}; digital {scenario.digital.name}, "
+          f"thermodynamic {scenario.thermo.name}")
+    rows = [[f"{p['x']:g}", fmt_time(p["digital_s"]), fmt_time(p["thermo_s"]),
+             f"{p['speedup']:.3g}x" if p["speedup"] is not None else "does not fit",
+             f"{p['hybrid_speedup']:.3g}x"] for p in points]
+    print(table([args.sweep, "digital", "thermo", "speed-up", "hybrid speed-up"], rows))
+    doc = {"sweep": args.sweep, "model": work.name, "hardware": scenario.thermo.name,
+           "digital": scenario.digital.name, "scope": scope, "batch": work.batch,
+           "assumptions": scenario.describe(), "points": points}
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    if args.csv:
+        cols = ["x", "digital_s", "thermo_s", "speedup", "hybrid_s", "hybrid_speedup"]
+        _write_csv(args.csv, cols, [[p[c] for c in cols] for p in points])
+    if args.plot:
+        title = (f"{what}\n{scenario.digital.name} vs {scenario.thermo.name}, kappa {scenario.kappa:g}, "
+                 f"eps {scenario.eps:g}")
+        _plot_sweep(args.plot, args.sweep, points, title)
+    for label, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):
+        if path:
+            print(f"wrote {label}: {path}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``calibrate`` and ``project`` sub-commands."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    cal = subparsers.add_parser(
+        "calibrate", formatter_class=fmt,
+        help="time GEMM/Cholesky/eigh/inverse here and fit the digital cost model",
+        description="Time GEMM, Cholesky, eigh and inverse across sizes (interleaved repeats), "
+                    "fit t(n) = latency + flops/(eff_max*peak)*(1 + n_half/n) per operation, report the "
+                    "error on held-out sizes, and save the fit as JSON for the 'cpu'/'cuda' presets. "
+                    f"Default file: {default_calibration_path('cpu')} (or $THERMO_KFAC_CALIBRATION).")
+    cal.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="what to time")
+    cal.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 2 s on 2 cores)")
+    cal.add_argument("--sizes", type=_ints, default=None, metavar="N,N,...",
+                     help="sizes to fit (default: 257,...,1921; with --quick 257,...,865)")
+    cal.add_argument("--holdout", type=_ints, default=None, metavar="N,N,...",
+                     help="sizes held out of the fit to measure its prediction error")
+    cal.add_argument("--repeats", type=int, default=None,
+                     help="interleaved repeats per size (default 5, quick 3)")
+    cal.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    cal.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                     help="timer: cpu = the thread's CPU time (single-threaded CPU runs, immune to other "
+                          "processes); auto = cpu with --threads 1, else wall")
+    cal.add_argument("--statistic", choices=["auto", "min", "median"], default="auto",
+                     help="repeat statistic the fit uses; auto = median with the cpu clock, else min")
+    cal.add_argument("--ops", type=lambda s: [o for o in s.split(",") if o], default=list(OPS),
+                     metavar="OP,OP", help=f"operations to time, of {','.join(OPS)} (gemm always)")
+    cal.add_argument("--power-w", type=float, default=None,
+                     help="device power for the energy model (default 6.25 W per CPU thread, 400 W GPU)")
+    cal.add_argument("--out", default=None, help="where to save the calibration (default: the preset's file)")
+    cal.add_argument("--no-save", action="store_true", help="only print; do not write the calibration file")
+    cal.add_argument("--json", default=None, metavar="PATH", help="also write the full result here")
+    cal.set_defaults(func=run_calibrate)
+
+    proj = subparsers.add_parser(
+        "project", formatter_class=fmt,
+        help="project K-FAC step time on digital vs thermodynamic hardware",
+        description="Price one training step of a network (per-layer K-FAC curvature work, forward/"
+                    "backward, optimizer) on a digital device alone and with a thermodynamic "
+                    "co-processor; print a per-layer table and the headline speed-up, or sweep one "
+                    "parameter. Models and assumptions: docs/hardware_model.md.")
+    proj.add_argument("--model", default="vit-b16",
+                      help=f"one of {', '.join(WORKLOADS)}, or a torch model 'package.module:factory' "
+                           "(built on the meta device; see --input-shape)")
+    proj.add_argument("--input-shape", type=_ints, default=None, metavar="D,D,...",
+                      help="one example's input shape for a module:factory model, e.g. 3,224,224")
+    proj.add_argument("--input-dtype", choices=["float", "long"], default="float",
+                      help="input dtype of the meta forward pass (long for token ids)")
+    proj.add_argument("--batch", type=int, default=None, help="examples per step (default: the workload's)")
+    proj.add_argument("--hardware", default="chip", metavar="PRESET",
+                      help=f"thermodynamic device preset: {', '.join(THERMO_PRESETS)}")
+    proj.add_argument("--digital", default="h100", metavar="PRESET",
+                      help=f"digital device preset: {', '.join(DIGITAL_PRESETS)} (cpu = measured host)")
+    proj.add_argument("--calibration", default=None, metavar="PATH",
+                      help="calibration JSON for the cpu/cuda presets (default: the preset's file)")
+    proj.add_argument("--method", choices=THERMO_METHODS, default="best",
+                      help="thermodynamic method: invert the factors, solve with the gradient as "
+                           "right-hand side, or the cheaper per layer")
+    proj.add_argument("--kappa", type=float, default=100.0, help="condition number of the damped factors")
+    proj.add_argument("--eps", type=float, default=0.1, help="target relative error of analog results")
+    proj.add_argument("--bits", type=int, default=None, help="DAC/ADC bits (default: the device's)")
+    proj.add_argument("--cells", type=int, default=None, help="override: cells per solver unit")
+    proj.add_argument("--units", type=int, default=None, help="override: solver units in parallel")
+    proj.add_argument("--tau", type=float, default=None, help="override: tau = RC in seconds")
+    proj.add_argument("--bandwidth", type=float, default=None, help="override: host link in Gb/s")
+    proj.add_argument("--noise-kappa0", type=float, default=None,
+                      help="override: solve noise 1/beta relative to ||x*||^2 (0.5 = n kappa^2/eps^2 law)")
+    proj.add_argument("--oversize", choices=OVERSIZE_POLICIES, default=None,
+                      help="override: factors larger than the cells are refused (stay digital) or "
+                           "split into diagonal blocks (an approximation)")
+    proj.add_argument("--resident", action="store_true",
+                      help="solve method: factors stay programmed between inverse updates")
+    proj.add_argument("--factor-every", type=int, default=1, help="K-FAC factor update period (steps)")
+    proj.add_argument("--inverse-every", type=int, default=10, help="K-FAC inverse update period (steps)")
+    proj.add_argument("--digital-method", choices=DIGITAL_METHODS, default="eigh",
+                      help="how digital K-FAC inverts its factors")
+    proj.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                      help="GEMM precision of forward/backward and factor statistics")
+    proj.add_argument("--nongemm-factor", type=float, default=1.5,
+                      help="forward+backward time / its GEMM time (norms, activations, data movement)")
+    proj.add_argument("--sweep", choices=SWEEP_AXES, default=None,
+                      help="sweep one axis instead (width: one square layer; others: the model's step)")
+    proj.add_argument("--values", type=_floats, default=None, metavar="X,X,...",
+                      help="sweep values (bandwidth in bit/s); default: a log grid per axis")
+    proj.add_argument("--all-layers", action="store_true", help="one table row per layer (no grouping)")
+    proj.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    proj.add_argument("--csv", default=None, metavar="PATH",
+                      help="write per-layer rows (or sweep points) as CSV")
+    proj.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot")
+    proj.set_defaults(func=run_project)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``calibrate``/``project`` without the rest of the CLI (used by tests and scripts)."""
+    parser = argparse.ArgumentParser(prog="thermo-kfac")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:
+        print(f"thermo-kfac {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
