@@ -246,10 +246,24 @@ def _memory_bandwidth(device: str, floats: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def fit_op(op: str, sizes: Sequence[int], seconds: Sequence[float], peak: float) -> OpModel:
-    """Fit ``latency + flops/(eff_max*peak)*(1 + n_half/n)`` to measured times (relative NNLS)."""
+#: Largest ``eff_max`` a fit may return, relative to the best measured GEMM rate: an operation whose
+#: nominal FLOP count is real cannot beat GEMM speed (1; GEMM itself gets room for noise), while
+#: eigh's nominal 9 n^3 is about twice what LAPACK's divide-and-conquer ``syevd`` does (2). Without
+#: the cap, a range of sizes where efficiency is still climbing can yield an ``eff_max`` of 5-10
+#: with a huge ``n_half``, which extrapolates to large n faster than the hardware.
+EFF_CAPS = {"gemm": 1.25, "cholesky": 1.0, "inverse": 1.0, "eigh": 2.0}
+
+
+def fit_op(op: str, sizes: Sequence[int], seconds: Sequence[float], peak: float,
+           eff_cap: float | None = None) -> OpModel:
+    """Fit ``latency + flops/(eff_max*peak)*(1 + n_half/n)`` to measured times (relative NNLS).
+
+    ``eff_max`` is capped at ``eff_cap`` (default :data:`EFF_CAPS`); when the cap binds, the
+    latency and ``n_half`` are refitted with ``eff_max`` fixed at the cap.
+    """
     check_choice("op", op, OPS)
     check_positive("peak", peak)
+    cap = EFF_CAPS[op] if eff_cap is None else check_positive("eff_cap", eff_cap)
     if len(sizes) != len(seconds) or len(sizes) < 2:
         raise ValueError(f"fit_op needs matching sizes and times, at least 2 (got {len(sizes)} and "
                          f"{len(seconds)})")
@@ -265,6 +279,10 @@ def fit_op(op: str, sizes: Sequence[int], seconds: Sequence[float], peak: float)
         quad = 0.0
     if slope <= 0:
         slope, latency, quad = float(t[-1] / flops[-1]), 0.0, 0.0
+    min_slope = 1.0 / (cap * peak)
+    if slope < min_slope:
+        slope = min_slope
+        (latency, quad), _ = nnls(design[:, [0, 2]], 1.0 - slope * flops / t)
     return OpModel(eff_max=float(1.0 / (slope * peak)), n_half=float(quad / slope), latency_s=float(latency))
 
 

@@ -42,6 +42,20 @@ def test_fit_recovers_a_known_model():
     assert model.latency_s == pytest.approx(latency, rel=1e-6)
 
 
+def test_fit_caps_efficiency_so_extrapolation_stays_physical():
+    # efficiency still climbing over the fitted range (3 n / (n + 20000), 4-12 % of peak): the
+    # uncapped fit follows it to eff_max = 3, i.e. three times GEMM speed at large n
+    sizes = [257, 385, 577, 865]
+    times = [nominal_flops("cholesky", n) / (3e11 * n / (n + 20000)) for n in sizes]
+    assert fit_op("cholesky", sizes, times, 1e11, eff_cap=10.0).eff_max == pytest.approx(3.0)
+    model = fit_op("cholesky", sizes, times, 1e11)
+    assert model.eff_max <= 1.0 + 1e-12
+    assert model.efficiency(1e6) <= 1.0 + 1e-12
+    errors = [abs(model.time(nominal_flops("cholesky", n), n, 1e11) - t) / t for n, t in zip(sizes, times,
+                                                                                          strict=True)]
+    assert max(errors) < 0.15
+
+
 def test_fit_rejects_bad_data():
     with pytest.raises(ValueError, match="at least 2"):
         fit_op("gemm", [100], [1e-3], 1e9)

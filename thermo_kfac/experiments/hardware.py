@@ -177,6 +177,11 @@ def fmt_time(seconds: float | None) -> str:
     return f"{seconds / 1e-9:.3g} ns"
 
 
+def fmt_ratio(value: float) -> str:
+    """A speed-up or overhead factor: two decimals, or three significant digits when tiny."""
+    return f"{value:.2f}x" if value >= 0.01 else f"{value:.3g}x"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
     """A plain-text table; ``align`` is one ``l``/``r`` per column (default: first left, rest right)."""
     align = align or "l" + "r" * (len(headers) - 1)
@@ -260,12 +265,12 @@ def headline(step: StepCost, scenario: Scenario, be_kappa: float | None) -> str:
         f"  Adam                      {fmt_time(s['adam_s']):>10}   "
         f"(forward+backward {fmt_time(s['fwd_bwd_s'])})",
         f"  digital K-FAC             {fmt_time(s['digital_kfac_s']):>10}   "
-        f"{s['digital_overhead_vs_adam']:.3g}x Adam",
+        f"{fmt_ratio(s['digital_overhead_vs_adam'])} Adam",
         f"  thermodynamic K-FAC       {fmt_time(s['thermo_kfac_s']):>10}   "
-        f"{s['thermo_overhead_vs_adam']:.3g}x Adam; {s['layers_on_thermo']}/{s['layers']} layers on the "
-        f"analog device{too_big}",
-        f"  speed-up vs digital K-FAC {s['speedup_vs_digital_kfac']:>9.3g}x   (every layer that fits on the "
-        f"analog device: {s['speedup_thermo_only']:.3g}x)",
+        f"{fmt_ratio(s['thermo_overhead_vs_adam'])} Adam; {s['layers_on_thermo']}/{s['layers']} layers "
+        f"on the analog device{too_big}",
+        f"  speed-up vs digital K-FAC {fmt_ratio(s['speedup_vs_digital_kfac']):>10}   (every layer that "
+        f"fits on the analog device: {fmt_ratio(s['speedup_thermo_only'])})",
     ]
     if be_kappa is None:
         lines.append("  break-even kappa: none (thermodynamic K-FAC is slower even at kappa = 1)")
@@ -325,7 +330,7 @@ def _plot_project(path: str, step: StepCost, scenario: Scenario) -> None:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("K-FAC curvature time per training step per layer [s]")
-    ax.set_title(f"{step.workload}: speed-up {step.speedup_vs_digital_kfac:.3g}x "
+    ax.set_title(f"{step.workload}: speed-up {fmt_ratio(step.speedup_vs_digital_kfac)} "
                  f"(kappa {scenario.kappa:g}, eps {scenario.eps:g})", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -486,8 +491,8 @@ def _run_sweep(args: argparse.Namespace, scenario: Scenario, work: Workload) -> 
     print(f"Sweep of {args.sweep}: {what}; digital {scenario.digital.name}, "
           f"thermodynamic {scenario.thermo.name}")
     rows = [[f"{p['x']:g}", fmt_time(p["digital_s"]), fmt_time(p["thermo_s"]),
-             f"{p['speedup']:.3g}x" if p["speedup"] is not None else "does not fit",
-             f"{p['hybrid_speedup']:.3g}x"] for p in points]
+             fmt_ratio(p["speedup"]) if p["speedup"] is not None else "does not fit",
+             fmt_ratio(p["hybrid_speedup"])] for p in points]
     print(table([args.sweep, "digital", "thermo", "speed-up", "hybrid speed-up"], rows))
     doc = {"sweep": args.sweep, "model": work.name, "hardware": scenario.thermo.name,
            "digital": scenario.digital.name, "scope": scope, "batch": work.batch,
