@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch": torch.__version__, "numba": numba.__version__,
                     "numpy": np.__version__, "python": platform.python_version(),
                     "platform": platform.platform(), "processor": platform.processor()},
+        "load_average_at_start": list(os.getloadavg()),
         "settings": {"quick": args.quick, "rounds": rounds, "dtype": args.dtype,
                      "block_budget_s": budget, "pause_before_block_s": PARK_S},
     }
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     report["targets"] = targets
     report["wall_time_s"] = time.time() - t0
+    report["load_average_at_end"] = list(os.getloadavg())
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

@@ -98,7 +98,6 @@ class _NumbaBackend:
     """Adapter: canonical torch CPU tensors <-> the numba kernels' numpy layouts."""
 
     name = "numba"
-    small_n = 64  # explicit-loop kernel up to this size, BLAS GEMM per step above it
 
     def __init__(self, key: int, device: torch.device) -> None:
         from hw_models.langevin import numba_backend
@@ -136,21 +135,14 @@ class _NumbaBackend:
         Bt = np.ascontiguousarray(B.numpy().transpose(0, 2, 1))
         X0t = np.ascontiguousarray(X0.numpy().transpose(0, 2, 1))
         out = np.empty_like(Bt)
-        use_blas = n > self.small_n
         threads = self.nb.numba.get_num_threads()
-        # enough (system, column-block) tasks to keep every thread busy; small blocks for the
-        # loop kernel so a block's states stay in L1
+        # enough (system, column-block) tasks to keep every thread busy
         per_system = max(1, -(-2 * threads // k))
         block = max(1, -(-m // per_system))
-        if not use_blas:
-            block = min(block, 32)
-        args = (At, Bt, X0t, dt, sigma, 1.0 - dt * friction / mass, dt / mass, underdamped,
-                n_burn, n_avg, block, use_blas, self._streams(k * m), *self._tables(), out)
-        if use_blas:
-            with _single_threaded_blas():
-                self.nb.euler_mean(*args)
-        else:
-            self.nb.euler_mean(*args)
+        with _single_threaded_blas():
+            self.nb.euler_mean(At, Bt, X0t, dt, sigma, 1.0 - dt * friction / mass, dt / mass,
+                               underdamped, n_burn, n_avg, block, self._streams(k * m),
+                               *self._tables(), out)
         return torch.from_numpy(out.transpose(0, 2, 1).copy())
 
     def euler_second_moment(self, A, x0, *, dt, kappa0, n_burn, n_avg, underdamped, mass,

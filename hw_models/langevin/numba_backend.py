@@ -193,14 +193,15 @@ def _read_out(v, tmp, read_noise, levels, bound, stochastic, st, zx, zr, zf):
 
 
 @njit(cache=True, fastmath=True)
-def _euler_block(At, Bt, X, j0, stream0, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg,
-                 use_blas, states, zx, zr, zf, out):
+def _euler_block(At, Bt, X, j0, stream0, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, states,
+                 zx, zr, zf, out):
     """Euler-Maruyama for the columns ``j0 .. j0 + len(X)`` of one system, all steps.
 
     ``At`` is ``A^T`` (``n x n``), ``X`` the block's initial states (``mb x n``, one row per
     column, modified), ``Bt``/``out`` the system's ``(m, n)`` drive and mean. The product
-    ``Y = X A^T`` is one single-threaded BLAS GEMM (``use_blas``) or explicit loops vectorised
-    over ``r`` (small ``n``). Column ``j`` draws from stream ``stream0 + j - j0``.
+    ``Y = X A^T`` is one BLAS GEMM per step (the caller limits BLAS to one thread: measured
+    ~16x faster than explicit loops even for 32 x 32 blocks). Column ``j`` draws from stream
+    ``stream0 + j - j0``.
     """
     mb, n = X.shape
     P = np.zeros_like(X)
@@ -208,16 +209,7 @@ def _euler_block(At, Bt, X, j0, stream0, dt, sigma, c1, dt_m, underdamped, n_bur
     S = np.zeros_like(X)
     z = np.empty(n)
     for step in range(n_burn + n_avg):
-        if use_blas:
-            np.dot(X, At, Y)
-        else:
-            for j in range(mb):
-                for r in range(n):
-                    Y[j, r] = 0.0
-                for c in range(n):
-                    xc = X[j, c]
-                    for r in range(n):
-                        Y[j, r] += xc * At[c, r]
+        np.dot(X, At, Y)
         keep = step >= n_burn
         for j in range(mb):
             _fill(z, states[stream0 + j], zx, zr, zf)
@@ -237,14 +229,14 @@ def _euler_block(At, Bt, X, j0, stream0, dt, sigma, c1, dt_m, underdamped, n_bur
 
 
 @njit(cache=True, parallel=True)
-def euler_mean(At, Bt, X0t, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, block, use_blas,
-               states, zx, zr, zf, out):
+def euler_mean(At, Bt, X0t, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, block, states, zx,
+               zr, zf, out):
     """Time average of Euler-Maruyama chains, one task per (system, block of columns).
 
     ``At`` is ``(k, n, n)`` = ``A^T`` per system; ``Bt``/``X0t``/``out`` are ``(k, m, n)``. Blocks
     evolve independently through all steps, so there is no synchronisation per step. Column
     ``j`` of system ``i`` uses stream ``i*m + j`` whatever the blocking, so the result does not
-    depend on ``block``, ``use_blas`` or the number of threads (up to rounding for BLAS).
+    depend on ``block`` or on the number of threads (up to BLAS rounding).
     """
     k, m, n = Bt.shape
     n_blocks = (m + block - 1) // block
@@ -253,7 +245,7 @@ def euler_mean(At, Bt, X0t, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, blo
         j0 = (task % n_blocks) * block
         j1 = min(m, j0 + block)
         _euler_block(At[i], Bt[i], X0t[i, j0:j1].copy(), j0, i * m + j0, dt, sigma, c1, dt_m,
-                     underdamped, n_burn, n_avg, use_blas, states, zx, zr, zf, out[i])
+                     underdamped, n_burn, n_avg, states, zx, zr, zf, out[i])
 
 
 @njit(cache=True)
