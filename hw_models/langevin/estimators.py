@@ -151,10 +151,11 @@ class _NumbaBackend:
         sigma = math.sqrt(2.0 * kappa0 * dt * (friction if underdamped else 1.0))
         out = np.empty((k, n, n), dtype=x0.numpy().dtype)
         clipped = np.zeros(k, dtype=np.int64)
-        self.nb.euler_second_moment(
-            A.numpy(), np.ascontiguousarray(x0.numpy()[:, :, 0]), dt, sigma,
-            1.0 - dt * friction / mass, dt / mass, underdamped, n_burn, n_avg, 256,
-            *self._readout_args(readout), self._streams(k), *self._tables(), out, clipped)
+        with _single_threaded_blas():
+            self.nb.euler_second_moment(
+                A.numpy(), np.ascontiguousarray(x0.numpy()[:, :, 0]), dt, sigma,
+                1.0 - dt * friction / mass, dt / mass, underdamped, n_burn, n_avg, 256,
+                *self._readout_args(readout), self._streams(k), *self._tables(), out, clipped)
         return torch.from_numpy(out), int(clipped.sum())
 
     def eig_mean(self, coef, coef_burn, U0, *, n_avg, underdamped) -> torch.Tensor:
@@ -172,11 +173,12 @@ class _NumbaBackend:
         out = np.empty((k, n, n), dtype=dtype)
         clipped = np.zeros(k, dtype=np.int64)
         rotate = readout is not None
-        self.nb.eig_second_moment(
-            np.ascontiguousarray(coef), np.ascontiguousarray(coef_burn),
-            np.ascontiguousarray(u0.numpy()[:, :, 0]), np.ascontiguousarray(Q.numpy()), rotate,
-            n_avg, underdamped, 256, *self._readout_args(readout), self._streams(k),
-            *self._tables(), out, clipped)
+        with _single_threaded_blas():
+            self.nb.eig_second_moment(
+                np.ascontiguousarray(coef), np.ascontiguousarray(coef_burn),
+                np.ascontiguousarray(u0.numpy()[:, :, 0]), np.ascontiguousarray(Q.numpy()),
+                rotate, n_avg, underdamped, 256, *self._readout_args(readout), self._streams(k),
+                *self._tables(), out, clipped)
         S = torch.from_numpy(out)
         if not rotate:
             S = Q @ S @ Q.transpose(1, 2)

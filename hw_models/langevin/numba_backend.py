@@ -250,42 +250,29 @@ def euler_mean(At, Bt, X0t, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, blo
 
 @njit(cache=True)
 def _accumulate_block(S, block, count):
-    """``S += block[:, :count] block[:, :count]^T`` (upper triangle; ``block`` is ``(n, L)``)."""
-    n = S.shape[0]
-    for a in range(n):
-        for b in range(a, n):
-            s = 0.0
-            for t in range(count):
-                s += block[a, t] * block[b, t]
-            S[a, b] += s
-
-
-@njit(cache=True)
-def _mirror(S):
-    n = S.shape[0]
-    for a in range(n):
-        for b in range(a + 1, n):
-            S[b, a] = S[a, b]
+    """``S += block[:count]^T block[:count]`` (``block`` is ``(L, n)``, one sample per row)."""
+    rows = block[:count]
+    S += np.dot(rows.T, rows)
 
 
 @njit(cache=True, fastmath=True)
 def _euler_moment_chain(A, i, x, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg, block_len,
                         read_noise, levels, bound, stochastic, st, zx, zr, zf, S):
-    """One Euler chain (``b = 0``) of system ``i``; ``S += sum x x^T``; returns clipped count."""
+    """One Euler chain (``b = 0``) of system ``i``; ``S += sum x x^T``; returns clipped count.
+
+    The mat-vec is a BLAS gemv and the samples are accumulated a block at a time with one GEMM
+    (the caller limits BLAS to one thread per numba thread).
+    """
     n = x.shape[0]
+    Ai = A[i]
     p = np.zeros_like(x)
     g = np.empty_like(x)
-    v = np.empty_like(x)
     z = np.empty(n)
-    block = np.empty((n, block_len), dtype=S.dtype)
+    block = np.empty((block_len, n), dtype=S.dtype)
     fill = 0
     n_clip = 0
     for step in range(n_burn + n_avg):
-        for r in range(n):
-            s = 0.0
-            for c in range(n):
-                s += A[i, r, c] * x[c]
-            g[r] = s
+        np.dot(Ai, x, g)
         _fill(z, st, zx, zr, zf)
         if underdamped:
             for r in range(n):
@@ -295,16 +282,14 @@ def _euler_moment_chain(A, i, x, dt, sigma, c1, dt_m, underdamped, n_burn, n_avg
             for r in range(n):
                 x[r] += sigma * z[r] - dt * g[r]
         if step >= n_burn:
+            v = block[fill]
             for r in range(n):
                 v[r] = x[r]
             n_clip += _read_out(v, z, read_noise, levels, bound, stochastic, st, zx, zr, zf)
-            for r in range(n):
-                block[r, fill] = v[r]
             fill += 1
             if fill == block_len or step == n_burn + n_avg - 1:
                 _accumulate_block(S, block, fill)
                 fill = 0
-    _mirror(S)
     return n_clip
 
 
@@ -387,8 +372,9 @@ def _eig_moment_chain(coef, coef_burn, i, u, Q, rotate, n_avg, underdamped, bloc
     p = np.zeros(n)
     z = np.empty(n)
     z2 = np.empty(n)
-    v = np.empty(n, dtype=S.dtype)
-    block = np.empty((n, block_len), dtype=S.dtype)
+    uc = np.empty(n, dtype=S.dtype)
+    block = np.empty((block_len, n), dtype=S.dtype)
+    Qi = Q[i]
     fill = 0
     n_clip = 0
     _fill(z, st, zx, zr, zf)
@@ -400,23 +386,19 @@ def _eig_moment_chain(coef, coef_burn, i, u, Q, rotate, n_avg, underdamped, bloc
         if underdamped:
             _fill(z2, st, zx, zr, zf)
         _eig_step(coef, i, u, p, z, z2, underdamped)
+        v = block[fill]
         if rotate:
             for r in range(n):
-                s = 0.0
-                for c in range(n):
-                    s += Q[i, r, c] * u[c]
-                v[r] = s
+                uc[r] = u[r]
+            np.dot(Qi, uc, v)
             n_clip += _read_out(v, z, read_noise, levels, bound, stochastic, st, zx, zr, zf)
         else:
             for r in range(n):
                 v[r] = u[r]
-        for r in range(n):
-            block[r, fill] = v[r]
         fill += 1
         if fill == block_len or step == n_avg - 1:
             _accumulate_block(S, block, fill)
             fill = 0
-    _mirror(S)
     return n_clip
 
 
