@@ -10,9 +10,11 @@ Sections (float32 unless ``--dtype float64``):
   backends, against the host floor = time of the same-shape GEMM (``torch.mm``) + time to draw
   the same number of Gaussians (``Tensor.normal_``). Target: torch step <= 1.25 x floor for
   n >= 256.
-- ``throughput_d512``: samples x d^2 per second at d = 512 against a thermox-like sampler that
-  draws one vector at a time with exact OU transitions (3 matrix-vector products per sample, as
-  thermox's eigenbasis transition). Target: >= 50 x.
+- ``throughput_d512``: samples x d^2 per second at d = 512 against one-vector-at-a-time exact
+  samplers: a thermox-like torch loop (3 matrix-vector products per sample, as thermox's
+  eigenbasis transition) and, when ``thermox`` and JAX are importable (they are not project
+  dependencies), thermox's own jitted ``sample`` (``lax.scan`` and associative scan). Target:
+  >= 50 x against the faster thermox variant (against the torch loop when thermox is absent).
 - ``analytic_vs_eigh``: a full ``hw_models.solve(..., integrator="analytic")`` call (m = n
   right-hand sides, and m = 1) against ``torch.linalg.eigh`` of the same matrix. Target <= 2 x.
 - ``small_batches``: 256 systems of n = 32 (m = 32 and m = 1): per-step time of the numba and
@@ -188,20 +190,67 @@ def throughput(d: int, dtype: torch.dtype, rounds: int, budget: float) -> dict:
              "torch_exact_eigenbasis": torch_exact, "numba_exact_eigenbasis": numba_exact}
     samples_per_call = {"sequential": 1, "torch_euler": m, "numba_euler": m,
                         "torch_exact_eigenbasis": m, "numba_exact_eigenbasis": m}
+    references = ["sequential"]
+    thermox_funcs = _thermox_samplers(A.double().numpy(), b.double().numpy(), h, 0.01)
+    for name, fn in thermox_funcs.items():
+        funcs[name] = fn
+        samples_per_call[name] = 1
+        references.append(name)
     reps = {k: calibrate(f, budget, hi=200_000) for k, f in funcs.items()}
     raw = interleave({k: per_unit(lambda f=f, r=reps[k]: f(r), reps[k] * samples_per_call[k])
                       for k, f in funcs.items()}, rounds)  # seconds per sample
     rate = {k: d * d / statistics.median(v) for k, v in raw.items()}
+    ours = [k for k in raw if k not in references]
     res = {
         "d": d, "m_columns": m,
+        "references": references,
+        "thermox_measured": bool(thermox_funcs),
         "seconds_per_sample": {k: summary(v) for k, v in raw.items()},
         "samples_per_s": {k: 1.0 / statistics.median(v) for k, v in raw.items()},
         "samples_x_d2_per_s": rate,
-        "speedup_vs_sequential": {k: ratio_summary(raw["sequential"], v)
-                                  for k, v in raw.items() if k != "sequential"},
+        "speedup": {ref: {k: ratio_summary(raw[ref], raw[k]) for k in ours} for ref in references},
     }
-    res["target_ge_50x"] = {k: v["median"] >= 50 for k, v in res["speedup_vs_sequential"].items()}
+    # the conservative anchor: thermox's faster variant (its default, the associative scan)
+    anchor = max(references[1:], key=lambda k: res["samples_per_s"][k], default="sequential")
+    res["target_anchor"] = anchor
+    res["target_ge_50x"] = {k: v["median"] >= 50 for k, v in res["speedup"][anchor].items()}
     return res
+
+
+def _thermox_samplers(A: np.ndarray, b: np.ndarray, h: float, kappa0: float) -> dict:
+    """thermox's own exact sampler (one vector per step), if thermox and JAX are installed.
+
+    ``thermox.sample`` with preprocessed matrices (the O(d^3) set-up is not timed), jitted, with
+    ``lax.scan`` (``associative_scan=False``: one vector at a time) and with its associative scan.
+    Returns ``{}`` when thermox is not importable (it is not a project dependency).
+    """
+    try:
+        import jax
+        import jax.numpy as jnp
+        import thermox
+    except ImportError:
+        return {}
+    d = A.shape[0]
+    A_j = jnp.asarray(A, dtype=jnp.float32)
+    D_j = 2.0 * kappa0 * jnp.eye(d, dtype=jnp.float32)
+    b_j = jnp.asarray(b, dtype=jnp.float32)
+    A_p, D_p = thermox.preprocess(A_j, D_j)
+    x0 = jnp.zeros(d, dtype=jnp.float32)
+    cache: dict = {}
+
+    def make(assoc: bool) -> Callable[[int], None]:
+        def run(reps: int) -> None:
+            key = (assoc, reps)
+            if key not in cache:
+                ts = jnp.arange(reps + 1, dtype=jnp.float32) * h
+                cache[key] = jax.jit(lambda k: thermox.sample(k, ts, x0, A_p, b_j, D_p,
+                                                              associative_scan=assoc))
+                cache[key](jax.random.PRNGKey(0)).block_until_ready()  # compile, untimed
+            cache[key](jax.random.PRNGKey(reps)).block_until_ready()
+
+        return run
+
+    return {"thermox_scan": make(False), "thermox_associative_scan": make(True)}
 
 
 def analytic_vs_eigh(sizes: list[int], dtype: torch.dtype, rounds: int, budget: float) -> dict:
@@ -314,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_step_le_1.25x_floor_n_ge_256": all(
             v["target_torch_le_1.25x_floor"] for v in report["euler_step"].values()
             if v["target_torch_le_1.25x_floor"] is not None),
-        "throughput_ge_50x_vs_sequential": report["throughput_d512"]["target_ge_50x"],
+        "throughput_ge_50x": {"anchor": report["throughput_d512"]["target_anchor"],
+                              **report["throughput_d512"]["target_ge_50x"]},
         "analytic_le_2x_eigh": all(v["target_le_2x"] for v in report["analytic_vs_eigh"].values()),
         "numba_ge_torch_small_batches": {
             key: v["target_numba_ge_torch"] for key, v in report["small_batches"].items()
