@@ -5,8 +5,27 @@ This package knows nothing about neural networks; ``thermo_kfac`` builds on it.
 - :func:`solve` / :func:`inverse` simulate a thermodynamic processor (Langevin dynamics) that
   estimates ``A^-1 B`` / ``A^-1``; :class:`AnalogConfig` sets how it runs and
   :class:`NoiseConfig` which hardware non-idealities it has (``hw_models.noise``).
+- :mod:`hw_models.devices` (digital and thermodynamic device presets), :mod:`hw_models.cost`
+  (latency/energy per K-FAC layer and step), :mod:`hw_models.workloads` (layer-shape tables) and
+  :mod:`hw_models.calibration` (host timing fits) predict what the hardware would cost.
 """
 
+from hw_models.cost import (
+    Cost,
+    break_even_kappa,
+    digital_layer_cost,
+    step_cost,
+    sweep,
+    thermo_layer_cost,
+)
+from hw_models.devices import (
+    DIGITAL_PRESETS,
+    THERMO_PRESETS,
+    DigitalDevice,
+    ThermoDevice,
+    digital_device,
+    thermo_device,
+)
 from hw_models.langevin import (
     AnalogConfig,
     AnalogResult,
@@ -16,16 +35,30 @@ from hw_models.langevin import (
     solve_error_law,
 )
 from hw_models.noise import NoiseConfig
+from hw_models.workloads import workload
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIGITAL_PRESETS",
+    "THERMO_PRESETS",
     "AnalogConfig",
     "AnalogResult",
+    "Cost",
+    "DigitalDevice",
     "NoiseConfig",
+    "ThermoDevice",
     "__version__",
+    "break_even_kappa",
+    "digital_device",
+    "digital_layer_cost",
     "inverse",
     "inverse_error_law",
     "solve",
     "solve_error_law",
+    "step_cost",
+    "sweep",
+    "thermo_device",
+    "thermo_layer_cost",
+    "workload",
 ]
