@@ -7,10 +7,11 @@ target, their ratio (median/min/max over repeats) and the steps each needed.
 
 Workloads (settings chosen by sweeps on these tasks; see the README's benchmark section):
 - ``digits-mlp``: MLP 64-128-128-10 (ReLU), batch 256, 30 epochs; Adam lr 3e-3; K-FAC with the
-  CLI defaults (SGD momentum 0.9 base, lr 0.3, damping 1.0, KL clip 1e-2, factors every 5 steps,
-  inverses every 20).
+  CLI defaults (SGD momentum 0.9 base, lr 0.3, damping 0.1, KL clip 1e-3, factors every 10 steps,
+  inverses every 50).
 - ``digits-autoencoder``: 64-256-128-64-16-64-128-256-64 (tanh, linear code), MSE, full batch
-  (1437 examples), 300 steps; Adam lr 1e-2; K-FAC damping 1e-2, KL clip 1e-2.
+  (1437 examples), 300 steps; Adam lr 1e-2; K-FAC damping 1e-2, KL clip 1e-2, factors every 5
+  steps, inverses every 20.
 
     python benchmarks/convergence.py [--quick] [--repeats 3] [--out result.json]
 """
@@ -39,7 +40,8 @@ WORKLOADS = {
         "model": "autoencoder",
         "model_options": {"widths": (256, 128, 64, 16), "activation": "tanh"},
         "batch_size": 1437, "steps": 300, "loss": "mse",
-        "optimizers": ["adam:lr=1e-2", "kfac:damping=1e-2,kl_clip=1e-2"],
+        "optimizers": ["adam:lr=1e-2", "kfac:damping=1e-2,kl_clip=1e-2,factor_update_every=5,"
+                       "inverse_update_every=20"],
     },
 }
 
