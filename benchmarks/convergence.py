@@ -19,7 +19,6 @@ Workloads (settings chosen by sweeps on these tasks; see the README's benchmark 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,8 @@ import warnings
 import torch
 
 from thermo_kfac.experiments.training import compare
+
+from _report import emit
 
 WORKLOADS = {
     "digits-mlp": {
@@ -98,11 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
             "target_at_most_0.5_met": statistics.median(ratios) <= 0.5,
         }
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -15,7 +15,6 @@ matrix products per layer that applying the preconditioner costs every step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,8 @@ from torch import nn
 
 from thermo_kfac import KFACPreconditioner
 from thermo_kfac.models import mnist_autoencoder
+
+from _report import emit
 
 WIDTHS = [784, 1000, 500, 250, 30]
 CONFIGS = [(1, 10), (10, 10), (10, 100)]
@@ -150,11 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         "every K-FAC ratio within 1.3x of its FLOP bound": all(
             result["ratios_to_sgd"][n]["ratio_over_bound"] <= 1.3 for n in kfac_configs),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(result, args.out)
     return result
 
 

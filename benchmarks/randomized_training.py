@@ -19,7 +19,6 @@ other repeat; medians are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 
 from thermo_kfac.data import Dataset, load_dataset
 from thermo_kfac.experiments.training import compare, time_to_target
+
+from _report import emit
 
 
 def digits28(seed: int = 0) -> Dataset:
@@ -132,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_eigh": ratios,
         "per_repeat": per_repeat,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(report, args.out)
     return 0
 
 

@@ -27,7 +27,6 @@ Sections (float32 unless ``--dtype float64``):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,8 @@ import torch
 
 import hw_models as hm
 from hw_models.langevin import estimators, torch_backend
+
+from _report import emit
 
 
 def spd(n: int, seed: int, dtype: torch.dtype, cond: float = 100.0) -> torch.Tensor:
@@ -375,11 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["targets"] = targets
     report["wall_time_s"] = time.time() - t0
     report["load_average_at_end"] = list(os.getloadavg())
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit(report, args.out)
     return report
 
 

@@ -20,7 +20,6 @@ preconditioner part). Memory is counted, not timed, so there are no repeats.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,8 @@ from torch import nn
 from thermo_kfac import KFACPreconditioner
 from thermo_kfac.models import mnist_autoencoder
 from thermo_kfac.singd import SINGD
+
+from _report import emit
 
 STRUCTURES = ("dense", "diagonal", "block", "hierarchical", "toeplitz", "lowrank")
 
@@ -128,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "adam_state_bytes": adam,
         "runs": runs,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(report, args.out)
     return 0
 
 

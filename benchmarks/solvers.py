@@ -23,7 +23,6 @@ realistic right-hand side and the damping of the training run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,8 @@ from thermo_kfac.solvers.randomized import (
     SymmetricRandomizedEighSolver,
     spectrum_decay,
 )
+
+from _report import emit
 
 DAMPING = 1e-3
 TRAIN_DAMPING = 0.1
@@ -229,11 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "met": bool(r["speedup_prepare_vs_eigh"][best] >= 5
                         and r["rel_error"][best]["real_grad"] < 0.05),
         }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(report, args.out)
     return 0
 
 

@@ -18,7 +18,8 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``thermo-kfac`` parser with the sub-commands of ``modules`` (default: all)."""
     parser = argparse.ArgumentParser(
         prog="thermo-kfac",
         description="K-FAC training with simulated thermodynamic (analog) solvers, and hardware "
@@ -26,13 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, modules: Sequence[str] | None = None) -> int:
+    """Run the CLI; ``modules`` limits the sub-commands (see :data:`COMMAND_MODULES`)."""
+    parser = build_parser(modules)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -605,16 +605,9 @@ def register(subparsers: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``calibrate``/``project`` without the rest of the CLI (used by tests and scripts)."""
-    parser = argparse.ArgumentParser(prog="thermo-kfac")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as err:
-        print(f"thermo-kfac {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    from thermo_kfac import cli  # the CLI imports this module; import it lazily
+
+    return cli.main(argv, modules=[__name__])
 
 
 if __name__ == "__main__":
