@@ -15,6 +15,7 @@ from thermo_kfac.solvers.randomized import (
     SymmetricRandomizedEighSolver,
     spectrum_decay,
 )
+from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
 
 __all__ = [
     "CGSolver",
@@ -25,6 +26,7 @@ __all__ = [
     "RandomizedSVDSolver",
     "SolverReport",
     "SymmetricRandomizedEighSolver",
+    "ThermodynamicSolver",
     "available_solvers",
     "register_solver",
     "solver_factory",
