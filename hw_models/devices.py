@@ -159,17 +159,8 @@ def _a100() -> DigitalDevice:
     bandwidth-to-FLOP ratio because half of its tridiagonal reduction is memory-bound, so A100's
     (2039/19.5e3) gives ``0.6 * 2.039/19.5 = 0.063``.
     """
-    peak32 = 19.5e12
-    bw = 2.039e12
-    return DigitalDevice(
-        name="a100", kind="gpu", peak_fp32=peak32, peak_tf32=156e12, peak_bf16=312e12,
-        peak_fp64=9.7e12, mem_bandwidth=bw, launch_latency_s=5e-6, power_w=400.0,
-        gemm=OpModel(eff_max=0.85, n_half=256.0, latency_s=5e-6),
-        cholesky=OpModel(eff_max=0.5, n_half=2048.0, latency_s=50e-6),
-        eigh=OpModel(eff_max=round(0.6 * bw / peak32, 4), n_half=512.0, latency_s=1e-3),
-        inverse=OpModel(eff_max=0.4, n_half=2048.0, latency_s=100e-6),
-        source="data sheet (NVIDIA A100 SXM4 80GB); efficiency factors documented in hw_models.devices",
-    )
+    return _gpu("a100", peak_fp32=19.5e12, peak_tf32=156e12, peak_bf16=312e12, peak_fp64=9.7e12,
+                mem_bandwidth=2.039e12, power_w=400.0, sheet="NVIDIA A100 SXM4 80GB")
 
 
 def _h100() -> DigitalDevice:
@@ -197,16 +188,22 @@ def _h100() -> DigitalDevice:
       matrix-vector products limited by memory bandwidth, so we scale ``eff_max`` by the
       bandwidth-to-FLOP ratio across GPUs (``0.6 * BW[TB/s] / FP32[TFLOP/s]``; 0.03 for H100).
     """
-    peak32 = 66.9e12
-    bw = 3.35e12
+    return _gpu("h100", peak_fp32=66.9e12, peak_tf32=494.7e12, peak_bf16=989.5e12, peak_fp64=33.5e12,
+                mem_bandwidth=3.35e12, power_w=700.0, sheet="NVIDIA H100 SXM5 80GB")
+
+
+def _gpu(name: str, *, peak_fp32: float, peak_tf32: float, peak_bf16: float, peak_fp64: float,
+         mem_bandwidth: float, power_w: float, sheet: str) -> DigitalDevice:
+    """A GPU preset from its data-sheet numbers and the efficiency factors documented in
+    :func:`_h100` (shared by every GPU; eigh's scales with the bandwidth-to-FLOP ratio)."""
     return DigitalDevice(
-        name="h100", kind="gpu", peak_fp32=peak32, peak_tf32=494.7e12, peak_bf16=989.5e12,
-        peak_fp64=33.5e12, mem_bandwidth=bw, launch_latency_s=5e-6, power_w=700.0,
+        name=name, kind="gpu", peak_fp32=peak_fp32, peak_tf32=peak_tf32, peak_bf16=peak_bf16,
+        peak_fp64=peak_fp64, mem_bandwidth=mem_bandwidth, launch_latency_s=5e-6, power_w=power_w,
         gemm=OpModel(eff_max=0.85, n_half=256.0, latency_s=5e-6),
         cholesky=OpModel(eff_max=0.5, n_half=2048.0, latency_s=50e-6),
-        eigh=OpModel(eff_max=round(0.6 * bw / peak32, 4), n_half=512.0, latency_s=1e-3),
+        eigh=OpModel(eff_max=round(0.6 * mem_bandwidth / peak_fp32, 4), n_half=512.0, latency_s=1e-3),
         inverse=OpModel(eff_max=0.4, n_half=2048.0, latency_s=100e-6),
-        source="data sheet (NVIDIA H100 SXM5 80GB); efficiency factors documented in hw_models.devices",
+        source=f"data sheet ({sheet}); efficiency factors documented in hw_models.devices",
     )
 
 
