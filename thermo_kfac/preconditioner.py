@@ -188,6 +188,7 @@ class KFACPreconditioner:
             if adapter is None:
                 continue
             state = _LayerState(adapter=adapter, solver=self._make_solver())
+            state.solver.layer_index = len(self._layers)
             state.handles.append(module.register_forward_pre_hook(self._make_input_hook(state)))
             state.handles.append(module.register_forward_hook(self._make_output_hook(state)))
             self._layers[name] = state

@@ -318,3 +318,15 @@ def test_batch_statistics_reach_solvers_that_ask_for_them_every_step():
     torch.testing.assert_close(seen[1][1], G)
     _train(model, precond, opt, 2, start=1)  # steps without factor updates still observe batches
     assert len(seen) == 3 * 2
+
+
+def test_random_solvers_draw_a_different_stream_per_layer():
+    model = _mlp()
+    precond = KFACPreconditioner(model, solver="thermo",
+                                 solver_options={"analog_time": 5.0, "burn_in": 1.0, "seed": 3})
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()
+    precond.step()
+    reports = precond.last_report["solver_reports"]
+    seeds = [tuple(reports[f"{name}/prepare"].info["seeds"]) for name in precond.layers]
+    assert seeds[0] != seeds[1]

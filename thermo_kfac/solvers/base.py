@@ -84,6 +84,9 @@ class KFACSolver(ABC):
 
     def __init__(self) -> None:
         self.last_report: SolverReport | None = None
+        #: Position of the layer this copy serves (set by the preconditioner), so that solvers
+        #: drawing random numbers give every layer its own stream from one ``seed``.
+        self.layer_index = 0
 
     def observe_batch(self, a_rows: torch.Tensor, g_rows: torch.Tensor) -> None:
         """The current step's rows, scaled so that ``a_rows.T @ a_rows`` and ``g_rows.T @ g_rows``

@@ -86,7 +86,8 @@ class _LowRankSolver(KFACSolver):
         return 1.0 / (d + lam) - 1.0 / lam, torch.tensor(1.0 / lam, dtype=d.dtype, device=d.device)
 
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
-        gen = torch.Generator(device=A.device).manual_seed(self.seed * 1_000_003 + self.n_prepared)
+        stream = hash((self.seed, self.layer_index, self.n_prepared)) % (2**62)  # one per layer & call
+        gen = torch.Generator(device=A.device).manual_seed(stream)
         lam_a, lam_g = damping.split(A, G)
         if self.relative_damping:
             lam_a = lam_g = damping.value

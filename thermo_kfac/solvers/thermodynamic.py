@@ -61,7 +61,8 @@ class ThermodynamicSolver(KFACSolver):
     bits; individual ``*_bits`` override it), every other :class:`hw_models.NoiseConfig` field,
     ``device`` (thermodynamic cost-model preset, default ``"chip"``), ``host`` (digital preset
     that prices host-side work of an inverse on devices without on-chip accumulators) and
-    ``seed`` (each call uses ``seed`` combined with a call counter, kept in the state dict).
+    ``seed`` (each call uses ``seed`` combined with the layer index and a call counter, kept in
+    the state dict).
     """
 
     name = "thermo"
@@ -149,7 +150,8 @@ class ThermodynamicSolver(KFACSolver):
     # ---------------------------------------------------------------------------- internals
     def _config(self) -> AnalogConfig:
         """This call's configuration: a fresh seed from (seed, call counter)."""
-        seed = (self.seed * 1_000_003 + self.calls) % (2**62)
+        # hash() of a tuple of ints is deterministic across processes (no hash randomization)
+        seed = hash((self.seed, self.layer_index, self.calls)) % (2**62)
         self.calls += 1
         return self.config.replace(seed=seed)
 
