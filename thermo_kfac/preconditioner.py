@@ -64,6 +64,8 @@ class _LayerState:
     fired_forward: bool = False
     fired_backward: bool = False
     skipped_updates: int = 0
+    fallback: KFACSolver | None = None  # prepared lazily, on the first fallback after a factor update
+    fallbacks: int = 0
     handles: list[Any] = field(default_factory=list)
 
 
@@ -100,6 +102,13 @@ class KFACPreconditioner:
             them (``re.search``) is not registered.
         mc_samples: labels drawn per example for ``fisher_type="mc"``.
         seed: seed of the preconditioner's own generator (MC labels).
+        fallback_solver: digital solver (name, class or instance) used for a layer's step when
+            its solver returns a non-finite result or fails the residual check; None disables.
+            Fallbacks are counted per layer (:meth:`fallbacks`) and warned once per layer.
+        fallback_residual_tol: if set, a result ``X`` whose relative residual
+            ``||(G + lam_G I) X (A + lam_A I) - V|| / ||V||`` on the factored damped system exceeds
+            this value also falls back (costs two extra products per layer and step; meant for
+            approximate solvers such as the simulated analog one).
     """
 
     def __init__(
@@ -122,6 +131,8 @@ class KFACPreconditioner:
         skip: str | Sequence[str] = (),
         mc_samples: int = 1,
         seed: int = 0,
+        fallback_solver: str | KFACSolver | type[KFACSolver] | None = "eigh",
+        fallback_residual_tol: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -150,6 +161,12 @@ class KFACPreconditioner:
         self.seed = check_number("seed", seed, integer=True)
         self.solver_spec = solver
         self._make_solver = solver_factory(solver, solver_options)
+        self._make_fallback = None if fallback_solver is None else solver_factory(fallback_solver)
+        if fallback_residual_tol is not None:
+            check_positive("fallback_residual_tol", fallback_residual_tol)
+            if fallback_solver is None:
+                raise ValueError("fallback_residual_tol needs a fallback_solver (e.g. 'eigh')")
+        self.fallback_residual_tol = fallback_residual_tol
         skip = [skip] if isinstance(skip, str) else list(skip)
         try:
             self._skip = [re.compile(pattern) for pattern in skip]
@@ -271,6 +288,10 @@ class KFACPreconditioner:
         """``{layer name: (A, G)}`` of the layers whose factors have been computed."""
         return {name: (s.A, s.G) for name, s in self._layers.items() if s.A is not None}
 
+    def fallbacks(self) -> dict[str, int]:
+        """Steps per layer whose preconditioned gradient came from the fallback solver."""
+        return {name: s.fallbacks for name, s in self._layers.items()}
+
     def skipped_updates(self) -> dict[str, int]:
         """Number of factor updates skipped per layer because of NaN/Inf statistics."""
         return {name: s.skipped_updates for name, s in self._layers.items()}
@@ -349,6 +370,7 @@ class KFACPreconditioner:
             "inverse_update": inverse_update,
             "kl_scale": kl_scale,
             "hardware_time_s": sum(times) if times else None,
+            "fallbacks": sum(s.fallbacks for s in self._layers.values()),
             "energy_j": sum(energies) if energies else None,
             "solver_reports": reports,
             "wall_time_s": time.perf_counter() - start,
@@ -404,6 +426,7 @@ class KFACPreconditioner:
                 f"skip=[...]; otherwise {hint}. Registered layers: {self.layers}")
 
     def _prepare_solver(self, name: str, state: _LayerState) -> None:
+        state.fallback = None  # stale: re-prepared from the new factors if it is needed again
         try:
             state.solver.prepare(state.A, state.G, self.damping)
         except (RuntimeError, torch.linalg.LinAlgError) as err:
@@ -425,11 +448,37 @@ class KFACPreconditioner:
             grad = state.adapter.grad_matrix()
             if grad is None or not state.solver.ready:
                 continue
-            result = state.solver.apply(grad.to(self.factor_dtype))
+            rhs = grad.to(self.factor_dtype)
+            result = state.solver.apply(rhs)
             if state.solver.last_report is not None:
                 reports[f"{name}/apply"] = state.solver.last_report
+            if self._make_fallback is not None and not self._acceptable(state, rhs, result):
+                result = self._fall_back(name, state, rhs)
             out.append((state, grad, result.to(grad.dtype)))
         return out
+
+    def _acceptable(self, state: _LayerState, rhs: torch.Tensor, result: torch.Tensor) -> bool:
+        if not bool(torch.isfinite(result.sum())):
+            return False
+        if self.fallback_residual_tol is None or state.A is None or state.G is None:
+            return True
+        lam_a, lam_g = self.damping.split(state.A, state.G)
+        left = state.G @ result + lam_g * result
+        residual = left @ state.A + lam_a * left
+        error = float((residual - rhs).norm() / rhs.norm().clamp_min(1e-30))
+        return error <= self.fallback_residual_tol
+
+    def _fall_back(self, name: str, state: _LayerState, rhs: torch.Tensor) -> torch.Tensor:
+        if state.fallbacks == 0:
+            warnings.warn(f"K-FAC: solver {type(state.solver).__name__} gave an unusable result on "
+                          f"layer {name!r}; using the fallback solver (counted in fallbacks(); "
+                          "warned once per layer)", RuntimeWarning, stacklevel=4)
+        state.fallbacks += 1
+        if state.fallback is None:
+            assert self._make_fallback is not None and state.A is not None and state.G is not None
+            state.fallback = self._make_fallback()
+            state.fallback.prepare(state.A, state.G, self.damping)
+        return state.fallback.apply(rhs)
 
     def _apply(self, preconditioned: list[tuple[_LayerState, torch.Tensor, torch.Tensor]]) -> float:
         scale = 1.0
@@ -457,7 +506,8 @@ class KFACPreconditioner:
             "steps": self.steps,
             "layers": {
                 name: {"A": s.A, "G": s.G, "solver": s.solver.state_dict(),
-                       "skipped_updates": s.skipped_updates}
+                       "skipped_updates": s.skipped_updates, "fallbacks": s.fallbacks,
+                       "fallback": None if s.fallback is None else s.fallback.state_dict()}
                 for name, s in self._layers.items()
             },
             "generator": None if self._generator is None else self._generator.get_state(),
@@ -476,6 +526,11 @@ class KFACPreconditioner:
             s.A, s.G = _clone(layer_state["A"]), _clone(layer_state["G"])
             s.solver.load_state_dict({k: _clone(v) for k, v in layer_state["solver"].items()})
             s.skipped_updates = int(layer_state["skipped_updates"])
+            s.fallbacks = int(layer_state.get("fallbacks", 0))
+            s.fallback = None
+            if layer_state.get("fallback") and self._make_fallback is not None:
+                s.fallback = self._make_fallback()
+                s.fallback.load_state_dict({k: _clone(v) for k, v in layer_state["fallback"].items()})
             # A resumed run has already passed its first step.
             s.fired_forward = s.fired_backward = True
         if state.get("generator") is not None:

@@ -330,3 +330,58 @@ def test_random_solvers_draw_a_different_stream_per_layer():
     reports = precond.last_report["solver_reports"]
     seeds = [tuple(reports[f"{name}/prepare"].info["seeds"]) for name in precond.layers]
     assert seeds[0] != seeds[1]
+
+
+class _BrokenSolver(EighSolver):
+    """Returns NaN (mode 'nan') or twice the right answer (mode 'scaled')."""
+
+    mode = "nan"
+
+    def apply(self, grad):
+        out = super().apply(grad)
+        return out * float("nan") if self.mode == "nan" else 2 * out
+
+
+def _preconditioned_grads(model, precond, x, y):
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    precond.step()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_nonfinite_solver_result_falls_back_to_eigh_and_is_counted():
+    x, y = _batch()
+    ref_model = _mlp()
+    ref = _preconditioned_grads(ref_model, KFACPreconditioner(ref_model), x, y)
+    model = _mlp()
+    precond = KFACPreconditioner(model, solver=_BrokenSolver)
+    with pytest.warns(RuntimeWarning, match="fallback solver"):
+        got = _preconditioned_grads(model, precond, x, y)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    assert precond.fallbacks() == {"0": 1, "2": 1}
+    assert precond.last_report["fallbacks"] == 2
+    _preconditioned_grads(model, precond, x, y)  # training continues, counted again
+    assert precond.fallbacks() == {"0": 2, "2": 2}
+
+
+def test_residual_check_catches_a_wrong_but_finite_result():
+    x, y = _batch()
+    ref_model = _mlp()
+    ref = _preconditioned_grads(ref_model, KFACPreconditioner(ref_model), x, y)
+
+    class Scaled(_BrokenSolver):
+        mode = "scaled"
+
+    unchecked_model = _mlp()
+    unchecked = _preconditioned_grads(unchecked_model, KFACPreconditioner(unchecked_model, solver=Scaled),
+                                      x, y)
+    torch.testing.assert_close(unchecked[0], 2 * ref[0])  # without the check the error passes
+    model = _mlp()
+    precond = KFACPreconditioner(model, solver=Scaled, fallback_residual_tol=1e-3)
+    with pytest.warns(RuntimeWarning, match="fallback solver"):
+        got = _preconditioned_grads(model, precond, x, y)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="fallback_residual_tol needs a fallback_solver"):
+        KFACPreconditioner(_mlp(), fallback_solver=None, fallback_residual_tol=1e-3)
