@@ -372,6 +372,7 @@ class _Run:
         if self.precond is not None:
             run["layers"] = list(self.precond.layers)
             run["predicted_hardware_total_s"] = self.hardware_total
+            run["fallbacks"] = self.precond.fallbacks()
         run["history"] = self.history
         return run
 
