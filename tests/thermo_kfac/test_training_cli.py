@@ -81,6 +81,7 @@ def test_kfac_lowers_the_loss_on_digits_and_records_hardware_time(tmp_path):
     assert run["solver"] == "test-fake-hardware" and run["layers"] == ["1", "3", "5"]
     assert run["final_train_loss"] < 0.3 * run["initial_train_loss"]
     assert run["test_accuracy"] > 0.8
+    assert run["fallbacks"] == {"1": 0, "3": 0, "5": 0}  # the fake solver's results are all usable
     assert all(h["predicted_hardware_s"] > 0 for h in run["history"])
     assert run["predicted_hardware_total_s"] == pytest.approx(
         sum(h["predicted_hardware_s"] for h in run["history"]))
