@@ -237,6 +237,22 @@ def _io_joules(device: ThermoDevice, values: float, bits: int) -> float:
     return values * bits * device.io_energy_per_bit_j + values * device.converter_fom_j * 2.0**bits
 
 
+def _load_couplings(ledger: _Ledger, device: ThermoDevice, blocks: int, size: int, dac: int) -> float:
+    """Add the transfer and programming of ``blocks`` blocks of ``size x size`` symmetric couplings;
+    return the number of coupling values sent."""
+    couplings = blocks * size * (size + 1) / 2.0
+    bits_in = couplings * dac
+    ledger.add("transfer", device.link_latency_s + bits_in / device.io_bandwidth_bps,
+               _io_joules(device, couplings, dac))
+    ledger.add("programming", math.ceil(blocks / device.units) * size * device.program_row_s)
+    return couplings
+
+
+def _active_power(device: ThermoDevice, size: int) -> float:
+    """Power drawn by one running block of ``size`` cells and its couplings."""
+    return size * device.power_per_cell_w + size * (size + 1) / 2.0 * device.power_per_coupling_w
+
+
 def _parallel(jobs: int, units: int) -> tuple[int, float]:
     """``(sequential rounds, speed-up of each job's averaging)`` for ``jobs`` on ``units``.
 
@@ -262,25 +278,18 @@ def thermo_solve_cost(n: int, n_rhs: int, *, kappa: float, eps: float, device: T
     blocks, size = _blocks(n, device)
     bw, tau = device.io_bandwidth_bps, device.tau_s
     ledger = _Ledger()
-    couplings = blocks * size * (size + 1) / 2.0
     if not resident:
-        bits_in = couplings * dac
-        ledger.add("transfer", device.link_latency_s + bits_in / bw,
-                   bits_in * device.io_energy_per_bit_j + couplings * device.converter_fom_j * 2.0**dac)
-        rounds = math.ceil(blocks / device.units)
-        ledger.add("programming", rounds * size * device.program_row_s)
+        _load_couplings(ledger, device, blocks, size, dac)
     rhs_values = float(n) * n_rhs
-    ledger.add("transfer", device.link_latency_s + rhs_values * dac / bw,
-               rhs_values * dac * device.io_energy_per_bit_j + rhs_values * device.converter_fom_j * 2.0**dac)
+    ledger.add("transfer", device.link_latency_s + rhs_values * dac / bw, _io_joules(device, rhs_values, dac))
     jobs = blocks * n_rhs
     rounds, chains = _parallel(jobs, device.units)
     settle = settling_time_tau(kappa, eps) * tau
     average = solve_averaging_time_tau(size, kappa, eps, device.noise_kappa0) * tau
-    power = size * device.power_per_cell_w + size * (size + 1) / 2.0 * device.power_per_coupling_w
+    power = _active_power(device, size)
     ledger.add("settling", rounds * settle, jobs * chains * settle * power)
     ledger.add("averaging", rounds * average / chains, jobs * average * power)
-    ledger.add("readout", device.link_latency_s + rhs_values * adc / bw,
-               rhs_values * adc * device.io_energy_per_bit_j + rhs_values * device.converter_fom_j * 2.0**adc)
+    ledger.add("readout", device.link_latency_s + rhs_values * adc / bw, _io_joules(device, rhs_values, adc))
     floor = error_floor(size, kappa, dac)
     return ledger.cost(device=device.name, op="solve", blocks=blocks, block_size=size,
                        approximate=blocks > 1, rounds=rounds, error_floor=floor, reachable=eps >= floor)
@@ -300,15 +309,11 @@ def thermo_inverse_cost(n: int, *, kappa: float, eps: float, device: ThermoDevic
     blocks, size = _blocks(n, device)
     bw, tau = device.io_bandwidth_bps, device.tau_s
     ledger = _Ledger()
-    couplings = blocks * size * (size + 1) / 2.0
-    bits_in = couplings * dac
-    ledger.add("transfer", device.link_latency_s + bits_in / bw,
-               bits_in * device.io_energy_per_bit_j + couplings * device.converter_fom_j * 2.0**dac)
+    couplings = _load_couplings(ledger, device, blocks, size, dac)
     rounds, chains = _parallel(blocks, device.units)
-    ledger.add("programming", math.ceil(blocks / device.units) * size * device.program_row_s)
     settle = settling_time_tau(kappa, eps) * tau
     average_work = inverse_averaging_time_tau(size, kappa, eps) * tau  # unit-seconds per block
-    power = size * device.power_per_cell_w + size * (size + 1) / 2.0 * device.power_per_coupling_w
+    power = _active_power(device, size)
     ledger.add("settling", rounds * settle, blocks * chains * settle * power)
     ledger.add("averaging", rounds * average_work / chains, blocks * average_work * power)
     samples = (size + 1.0) / eps**2  # per block: N_eff samples, one per kappa tau
