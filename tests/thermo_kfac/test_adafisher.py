@@ -250,3 +250,31 @@ def test_bad_model_and_silent_layers_are_reported():
     with pytest.raises(RuntimeError, match="'lin'.*skip"):
         opt.step()
     AdaFisher(model, skip="lin").step()  # skipped: F = 1, no error
+
+
+def test_training_specs_build_adafisher_and_eva():
+    from thermo_kfac import Eva
+    from thermo_kfac.experiments.training import (
+        build_optimizer,
+        compare,
+        parse_optimizer_spec,
+        resolve_options,
+    )
+
+    spec = parse_optimizer_spec("adafisher:lr=2e-3,update_every=1,gamma1=0.5,decoupled_weight_decay=true")
+    options = resolve_options(spec, {"damping": 0.01, "solver": "eigh"})  # solver: kfac only, ignored
+    opt, precond = build_optimizer(spec, nn.Linear(3, 2), options, "cross_entropy")
+    assert isinstance(opt, AdaFisher) and precond is None
+    assert (opt.defaults["lr"], opt.update_every, opt.damping) == (2e-3, 1, 0.01)
+    assert (opt.gamma_keep, opt.gamma_new, opt.decoupled_weight_decay) == (0.5, 0.008, True)
+    spec = parse_optimizer_spec("eva:kl_clip=none,stat_decay=0.9")
+    opt, _ = build_optimizer(spec, nn.Linear(3, 2), resolve_options(spec), "cross_entropy")
+    assert isinstance(opt, Eva) and opt.kl_clip is None and opt.stat_decay == 0.9 and opt.damping == 0.03
+    with pytest.raises(ValueError, match="gamma1=0.0"):
+        parse_optimizer_spec("adafisher:gamma1=0")
+    with pytest.raises(ValueError, match="eva has no option 'beta'"):
+        parse_optimizer_spec("eva:beta=0.9")
+    data = load_dataset("digits", max_train=128)
+    results = compare(data, "mlp", ["adafisher:update_every=1", "eva"], steps=3, batch_size=32)
+    assert [r["steps"] for r in results["runs"]] == [3, 3]
+    assert all(not r["diverged"] for r in results["runs"])
