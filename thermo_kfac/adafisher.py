@@ -156,7 +156,7 @@ class AdaFisher(torch.optim.Optimizer):
             in their code and README (the setting behind the published results); a number
             ``gamma`` is the conventional ``X <- gamma X + (1 - gamma) X_new`` (the paper's text:
             0.8; this keeps ``F`` near 1, so steps are about ``lr * m``; raise ``lr`` with it).
-        damping: Tikhonov damping ``lambda`` added to the Fisher diagonal (paper: 1e-3).
+        damping: Tikhonov damping ``lambda`` > 0 added to the Fisher diagonal (paper: 1e-3).
         update_every: refresh the factors every this many steps (the paper's T_cov, 100).
         weight_decay: L2 coefficient added to the gradient, or (with ``decoupled_weight_decay``,
             AdaFisherW) a decoupled shrinkage ``theta <- theta (1 - lr wd)``.
@@ -180,16 +180,15 @@ class AdaFisher(torch.optim.Optimizer):
         check_number("beta", beta, low=0.0, high=1.0, high_inclusive=False)
         self.gamma_keep, self.gamma_new = _ema_weights(gamma)
         self.gamma = gamma
-        self.damping = check_positive("damping", damping, allow_zero=True)
+        # lambda > 0 always: min-max normalisation maps the smallest entry to 0, and a constant
+        # input feature (e.g. an always-black pixel) has H_D = 0 even without it.
+        self.damping = check_positive("damping", damping)
         self.update_every = check_positive("update_every", update_every, integer=True)
         check_positive("weight_decay", weight_decay, allow_zero=True)
         for key, value in (("decoupled_weight_decay", decoupled_weight_decay), ("normalize", normalize),
                            ("norm_layers", norm_layers), ("batch_averaged", batch_averaged)):
             if not isinstance(value, bool):
                 raise ValueError(f"{key}={value!r} must be True or False")
-        if self.damping == 0.0 and normalize:
-            raise ValueError("damping=0 with normalize=True divides by zero (min-max normalisation "
-                             "maps the smallest entry to 0); use damping > 0, e.g. the paper's 1e-3")
         self.decoupled_weight_decay = decoupled_weight_decay
         self.normalize = normalize
         self.batch_averaged = batch_averaged

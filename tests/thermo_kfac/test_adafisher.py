@@ -221,7 +221,7 @@ def test_preconditioner_mode_trains_digits_with_sgd():
     ({"gamma": 1.0}, "gamma=1.0"),
     ({"gamma": (0.0, 0.5)}, r"gamma\[0\]=0.0"),
     ({"gamma": (0.5, 0.5, 0.5)}, "gamma="),
-    ({"damping": 0.0}, "damping=0"),
+    ({"damping": 0.0}, "damping=0.0 is out of range"),
     ({"update_every": 0}, "update_every=0"),
     ({"weight_decay": -0.1}, "weight_decay=-0.1"),
     ({"normalize": "yes"}, "normalize='yes'"),
