@@ -164,7 +164,7 @@ def test_failed_run_leaves_previous_results_intact(tmp_path, monkeypatch, capsys
     (["train", "--optimizer", "kfac:lr"], "'lr' is not key=value"),
     (["train", "--optimizer", "kfac:bits=8"], "bits"),
     (["train", "--optimizer", "kfac", "--solver", "magic"], "solver='magic' is not valid"),
-    (["train", "--optimizer", "adam", "--damping", "0.1"], "damping=0.1 applies to kfac only"),
+    (["train", "--optimizer", "adam", "--damping", "0.1"], "damping=0.1 applies to kfac, adafisher, eva"),
     (["train", "--steps", "0"], "--steps=0 must be a positive integer"),
     (["train", "--batch-size", "-4"], "--batch-size=-4 must be a positive integer"),
     (["train", "--epochs", "0"], "--epochs=0.0 must be a positive number"),

@@ -43,7 +43,7 @@ from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.data import DATASETS, Dataset, load_dataset
 from thermo_kfac.models import available_models, build_model
 
-OPTIMIZERS = ("sgd", "adam", "kfac")
+OPTIMIZERS = ("sgd", "adam", "kfac", "adafisher", "eva")
 BASE_OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse", "bce")
 TASK_LOSSES = {"classification": ("cross_entropy",), "regression": ("mse",), "autoencoder": ("bce", "mse")}
@@ -87,7 +87,7 @@ class _Option:
 # them for every run that takes them.
 OPTIONS: dict[str, _Option] = {
     "lr": _Option(float, "learning rate", OPTIMIZERS, low=0.0, low_inclusive=False),
-    "momentum": _Option(float, "SGD momentum (sgd, kfac with base sgd)", ("sgd", "kfac"), low=0.0,
+    "momentum": _Option(float, "SGD momentum (sgd, kfac with base sgd, eva)", ("sgd", "kfac", "eva"), low=0.0,
                         high=1.0, high_inclusive=False),
     "weight_decay": _Option(float, "L2 weight decay", OPTIMIZERS, low=0.0),
     "beta1": _Option(float, "Adam beta1", ("adam", "kfac"), low=0.0, high=1.0, high_inclusive=False),
@@ -95,7 +95,8 @@ OPTIONS: dict[str, _Option] = {
     "eps": _Option(float, "Adam epsilon", ("adam", "kfac"), low=0.0, low_inclusive=False),
     "base": _Option(str, "optimizer that applies K-FAC's preconditioned gradient", ("kfac",),
                     choices=BASE_OPTIMIZERS),
-    "damping": _Option(float, "Tikhonov damping of each Kronecker block", ("kfac",), low=0.0),
+    "damping": _Option(float, "Tikhonov damping of each Kronecker block", ("kfac", "adafisher", "eva"),
+                       low=0.0),
     "pi_damping": _Option(_parse_bool, "factored pi-damping (true/false)", ("kfac",)),
     "factor_decay": _Option(float, "EMA decay of the factors", ("kfac",), low=0.0, high=1.0,
                             high_inclusive=False),
@@ -103,10 +104,23 @@ OPTIONS: dict[str, _Option] = {
                                    integer=True),
     "inverse_update_every": _Option(int, "re-factorize every N steps", ("kfac",), low=1, integer=True),
     "fisher_type": _Option(str, "curvature estimate", ("kfac",), choices=FISHER_TYPES),
-    "kl_clip": _Option(_parse_optional_float, "KL clipping bound (none disables)", ("kfac",), low=0.0,
+    "kl_clip": _Option(_parse_optional_float, "KL clipping bound (none disables)", ("kfac", "eva"), low=0.0,
                        low_inclusive=False),
     "solver": _Option(str, "per-layer Kronecker solver", ("kfac",)),
     "factor_dtype": _Option(str, "dtype of the factors", ("kfac",), choices=tuple(FACTOR_DTYPES)),
+    # AdaFisher and Eva (thermo_kfac/adafisher.py, thermo_kfac/eva.py; docs/adafisher_eva.md)
+    "beta": _Option(float, "AdaFisher first-moment EMA", ("adafisher",), low=0.0, high=1.0,
+                    high_inclusive=False),
+    "gamma1": _Option(float, "AdaFisher factor EMA: X <- (1 - gamma1) X + gamma2 X_new", ("adafisher",),
+                      low=0.0, high=1.0, low_inclusive=False),
+    "gamma2": _Option(float, "AdaFisher factor EMA weight of the new statistics", ("adafisher",), low=0.0,
+                      high=1.0, low_inclusive=False),
+    "decoupled_weight_decay": _Option(_parse_bool, "AdaFisherW: decoupled weight decay (true/false)",
+                                      ("adafisher",)),
+    "update_every": _Option(int, "refresh the curvature statistics every N steps", ("adafisher", "eva"),
+                            low=1, integer=True),
+    "stat_decay": _Option(float, "Eva: EMA decay of the Kronecker vectors", ("eva",), low=0.0, high=1.0,
+                          high_inclusive=False),
 }
 
 # Defaults per optimizer. kfac's were chosen by sweeps on digits (MLP 64-128-128-10, batch 256,
@@ -120,6 +134,12 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
              "factor_update_every": 10, "inverse_update_every": 50, "fisher_type": "empirical",
              "kl_clip": 1e-3, "solver": "eigh", "factor_dtype": "float32"},
 }
+# AdaFisher: the authors' defaults (lr, beta, lambda, T_cov = 100, EMA pair of their code).
+OPTIMIZER_DEFAULTS["adafisher"] = {"lr": 1e-3, "beta": 0.9, "gamma1": 0.92, "gamma2": 0.008, "damping": 1e-3,
+                                   "update_every": 100, "weight_decay": 0.0, "decoupled_weight_decay": False}
+# Eva: the paper's defaults (SGD momentum 0.9 as in its experiments).
+OPTIMIZER_DEFAULTS["eva"] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "damping": 0.03,
+                             "kl_clip": 1e-3, "stat_decay": 0.95, "update_every": 1}
 # Learning rate of kfac when its base optimizer is Adam (unless lr is given).
 KFAC_ADAM_LR = 1e-3
 DEFAULT_EPOCHS = {"digits": 40}
@@ -238,6 +258,8 @@ def _make_optimizer(name: str, params: Any, options: dict[str, Any]) -> torch.op
 def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, Any], loss: str,
                     seed: int = 0) -> tuple[torch.optim.Optimizer, Any]:
     """``(torch optimizer, KFACPreconditioner or None)`` for one run."""
+    if spec.name in ("adafisher", "eva"):
+        return _make_curvature_optimizer(spec.name, model, options), None
     if spec.name != "kfac":
         return _make_optimizer(spec.name, model.parameters(), options), None
     from thermo_kfac import KFACPreconditioner
@@ -251,6 +273,20 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
         solver_options=options.get("solver_options"), kl_clip=options["kl_clip"], optimizer=opt,
         factor_dtype=FACTOR_DTYPES[options["factor_dtype"]], seed=seed)
     return opt, precond
+
+
+def _make_curvature_optimizer(name: str, model: nn.Module, options: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdaFisher or Eva, which capture their own statistics and apply their own step."""
+    from thermo_kfac import AdaFisher, Eva
+
+    if name == "adafisher":
+        return AdaFisher(model, lr=options["lr"], beta=options["beta"],
+                         gamma=(options["gamma1"], options["gamma2"]), damping=options["damping"],
+                         update_every=options["update_every"], weight_decay=options["weight_decay"],
+                         decoupled_weight_decay=options["decoupled_weight_decay"])
+    return Eva(model, lr=options["lr"], momentum=options["momentum"], weight_decay=options["weight_decay"],
+               damping=options["damping"], kl_clip=options["kl_clip"], stat_decay=options["stat_decay"],
+               update_every=options["update_every"])
 
 
 def loss_function(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -907,7 +943,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--base-optimizer", dest="base", default=None, choices=BASE_OPTIMIZERS,
                      help="kfac: optimizer applying the preconditioned gradient (default sgd)")
     opt.add_argument("--damping", type=float, default=None,
-                     help=f"kfac: Tikhonov damping (default {OPTIMIZER_DEFAULTS['kfac']['damping']})")
+                     help=f"kfac, adafisher, eva: Tikhonov damping (default kfac "
+                          f"{OPTIMIZER_DEFAULTS['kfac']['damping']}, adafisher 1e-3, eva 0.03)")
     opt.add_argument("--pi-damping", action="store_const", const=True, default=None,
                      help="kfac: split the damping between the factors by the pi rule")
     opt.add_argument("--factor-decay", type=float, default=None,
@@ -922,7 +959,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--fisher-type", default=None, choices=FISHER_TYPES,
                      help=f"kfac: curvature estimate (default {OPTIMIZER_DEFAULTS['kfac']['fisher_type']})")
     opt.add_argument("--kl-clip", default=None, metavar="VALUE|none",
-                     help=f"kfac: KL clipping bound, 'none' disables "
+                     help=f"kfac, eva: KL clipping bound, 'none' disables "
                           f"(default {OPTIMIZER_DEFAULTS['kfac']['kl_clip']})")
     opt.add_argument("--solver", default=None, metavar="NAME",
                      help=f"kfac: Kronecker solver: {', '.join(available_solvers())} (default eigh)")
@@ -1007,7 +1044,7 @@ def _compare_cli(args: argparse.Namespace) -> int:
     return _run_cli(args, list(args.optimizers), "compare")
 
 
-_SPEC_HELP = ("optimizer spec name[:key=value,...]; name: sgd, adam, kfac; keys: "
+_SPEC_HELP = ("optimizer spec name[:key=value,...]; name: sgd, adam, kfac, adafisher, eva; keys: "
               + ", ".join(OPTIONS) + " (kfac: other keys go to the solver), e.g. "
               "kfac:solver=cholesky,damping=0.1")
 
