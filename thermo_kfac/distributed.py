@@ -41,7 +41,6 @@ import math
 import os
 import pickle
 import socket
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -661,14 +660,21 @@ def init_from_environment(device: str = "cpu") -> dict[str, int] | None:
 
 
 def relaunch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
-    """Run ``python -m thermo_kfac.cli <argv>`` in ``nproc`` processes through torchrun on this
-    machine and return its exit code (rank failures stop the whole group)."""
+    """Run ``python -m thermo_kfac.cli <argv>`` in ``nproc`` processes through torchrun's launcher
+    (``torch.distributed.launcher``, a c10d rendezvous on a free local port) and return the exit
+    code: 0, or 1 when a rank failed (torchrun then stops the others)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
     check_positive("nproc", nproc, integer=True)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--nnodes=1", f"--master-port={free_port()}", "-m", "thermo_kfac.cli", *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default; set it once here, quietly
-    return subprocess.call(command, env=env)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"thermo-kfac-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "thermo_kfac.cli", *argv)
+    except ChildFailedError as err:
+        print(f"thermo-kfac: a rank failed: {err.format_msg()}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def global_mean(value: float) -> float:
