@@ -555,7 +555,8 @@ class DistributedKFAC:
     # -------------------------------------------------------------------------- state
     def prepare_state_dict(self, precond: KFACPreconditioner) -> None:
         """Before ``state_dict``: global factors on every rank, owners' solver states everywhere."""
-        self._dirty = True  # a deferred run's local factors: reduce now (exact, the EMA is linear)
+        if self.config.defer_factor_reduction:
+            self._dirty = True  # local factors: reduce them now (exact: the EMA is linear)
         self.reduce_factors(precond)
         if self.config.placement == "mem_opt":
             self.share_solver_states(precond)

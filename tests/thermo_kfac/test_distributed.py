@@ -40,6 +40,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         ddp=False, config=dict(placement="mem_opt", assignment="round_robin", defer_factor_reduction=True)),
     "mem_opt/thermo/ddp": dict(ddp=True, config=dict(placement="mem_opt", analog_units_per_rank=1),
                                solver="thermo", solver_options=dict(analog_time=20.0, burn_in=5.0, seed=3)),
+    "mem_opt/type2/ddp": dict(ddp=True, config=dict(placement="mem_opt"), fisher_type="type2"),
     "comm_opt/thermo/plain": dict(ddp=False, config=dict(placement="comm_opt"), solver="thermo",
                                   solver_options=dict(analog_time=20.0, burn_in=5.0, seed=3)),
 }
@@ -61,6 +62,7 @@ def _batches(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _train(scenario: dict[str, Any], steps: int, *, start: dict[str, Any] | None = None,
            save_at: int | None = None, fisher_type: str = "empirical") -> dict[str, Any]:
     """Train the tiny model; in a process group each rank takes its shard of the global batch."""
+    fisher_type = scenario.get("fisher_type", fisher_type)
     model = _model()
     group = kd.is_distributed()
     trained = nn.parallel.DistributedDataParallel(model) if group and scenario["ddp"] else model
