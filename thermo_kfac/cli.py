@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = [
     "thermo_kfac.experiments.training",  # train, compare
     "thermo_kfac.experiments.hardware",  # calibrate, project
+    "thermo_kfac.experiments.placement",  # placement
 ]
 
 
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None, modules: Sequence[str] | None = None
     """Run the CLI; ``modules`` limits the sub-commands (see :data:`COMMAND_MODULES`)."""
     parser = build_parser(modules)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for relaunching (train --nproc)
     try:
         return int(args.func(args) or 0)
     except ValueError as err:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from hw_models.validation import check_choice, check_number, check_positive
+from thermo_kfac import distributed as _dist
 from thermo_kfac.capture import LayerAdapter, make_adapter
 from thermo_kfac.curvature import (
     FISHER_TYPES,
@@ -109,6 +110,10 @@ class KFACPreconditioner:
             ``||(G + lam_G I) X (A + lam_A I) - V|| / ||V||`` on the factored damped system exceeds
             this value also falls back (costs two extra products per layer and step; meant for
             approximate solvers such as the simulated analog one).
+        distributed: ``"auto"`` (default: on when a process group of more than one rank is
+            initialized), ``True``/``False`` or a :class:`thermo_kfac.distributed.DistributedConfig`
+            (placement mode, assignment rule, deferred factor reduction); see
+            :mod:`thermo_kfac.distributed`. A ``DistributedDataParallel`` model is accepted as is.
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class KFACPreconditioner:
         seed: int = 0,
         fallback_solver: str | KFACSolver | type[KFACSolver] | None = "eigh",
         fallback_residual_tol: float | None = None,
+        distributed: Any = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -181,11 +187,13 @@ class KFACPreconditioner:
         self._g_weight = 1.0
         self.last_report: dict[str, Any] = {}
         self._layers: dict[str, _LayerState] = {}
-        self._register(model)
+        self._register(_dist.unwrap(model))  # DDP: layer names without the "module." prefix
         self._batch_solvers = any(s.solver.uses_batch_statistics for s in self._layers.values())
         if not self._layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition "
                              "(after applying skip)")
+        config = _dist.resolve(distributed)
+        self._dist = None if config is None else _dist.DistributedKFAC(self, config)
 
     # ------------------------------------------------------------------ registration and hooks
     def _register(self, model: nn.Module) -> None:
@@ -348,18 +356,29 @@ class KFACPreconditioner:
         start = time.perf_counter()
         factor_update = self._capture_step()
         inverse_update = self.steps % self.inverse_update_every == 0
+        if self._dist is not None:
+            self._dist.begin_step(self)
         if factor_update:
             self._update_factors()
+            if self._dist is not None:
+                self._dist.factors_updated(self, inverse_update)
             if self.steps == 0:
                 self._check_fired()
         reports: dict[str, Any] = {}
         if inverse_update:
+            if self._dist is not None:
+                self._dist.before_inverse_update(self)
             for name, state in self._layers.items():
+                if self._dist is not None and not self._dist.owns(name):
+                    continue  # another rank solves this layer
                 if state.A is not None and state.G is not None:
                     self._prepare_solver(name, state)
                     if state.solver.last_report is not None:
                         reports[f"{name}/prepare"] = state.solver.last_report
-        preconditioned = self._precondition(reports)
+            if self._dist is not None:
+                self._dist.after_inverse_update(self)
+        preconditioned = (self._precondition(reports) if self._dist is None
+                          else self._dist.precondition(self, reports))
         kl_scale = self._apply(preconditioned)
         self.steps += 1
         times = [r.hardware_time_s for r in reports.values() if r.hardware_time_s is not None]
@@ -375,12 +394,15 @@ class KFACPreconditioner:
             "solver_reports": reports,
             "wall_time_s": time.perf_counter() - start,
         }
+        if self._dist is not None:
+            self.last_report["distributed"] = self._dist.report()
 
     # ---------------------------------------------------------------------------- internals
     def _get_generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
+            # ranks see different examples, so each draws its own labels
+            self._generator.manual_seed(self.seed + (self._dist.rank if self._dist is not None else 0))
         return self._generator
 
     def _update_factors(self) -> None:
@@ -435,10 +457,14 @@ class KFACPreconditioner:
                           f"({err}); keeping the previous preconditioner", RuntimeWarning,
                           stacklevel=3)
 
-    def _precondition(self, reports: dict[str, Any]) -> list[tuple[_LayerState, torch.Tensor, torch.Tensor]]:
-        """``[(layer state, raw gradient matrix, preconditioned matrix)]`` for ready layers."""
+    def _precondition(self, reports: dict[str, Any], names: set[str] | None = None
+                      ) -> list[tuple[_LayerState, torch.Tensor, torch.Tensor]]:
+        """``[(layer state, raw gradient matrix, preconditioned matrix)]`` for ready layers
+        (only those in ``names`` if given)."""
         out = []
         for name, state in self._layers.items():
+            if names is not None and name not in names:
+                continue
             if state.solver.uses_batch_statistics:
                 a_batch, g_batch = state.a_batch, state.g_batch
                 state.a_batch, state.g_batch = [], []
@@ -501,8 +527,13 @@ class KFACPreconditioner:
 
     # --------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Factors, solver states, counters and RNG state (everything needed to resume exactly)."""
-        return {
+        """Factors, solver states, counters and RNG state (everything needed to resume exactly).
+
+        Distributed: a collective (call it on every rank); every rank gets the full state.
+        """
+        if self._dist is not None:
+            self._dist.prepare_state_dict(self)
+        state = {
             "steps": self.steps,
             "layers": {
                 name: {"A": s.A, "G": s.G, "solver": s.solver.state_dict(),
@@ -513,9 +544,13 @@ class KFACPreconditioner:
             "generator": None if self._generator is None else self._generator.get_state(),
             "output_shape": None if self._output_shape is None else tuple(self._output_shape),
         }
+        if self._dist is not None:
+            self._dist.finish_state_dict(self, state)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the layers must match the registered ones."""
+        _dist.check_resume(state, 1 if self._dist is None else self._dist.world_size)
         saved = set(state["layers"])
         if saved != set(self._layers):
             raise ValueError(f"state_dict layers {sorted(saved)} do not match the registered "
@@ -538,6 +573,8 @@ class KFACPreconditioner:
             self._get_generator(device).set_state(state["generator"])
         shape = state.get("output_shape")
         self._output_shape = None if shape is None else torch.Size(shape)
+        if self._dist is not None:
+            self._dist.after_load(self, state)
 
     def remove_hooks(self) -> None:
         """Detach all hooks from the model (the preconditioner is unusable afterwards)."""

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hw_models.validation import check_choice, check_number, check_positive
+from thermo_kfac import distributed as _distributed
 from thermo_kfac.data import DATASETS, Dataset, load_dataset
 from thermo_kfac.models import available_models, build_model
 
@@ -328,7 +329,8 @@ class _Run:
                  batch_size: int, seed: int, eval_every: int, device: torch.device) -> None:
         torch.manual_seed(seed)  # same initial parameters for every run
         self.model = build_model(model_name, data, **model_options).to(device)
-        self.opt, self.precond = build_optimizer(spec, self.model, options, loss, seed)
+        trained = _distributed.wrap_model(self.model)  # DDP inside a process group, else the model
+        self.opt, self.precond = build_optimizer(spec, trained, options, loss, seed)
         self.spec, self.options, self.loss = spec, options, loss
         self.steps, self.eval_every = steps, eval_every
         self.classification = loss == "cross_entropy"
@@ -336,7 +338,7 @@ class _Run:
         self.x_test, self.y_test = data.x_test, data.y_test
         self.steps_per_epoch = data.steps_per_epoch(batch_size)
         self.stream = data.stream(batch_size, seed=seed)  # same batches in the same order
-        self.step_fn = _make_step(self.model, self.opt, self.precond, loss_function(loss))
+        self.step_fn = _make_step(trained, self.opt, self.precond, loss_function(loss))
         self.history: list[dict[str, Any]] = []
         self.wall = 0.0
         self.hardware_total: float | None = None
@@ -360,16 +362,18 @@ class _Run:
         """Run, time and record the next step (evaluating when due); return its record."""
         step = len(self.history) + 1
         _, x, y = next(self.stream)
+        x, y = _distributed.shard(x, y)  # this rank's part of the global batch
         start = time.perf_counter()
         out, batch_loss = self.step_fn(x, y)
-        loss_value = float(batch_loss.detach())
+        loss_value = _distributed.global_mean(float(batch_loss.detach()))
         step_time = time.perf_counter() - start
         self.wall += step_time
         record: dict[str, Any] = {"step": step, "epoch": step / self.steps_per_epoch,
                                   "train_loss": loss_value, "step_time_s": step_time,
                                   "wall_time_s": self.wall}
         if self.classification:
-            record["train_accuracy"] = float((out.detach().argmax(dim=1) == y).float().mean())
+            record["train_accuracy"] = _distributed.global_mean(
+                float((out.detach().argmax(dim=1) == y).float().mean()))
         if self.precond is not None:
             predicted = self.precond.last_report.get("hardware_time_s")
             if predicted is not None:
@@ -409,6 +413,8 @@ class _Run:
             run["layers"] = list(self.precond.layers)
             run["predicted_hardware_total_s"] = self.hardware_total
             run["fallbacks"] = self.precond.fallbacks()
+            if "distributed" in self.precond.last_report:
+                run["distributed"] = self.precond.last_report["distributed"]
         run["history"] = self.history
         return run
 
@@ -601,7 +607,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
              options, loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
              device=torch_device)
         for spec, options, label in zip(specs, resolved, labels, strict=True)]
-    _train_interleaved(runners, progress)
+    _train_interleaved(runners, progress and _distributed.is_main_process())
     runs = [runner.result() for runner in runners]
     target_source = "given"
     if target_loss is None and target_from_first:
@@ -621,11 +627,12 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             "epochs": steps / steps_per_epoch, "eval_every": eval_every, "seed": seed,
             "optimizers": [s.label for s in specs], "overrides": overrides, "device": str(torch_device),
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "world_size": _distributed.world_size(),
             "wall_time_note": "training steps only; evaluation excluded",
         },
         "runs": runs,
     }
-    if out is not None:
+    if out is not None and _distributed.is_main_process():  # one writer
         write_results(results, out)
     return results
 
@@ -1029,6 +1036,8 @@ def _run_cli(args: argparse.Namespace, optimizers: list[str], command: str) -> i
             results = compare(args.dataset, args.model, optimizers, **kwargs)
     except ImportError as err:  # optional extras (torchvision): one clean line, like ValueError
         raise ValueError(str(err)) from None
+    if not _distributed.is_main_process():
+        return 0
     print(format_table(results))
     if out is not None:
         note = " (replaced the previous results)" if replacing else ""
@@ -1037,7 +1046,8 @@ def _run_cli(args: argparse.Namespace, optimizers: list[str], command: str) -> i
 
 
 def _train_cli(args: argparse.Namespace) -> int:
-    return _run_cli(args, [args.optimizer], "train")
+    # --nproc N: relaunch through torchrun; under torchrun/SLURM: join the process group
+    return _distributed.launch_cli(args, lambda: _run_cli(args, [args.optimizer], "train"))
 
 
 def _compare_cli(args: argparse.Namespace) -> int:
@@ -1059,6 +1069,7 @@ def register(subparsers: Any) -> None:
     train_parser.add_argument("--optimizer", default="kfac", metavar="SPEC",
                               help=_SPEC_HELP + " (default: kfac)")
     _add_common(train_parser)
+    _distributed.add_arguments(train_parser)
     train_parser.set_defaults(func=_train_cli)
 
     compare_parser = subparsers.add_parser(
