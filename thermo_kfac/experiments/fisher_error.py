@@ -126,7 +126,9 @@ def exact_fishers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
         per_example = {k: v.unsqueeze(1) for k, v in per_example.items()}  # (N, K=1, ...)
         cotangents = None
     else:
-        hess = torch.func.vmap(torch.func.hessian(lambda o, t: per_example_loss(loss, o, t)))(outputs, y)
+        # reverse-over-reverse (torch.func.hessian's forward mode loads slow jit decompositions)
+        hessian = torch.func.jacrev(torch.func.jacrev(lambda o, t: per_example_loss(loss, o, t)))
+        hess = torch.func.vmap(hessian)(outputs, y)
         c = outputs[0].numel()
         vals, vecs = torch.linalg.eigh(hess.reshape(n, c, c))
         roots = vecs * vals.clamp_min(0).sqrt().unsqueeze(1)  # H_n = roots roots^T

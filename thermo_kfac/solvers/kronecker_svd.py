@@ -101,28 +101,35 @@ def rearranged_matvec(a: torch.Tensor, g: torch.Tensor, W: torch.Tensor,
                       rows_per_example: int = 1) -> torch.Tensor:
     """``R(F) vec(W)`` for a batch ``W`` of ``d_out x d_out`` matrices: ``(b, d_in, d_in)``."""
     a3, g4 = _shape_rows(a, g, rows_per_example)
-    if rows_per_example == 1:
+    k, n, r, d_out = g4.shape
+    b = W.shape[0]
+    g_flat = g4.reshape(k * n * r, d_out)
+    gw = g_flat @ W  # (b, K N R, d_out); two-operand products only (3-operand einsum is slow)
+    if r == 1:
         # c_bn = sum_k g_nk^T W_b g_nk, then sum_n c_bn a_n a_n^T
-        gw = torch.einsum("kno,bop->bknp", g4[:, :, 0], W)
-        coeff = (gw * g4[:, :, 0].unsqueeze(0)).sum(dim=(1, 3))
-        a2 = a3[:, 0]
-        return torch.einsum("ni,bn,nj->bij", a2, coeff, a2)
-    gw = torch.einsum("knro,bop->bknrp", g4, W)
-    inner = torch.einsum("bknrp,knsp->bnrs", gw, g4)  # (R x R) per example, summed over passes
-    return torch.einsum("nri,bnrs,nsj->bij", a3, inner, a3)
+        coeff = (gw * g_flat).sum(-1).reshape(b, k, n).sum(1)
+        a2 = a3.reshape(n, -1)
+        return a2.T @ (coeff.unsqueeze(-1) * a2)
+    inner = torch.einsum("bknrp,knsp->bnrs", gw.reshape(b, k, n, r, d_out), g4)  # R x R, summed over k
+    t = inner @ a3  # (b, N, R, d_in)
+    return a3.reshape(n * r, -1).T @ t.reshape(b, n * r, -1)
 
 
 def rearranged_rmatvec(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor,
                        rows_per_example: int = 1) -> torch.Tensor:
     """``R(F)^T vec(U)`` for a batch ``U`` of ``d_in x d_in`` matrices: ``(b, d_out, d_out)``."""
     a3, g4 = _shape_rows(a, g, rows_per_example)
-    if rows_per_example == 1:
-        a2 = a3[:, 0]
-        coeff = (torch.einsum("ni,bij->bnj", a2, U) * a2.unsqueeze(0)).sum(-1)  # a_n^T U_b a_n
-        return torch.einsum("kno,bn,knp->bop", g4[:, :, 0], coeff, g4[:, :, 0])
-    au = torch.einsum("nri,bij->bnrj", a3, U)
-    inner = torch.einsum("bnrj,nsj->bnrs", au, a3)
-    return torch.einsum("knro,bnrs,knsp->bop", g4, inner, g4)
+    k, n, r, d_out = g4.shape
+    b = U.shape[0]
+    g_flat = g4.reshape(k * n * r, d_out)
+    if r == 1:
+        a2 = a3.reshape(n, -1)
+        coeff = ((a2 @ U) * a2).sum(-1)  # (b, N): a_n^T U_b a_n
+        return g_flat.T @ (coeff.repeat(1, k).unsqueeze(-1) * g_flat)  # pass-major rows
+    au = a3 @ U.unsqueeze(1)  # (b, N, R, d_in)
+    inner = au @ a3.transpose(1, 2)  # (b, N, R, R)
+    t = inner.unsqueeze(1) @ g4.unsqueeze(0)  # (b, K, N, R, d_out)
+    return g_flat.T @ t.reshape(b, k * n * r, d_out)
 
 
 def rearrange(F: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
