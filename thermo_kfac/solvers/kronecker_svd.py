@@ -182,7 +182,8 @@ def kronecker_svd(a: torch.Tensor, g: torch.Tensor, rank: int = 1, *, rows_per_e
             an example, which for shared weights drops the cross-position terms as K-FAC-expand does).
         subtract: ``(A0, G0)``: decompose ``F - kron(G0, A0)`` instead (KFAC-corrected).
         init: warm start, a ``(b, d_out, d_out)`` block from a previous :attr:`KroneckerSVD.basis`.
-        tol: stop when every kept triplet has ``||R(F) v - sigma u|| <= tol * sigma``.
+        tol: stop when every kept triplet has ``||R(F) v - sigma u|| <= tol * sigma`` (at least
+            ``64 eps`` of the dtype), or when the residual stalls for 10 iterations.
         max_iter: iteration cap.
         oversample: extra block vectors (speeds up convergence of the kept ones).
         generator: random stream for the starting block.
@@ -214,9 +215,12 @@ def kronecker_svd(a: torch.Tensor, g: torch.Tensor, rank: int = 1, *, rows_per_e
         k = min(b, init.shape[0])
         start[:k] = init[:k].to(start.dtype)
     V = _orthonormal_rows(start)
+    # Round-off floors the residual near a few hundred ulps (float32: ~1e-5); asking for less
+    # would only spin to max_iter.
+    tol = max(tol, 64 * torch.finfo(a.dtype).eps)
     U = S = None
-    residual = math.inf
-    iterations = 0
+    residual = best = math.inf
+    stalled = iterations = 0
     while iterations < max_iter:
         iterations += 1
         Y = matvec(V)
@@ -225,6 +229,11 @@ def kronecker_svd(a: torch.Tensor, g: torch.Tensor, rank: int = 1, *, rows_per_e
             err = (Y[:rank] - S[:rank].reshape(-1, 1, 1) * U[:rank]).flatten(1).norm(dim=1) / scale
             residual = float(err.max())
             if residual <= tol or float(S[0]) == 0.0:
+                break
+            # Stop when round-off stalls the residual (10 iterations without a 10% gain).
+            stalled = stalled + 1 if residual > 0.9 * best else 0
+            best = min(best, residual)
+            if stalled >= 10:
                 break
         Q = _orthonormal_rows(Y)
         Z = rmatvec(Q)  # R^T Q; R ~ Q (Z)^T on the block, whose SVD gives the Ritz triplets
