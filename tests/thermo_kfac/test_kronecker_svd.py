@@ -27,6 +27,15 @@ from thermo_kfac.solvers.kronecker_svd import (
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: one thread is far faster than several on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
@@ -361,3 +370,26 @@ def test_fisher_error_on_weight_sharing_conv_layers() -> None:
                 F.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
                 ref = torch.cat([conv.weight.grad.reshape(2, -1), conv.bias.grad[:, None]], 1)
                 torch.testing.assert_close(layers[0].grads[i] * math.sqrt(len(x)), ref)
+
+
+def test_conv_layers_train_with_per_row_kronecker_svd() -> None:
+    """Conv2d rows (one per position) pair per row; a small CNN trains with each two-term curvature."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 1, 6, 6, generator=gen)
+    y = (x.flatten(1) @ torch.randn(36, 3, generator=gen)).argmax(1)
+    for curvature in ("deflation", "kfac_corrected"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        pre = KFACPreconditioner(model, curvature=curvature, damping=0.1, kl_clip=1e-2, optimizer=opt,
+                                 inverse_update_every=3)
+        losses = []
+        for _ in range(25):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            pre.step()
+            opt.step()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < 0.6 * losses[0], (curvature, losses[0], losses[-1])
+        assert pre._layers["0"].solver.terms[0][0].shape == (10, 10)
