@@ -393,3 +393,26 @@ def test_conv_layers_train_with_per_row_kronecker_svd() -> None:
             losses.append(float(loss.detach()))
         assert losses[-1] < 0.6 * losses[0], (curvature, losses[0], losses[-1])
         assert pre._layers["0"].solver.terms[0][0].shape == (10, 10)
+
+
+def test_degenerate_layers_single_output_and_nonfinite_rows() -> None:
+    """A single-output layer has a 1x1 G (R(F) has rank <= 1): deflation's second term is zero.
+    Non-finite rows leave the averaged terms untouched."""
+    gen = torch.Generator().manual_seed(12)
+    a = torch.randn(20, 4, generator=gen, dtype=DT)
+    g = torch.randn(20, 1, generator=gen, dtype=DT)
+    res = kronecker_svd(a, g, 2)
+    assert len(res.terms) == 2 and float(res.terms[1][0].abs().sum()) == 0.0
+    Fx = sum(torch.kron(torch.outer(g[i], g[i]), torch.outer(a[i], a[i])) for i in range(20))
+    assert _error(Fx, res.terms) < 1e-6  # with d_out = 1 every F is a Kronecker product
+    from thermo_kfac.solvers.base import Damping
+
+    solver = KroneckerSVDSolver("deflation", decay=0.5)
+    solver.prepare(a.T @ a, g.T @ g, Damping(0.1))
+    solver.observe_batch(a / math.sqrt(20), g)
+    before = [t.clone() for pair in solver.terms for t in pair]
+    bad = g.clone()
+    bad[3, 0] = float("nan")
+    solver.observe_batch(a / math.sqrt(20), bad)
+    assert all(torch.equal(x, y) for x, y in zip(before, [t for p in solver.terms for t in p], strict=True))
+    assert bool(torch.isfinite(solver.apply(torch.ones(1, 4, dtype=DT))).all())

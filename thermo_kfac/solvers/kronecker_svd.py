@@ -50,6 +50,7 @@ eigenvalues ``1 + s2_i s1_j`` are therefore floored at ``eigenvalue_floor`` (a s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,7 +195,7 @@ def kronecker_svd(a: torch.Tensor, g: torch.Tensor, rank: int = 1, *, rows_per_e
     check_positive("max_iter", max_iter, integer=True)
     d_in, d_out = a.shape[1], g.shape[-1]
     b = min(rank + oversample, d_out * d_out, d_in * d_in)
-    rank = min(rank, b)
+    requested, rank = rank, min(rank, b)  # R(F) has at most b singular values; pad with zeros
 
     def matvec(W: torch.Tensor) -> torch.Tensor:
         out = rearranged_matvec(a, g, W, rows_per_example)
@@ -249,7 +250,9 @@ def kronecker_svd(a: torch.Tensor, g: torch.Tensor, rank: int = 1, *, rows_per_e
             A_k, G_k = -A_k, -G_k
         root = abs(float(S[k])) ** 0.5
         terms.append((root * A_k, root * G_k))
-    return KroneckerSVD(terms=terms, singular_values=S[:rank].clone(), iterations=iterations,
+    terms += [(a.new_zeros(d_in, d_in), a.new_zeros(d_out, d_out))] * (requested - rank)
+    values = torch.cat([S[:rank], S.new_zeros(requested - rank)])
+    return KroneckerSVD(terms=terms, singular_values=values, iterations=iterations,
                         converged=residual <= tol or float(S[0]) == 0.0, residual=residual,
                         basis=V.clone())
 
@@ -406,6 +409,10 @@ class KroneckerSVDSolver(KFACSolver):
         rows = a_rows.shape[0]
         if rows == 0:
             return
+        if not bool(torch.isfinite(a_rows.sum() + g_rows.sum())):
+            # Keep the averages clean; the preconditioner counts and warns about the same batch.
+            self._svd_info["skipped_nonfinite"] = self._svd_info.get("skipped_nonfinite", 0) + 1
+            return
         g = split_passes(a_rows, g_rows)
         # The preconditioner scales a_rows by 1/sqrt(rows) so that a^T a is the factor A; the
         # per-row Fisher is sum_i S_i kron a_i a_i^T of the unscaled rows.
@@ -451,7 +458,14 @@ class KroneckerSVDSolver(KFACSolver):
             return
         lam_a, lam_g = self.damping.split(A1, G1)
         A2, G2 = second if second is not None else (None, None)
-        self.inverse = TwoTermInverse.build(A1, G1, lam_a, lam_g, A2, G2, self.eigenvalue_floor)
+        try:
+            self.inverse = TwoTermInverse.build(A1, G1, lam_a, lam_g, A2, G2, self.eigenvalue_floor)
+        except (RuntimeError, torch.linalg.LinAlgError) as err:
+            if self.inverse is None:
+                raise
+            warnings.warn(f"Kronecker-SVD solver (layer {self.layer_index}): rebuilding the inverse "
+                          f"failed ({err}); keeping the previous one", RuntimeWarning, stacklevel=2)
+            return
         self._svd_info["clamped_eigenvalues"] = self.inverse.clamped
 
     def approximation(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
