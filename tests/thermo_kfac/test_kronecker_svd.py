@@ -314,6 +314,8 @@ def test_fisher_error_tool_against_explicit_fisher_and_cli_json(tmp_path) -> Non
     exact = _autograd_fisher(_mlp(5), x, y)
     for layer in exact_fishers(model, x, y, "cross_entropy", "empirical"):
         errors = relative_errors(layer)
+        gram = relative_errors(layer, dense_limit=0)  # the F-free evaluation used for big layers
+        assert gram == pytest.approx(errors, rel=1e-6, abs=1e-7)
         Fx = exact[layer.name]
         a, g = layer.a, layer.g[0]
         kfac = _error(Fx, [(a.T @ a / len(x), g.T @ g)])
