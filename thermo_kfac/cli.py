@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "thermo_kfac.experiments.training",  # train, compare
     "thermo_kfac.experiments.hardware",  # calibrate, project
     "thermo_kfac.experiments.placement",  # placement
+    "thermo_kfac.experiments.fisher_error",  # fisher-error
 ]
 
 

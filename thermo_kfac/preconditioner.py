@@ -43,6 +43,7 @@ from thermo_kfac.curvature import (
     mc_loss,
 )
 from thermo_kfac.solvers.base import Damping, KFACSolver, solver_factory
+from thermo_kfac.solvers.kronecker_svd import CURVATURES, curvature_solver_factory
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
 
@@ -114,6 +115,12 @@ class KFACPreconditioner:
             initialized), ``True``/``False`` or a :class:`thermo_kfac.distributed.DistributedConfig`
             (placement mode, assignment rule, deferred factor reduction); see
             :mod:`thermo_kfac.distributed`. A ``DistributedDataParallel`` model is accepted as is.
+        curvature: ``"kfac"`` (``kron(G, A)``), or a Kronecker-SVD approximation of each Fisher
+            block (:mod:`thermo_kfac.solvers.kronecker_svd`): ``"kpsvd"`` (best single Kronecker
+            product), ``"deflation"`` (best two) or ``"kfac_corrected"`` (K-FAC plus the best
+            Kronecker product of its residual). These use their own solver (leave ``solver``
+            at ``"eigh"``; ``solver_options`` configure it) and average their terms with
+            ``factor_decay`` every ``factor_update_every`` steps.
     """
 
     def __init__(
@@ -139,6 +146,7 @@ class KFACPreconditioner:
         fallback_solver: str | KFACSolver | type[KFACSolver] | None = "eigh",
         fallback_residual_tol: float | None = None,
         distributed: Any = "auto",
+        curvature: str = "kfac",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -166,7 +174,13 @@ class KFACPreconditioner:
         self.mc_samples = check_positive("mc_samples", mc_samples, integer=True)
         self.seed = check_number("seed", seed, integer=True)
         self.solver_spec = solver
-        self._make_solver = solver_factory(solver, solver_options)
+        self.curvature = check_choice("curvature", curvature, CURVATURES)
+        if self.curvature == "kfac":
+            self._make_solver = solver_factory(solver, solver_options)
+        else:
+            self._make_solver = curvature_solver_factory(
+                self.curvature, solver, solver_options, decay=self.factor_decay,
+                update_every=self.factor_update_every)
         self._make_fallback = None if fallback_solver is None else solver_factory(fallback_solver)
         if fallback_residual_tol is not None:
             check_positive("fallback_residual_tol", fallback_residual_tol)

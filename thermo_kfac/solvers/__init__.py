@@ -10,6 +10,7 @@ from thermo_kfac.solvers.base import (
 )
 from thermo_kfac.solvers.cg import CGSolver
 from thermo_kfac.solvers.digital import CholeskySolver, EighSolver
+from thermo_kfac.solvers.kronecker_svd import KroneckerSVDSolver, kronecker_svd
 from thermo_kfac.solvers.randomized import (
     RandomizedSVDSolver,
     SymmetricRandomizedEighSolver,
@@ -23,11 +24,13 @@ __all__ = [
     "Damping",
     "EighSolver",
     "KFACSolver",
+    "KroneckerSVDSolver",
     "RandomizedSVDSolver",
     "SolverReport",
     "SymmetricRandomizedEighSolver",
     "ThermodynamicSolver",
     "available_solvers",
+    "kronecker_svd",
     "register_solver",
     "solver_factory",
     "spectrum_decay",
