@@ -246,13 +246,17 @@ class _Run:
             if (mu <= 0).any():
                 self._raise_not_stable(mu)
 
-    def program(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def program(self, programmed: ProgrammedMatrix | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         noise = self.cfg.noise
         c = self.copies
-        if noise.programs_couplings:
-            self.check_ideal_pd()
-        A_hw, info = hw_noise.program_couplings(self.prob.A, noise, copies=c,
-                                                generator=self.noise_gen)
+        if programmed is not None:  # couplings already on the device: only the inputs load
+            A_hw, info = programmed.A_hw, {"clipped": programmed.clipped, "step": programmed.step}
+        else:
+            if noise.programs_couplings:
+                self.check_ideal_pd()
+            A_hw, info = hw_noise.program_couplings(self.prob.A, noise, copies=c,
+                                                    generator=self.noise_gen)
         B_hw, clipped_in = hw_noise.load_inputs(self.prob.B, noise, copies=c,
                                                 generator=self.noise_gen)
         X0 = self.prob.X0.repeat(c, 1, 1) if c > 1 else self.prob.X0
@@ -424,6 +428,81 @@ def _mode_mean_var_sum(values: np.ndarray, k: int, copies: int) -> np.ndarray:
 # public API
 
 
+#: NoiseConfig fields that shape the programmed couplings (must match between program and solve).
+_COUPLING_FIELDS = ("coupling_bits", "rounding", "mismatch_std", "mismatch_kind", "coupling_range",
+                    "device_seed", "mitigation_copies")
+
+
+@dataclass(frozen=True)
+class ProgrammedMatrix:
+    """A symmetric matrix programmed into the simulated device once, reused by many solves.
+
+    Made by :func:`program`; pass it to :func:`solve` in place of ``A``. A real device keeps its
+    couplings between right-hand sides, so quantization (including stochastic rounding, one draw
+    per copy) and mismatch are applied once here, and the spectrum of the programmed matrix (which
+    the simulator needs for ``dt="auto"`` and the eigenbasis integrators) is computed once.
+
+    Attributes:
+        A: the ideal matrix, canonical ``(k, n, n)``.
+        A_hw: the programmed matrices ``(k * copies, n, n)`` (copy-major).
+        noise: the :class:`NoiseConfig` it was programmed with.
+        batched: whether the user gave a batch ``(k, n, n)``.
+        clipped: coupling values clipped by a fixed ``coupling_range``.
+        step: quantization step per system (``None`` without coupling quantization).
+        spectrum: eigenvalues and eigenvectors of ``A_hw``.
+        ideal_cholesky: Cholesky factor of ``A`` (for the ``systematic_error`` diagnostic), or
+            ``None`` when the couplings are ideal.
+    """
+
+    A: torch.Tensor
+    A_hw: torch.Tensor
+    noise: hw_noise.NoiseConfig
+    batched: bool
+    clipped: int
+    step: torch.Tensor | None
+    spectrum: _Spectrum
+    ideal_cholesky: torch.Tensor | None
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        """Eigenvalues of the programmed matrices, ``(k * copies, n)`` ascending (float64)."""
+        return self.spectrum.lam
+
+
+def program(A: Array, config: AnalogConfig | None = None) -> ProgrammedMatrix:
+    """Program the symmetric positive definite ``A`` (``(n, n)`` or ``(k, n, n)``) into the device.
+
+    Applies coupling quantization and mismatch of ``config.noise`` (stochastic rounding draws from
+    ``config.seed``) and computes the programmed spectrum. :func:`solve` then accepts the result
+    instead of ``A`` for any number of right-hand sides (with the same coupling settings), skipping
+    the per-call programming and ``O(n^3)`` eigendecomposition.
+    """
+    cfg = _config(config)
+    prob = prepare(A, None, None, device=_compute_device(cfg, A), dtype=cfg.dtype,
+                   require_symmetric=True, why="program (the programmed system is cached in its "
+                   "eigenbasis)", vector_x0=True)
+    run = _Run(cfg, prob, "program")
+    A_hw, _, _ = run.program()
+    spec = run.spectrum(A_hw, vectors=True)
+    chol = None
+    if cfg.noise.programs_couplings:
+        chol = torch.linalg.cholesky(prob.A.double())
+    step = None
+    if "coupling_step" in run.diag:
+        step = torch.as_tensor(run.diag["coupling_step"], dtype=torch.float64).reshape(-1)
+    return ProgrammedMatrix(A=prob.A, A_hw=A_hw, noise=cfg.noise, batched=prob.batched,
+                            clipped=int(run.diag["clipped_couplings"]), step=step, spectrum=spec,
+                            ideal_cholesky=chol)
+
+
+def _check_programmed(prog: ProgrammedMatrix, cfg: AnalogConfig) -> None:
+    for name in _COUPLING_FIELDS:
+        if getattr(prog.noise, name) != getattr(cfg.noise, name):
+            raise ValueError(f"the ProgrammedMatrix was programmed with {name}="
+                             f"{getattr(prog.noise, name)!r} but config.noise has {name}="
+                             f"{getattr(cfg.noise, name)!r}; program it again with this config")
+
+
 def _config(config: AnalogConfig | None) -> AnalogConfig:
     if config is None:
         return AnalogConfig()
@@ -449,7 +528,8 @@ def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | No
     Args:
         A: ``(n, n)`` or a batch ``(k, n, n)``; symmetric positive definite (the overdamped
             Euler-Maruyama solve also accepts non-symmetric ``A`` with positive-real-part
-            eigenvalues).
+            eigenvalues). Or a :class:`ProgrammedMatrix` from :func:`program` (couplings kept
+            from that call; faster for repeated solves).
         B: ``(n,)``, ``(n, m)`` (``m`` independent columns), or ``(k, n)``/``(k, n, m)`` batched.
         config: :class:`AnalogConfig` (default: ``AnalogConfig()``).
         x0: warm start with ``B``'s shape (default 0), e.g. the previous solution.
@@ -458,13 +538,23 @@ def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | No
         :class:`AnalogResult` with ``x`` shaped like ``B``.
     """
     cfg = _config(config)
+    programmed = A if isinstance(A, ProgrammedMatrix) else None
+    if programmed is not None:
+        _check_programmed(programmed, cfg)
+        A = programmed.A if programmed.batched else programmed.A[0]
     need_sym, why = _symmetry_reason(cfg, "solve")
     prob = prepare(A, B, x0, device=_compute_device(cfg, A), dtype=cfg.dtype,
                    require_symmetric=need_sym, why=why)
     run = _Run(cfg, prob, "solve")
-    A_hw, B_hw, X0 = run.program()
+    A_hw, B_hw, X0 = run.program(programmed)
     analytic = cfg.integrator == "analytic"
-    spec = run.spectrum(A_hw, vectors=cfg.integrator != "euler")
+    if programmed is not None:
+        spec = programmed.spectrum
+        if spec.Q is not None and spec.Q.dtype != B_hw.dtype:
+            raise ValueError(f"the ProgrammedMatrix has dtype {spec.Q.dtype} but this solve runs in "
+                             f"{B_hw.dtype}; program A in the dtype of B (or set config.dtype)")
+    else:
+        spec = run.spectrum(A_hw, vectors=cfg.integrator != "euler")
     dt0 = run.base_dt(spec)
     window = cfg.analog_time if cfg.target_error is None else run.target_window(spec, A_hw, B_hw,
                                                                                  dt0)
@@ -518,8 +608,16 @@ def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | No
     if cfg.target_error is not None:
         d["target_error"] = cfg.target_error
     if cfg.noise.programs_couplings or cfg.noise.input_bits is not None:
-        X_hw = hw_noise.average_copies(torch.linalg.solve(A_hw.double(), B_hw.double()), c)
-        X_id = torch.linalg.solve(prob.A.double(), prob.B.double())
+        if programmed is not None:  # reuse the cached factorizations: O(n^2 m) per call
+            Qd = spec.Q.double()
+            lam_d = torch.as_tensor(spec.lam, dtype=torch.float64, device=Qd.device).unsqueeze(-1)
+            X_hw = hw_noise.average_copies(Qd @ ((Qd.transpose(1, 2) @ B_hw.double()) / lam_d), c)
+            X_id = (torch.cholesky_solve(prob.B.double(), programmed.ideal_cholesky)
+                    if programmed.ideal_cholesky is not None
+                    else torch.linalg.solve(prob.A.double(), prob.B.double()))
+        else:
+            X_hw = hw_noise.average_copies(torch.linalg.solve(A_hw.double(), B_hw.double()), c)
+            X_id = torch.linalg.solve(prob.A.double(), prob.B.double())
         num = torch.linalg.vector_norm(X_hw - X_id, dim=(1, 2))
         den = torch.linalg.vector_norm(X_id, dim=(1, 2)).clamp_min(1e-300)
         d["systematic_error"] = _per_system((num / den).cpu().numpy(), batched)
