@@ -72,7 +72,7 @@ DEFAULT_OPTIMIZER = "kfac:solver=thermo"
 DEFAULT_REFERENCES = ("adam", "kfac")
 STUDY_EVAL_POINTS = 50  # evaluations per run for the curves (fewer than compare's 200)
 METRICS = ("final_train_loss", "final_test_loss", "train_accuracy", "test_accuracy", "wall_time_s",
-           "predicted_hardware_s", "cosine_to_exact", "rel_error_to_exact")
+           "predicted_hardware_s", "fallbacks", "cosine_to_exact", "rel_error_to_exact")
 _ROW_COLUMNS_HEAD = ["method", "label", "optimizer", "seed"]
 _ROW_COLUMNS_TAIL = ["steps", "final_train_loss", "final_test_loss", "train_accuracy", "test_accuracy",
                      "diverged", "wall_time_s", "ms_per_step", "predicted_hardware_s",
@@ -495,6 +495,7 @@ def format_table(study: dict[str, Any]) -> str:
     """The terminal table: one line per method/point, mean +- std over seeds."""
     summary = study.get("summary") or summarize(study["rows"], study["config"]["sweep_keys"])
     has = {m: any(e[m]["n"] for e in summary) for m in METRICS}
+    has["fallbacks"] = any(e["fallbacks"]["mean"] for e in summary)  # shown only when any happened
     header = ["method", "seeds", "train loss", "test loss"]
     keys = [("final_train_loss", ".4g"), ("final_test_loss", ".4g")]
     if has["test_accuracy"]:
@@ -502,7 +503,7 @@ def format_table(study: dict[str, Any]) -> str:
         keys.append(("test_accuracy", "pct"))
     header.append("wall s")
     keys.append(("wall_time_s", ".2f"))
-    for metric, title, fmt in (("predicted_hardware_s", "hw s", ".3g"),
+    for metric, title, fmt in (("predicted_hardware_s", "hw s", ".3g"), ("fallbacks", "fallbacks", ".0f"),
                                ("cosine_to_exact", "cos to NG", ".4f"),
                                ("rel_error_to_exact", "rel err", ".3g")):
         if has[metric]:
@@ -535,14 +536,21 @@ def format_table(study: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------- plots
-def _axis(values: list[Any]) -> tuple[list[float], list[str] | None, bool]:
-    """x positions for sweep values: numeric (log scale when they span >= 20x) or categorical."""
+def _axis(values: list[Any]) -> tuple[list[float], list[str] | None, dict[str, Any] | None]:
+    """x positions for sweep values and the x-scale arguments: numeric values that span >= 20x
+    get a log scale (symlog when 0 is among them, e.g. analog_time=0,1,5,20,50), others are
+    categorical."""
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     if numeric:
-        positive = all(v > 0 for v in values)
-        log = positive and max(values) / min(values) >= 20
-        return [float(v) for v in values], None, log
-    return list(map(float, range(len(values)))), [_spec_text(v) for v in values], False
+        positive = [v for v in values if v > 0]
+        scale = None
+        if len(positive) >= 2 and max(positive) / min(positive) >= 20:
+            if len(positive) == len(values):
+                scale = {"value": "log"}
+            elif all(v >= 0 for v in values):
+                scale = {"value": "symlog", "linthresh": min(positive)}
+        return [float(v) for v in values], None, scale
+    return list(map(float, range(len(values)))), [_spec_text(v) for v in values], None
 
 
 def write_plots(study: dict[str, Any], out: Path) -> list[str]:
@@ -608,8 +616,10 @@ def write_plots(study: dict[str, Any], out: Path) -> list[str]:
     for ax, metric in zip(axes[0], panels, strict=True):
         ax.set_xlabel(first)
         ax.set_title(titles[metric])
-        if log:
-            ax.set_xscale("log")
+        if log is not None:
+            ax.set_xscale(**log)
+            if log["value"] == "symlog":  # no empty negative half
+                ax.set_xlim(left=-0.5 * log["linthresh"], right=1.3 * max(xs))
         if ticks is not None:
             ax.set_xticks(xs, ticks)
         if metric != "cosine_to_exact" and _all_positive(ax):
