@@ -9,6 +9,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from thermo_kfac import cli
 from thermo_kfac.experiments import noise_study as ns
@@ -20,6 +21,15 @@ TASK = dict(model_options={"widths": (16,)}, steps=6, eval_every=3, plots=False,
             optimizer="kfac:solver=thermo,integrator=analytic,analog_time=100,factor_update_every=2,"
                       "inverse_update_every=2")
 VOLATILE = {"wall_time_s", "ms_per_step"}  # measured, so they differ between identical runs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread is faster and does not spin on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class _Killed(Exception):
