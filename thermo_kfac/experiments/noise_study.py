@@ -646,8 +646,10 @@ def write_plots(study: dict[str, Any], out: Path) -> list[str]:
         image = ax.imshow(logged, origin="lower", aspect="auto", cmap="viridis")
         for j, row in enumerate(matrix):
             for i, v in enumerate(row):
+                # dark text on the bright (high) end of viridis, white elsewhere
+                shade = image.norm(logged[j][i]) if not math.isnan(v) else 0.0
                 ax.text(i, j, "-" if math.isnan(v) else f"{v:.3g}", ha="center", va="center",
-                        color="white", fontsize=8)
+                        color="black" if shade > 0.6 else "white", fontsize=8)
         ax.set_xticks(range(len(grid[first])), [_spec_text(v) for v in grid[first]])
         ax.set_yticks(range(len(grid[second])), [_spec_text(v) for v in grid[second]])
         ax.set_xlabel(first)
