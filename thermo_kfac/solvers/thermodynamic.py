@@ -80,9 +80,12 @@ class _Factor:
     seed: int  # seed of the programming (stochastic rounding)
     prog: ProgrammedMatrix | None = None  # cached device state; rebuilt from (P, seed) on resume
     chol: torch.Tensor | None = None  # Cholesky factor of M (track_exact)
+    U: torch.Tensor | None = None  # last device estimate in P's eigenbasis (analytic path)
+    r: torch.Tensor | None = None  # and its per-column input scales
 
     def state(self) -> dict[str, Any]:
-        return {"M": self.M, "P": self.P, "c": self.c, "d": self.d, "seed": self.seed}
+        return {"M": self.M, "P": self.P, "c": self.c, "d": self.d, "seed": self.seed, "U": self.U,
+                "r": self.r}
 
 
 @register_solver
@@ -104,6 +107,8 @@ class ThermodynamicSolver(KFACSolver):
     - ``warm_start``: ``"previous"`` (default), ``"gradient"`` or ``"zero"`` (method ``solve``).
     - ``jacobi`` (default False): digital diagonal scaling before programming.
     - ``power_iterations`` (default 20): power-method steps of the ``lambda_max`` estimate.
+    - ``residual_every`` (default 10; 0: never): measure the relative residual every this many
+      :meth:`apply` calls (two ``O(n^2 m)`` products); reports carry the latest value and its age.
     - ``track_exact`` (default False): also solve exactly (digitally) and report
       ``cosine_to_exact``/``rel_error_to_exact``.
     - ``device`` (thermodynamic cost preset, default ``"chip"``), ``host`` (digital preset for
@@ -119,7 +124,7 @@ class ThermodynamicSolver(KFACSolver):
                  host: str = "h100", seed: int = 0, warm_start: str = "previous",
                  track_exact: bool = False, jacobi: bool = False, power_iterations: int = 20,
                  dynamics: str = "overdamped", mass: float = 1.0, friction: float = 1.0,
-                 **noise: Any) -> None:
+                 residual_every: int = 10, **noise: Any) -> None:
         super().__init__()
         self.method = check_choice("method", method, METHODS)
         check_choice("integrator", integrator, INTEGRATORS)
@@ -146,6 +151,10 @@ class ThermodynamicSolver(KFACSolver):
         self.track_exact, self.jacobi = track_exact, jacobi
         self.power_iterations = check_number("power_iterations", power_iterations, low=1, high=10_000,
                                              integer=True)
+        self.residual_every = check_number("residual_every", residual_every, low=0, integer=True)
+        self.applies = 0  # apply() calls since construction (residual schedule)
+        self.residual: float | None = None  # last measured relative residual
+        self.residual_apply: int | None = None  # and the apply() call it was measured in
         self.analog_time = float(analog_time)
         self.noise = NoiseConfig(**noise)
         # AnalogConfig validates the rest; its analog_time must be > 0, so 0 is kept separately.
@@ -168,6 +177,10 @@ class ThermodynamicSolver(KFACSolver):
         self.Y_prev: torch.Tensor | None = None
         self.failure: str | None = None  # set when the device could not be programmed
         self._warned = False
+        self._fast = (self.config.integrator == "analytic" and self.config.dynamics == "overdamped"
+                      and self.config.backend == "torch")  # hw_models' cached analytic path
+        self._blocked = None  # the device preset with oversize="block", made on demand
+        self._costs: dict[tuple, Cost] = {}
 
     # ----------------------------------------------------------------------------- protocol
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
@@ -230,10 +243,10 @@ class ThermodynamicSolver(KFACSolver):
         assert self.factors, "prepare() has not run"
         fG, fA = self.factors["G"], self.factors["A"]
         x0_g = {"previous": self.Y_prev, "gradient": grad, "zero": None}[self.warm_start]
-        res_g, Y = self._solve(fG, grad, x0_g)
+        res_g, Y = self._solve(fG, grad, x0_g, self.warm_start)
         x0_a = {"previous": None if self.X_prev is None else self.X_prev.T, "gradient": Y.T,
                 "zero": None}[self.warm_start]
-        res_a, Xt = self._solve(fA, Y.T, x0_a)
+        res_a, Xt = self._solve(fA, Y.T, x0_a, self.warm_start)
         X = Xt.T.contiguous()
         self.Y_prev, self.X_prev = Y, X
         n_g, n_a = fG.P.shape[0], fA.P.shape[0]
@@ -301,35 +314,59 @@ class ThermodynamicSolver(KFACSolver):
                           "so the preconditioner's fallback solver is used", RuntimeWarning, stacklevel=4)
             self._warned = True
 
-    def _solve(self, f: _Factor, B: torch.Tensor, x0: torch.Tensor | None):
-        """``M^-1 B`` (columns of B) on the device, in device units (module docs); ``(result, X)``."""
+    def _solve(self, f: _Factor, B: torch.Tensor, x0: torch.Tensor | None, start: str):
+        """``M^-1 B`` (columns of B) on the device, in device units (module docs); ``(result, X)``.
+
+        ``start`` is the warm start: ``"previous"`` (``x0`` is the previous solution),
+        ``"gradient"`` (``x0`` is ``B``) or ``"zero"``.
+        """
         R = B if f.d is None else f.d[:, None] * B
         r = R.abs().amax(dim=0)
         # An all-zero column (e.g. a dead input feature) is not sent: its solution is exactly 0,
         # whereas a device run would return pure thermal noise for it.
-        Rn = R / torch.where(r > 0, r, torch.ones_like(r))
-        x0n = None
-        if x0 is not None:
-            x0n = (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / torch.where(r > 0, r, 1.0))
+        safe_r = torch.where(r > 0, r, torch.ones_like(r))
+        Rn = R / safe_r
+        kw: dict[str, Any] = {}
+        fast = self._fast and self.analog_time > 0
+        if start == "gradient" and f.d is None and fast:
+            kw["x0_rhs_scale"] = f.c  # x0 = B  <=>  x0n = c Rn: the state starts at the loaded input
+        elif start == "previous" and fast and f.U is not None and f.r is not None \
+                and f.U.shape[-1] == B.shape[1]:
+            # the device continues from its previous estimate (pre-ADC), rescaled to this call's
+            # column scales: x0n = Yn_prev r_prev / r (the Jacobi scaling cancels)
+            kw["x0_eigen"] = f.U * torch.where(r > 0, f.r / safe_r, torch.zeros_like(r))
+        elif x0 is not None:
+            kw["x0"] = (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / safe_r)
         if self.analog_time == 0:  # no dynamics: read the initial state out
+            x0n = kw.get("x0")
+            if "x0_rhs_scale" in kw:
+                x0n = f.c * Rn
             Yn = torch.zeros_like(Rn) if x0n is None else x0n
             Yn, _ = read_out(Yn, self.noise, dims=(0,), generator=torch.Generator(
                 device=Yn.device).manual_seed(self._next_seed()))
             res = None
         else:
-            res = analog_solve(self._program(f), Rn, self._config(), x0=x0n)
+            res = analog_solve(self._program(f), Rn, self.config, seed=self._next_seed(), **kw)
             Yn = res.x
+            f.U, f.r = res.state, r
         X = Yn * (r / f.c)
         return res, (X if f.d is None else f.d[:, None] * X)
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor) -> dict[str, Any]:
         """Relative residual of the damped Kronecker system; with track_exact, the exact comparison."""
         out: dict[str, Any] = {}
-        g_norm = float(grad.norm())
-        if self.factors:
+        self.applies += 1
+        due = self.residual_every > 0 and (self.applies - 1) % self.residual_every == 0
+        if self.factors and (due or self.track_exact):
+            # two O(n^2 m) products, so only every residual_every-th call (or with track_exact)
             fG, fA = self.factors["G"], self.factors["A"]
+            g_norm = float(grad.norm())
             residual = fG.M @ X @ fA.M - grad
-            out["relative_residual"] = float(residual.norm()) / g_norm if g_norm > 0 else 0.0
+            self.residual = float(residual.norm()) / g_norm if g_norm > 0 else 0.0
+            self.residual_apply = self.applies
+        if self.residual is not None:
+            out["relative_residual"] = self.residual
+            out["residual_age"] = self.applies - (self.residual_apply or self.applies)
         if self.track_exact and self.factors:
             fG, fA = self.factors["G"], self.factors["A"]
             for f in (fG, fA):
@@ -346,18 +383,34 @@ class ThermodynamicSolver(KFACSolver):
         return out
 
     def _device(self, n: int):
-        return self.device if n <= self.device.cells else thermo_device(self.device, oversize="block")
+        if n <= self.device.cells:
+            return self.device
+        if self._blocked is None:
+            self._blocked = thermo_device(self.device, oversize="block")
+        return self._blocked
 
     def _host_cost(self, n: int, vectors: float) -> Cost:
         """Digital host work of the scaling: ``vectors`` passes over an ``n x n`` matrix (GEMV-like)."""
-        seconds = gemm_time(n, n, max(vectors, 1.0), self.host)
-        return Cost(seconds, seconds * self.host.power_w, {"host_scaling": seconds},
-                    {"host_scaling": seconds * self.host.power_w})
+        key = ("host", n, vectors)
+        if key not in self._costs:
+            seconds = gemm_time(n, n, max(vectors, 1.0), self.host)
+            self._costs[key] = Cost(seconds, seconds * self.host.power_w, {"host_scaling": seconds},
+                                    {"host_scaling": seconds * self.host.power_w})
+        return self._costs[key]
 
     def _cost(self, op: str, n: int, n_rhs: int, res: Any, resident: bool = False) -> Cost:
         kappa = _float(res.diagnostics.get("condition_number"), 1.0)
         kappa = max(kappa, 1.0) if math.isfinite(kappa) else 1.0
         window = float(res.diagnostics.get("averaging_time") or self.config.analog_time)
+        key = (op, n, n_rhs, kappa, window, resident)
+        if key not in self._costs:  # the cost model is pure; a layer repeats the same calls
+            if len(self._costs) > 64:
+                self._costs.clear()
+            self._costs[key] = self._model_cost(op, n, n_rhs, kappa, window, resident)
+        return self._costs[key]
+
+    def _model_cost(self, op: str, n: int, n_rhs: int, kappa: float, window: float,
+                    resident: bool) -> Cost:
         if op == "inverse":
             eps = math.sqrt((n + 1.0) * kappa / window)
         else:
@@ -404,7 +457,8 @@ def _result_info(method: str, results: list[Any]) -> dict[str, Any]:
         "condition_number": [_float(d.get("condition_number"), float("nan")) for d in diags],
         "error_law_mse": [d.get("error_law_mse") for d in diags],
         "predicted_mse": [d.get("predicted_mse") for d in diags],
-        "systematic_error": [d.get("systematic_error") for d in diags],
+        "coupling_error": [d.get("coupling_error", d.get("systematic_error")) for d in diags],
+        "input_error": [d.get("input_error") for d in diags],
         "clipped": int(sum(int(d.get(k) or 0) for d in diags
                            for k in ("clipped_couplings", "clipped_inputs", "clipped_outputs"))),
         "seeds": [d.get("seed") for d in diags],
