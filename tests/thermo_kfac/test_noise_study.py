@@ -123,6 +123,12 @@ def test_study_with_a_different_config_is_refused_unless_overwrite(tmp_path):
     _study(out, sweeps={"bits": [8, 6]}, seeds=1, references=["adam"], steps=7,
            on_row=lambda r: trained.append(r["label"]))
     assert trained == ["thermo bits=6"]
+    # A smaller grid later trains nothing and still reports every row in the folder.
+    study = _study(out, sweeps={"bits": [8]}, seeds=1, references=["adam"], steps=7,
+                   on_row=lambda r: trained.append(r["label"]))
+    assert trained == ["thermo bits=6"] and len(study["rows"]) == 3
+    assert study["grid"]["sweeps"] == {"bits": [8, 6]}
+    assert sorted(e["label"] for e in study["summary"]) == ["adam", "thermo bits=6", "thermo bits=8"]
 
 
 def test_unknown_sweep_key_is_refused_with_the_valid_names(capsys):

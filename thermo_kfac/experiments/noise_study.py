@@ -303,9 +303,17 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
     if out_dir is not None:
         rows, created = _load_existing(out_dir, config, overwrite, created)
     done = {r["key"] for r in rows}
+    # The study covers every row in the folder: values and seeds of earlier runs of a grown grid
+    # stay in the grid that the table and plots use.
+    all_values = {k: list(v) for k, v in grid.items()}
+    for row in rows:
+        for key, value in row.get("point", {}).items():
+            if key in all_values and value not in all_values[key]:
+                all_values[key].append(value)
+    all_seeds = sorted(set(seed_list) | {int(r["seed"]) for r in rows})
     study: dict[str, Any] = {"command": "noise-study", "created": created, "config": config,
                              "config_id": config_id,
-                             "grid": {"sweeps": grid, "seeds": seed_list}, "rows": rows}
+                             "grid": {"sweeps": all_values, "seeds": all_seeds}, "rows": rows}
 
     pending = [j for j in jobs if row_key(config_id, j[0], j[1], j[2]) not in done]
     data_cache: dict[int, Any] = {}
@@ -333,9 +341,9 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
             bar.close()
     study["summary"] = summarize(rows, list(grid))
     if out_dir is not None:
-        _write_rows(out_dir, study, grid)
         if plots:
             study["plots"] = write_plots(study, out_dir)
+        _write_rows(out_dir, study, grid)
     return study
 
 
