@@ -609,6 +609,10 @@ def write_plots(study: dict[str, Any], out: Path) -> list[str]:
                     px.append(x)
                     mean.append(match[0][metric]["mean"])
                     std.append(match[0][metric]["std"] or 0.0)
+                    fallbacks = match[0]["fallbacks"]["mean"]
+                    if fallbacks and metric == panels[0]:  # digital fallbacks shaped this point
+                        ax.annotate(f"{fallbacks:.0f} fallbacks", (x, mean[-1]), xytext=(4, 6),
+                                    textcoords="offset points", fontsize=7, color=color)
             if px:
                 label = point_label(combo) or "thermo"
                 ax.errorbar(px, mean, yerr=std, color=color, marker="o", capsize=3, label=label)
