@@ -295,6 +295,21 @@ def thermo_solve_cost(n: int, n_rhs: int, *, kappa: float, eps: float, device: T
                        approximate=blocks > 1, rounds=rounds, error_floor=floor, reachable=eps >= floor)
 
 
+def thermo_program_cost(n: int, *, device: ThermoDevice, bits: int | None = None) -> Cost:
+    """Transfer and programming of an ``n x n`` symmetric matrix's couplings (no solve).
+
+    What a solver that keeps the couplings resident between right-hand sides pays once per
+    matrix; its solves are then priced with ``thermo_solve_cost(..., resident=True)``.
+    """
+    check_positive("n", n, integer=True)
+    if bits is not None:
+        check_number("bits", bits, low=1, high=32, integer=True)
+    blocks, size = _blocks(n, device)
+    ledger = _Ledger()
+    _load_couplings(ledger, device, blocks, size, bits or device.dac_bits)
+    return ledger.cost(device=device.name, op="program", blocks=blocks, block_size=size)
+
+
 def thermo_inverse_cost(n: int, *, kappa: float, eps: float, device: ThermoDevice,
                         bits: int | None = None, host: DigitalDevice | None = None) -> Cost:
     """Invert an ``n x n`` SPD matrix by sampling ``beta <x x^T>`` on the analog device.

@@ -5,8 +5,8 @@
 """
 
 from hw_models.langevin.config import AnalogConfig
-from hw_models.langevin.estimators import AnalogResult, inverse, solve
+from hw_models.langevin.estimators import AnalogResult, ProgrammedMatrix, inverse, program, solve
 from hw_models.langevin.laws import inverse_error_law, solve_error_law
 
-__all__ = ["AnalogConfig", "AnalogResult", "inverse", "inverse_error_law", "solve",
-           "solve_error_law"]
+__all__ = ["AnalogConfig", "AnalogResult", "ProgrammedMatrix", "inverse", "inverse_error_law",
+           "program", "solve", "solve_error_law"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 from hw_models import noise as hw_noise
 from hw_models.langevin import laws
 from hw_models.langevin.config import AnalogConfig
-from hw_models.langevin.problem import Array, Problem, prepare
+from hw_models.langevin.problem import Array, Problem, _check_finite, prepare
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,16 @@ class AnalogResult:
         n_samples: state samples averaged per column and copy (0 for the analytic solve, whose
             estimate is the continuous-time average).
         diagnostics: a dict; see ``docs/simulator.md`` for the keys.
+        state: for a :func:`solve` of a :class:`ProgrammedMatrix` on the analytic fast path, the
+            estimate before read-out in the eigenbasis of the programmed matrix, ``(copies, n, m)``
+            (pass it back as ``x0_eigen`` to continue from it); ``None`` otherwise.
     """
 
     x: Array
     analog_time: float
     n_samples: int
     diagnostics: dict[str, Any]
+    state: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,13 +250,17 @@ class _Run:
             if (mu <= 0).any():
                 self._raise_not_stable(mu)
 
-    def program(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def program(self, programmed: ProgrammedMatrix | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         noise = self.cfg.noise
         c = self.copies
-        if noise.programs_couplings:
-            self.check_ideal_pd()
-        A_hw, info = hw_noise.program_couplings(self.prob.A, noise, copies=c,
-                                                generator=self.noise_gen)
+        if programmed is not None:  # couplings already on the device: only the inputs load
+            A_hw, info = programmed.A_hw, {"clipped": programmed.clipped, "step": programmed.step}
+        else:
+            if noise.programs_couplings:
+                self.check_ideal_pd()
+            A_hw, info = hw_noise.program_couplings(self.prob.A, noise, copies=c,
+                                                    generator=self.noise_gen)
         B_hw, clipped_in = hw_noise.load_inputs(self.prob.B, noise, copies=c,
                                                 generator=self.noise_gen)
         X0 = self.prob.X0.repeat(c, 1, 1) if c > 1 else self.prob.X0
@@ -424,6 +432,99 @@ def _mode_mean_var_sum(values: np.ndarray, k: int, copies: int) -> np.ndarray:
 # public API
 
 
+#: NoiseConfig fields that shape the programmed couplings (must match between program and solve).
+_COUPLING_FIELDS = ("coupling_bits", "rounding", "mismatch_std", "mismatch_kind", "coupling_range",
+                    "device_seed", "mitigation_copies")
+
+
+@dataclass(frozen=True)
+class ProgrammedMatrix:
+    """A symmetric matrix programmed into the simulated device once, reused by many solves.
+
+    Made by :func:`program`; pass it to :func:`solve` in place of ``A``. A real device keeps its
+    couplings between right-hand sides, so quantization (including stochastic rounding, one draw
+    per copy) and mismatch are applied once here, and the spectrum of the programmed matrix (which
+    the simulator needs for ``dt="auto"`` and the eigenbasis integrators) is computed once.
+
+    Attributes:
+        A: the ideal matrix, canonical ``(k, n, n)``.
+        A_hw: the programmed matrices ``(k * copies, n, n)`` (copy-major).
+        noise: the :class:`NoiseConfig` it was programmed with.
+        batched: whether the user gave a batch ``(k, n, n)``.
+        clipped: coupling values clipped by a fixed ``coupling_range``.
+        step: quantization step per system (``None`` without coupling quantization).
+        spectrum: eigenvalues and eigenvectors of ``A_hw``.
+        coupling_error: ``||A_hw - A||_F / ||A||_F`` averaged over copies (0 when ideal).
+    """
+
+    A: torch.Tensor
+    A_hw: torch.Tensor
+    noise: hw_noise.NoiseConfig
+    batched: bool
+    clipped: int
+    step: torch.Tensor | None
+    spectrum: _Spectrum
+    coupling_error: float
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def analytic_coefficients(self, burn_in: float, window: float, kappa0: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """``(lam, w, sd, var sum)`` of the analytic time average: ``(k*copies, n, 1)`` tensors and the
+        per-system sum of the mode variances (mean over copies); cached per (burn-in, window, kappa0)."""
+        key = (float(burn_in), float(window), float(kappa0))
+        hit = self._cache.get(key)
+        if hit is None:
+            lam = self.spectrum.lam
+            w, var = laws.od_time_average(lam, burn_in, window, kappa0)
+            opts = {"dtype": self.A_hw.dtype, "device": self.A_hw.device}
+            hit = (torch.as_tensor(lam, **opts).unsqueeze(-1), torch.as_tensor(w, **opts).unsqueeze(-1),
+                   torch.as_tensor(np.sqrt(var), **opts).unsqueeze(-1),
+                   float(np.mean(np.sum(var, axis=1))))
+            if len(self._cache) > 16:
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+    @property
+    def eigenvalues(self) -> np.ndarray:
+        """Eigenvalues of the programmed matrices, ``(k * copies, n)`` ascending (float64)."""
+        return self.spectrum.lam
+
+
+def program(A: Array, config: AnalogConfig | None = None) -> ProgrammedMatrix:
+    """Program the symmetric positive definite ``A`` (``(n, n)`` or ``(k, n, n)``) into the device.
+
+    Applies coupling quantization and mismatch of ``config.noise`` (stochastic rounding draws from
+    ``config.seed``) and computes the programmed spectrum. :func:`solve` then accepts the result
+    instead of ``A`` for any number of right-hand sides (with the same coupling settings), skipping
+    the per-call programming and ``O(n^3)`` eigendecomposition.
+    """
+    cfg = _config(config)
+    prob = prepare(A, None, None, device=_compute_device(cfg, A), dtype=cfg.dtype,
+                   require_symmetric=True, why="program (the programmed system is cached in its "
+                   "eigenbasis)", vector_x0=True)
+    run = _Run(cfg, prob, "program")
+    A_hw, _, _ = run.program()
+    spec = run.spectrum(A_hw, vectors=True)
+    copies = cfg.noise.mitigation_copies
+    diff = torch.linalg.matrix_norm(A_hw - prob.A.repeat(copies, 1, 1))
+    error = float((diff / torch.linalg.matrix_norm(prob.A).repeat(copies).clamp_min(1e-300)).mean())
+    step = None
+    if "coupling_step" in run.diag:
+        step = torch.as_tensor(run.diag["coupling_step"], dtype=torch.float64).reshape(-1)
+    return ProgrammedMatrix(A=prob.A, A_hw=A_hw, noise=cfg.noise, batched=prob.batched,
+                            clipped=int(run.diag["clipped_couplings"]), step=step, spectrum=spec,
+                            coupling_error=error)
+
+
+def _check_programmed(prog: ProgrammedMatrix, cfg: AnalogConfig) -> None:
+    for name in _COUPLING_FIELDS:
+        if getattr(prog.noise, name) != getattr(cfg.noise, name):
+            raise ValueError(f"the ProgrammedMatrix was programmed with {name}="
+                             f"{getattr(prog.noise, name)!r} but config.noise has {name}="
+                             f"{getattr(cfg.noise, name)!r}; program it again with this config")
+
+
 def _config(config: AnalogConfig | None) -> AnalogConfig:
     if config is None:
         return AnalogConfig()
@@ -442,29 +543,56 @@ def _symmetry_reason(cfg: AnalogConfig, estimator: str) -> tuple[bool, str]:
     return False, ""
 
 
-def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | None = None
-          ) -> AnalogResult:
+def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | None = None, *,
+          seed: int | None = None, x0_eigen: torch.Tensor | None = None,
+          x0_rhs_scale: float | None = None) -> AnalogResult:
     """Estimate ``A^-1 B`` as the time average of the simulated device after a burn-in.
 
     Args:
         A: ``(n, n)`` or a batch ``(k, n, n)``; symmetric positive definite (the overdamped
             Euler-Maruyama solve also accepts non-symmetric ``A`` with positive-real-part
-            eigenvalues).
+            eigenvalues). Or a :class:`ProgrammedMatrix` from :func:`program` (couplings kept
+            from that call; faster for repeated solves).
         B: ``(n,)``, ``(n, m)`` (``m`` independent columns), or ``(k, n)``/``(k, n, m)`` batched.
         config: :class:`AnalogConfig` (default: ``AnalogConfig()``).
         x0: warm start with ``B``'s shape (default 0), e.g. the previous solution.
+        seed: overrides ``config.seed`` (cheaper than ``config.replace(seed=...)`` per call).
+        x0_eigen: start state in the eigenbasis of a :class:`ProgrammedMatrix` (e.g. a previous
+            result's ``state``, rescaled per column), instead of ``x0``; analytic fast path only.
+        x0_rhs_scale: start from ``x0_rhs_scale * b`` as loaded by the DAC (the right-hand side
+            itself), instead of ``x0``; analytic fast path only.
 
     Returns:
         :class:`AnalogResult` with ``x`` shaped like ``B``.
     """
     cfg = _config(config)
+    programmed = A if isinstance(A, ProgrammedMatrix) else None
+    if programmed is not None:
+        _check_programmed(programmed, cfg)
+        if _fast_path(programmed, B, x0, cfg):
+            return _solve_programmed_analytic(programmed, B, x0, cfg,
+                                              _seed(cfg) if seed is None else int(seed),
+                                              x0_eigen=x0_eigen, x0_rhs_scale=x0_rhs_scale)
+        A = programmed.A if programmed.batched else programmed.A[0]
+    if x0_eigen is not None or x0_rhs_scale is not None:
+        raise ValueError("x0_eigen/x0_rhs_scale need a ProgrammedMatrix, integrator='analytic', "
+                         "overdamped dynamics, backend='torch' and a torch (n, m) right-hand side; "
+                         "give x0 instead")
+    if seed is not None:
+        cfg = cfg.replace(seed=seed)
     need_sym, why = _symmetry_reason(cfg, "solve")
     prob = prepare(A, B, x0, device=_compute_device(cfg, A), dtype=cfg.dtype,
-                   require_symmetric=need_sym, why=why)
+                   require_symmetric=need_sym, why=why, trusted_A=programmed is not None)
     run = _Run(cfg, prob, "solve")
-    A_hw, B_hw, X0 = run.program()
+    A_hw, B_hw, X0 = run.program(programmed)
     analytic = cfg.integrator == "analytic"
-    spec = run.spectrum(A_hw, vectors=cfg.integrator != "euler")
+    if programmed is not None:
+        spec = programmed.spectrum
+        if spec.Q is not None and spec.Q.dtype != B_hw.dtype:
+            raise ValueError(f"the ProgrammedMatrix has dtype {spec.Q.dtype} but this solve runs in "
+                             f"{B_hw.dtype}; program A in the dtype of B (or set config.dtype)")
+    else:
+        spec = run.spectrum(A_hw, vectors=cfg.integrator != "euler")
     dt0 = run.base_dt(spec)
     window = cfg.analog_time if cfg.target_error is None else run.target_window(spec, A_hw, B_hw,
                                                                                  dt0)
@@ -517,7 +645,16 @@ def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | No
         _mode_mean_var_sum(m * np.sum(mode_var, axis=1), k, c), batched))
     if cfg.target_error is not None:
         d["target_error"] = cfg.target_error
-    if cfg.noise.programs_couplings or cfg.noise.input_bits is not None:
+    if programmed is not None:
+        # No O(n^3) reference solves per call: the programming error was measured once, the
+        # DAC error is O(n m).
+        d["coupling_error"] = programmed.coupling_error
+        if cfg.noise.input_bits is not None:
+            num = torch.linalg.vector_norm(B_hw - prob.B.repeat(c, 1, 1), dim=(1, 2))
+            den = torch.linalg.vector_norm(prob.B, dim=(1, 2)).repeat(c).clamp_min(1e-300)
+            d["input_error"] = _per_system(_mode_mean_var_sum((num / den).cpu().numpy(), k, c) * c,
+                                           batched)
+    elif cfg.noise.programs_couplings or cfg.noise.input_bits is not None:
         X_hw = hw_noise.average_copies(torch.linalg.solve(A_hw.double(), B_hw.double()), c)
         X_id = torch.linalg.solve(prob.A.double(), prob.B.double())
         num = torch.linalg.vector_norm(X_hw - X_id, dim=(1, 2))
@@ -526,6 +663,82 @@ def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | No
     total_time = (burn + window) * c
     return AnalogResult(x=prob.restore(X), analog_time=float(total_time), n_samples=int(n_avg),
                         diagnostics=d)
+
+
+def _fast_path(prog: ProgrammedMatrix, B: Array, x0: Array | None, cfg: AnalogConfig) -> bool:
+    """Whether :func:`_solve_programmed_analytic` handles this call (the common K-FAC case)."""
+    return (cfg.integrator == "analytic" and cfg.dynamics == "overdamped" and cfg.backend == "torch"
+            and cfg.target_error is None and not prog.batched and isinstance(B, torch.Tensor)
+            and B.ndim == 2 and B.dtype == prog.A_hw.dtype and B.device == prog.A_hw.device
+            and B.shape[0] == prog.A.shape[-1] and B.shape[1] > 0
+            and (cfg.device is None or cfg.device == prog.A_hw.device)
+            and (cfg.dtype is None or cfg.dtype == prog.A_hw.dtype)
+            and (x0 is None or (isinstance(x0, torch.Tensor) and x0.shape == B.shape)))
+
+
+def _solve_programmed_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | None,
+                               cfg: AnalogConfig, seed: int, x0_eigen: torch.Tensor | None = None,
+                               x0_rhs_scale: float | None = None) -> AnalogResult:
+    """The analytic solve of a programmed ``(n, n)`` matrix for a torch ``(n, m)`` right-hand side.
+
+    The same model as the general path (DAC, the time average drawn from its exact Gaussian law,
+    read noise and ADC, copies averaged), with the per-matrix quantities cached on ``prog`` and
+    no per-call re-validation, so a call costs a few ``O(n^2 m)`` products.
+    """
+    _check_finite("B", B)
+    if x0 is not None:
+        _check_finite("x0", x0)
+    noise = cfg.noise
+    c = noise.mitigation_copies
+    window = float(cfg.analog_time)
+    gen = torch.Generator(device=B.device)
+    gen.manual_seed(seed % 2**63)
+    B_hw, clipped_in = hw_noise.load_inputs(B.unsqueeze(0), noise, copies=c, generator=gen)
+    lam, w, sd, var_sum = prog.analytic_coefficients(cfg.burn_in, window, cfg.kappa0)
+    Q = prog.spectrum.Q
+    Qt = Q.transpose(1, 2)
+    QtB = Qt @ B_hw
+    U = QtB / lam  # u* = Lambda^-1 Q^T b per mode
+    if x0_rhs_scale is not None:  # mean = u* + w (s Q^T b - u*): no extra product
+        U.add_(QtB.mul_(x0_rhs_scale).sub_(U).mul_(w))
+    elif x0_eigen is not None:
+        if x0_eigen.shape[-2:] != B.shape:
+            raise ValueError(f"x0_eigen has shape {tuple(x0_eigen.shape)}; expected (..., "
+                             f"{B.shape[0]}, {B.shape[1]})")
+        U.add_((x0_eigen - U).mul_(w))
+    elif x0 is None:
+        U.mul_(1.0 - w)  # mean = u* + w (0 - u*)
+    else:
+        U.add_((Qt @ x0).sub_(U).mul_(w))  # mean = u* + w (Q^T x0 - u*)
+    U.addcmul_(sd, torch.randn(U.shape, generator=gen, dtype=U.dtype, device=U.device))
+    Xbar, clipped_out = hw_noise.read_out(Q @ U, noise, dims=(1,), generator=gen)
+    X = hw_noise.average_copies(Xbar, c)[0]
+    static = prog._cache.get("static")
+    if static is None:  # per-matrix diagnostics, once
+        lam_np = prog.spectrum.lam
+        static = prog._cache["static"] = {
+            "lambda_min": float(lam_np[:, 0].min()), "lambda_max": float(lam_np[:, -1].max()),
+            "condition_number": float(lam_np[:, -1].max() / lam_np[:, 0].min()),
+            "inv_sq_sum": float(np.mean(np.sum(lam_np**-2.0, axis=1)))}
+    m = B.shape[1]
+    d: dict[str, Any] = {
+        "seed": seed, "estimator": "solve", "integrator": "analytic", "dynamics": "overdamped",
+        "backend": "torch", "device": str(B.device), "dtype": str(B.dtype).replace("torch.", ""),
+        "copies": c, "clipped_couplings": prog.clipped, "clipped_inputs": clipped_in,
+        "clipped_outputs": clipped_out, "dt": None, "n_steps": 0, "burn_in": cfg.burn_in,
+        "averaging_time": window, "lambda_min": static["lambda_min"],
+        "lambda_max": static["lambda_max"], "condition_number": static["condition_number"],
+        "error_law_mse": 2.0 * cfg.kappa0 * m * static["inv_sq_sum"] / window / c,
+        "predicted_mse": m * var_sum / c,
+        "coupling_error": prog.coupling_error,
+    }
+    if prog.step is not None:
+        d["coupling_step"] = float(prog.step[0])
+    if noise.input_bits is not None:
+        d["input_error"] = float((torch.linalg.vector_norm(B_hw - B, dim=(1, 2))
+                                  / torch.linalg.vector_norm(B).clamp_min(1e-300)).mean())
+    return AnalogResult(x=X, analog_time=float((cfg.burn_in + window) * c), n_samples=0,
+                        diagnostics=d, state=U)
 
 
 def inverse(A: Array, config: AnalogConfig | None = None, x0: Array | None = None

@@ -97,11 +97,13 @@ def symmetry_tolerance(dtype: torch.dtype) -> float:
 
 def prepare(A: Array, B: Array | None, X0: Array | None, *, device: torch.device | None,
             dtype: torch.dtype | None, require_symmetric: bool, why: str,
-            vector_x0: bool = False) -> Problem:
+            vector_x0: bool = False, trusted_A: bool = False) -> Problem:
     """Validate shapes and values and convert to canonical tensors.
 
     ``B=None`` (the inverse) gives ``B`` of zeros with one column; ``X0`` then has the shape
     ``(n,)`` or ``(k, n)`` (``vector_x0``). ``why`` names what needs symmetry, for the message.
+    ``trusted_A`` skips the ``O(n^2)`` finiteness and symmetry checks of ``A`` (a matrix that
+    was validated and symmetrised before, e.g. by :func:`hw_models.langevin.program`).
     """
     kind = _kind(A, B, X0)
     tA = _to_tensor("A", A)
@@ -160,10 +162,13 @@ def prepare(A: Array, B: Array | None, X0: Array | None, *, device: torch.device
     tA = tA.reshape(k, n, n).to(device=device, dtype=dtype)
     tB = tB.to(device=device, dtype=dtype)
     tX0 = tX0.to(device=device, dtype=dtype)
-    _check_finite("A", tA)
     _check_finite("B", tB)
     if X0 is not None:
         _check_finite("x0", tX0)
+    if trusted_A:
+        return Problem(A=tA.contiguous(), B=tB.contiguous(), X0=tX0.contiguous(), symmetric=True,
+                       kind=kind, out_shape=out_shape, out_device=out_device, batched=batched)
+    _check_finite("A", tA)
 
     scale = torch.maximum(tA.amax(dim=(-2, -1)), -tA.amin(dim=(-2, -1)))
     asym = (tA - tA.transpose(-1, -2)).abs_().amax(dim=(-2, -1))
