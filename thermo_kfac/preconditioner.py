@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hw_models.cost import KFACSchedule
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.capture import LayerAdapter, make_adapter
 from thermo_kfac.curvature import (
@@ -41,6 +42,7 @@ from thermo_kfac.curvature import (
     loss_scale,
     mc_loss,
 )
+from thermo_kfac.policy import HardwarePricer, LayerAssignment, SolverPolicy, SolverSpec
 from thermo_kfac.solvers.base import Damping, KFACSolver, solver_factory
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -66,6 +68,7 @@ class _LayerState:
     skipped_updates: int = 0
     fallback: KFACSolver | None = None  # prepared lazily, on the first fallback after a factor update
     fallbacks: int = 0
+    prepare_failed: bool = False  # the last prepare() raised: the fallback serves until the next one
     handles: list[Any] = field(default_factory=list)
 
 
@@ -91,8 +94,15 @@ class KFACPreconditioner:
         inverse_update_every: re-prepare the solvers every this many steps.
         solver: ``"eigh"``, ``"cholesky"`` (or any registered name, see
             :func:`thermo_kfac.available_solvers`), a ``KFACSolver`` subclass or a prototype
-            instance (copied per layer).
+            instance (copied per layer), or a per-layer rule of :mod:`thermo_kfac.policy`:
+            ``"auto"`` (cheapest predicted time per layer) or ``"fits"`` (analog if the factors
+            fit the device); a rule's ``solver_options`` configure its analog solver.
         solver_options: keyword arguments for the solver class.
+        solver_map: per-layer solvers: ``{pattern: spec}`` (first match wins; a pattern is searched
+            in the layer name or matches its type name; specs like ``"thermo:bits=8"``, ``"auto"``)
+            or a :class:`thermo_kfac.policy.SolverPolicy` (which also picks the hardware presets
+            used for ``auto`` and for ``last_report``'s predicted times). Unmatched layers use
+            ``solver``. :meth:`assignment` tells which solver each layer got.
         kl_clip: scale the step so that the predicted KL change ``lr^2 <U, grad>`` stays below
             this value (None disables). The learning rates are read from ``optimizer``.
         optimizer: the optimizer whose param groups give the learning rates for KL clipping.
@@ -133,6 +143,7 @@ class KFACPreconditioner:
         seed: int = 0,
         fallback_solver: str | KFACSolver | type[KFACSolver] | None = "eigh",
         fallback_residual_tol: float | None = None,
+        solver_map: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -160,7 +171,12 @@ class KFACPreconditioner:
         self.mc_samples = check_positive("mc_samples", mc_samples, integer=True)
         self.seed = check_number("seed", seed, integer=True)
         self.solver_spec = solver
-        self._make_solver = solver_factory(solver, solver_options)
+        self.policy = SolverPolicy.coerce(solver_map)
+        self._default_spec = SolverSpec.parse(solver, solver_options)
+        if not self._default_spec.is_rule:
+            self._default_spec.factory()  # validate the options before registering layers
+        self._assignments: dict[str, LayerAssignment] = {}
+        self._factories: dict[str, Any] = {}
         self._make_fallback = None if fallback_solver is None else solver_factory(fallback_solver)
         if fallback_residual_tol is not None:
             check_positive("fallback_residual_tol", fallback_residual_tol)
@@ -204,12 +220,30 @@ class KFACPreconditioner:
             adapter = make_adapter(name, module)
             if adapter is None:
                 continue
-            state = _LayerState(adapter=adapter, solver=self._make_solver())
+            state = _LayerState(adapter=adapter, solver=self._assign(name, module, adapter))
             state.solver.layer_index = len(self._layers)
             state.handles.append(module.register_forward_pre_hook(self._make_input_hook(state)))
             state.handles.append(module.register_forward_hook(self._make_output_hook(state)))
             self._layers[name] = state
         self._root_handle = model.register_forward_hook(self._record_output)
+        precision = "fp64" if self.factor_dtype == torch.float64 else "fp32"
+        self._pricer = HardwarePricer(self.policy, KFACSchedule(
+            factor_every=self.factor_update_every, inverse_every=self.inverse_update_every,
+            precision=precision))
+
+    def _assign(self, name: str, module: nn.Module, adapter: LayerAdapter) -> KFACSolver:
+        """The layer's solver, chosen by the solver policy (one factory per distinct spec)."""
+        schedule = KFACSchedule(factor_every=self.factor_update_every,
+                                inverse_every=self.inverse_update_every)
+        assignment = self.policy.assign(name, type(module).__name__, adapter.d_in, adapter.d_out,
+                                        has_bias=adapter.has_bias, default=self._default_spec,
+                                        schedule=schedule)
+        self._assignments[name] = assignment
+        spec = assignment.spec
+        key = spec.text if spec.solver is None else f"object:{id(spec.solver)}"
+        if key not in self._factories:
+            self._factories[key] = assignment.spec.factory()
+        return self._factories[key]()
 
     def _skipped(self, name: str, module: nn.Module) -> bool:
         cls = type(module).__name__
@@ -288,6 +322,14 @@ class KFACPreconditioner:
         """``{layer name: (A, G)}`` of the layers whose factors have been computed."""
         return {name: (s.A, s.G) for name, s in self._layers.items() if s.A is not None}
 
+    def assignment(self) -> dict[str, str]:
+        """``{layer name: solver name}`` as chosen by the solver policy."""
+        return {name: a.solver for name, a in self._assignments.items()}
+
+    def assignment_details(self) -> list[LayerAssignment]:
+        """Per layer: type, factor sizes, solver spec and the rule that chose it."""
+        return list(self._assignments.values())
+
     def fallbacks(self) -> dict[str, int]:
         """Steps per layer whose preconditioned gradient came from the fallback solver."""
         return {name: s.fallbacks for name, s in self._layers.items()}
@@ -349,6 +391,7 @@ class KFACPreconditioner:
         factor_update = self._capture_step()
         inverse_update = self.steps % self.inverse_update_every == 0
         if factor_update:
+            self._pricer.observe_rows({name: s.a_rows for name, s in self._layers.items()})
             self._update_factors()
             if self.steps == 0:
                 self._check_fired()
@@ -364,6 +407,7 @@ class KFACPreconditioner:
         self.steps += 1
         times = [r.hardware_time_s for r in reports.values() if r.hardware_time_s is not None]
         energies = [r.energy_j for r in reports.values() if r.energy_j is not None]
+        digital_s, hybrid_s = self._predicted_times(reports)
         self.last_report = {
             "step": self.steps,
             "factor_update": factor_update,
@@ -373,8 +417,21 @@ class KFACPreconditioner:
             "fallbacks": sum(s.fallbacks for s in self._layers.values()),
             "energy_j": sum(energies) if energies else None,
             "solver_reports": reports,
+            "predicted_digital_s": digital_s,
+            "predicted_hybrid_s": hybrid_s,
             "wall_time_s": time.perf_counter() - start,
         }
+
+    def _predicted_times(self, reports: dict[str, Any]) -> tuple[float, float]:
+        """Predicted curvature seconds per step, all-digital and hybrid (see HardwarePricer)."""
+        self._pricer.observe_reports(reports)
+        digital = hybrid = 0.0
+        for name, s in self._layers.items():
+            d, h = self._pricer.layer_cost(name, s.solver, s.adapter.d_in, s.adapter.d_out,
+                                           s.adapter.has_bias)
+            digital += d
+            hybrid += h
+        return digital, hybrid
 
     # ---------------------------------------------------------------------------- internals
     def _get_generator(self, device: torch.device) -> torch.Generator:
@@ -429,11 +486,16 @@ class KFACPreconditioner:
         state.fallback = None  # stale: re-prepared from the new factors if it is needed again
         try:
             state.solver.prepare(state.A, state.G, self.damping)
-        except (RuntimeError, torch.linalg.LinAlgError) as err:
+            state.prepare_failed = False
+        except (RuntimeError, torch.linalg.LinAlgError, ValueError) as err:
+            # ValueError: e.g. an analog device that cannot represent the factor (not positive
+            # definite after quantization); the fallback solver serves until the next prepare.
             state.skipped_updates += 1
+            state.prepare_failed = self._make_fallback is not None
+            then = ("using the fallback solver until the next inverse update" if state.prepare_failed
+                    else "keeping the previous preconditioner")
             warnings.warn(f"K-FAC: solver {type(state.solver).__name__} failed on layer {name!r} "
-                          f"({err}); keeping the previous preconditioner", RuntimeWarning,
-                          stacklevel=3)
+                          f"({err}); {then}", RuntimeWarning, stacklevel=3)
 
     def _precondition(self, reports: dict[str, Any]) -> list[tuple[_LayerState, torch.Tensor, torch.Tensor]]:
         """``[(layer state, raw gradient matrix, preconditioned matrix)]`` for ready layers."""
@@ -446,6 +508,10 @@ class KFACPreconditioner:
                     a_rows = torch.cat(a_batch)
                     state.solver.observe_batch(a_rows / math.sqrt(a_rows.shape[0]), torch.cat(g_batch))
             grad = state.adapter.grad_matrix()
+            if grad is not None and state.prepare_failed:
+                rhs = grad.to(self.factor_dtype)
+                out.append((state, grad, self._fall_back(name, state, rhs).to(grad.dtype)))
+                continue
             if grad is None or not state.solver.ready:
                 continue
             rhs = grad.to(self.factor_dtype)
@@ -504,9 +570,11 @@ class KFACPreconditioner:
         """Factors, solver states, counters and RNG state (everything needed to resume exactly)."""
         return {
             "steps": self.steps,
+            "assignment": self.assignment(),
             "layers": {
                 name: {"A": s.A, "G": s.G, "solver": s.solver.state_dict(),
                        "skipped_updates": s.skipped_updates, "fallbacks": s.fallbacks,
+                       "prepare_failed": s.prepare_failed,
                        "fallback": None if s.fallback is None else s.fallback.state_dict()}
                 for name, s in self._layers.items()
             },
@@ -520,6 +588,13 @@ class KFACPreconditioner:
         if saved != set(self._layers):
             raise ValueError(f"state_dict layers {sorted(saved)} do not match the registered "
                              f"layers {sorted(self._layers)}")
+        saved_assignment = state.get("assignment") or {}
+        differ = {n: (solver, self._assignments[n].solver) for n, solver in saved_assignment.items()
+                  if n in self._assignments and self._assignments[n].solver != solver}
+        if differ:
+            detail = ", ".join(f"{n!r}: saved {a!r}, now {b!r}" for n, (a, b) in differ.items())
+            raise ValueError(f"state_dict was saved with other per-layer solvers ({detail}); build the "
+                             "preconditioner with the same solver/solver_map to resume")
         self.steps = int(state["steps"])
         for name, layer_state in state["layers"].items():
             s = self._layers[name]
@@ -527,6 +602,7 @@ class KFACPreconditioner:
             s.solver.load_state_dict({k: _clone(v) for k, v in layer_state["solver"].items()})
             s.skipped_updates = int(layer_state["skipped_updates"])
             s.fallbacks = int(layer_state.get("fallbacks", 0))
+            s.prepare_failed = bool(layer_state.get("prepare_failed", False))
             s.fallback = None
             if layer_state.get("fallback") and self._make_fallback is not None:
                 s.fallback = self._make_fallback()
