@@ -248,6 +248,16 @@ class SolverPolicy:
         object.__setattr__(self, "digital", digital_device(self.digital))
         check_number("kappa", self.kappa, low=1.0)
         check_number("eps", self.eps, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        for spec in [s for _, s in rules] + ([self.default] if self.default is not None else []):
+            self.validate(spec)
+
+    def validate(self, spec: SolverSpec) -> None:
+        """Raise ``ValueError`` if the solver a spec stands for rejects its options."""
+        self._bind(self._analog_for(spec) if spec.is_rule else spec).factory()
+
+    def _analog_for(self, rule: SolverSpec) -> SolverSpec:
+        """The analog solver of a rule: the policy's, with the rule's options merged in."""
+        return SolverSpec(self.analog.name, {**self.analog.options, **rule.options}, self.analog.solver)
 
     @classmethod
     def coerce(cls, value: Any) -> SolverPolicy:
@@ -290,7 +300,7 @@ class SolverPolicy:
         sizes = (int(n_a), int(n_g))
         if not spec.is_rule:
             return LayerAssignment(name, module_type, sizes, self._bind(spec), source, spec.text)
-        chosen = SolverSpec(self.analog.name, {**self.analog.options, **spec.options}, self.analog.solver)
+        chosen = self._analog_for(spec)
         analog = self._bind(chosen)
         digital = self.digital_solver
         cells = self.hardware.cells

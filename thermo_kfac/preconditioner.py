@@ -173,8 +173,7 @@ class KFACPreconditioner:
         self.solver_spec = solver
         self.policy = SolverPolicy.coerce(solver_map)
         self._default_spec = SolverSpec.parse(solver, solver_options)
-        if not self._default_spec.is_rule:
-            self._default_spec.factory()  # validate the options before registering layers
+        self.policy.validate(self._default_spec)  # bad options fail before layers are registered
         self._assignments: dict[str, LayerAssignment] = {}
         self._factories: dict[str, Any] = {}
         self._make_fallback = None if fallback_solver is None else solver_factory(fallback_solver)
