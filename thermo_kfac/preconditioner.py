@@ -42,7 +42,7 @@ from thermo_kfac.curvature import (
     loss_scale,
     mc_loss,
 )
-from thermo_kfac.policy import HardwarePricer, LayerAssignment, SolverPolicy, SolverSpec
+from thermo_kfac.policy import HardwarePricer, LayerAssignment, SolverPolicy, SolverSpec, is_analog
 from thermo_kfac.solvers.base import Damping, KFACSolver, solver_factory
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -69,6 +69,7 @@ class _LayerState:
     fallback: KFACSolver | None = None  # prepared lazily, on the first fallback after a factor update
     fallbacks: int = 0
     prepare_failed: bool = False  # the last prepare() raised: the fallback serves until the next one
+    last_fallback_step: int = -1
     handles: list[Any] = field(default_factory=list)
 
 
@@ -429,7 +430,9 @@ class KFACPreconditioner:
             d, h = self._pricer.layer_cost(name, s.solver, s.adapter.d_in, s.adapter.d_out,
                                            s.adapter.has_bias)
             digital += d
-            hybrid += h
+            # a step served by the fallback also pays the digital solver's work on the hybrid machine
+            fell_back = s.last_fallback_step == self.steps - 1 and is_analog(s.solver)
+            hybrid += h + (d if fell_back else 0.0)
         return digital, hybrid
 
     # ---------------------------------------------------------------------------- internals
@@ -539,6 +542,7 @@ class KFACPreconditioner:
                           f"layer {name!r}; using the fallback solver (counted in fallbacks(); "
                           "warned once per layer)", RuntimeWarning, stacklevel=4)
         state.fallbacks += 1
+        state.last_fallback_step = self.steps
         if state.fallback is None:
             assert self._make_fallback is not None and state.A is not None and state.G is not None
             state.fallback = self._make_fallback()

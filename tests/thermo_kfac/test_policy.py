@@ -205,6 +205,7 @@ class _UnprogrammableSolver(KFACSolver):
     """A solver whose prepare fails like an analog device that cannot hold the factor."""
 
     name = "test-unprogrammable"
+    analog = True  # priced as an analog layer
 
     def prepare(self, A, G, damping):
         raise ValueError("the programmed matrix is not positive definite")
@@ -218,6 +219,8 @@ def test_prepare_failure_uses_the_fallback_solver_and_counts_it():
     model = _Net()
     precond = KFACPreconditioner(model, solver_map={"fc2": "test-unprogrammable"}, inverse_update_every=3)
     reference = KFACPreconditioner(_clone_model(model), inverse_update_every=3)
+    analog_fc2 = thermo_layer_cost(8, 40, 32, kappa=100.0, eps=0.1, device=thermo_device("chip"),
+                                   host=digital_device("h100"), schedule=KFACSchedule(1, 3)).seconds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for i in range(4):
@@ -227,6 +230,10 @@ def test_prepare_failure_uses_the_fallback_solver_and_counts_it():
                 nn.functional.cross_entropy(m(x), y).backward()
                 p.step()
             assert torch.allclose(model.fc2.weight.grad, reference.model.fc2.weight.grad, atol=1e-6)
+            # the hybrid machine paid fc2's analog attempt (no report: the cost model's price) and
+            # then its digital fallback: hybrid = all-digital + fc2's analog price
+            report = precond.last_report
+            assert report["predicted_hybrid_s"] == pytest.approx(report["predicted_digital_s"] + analog_fc2)
     assert precond.fallbacks() == {"conv": 0, "fc1": 0, "fc2": 4, "head": 0}
     assert precond.skipped_updates()["fc2"] == 2  # two inverse updates failed (steps 0 and 3)
 
