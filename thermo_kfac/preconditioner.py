@@ -177,6 +177,7 @@ class KFACPreconditioner:
         self.policy.validate(self._default_spec)  # bad options fail before layers are registered
         self._assignments: dict[str, LayerAssignment] = {}
         self._factories: dict[str, Any] = {}
+        self._layer_factories: dict[str, Any] = {}
         self._make_fallback = None if fallback_solver is None else solver_factory(fallback_solver)
         if fallback_residual_tol is not None:
             check_positive("fallback_residual_tol", fallback_residual_tol)
@@ -226,24 +227,31 @@ class KFACPreconditioner:
             state.handles.append(module.register_forward_hook(self._make_output_hook(state)))
             self._layers[name] = state
         self._root_handle = model.register_forward_hook(self._record_output)
-        precision = "fp64" if self.factor_dtype == torch.float64 else "fp32"
-        self._pricer = HardwarePricer(self.policy, KFACSchedule(
-            factor_every=self.factor_update_every, inverse_every=self.inverse_update_every,
-            precision=precision))
+        self._pricer = HardwarePricer(self.policy, self._schedule())
+
+    def _schedule(self) -> KFACSchedule:
+        """The update periods and precision, as the cost model takes them."""
+        return KFACSchedule(factor_every=self.factor_update_every, inverse_every=self.inverse_update_every,
+                            precision="fp64" if self.factor_dtype == torch.float64 else "fp32")
 
     def _assign(self, name: str, module: nn.Module, adapter: LayerAdapter) -> KFACSolver:
         """The layer's solver, chosen by the solver policy (one factory per distinct spec)."""
-        schedule = KFACSchedule(factor_every=self.factor_update_every,
-                                inverse_every=self.inverse_update_every)
         assignment = self.policy.assign(name, type(module).__name__, adapter.d_in, adapter.d_out,
                                         has_bias=adapter.has_bias, default=self._default_spec,
-                                        schedule=schedule)
+                                        schedule=self._schedule())
         self._assignments[name] = assignment
         spec = assignment.spec
         key = spec.text if spec.solver is None else f"object:{id(spec.solver)}"
         if key not in self._factories:
             self._factories[key] = assignment.spec.factory()
+        self._layer_factories[name] = self._factories[key]
         return self._factories[key]()
+
+    def _make_solver(self, name: str | None = None) -> KFACSolver:
+        """A fresh solver for layer ``name`` as assigned (None: the default solver)."""
+        if name is not None:
+            return self._layer_factories[name]()
+        return self._default_spec.factory()()
 
     def _skipped(self, name: str, module: nn.Module) -> bool:
         cls = type(module).__name__
