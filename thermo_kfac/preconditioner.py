@@ -70,6 +70,7 @@ class _LayerState:
     fallbacks: int = 0
     prepare_failed: bool = False  # the last prepare() raised: the fallback serves until the next one
     last_fallback_step: int = -1
+    prepare_warned: bool = False
     handles: list[Any] = field(default_factory=list)
 
 
@@ -502,10 +503,13 @@ class KFACPreconditioner:
             # definite after quantization); the fallback solver serves until the next prepare.
             state.skipped_updates += 1
             state.prepare_failed = self._make_fallback is not None
-            then = ("using the fallback solver until the next inverse update" if state.prepare_failed
+            then = ("using the fallback solver until the next inverse update (counted in "
+                    "fallbacks(); warned once per layer)" if state.prepare_failed
                     else "keeping the previous preconditioner")
-            warnings.warn(f"K-FAC: solver {type(state.solver).__name__} failed on layer {name!r} "
-                          f"({err}); {then}", RuntimeWarning, stacklevel=3)
+            if not state.prepare_warned:
+                state.prepare_warned = True
+                warnings.warn(f"K-FAC: solver {type(state.solver).__name__} failed on layer {name!r} "
+                              f"({err}); {then}", RuntimeWarning, stacklevel=3)
 
     def _precondition(self, reports: dict[str, Any]) -> list[tuple[_LayerState, torch.Tensor, torch.Tensor]]:
         """``[(layer state, raw gradient matrix, preconditioned matrix)]`` for ready layers."""
@@ -520,7 +524,7 @@ class KFACPreconditioner:
             grad = state.adapter.grad_matrix()
             if grad is not None and state.prepare_failed:
                 rhs = grad.to(self.factor_dtype)
-                out.append((state, grad, self._fall_back(name, state, rhs).to(grad.dtype)))
+                out.append((state, grad, self._fall_back(name, state, rhs, warn=False).to(grad.dtype)))
                 continue
             if grad is None or not state.solver.ready:
                 continue
@@ -544,8 +548,9 @@ class KFACPreconditioner:
         error = float((residual - rhs).norm() / rhs.norm().clamp_min(1e-30))
         return error <= self.fallback_residual_tol
 
-    def _fall_back(self, name: str, state: _LayerState, rhs: torch.Tensor) -> torch.Tensor:
-        if state.fallbacks == 0:
+    def _fall_back(self, name: str, state: _LayerState, rhs: torch.Tensor, warn: bool = True
+                   ) -> torch.Tensor:
+        if state.fallbacks == 0 and warn:
             warnings.warn(f"K-FAC: solver {type(state.solver).__name__} gave an unusable result on "
                           f"layer {name!r}; using the fallback solver (counted in fallbacks(); "
                           "warned once per layer)", RuntimeWarning, stacklevel=4)

@@ -221,8 +221,8 @@ def test_prepare_failure_uses_the_fallback_solver_and_counts_it():
     reference = KFACPreconditioner(_clone_model(model), inverse_update_every=3)
     analog_fc2 = thermo_layer_cost(8, 40, 32, kappa=100.0, eps=0.1, device=thermo_device("chip"),
                                    host=digital_device("h100"), schedule=KFACSchedule(1, 3)).seconds
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for i in range(4):
             x, y = _batch(i)
             for m, p in ((model, precond), (reference.model, reference)):
@@ -236,6 +236,8 @@ def test_prepare_failure_uses_the_fallback_solver_and_counts_it():
             assert report["predicted_hybrid_s"] == pytest.approx(report["predicted_digital_s"] + analog_fc2)
     assert precond.fallbacks() == {"conv": 0, "fc1": 0, "fc2": 4, "head": 0}
     assert precond.skipped_updates()["fc2"] == 2  # two inverse updates failed (steps 0 and 3)
+    messages = [str(w.message) for w in caught if "'fc2'" in str(w.message)]
+    assert len(messages) == 1 and "not positive definite" in messages[0]  # warned once per layer
 
 
 def _clone_model(model: nn.Module) -> nn.Module:
