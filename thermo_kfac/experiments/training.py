@@ -868,6 +868,12 @@ def format_table(results: dict[str, Any]) -> str:
     if predicted:
         lines.append("hw digital/hybrid: predicted K-FAC curvature time per step of the all-digital "
                      "machine and of the hybrid one (analog layers on the thermodynamic device)")
+    for run in runs:
+        used = {layer: n for layer, n in (run.get("fallbacks") or {}).items() if n}
+        if used:
+            detail = ", ".join(f"{layer!r} in {n}" for layer, n in used.items())
+            lines.append(f"{run['label']}: fallback solver used on layer {detail} of "
+                         f"{run['steps']} steps")
     config = results["config"]
     lines.append(f"wall time: training steps only (evaluation excluded), {config['torch_threads']} "
                  f"torch threads; losses on the full train/test sets")
