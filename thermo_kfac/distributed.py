@@ -585,7 +585,7 @@ class DistributedKFAC:
         for name, s in precond._layers.items():
             if name not in self.owned:
                 index = s.solver.layer_index
-                s.solver = precond._make_solver()
+                s.solver = precond._make_solver(name)
                 s.solver.layer_index = index
                 s.fallback = None
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hw_models.cost import KFACSchedule
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac import distributed as _dist
 from thermo_kfac.capture import LayerAdapter, make_adapter
@@ -42,6 +43,7 @@ from thermo_kfac.curvature import (
     loss_scale,
     mc_loss,
 )
+from thermo_kfac.policy import HardwarePricer, LayerAssignment, SolverPolicy, SolverSpec, is_analog
 from thermo_kfac.solvers.base import Damping, KFACSolver, solver_factory
 from thermo_kfac.solvers.kronecker_svd import CURVATURES, curvature_solver_factory
 
@@ -68,6 +70,9 @@ class _LayerState:
     skipped_updates: int = 0
     fallback: KFACSolver | None = None  # prepared lazily, on the first fallback after a factor update
     fallbacks: int = 0
+    prepare_failed: bool = False  # the last prepare() raised: the fallback serves until the next one
+    last_fallback_step: int = -1
+    prepare_warned: bool = False
     handles: list[Any] = field(default_factory=list)
 
 
@@ -93,8 +98,15 @@ class KFACPreconditioner:
         inverse_update_every: re-prepare the solvers every this many steps.
         solver: ``"eigh"``, ``"cholesky"`` (or any registered name, see
             :func:`thermo_kfac.available_solvers`), a ``KFACSolver`` subclass or a prototype
-            instance (copied per layer).
+            instance (copied per layer), or a per-layer rule of :mod:`thermo_kfac.policy`:
+            ``"auto"`` (cheapest predicted time per layer) or ``"fits"`` (analog if the factors
+            fit the device); a rule's ``solver_options`` configure its analog solver.
         solver_options: keyword arguments for the solver class.
+        solver_map: per-layer solvers: ``{pattern: spec}`` (first match wins; a pattern is searched
+            in the layer name or matches its type name; specs like ``"thermo:bits=8"``, ``"auto"``)
+            or a :class:`thermo_kfac.policy.SolverPolicy` (which also picks the hardware presets
+            used for ``auto`` and for ``last_report``'s predicted times). Unmatched layers use
+            ``solver``. :meth:`assignment` tells which solver each layer got.
         kl_clip: scale the step so that the predicted KL change ``lr^2 <U, grad>`` stays below
             this value (None disables). The learning rates are read from ``optimizer``.
         optimizer: the optimizer whose param groups give the learning rates for KL clipping.
@@ -147,6 +159,7 @@ class KFACPreconditioner:
         fallback_residual_tol: float | None = None,
         distributed: Any = "auto",
         curvature: str = "kfac",
+        solver_map: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -175,12 +188,23 @@ class KFACPreconditioner:
         self.seed = check_number("seed", seed, integer=True)
         self.solver_spec = solver
         self.curvature = check_choice("curvature", curvature, CURVATURES)
-        if self.curvature == "kfac":
-            self._make_solver = solver_factory(solver, solver_options)
-        else:
-            self._make_solver = curvature_solver_factory(
+        # Kronecker-SVD curvatures bring their own solver for every layer; the policy then only
+        # prices the layers (as digital).
+        self._curvature_factory = None
+        if self.curvature != "kfac":
+            if solver_map is not None:
+                raise ValueError(f"solver_map cannot be combined with curvature={self.curvature!r}: "
+                                 "the Kronecker-SVD curvatures use their own solver on every layer")
+            self._curvature_factory = curvature_solver_factory(
                 self.curvature, solver, solver_options, decay=self.factor_decay,
                 update_every=self.factor_update_every)
+            solver, solver_options = "eigh", None
+        self.policy = SolverPolicy.coerce(solver_map)
+        self._default_spec = SolverSpec.parse(solver, solver_options)
+        self.policy.validate(self._default_spec)  # bad options fail before layers are registered
+        self._assignments: dict[str, LayerAssignment] = {}
+        self._factories: dict[str, Any] = {}
+        self._layer_factories: dict[str, Any] = {}
         self._make_fallback = None if fallback_solver is None else solver_factory(fallback_solver)
         if fallback_residual_tol is not None:
             check_positive("fallback_residual_tol", fallback_residual_tol)
@@ -226,12 +250,37 @@ class KFACPreconditioner:
             adapter = make_adapter(name, module)
             if adapter is None:
                 continue
-            state = _LayerState(adapter=adapter, solver=self._make_solver())
+            state = _LayerState(adapter=adapter, solver=self._assign(name, module, adapter))
             state.solver.layer_index = len(self._layers)
             state.handles.append(module.register_forward_pre_hook(self._make_input_hook(state)))
             state.handles.append(module.register_forward_hook(self._make_output_hook(state)))
             self._layers[name] = state
         self._root_handle = model.register_forward_hook(self._record_output)
+        self._pricer = HardwarePricer(self.policy, self._schedule())
+
+    def _schedule(self) -> KFACSchedule:
+        """The update periods and precision, as the cost model takes them."""
+        return KFACSchedule(factor_every=self.factor_update_every, inverse_every=self.inverse_update_every,
+                            precision="fp64" if self.factor_dtype == torch.float64 else "fp32")
+
+    def _assign(self, name: str, module: nn.Module, adapter: LayerAdapter) -> KFACSolver:
+        """The layer's solver, chosen by the solver policy (one factory per distinct spec)."""
+        assignment = self.policy.assign(name, type(module).__name__, adapter.d_in, adapter.d_out,
+                                        has_bias=adapter.has_bias, default=self._default_spec,
+                                        schedule=self._schedule())
+        self._assignments[name] = assignment
+        spec = assignment.spec
+        key = spec.text if spec.solver is None else f"object:{id(spec.solver)}"
+        if key not in self._factories:
+            self._factories[key] = assignment.spec.factory()
+        self._layer_factories[name] = self._curvature_factory or self._factories[key]
+        return self._layer_factories[name]()
+
+    def _make_solver(self, name: str | None = None) -> KFACSolver:
+        """A fresh solver for layer ``name`` as assigned (None: the default solver)."""
+        if name is not None:
+            return self._layer_factories[name]()
+        return (self._curvature_factory or self._default_spec.factory())()
 
     def _skipped(self, name: str, module: nn.Module) -> bool:
         cls = type(module).__name__
@@ -310,6 +359,14 @@ class KFACPreconditioner:
         """``{layer name: (A, G)}`` of the layers whose factors have been computed."""
         return {name: (s.A, s.G) for name, s in self._layers.items() if s.A is not None}
 
+    def assignment(self) -> dict[str, str]:
+        """``{layer name: solver name}`` as chosen by the solver policy."""
+        return {name: a.solver for name, a in self._assignments.items()}
+
+    def assignment_details(self) -> list[LayerAssignment]:
+        """Per layer: type, factor sizes, solver spec and the rule that chose it."""
+        return list(self._assignments.values())
+
     def fallbacks(self) -> dict[str, int]:
         """Steps per layer whose preconditioned gradient came from the fallback solver."""
         return {name: s.fallbacks for name, s in self._layers.items()}
@@ -373,6 +430,7 @@ class KFACPreconditioner:
         if self._dist is not None:
             self._dist.begin_step(self)
         if factor_update:
+            self._pricer.observe_rows({name: s.a_rows for name, s in self._layers.items()})
             self._update_factors()
             if self._dist is not None:
                 self._dist.factors_updated(self, inverse_update)
@@ -397,6 +455,7 @@ class KFACPreconditioner:
         self.steps += 1
         times = [r.hardware_time_s for r in reports.values() if r.hardware_time_s is not None]
         energies = [r.energy_j for r in reports.values() if r.energy_j is not None]
+        digital_s, hybrid_s = self._predicted_times(reports)
         self.last_report = {
             "step": self.steps,
             "factor_update": factor_update,
@@ -406,10 +465,25 @@ class KFACPreconditioner:
             "fallbacks": sum(s.fallbacks for s in self._layers.values()),
             "energy_j": sum(energies) if energies else None,
             "solver_reports": reports,
+            "predicted_digital_s": digital_s,
+            "predicted_hybrid_s": hybrid_s,
             "wall_time_s": time.perf_counter() - start,
         }
         if self._dist is not None:
             self.last_report["distributed"] = self._dist.report()
+
+    def _predicted_times(self, reports: dict[str, Any]) -> tuple[float, float]:
+        """Predicted curvature seconds per step, all-digital and hybrid (see HardwarePricer)."""
+        self._pricer.observe_reports(reports)
+        digital = hybrid = 0.0
+        for name, s in self._layers.items():
+            d, h = self._pricer.layer_cost(name, s.solver, s.adapter.d_in, s.adapter.d_out,
+                                           s.adapter.has_bias)
+            digital += d
+            # a step served by the fallback also pays the digital solver's work on the hybrid machine
+            fell_back = s.last_fallback_step == self.steps - 1 and is_analog(s.solver)
+            hybrid += h + (d if fell_back else 0.0)
+        return digital, hybrid
 
     # ---------------------------------------------------------------------------- internals
     def _get_generator(self, device: torch.device) -> torch.Generator:
@@ -465,11 +539,19 @@ class KFACPreconditioner:
         state.fallback = None  # stale: re-prepared from the new factors if it is needed again
         try:
             state.solver.prepare(state.A, state.G, self.damping)
-        except (RuntimeError, torch.linalg.LinAlgError) as err:
+            state.prepare_failed = False
+        except (RuntimeError, torch.linalg.LinAlgError, ValueError) as err:
+            # ValueError: e.g. an analog device that cannot represent the factor (not positive
+            # definite after quantization); the fallback solver serves until the next prepare.
             state.skipped_updates += 1
-            warnings.warn(f"K-FAC: solver {type(state.solver).__name__} failed on layer {name!r} "
-                          f"({err}); keeping the previous preconditioner", RuntimeWarning,
-                          stacklevel=3)
+            state.prepare_failed = self._make_fallback is not None
+            then = ("using the fallback solver until the next inverse update (counted in "
+                    "fallbacks(); warned once per layer)" if state.prepare_failed
+                    else "keeping the previous preconditioner")
+            if not state.prepare_warned:
+                state.prepare_warned = True
+                warnings.warn(f"K-FAC: solver {type(state.solver).__name__} failed on layer {name!r} "
+                              f"({err}); {then}", RuntimeWarning, stacklevel=3)
 
     def _precondition(self, reports: dict[str, Any], names: set[str] | None = None
                       ) -> list[tuple[_LayerState, torch.Tensor, torch.Tensor]]:
@@ -486,6 +568,10 @@ class KFACPreconditioner:
                     a_rows = torch.cat(a_batch)
                     state.solver.observe_batch(a_rows / math.sqrt(a_rows.shape[0]), torch.cat(g_batch))
             grad = state.adapter.grad_matrix()
+            if grad is not None and state.prepare_failed:
+                rhs = grad.to(self.factor_dtype)
+                out.append((state, grad, self._fall_back(name, state, rhs, warn=False).to(grad.dtype)))
+                continue
             if grad is None or not state.solver.ready:
                 continue
             rhs = grad.to(self.factor_dtype)
@@ -508,12 +594,14 @@ class KFACPreconditioner:
         error = float((residual - rhs).norm() / rhs.norm().clamp_min(1e-30))
         return error <= self.fallback_residual_tol
 
-    def _fall_back(self, name: str, state: _LayerState, rhs: torch.Tensor) -> torch.Tensor:
-        if state.fallbacks == 0:
+    def _fall_back(self, name: str, state: _LayerState, rhs: torch.Tensor, warn: bool = True
+                   ) -> torch.Tensor:
+        if state.fallbacks == 0 and warn:
             warnings.warn(f"K-FAC: solver {type(state.solver).__name__} gave an unusable result on "
                           f"layer {name!r}; using the fallback solver (counted in fallbacks(); "
                           "warned once per layer)", RuntimeWarning, stacklevel=4)
         state.fallbacks += 1
+        state.last_fallback_step = self.steps
         if state.fallback is None:
             assert self._make_fallback is not None and state.A is not None and state.G is not None
             state.fallback = self._make_fallback()
@@ -549,9 +637,11 @@ class KFACPreconditioner:
             self._dist.prepare_state_dict(self)
         state = {
             "steps": self.steps,
+            "assignment": self.assignment(),
             "layers": {
                 name: {"A": s.A, "G": s.G, "solver": s.solver.state_dict(),
                        "skipped_updates": s.skipped_updates, "fallbacks": s.fallbacks,
+                       "prepare_failed": s.prepare_failed,
                        "fallback": None if s.fallback is None else s.fallback.state_dict()}
                 for name, s in self._layers.items()
             },
@@ -569,6 +659,13 @@ class KFACPreconditioner:
         if saved != set(self._layers):
             raise ValueError(f"state_dict layers {sorted(saved)} do not match the registered "
                              f"layers {sorted(self._layers)}")
+        saved_assignment = state.get("assignment") or {}
+        differ = {n: (solver, self._assignments[n].solver) for n, solver in saved_assignment.items()
+                  if n in self._assignments and self._assignments[n].solver != solver}
+        if differ:
+            detail = ", ".join(f"{n!r}: saved {a!r}, now {b!r}" for n, (a, b) in differ.items())
+            raise ValueError(f"state_dict was saved with other per-layer solvers ({detail}); build the "
+                             "preconditioner with the same solver/solver_map to resume")
         self.steps = int(state["steps"])
         for name, layer_state in state["layers"].items():
             s = self._layers[name]
@@ -576,6 +673,7 @@ class KFACPreconditioner:
             s.solver.load_state_dict({k: _clone(v) for k, v in layer_state["solver"].items()})
             s.skipped_updates = int(layer_state["skipped_updates"])
             s.fallbacks = int(layer_state.get("fallbacks", 0))
+            s.prepare_failed = bool(layer_state.get("prepare_failed", False))
             s.fallback = None
             if layer_state.get("fallback") and self._make_fallback is not None:
                 s.fallback = self._make_fallback()

@@ -251,3 +251,47 @@ def test_library_functions_accept_loaded_datasets():
     assert [r["steps"] for r in results["runs"]] == [4, 4]
     assert results["config"]["dataset"]["n_train"] == 200
     assert torch.get_num_threads() >= 1
+
+
+def test_solver_map_end_to_end_writes_assignment_and_predicted_times(tmp_path, capsys):
+    out = tmp_path / "policy"
+    assert _main("compare", "--optimizers", "adam", "kfac",
+                 "kfac:solver_map=^1$=thermo:integrator=analytic", "--steps", "6", "--eval-every", "3",
+                 "--solver-map", "^5$=thermo:integrator=analytic;Linear=eigh", "--hardware", "chip",
+                 "--digital", "a100", "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "solver per layer" in printed and "rule '^5$'" in printed
+    assert "hw digital/step" in printed and "hw hybrid/step" in printed
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    adam, flag_map, spec_map = runs
+    assert "predicted_digital_s" not in adam and "assignment" not in adam
+    # the flag sets the map of every kfac run; a spec's own solver_map wins
+    assert flag_map["assignment"] == {"1": "eigh", "3": "eigh", "5": "thermo"}
+    assert spec_map["assignment"] == {"1": "thermo", "3": "eigh", "5": "eigh"}
+    for run in (flag_map, spec_map):
+        assert run["solver_policy"]["digital"] == "a100" and run["solver_policy"]["hardware"] == "chip"
+        assert run["fallbacks"] == {"1": 0, "3": 0, "5": 0}
+        history = run["history"]
+        assert all({"predicted_digital_s", "predicted_hybrid_s", "fallbacks", "wall_time_s"} <= set(h)
+                   for h in history)
+        assert run["predicted_digital_s"] == pytest.approx(
+            sum(h["predicted_digital_s"] for h in history) / len(history))
+        assert run["predicted_hybrid_s"] == pytest.approx(
+            sum(h["predicted_hybrid_s"] for h in history) / len(history))
+        assert run["predicted_hybrid_s"] != pytest.approx(run["predicted_digital_s"])
+    # the all-digital machine is the same for both runs (same layers, same presets)
+    assert flag_map["predicted_digital_s"] == pytest.approx(spec_map["predicted_digital_s"])
+    with open(out / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["run"] == "kfac"]
+    assert len(rows) == 6 and float(rows[0]["predicted_hybrid_s"]) > 0 and rows[0]["fallbacks"] == "0"
+
+
+def test_bad_solver_map_and_preset_stop_before_training(capsys):
+    assert _main("train", "--solver-map", "fc1", "--steps", "2") == 2
+    assert "pattern=spec" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _main("train", "--hardware", "chipp", "--steps", "2")
+    assert "chipp" in capsys.readouterr().err
+    assert _main("train", "--solver", "thermoo", "--steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "thermoo" in err and "auto" in err

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hw_models.devices import DIGITAL_PRESETS, THERMO_PRESETS
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac import distributed as _distributed
 from thermo_kfac.data import DATASETS, Dataset, load_dataset
@@ -107,7 +108,12 @@ OPTIONS: dict[str, _Option] = {
     "fisher_type": _Option(str, "curvature estimate", ("kfac",), choices=FISHER_TYPES),
     "kl_clip": _Option(_parse_optional_float, "KL clipping bound (none disables)", ("kfac", "eva"), low=0.0,
                        low_inclusive=False),
-    "solver": _Option(str, "per-layer Kronecker solver", ("kfac",)),
+    "solver": _Option(str, "per-layer Kronecker solver (or the rules auto, fits)", ("kfac",)),
+    "solver_map": _Option(str, "per-layer solvers 'pattern=spec;...' or a JSON file", ("kfac",)),
+    "hardware": _Option(str, "thermodynamic preset for auto/fits and predicted times", ("kfac",),
+                        choices=THERMO_PRESETS),
+    "digital": _Option(str, "digital preset for auto and predicted times", ("kfac",),
+                       choices=DIGITAL_PRESETS),
     "factor_dtype": _Option(str, "dtype of the factors", ("kfac",), choices=tuple(FACTOR_DTYPES)),
     # AdaFisher and Eva (thermo_kfac/adafisher.py, thermo_kfac/eva.py; docs/adafisher_eva.md)
     "beta": _Option(float, "AdaFisher first-moment EMA", ("adafisher",), low=0.0, high=1.0,
@@ -133,7 +139,8 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "kfac": {"base": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 0.0, "beta1": 0.9,
              "beta2": 0.999, "eps": 1e-8, "damping": 0.1, "pi_damping": False, "factor_decay": 0.95,
              "factor_update_every": 10, "inverse_update_every": 50, "fisher_type": "empirical",
-             "kl_clip": 1e-3, "solver": "eigh", "factor_dtype": "float32"},
+             "kl_clip": 1e-3, "solver": "eigh", "factor_dtype": "float32", "solver_map": None,
+             "hardware": "chip", "digital": "h100"},
 }
 # AdaFisher: the authors' defaults (lr, beta, lambda, T_cov = 100, EMA pair of their code).
 OPTIMIZER_DEFAULTS["adafisher"] = {"lr": 1e-3, "beta": 0.9, "gamma1": 0.92, "gamma2": 0.008, "damping": 1e-3,
@@ -264,15 +271,19 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
     if spec.name != "kfac":
         return _make_optimizer(spec.name, model.parameters(), options), None
     from thermo_kfac import KFACPreconditioner
+    from thermo_kfac.policy import SolverPolicy, parse_solver_map
 
     opt = _make_optimizer(options["base"], model.parameters(), options)
+    rules = parse_solver_map(options["solver_map"]) if options.get("solver_map") else ()
+    policy = SolverPolicy(rules=rules, hardware=options.get("hardware", "chip"),
+                          digital=options.get("digital", "h100"))
     precond = KFACPreconditioner(
         model, loss=loss, reduction="mean", fisher_type=options["fisher_type"],
         damping=options["damping"], pi_damping=options["pi_damping"],
         factor_decay=options["factor_decay"], factor_update_every=options["factor_update_every"],
         inverse_update_every=options["inverse_update_every"], solver=options["solver"],
         solver_options=options.get("solver_options"), kl_clip=options["kl_clip"], optimizer=opt,
-        factor_dtype=FACTOR_DTYPES[options["factor_dtype"]], seed=seed)
+        factor_dtype=FACTOR_DTYPES[options["factor_dtype"]], seed=seed, solver_map=policy)
     return opt, precond
 
 
@@ -342,6 +353,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.wall = 0.0
         self.hardware_total: float | None = None
+        self.predicted_sums = [0.0, 0.0]  # all-digital, hybrid seconds summed over steps
         self.diverged = False
         self.initial = self.evaluation()
         _warm_up(data, model_name, model_options, spec, options, loss, batch_size, seed, device)
@@ -379,6 +391,12 @@ class _Run:
             if predicted is not None:
                 record["predicted_hardware_s"] = float(predicted)
                 self.hardware_total = (self.hardware_total or 0.0) + float(predicted)
+            report = self.precond.last_report
+            record["predicted_digital_s"] = float(report["predicted_digital_s"])
+            record["predicted_hybrid_s"] = float(report["predicted_hybrid_s"])
+            record["fallbacks"] = int(report["fallbacks"])
+            self.predicted_sums[0] += record["predicted_digital_s"]
+            self.predicted_sums[1] += record["predicted_hybrid_s"]
         self.diverged = not math.isfinite(loss_value)
         if step % self.eval_every == 0 or step == self.steps or self.diverged:
             record.update(self.evaluation())
@@ -415,6 +433,12 @@ class _Run:
             run["fallbacks"] = self.precond.fallbacks()
             if "distributed" in self.precond.last_report:
                 run["distributed"] = self.precond.last_report["distributed"]
+            steps_done = max(len(self.history), 1)
+            run["predicted_digital_s"] = self.predicted_sums[0] / steps_done
+            run["predicted_hybrid_s"] = self.predicted_sums[1] / steps_done
+            run["assignment"] = self.precond.assignment()
+            run["assignment_details"] = [a.to_dict() for a in self.precond.assignment_details()]
+            run["solver_policy"] = self.precond.policy.describe()
         run["history"] = self.history
         return run
 
@@ -515,7 +539,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             dataset_options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
             eval_every: int | None = None, target_loss: float | None = None,
             target_from_first: bool = True, out: str | Path | None = None, progress: bool = False,
-            device: str = "cpu", command: str = "compare") -> dict[str, Any]:
+            device: str = "cpu", command: str = "compare", print_assignment: bool = False
+            ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` once per optimizer spec, from the same start on the same batches.
 
     Args:
@@ -538,6 +563,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             at the end; nothing is written if a run fails).
         progress: show a tqdm progress bar per run.
         device: torch device for model and data.
+        print_assignment: print each K-FAC run's solver per layer before training.
 
     Returns:
         ``{"command", "config", "seed", "target_loss", "target_source", "runs": [...]}``.
@@ -607,6 +633,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
              options, loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
              device=torch_device)
         for spec, options, label in zip(specs, resolved, labels, strict=True)]
+    if print_assignment and _distributed.is_main_process():
+        _print_assignments(runners)
     _train_interleaved(runners, progress and _distributed.is_main_process())
     runs = [runner.result() for runner in runners]
     target_source = "given"
@@ -635,6 +663,17 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
     if out is not None and _distributed.is_main_process():  # one writer
         write_results(results, out)
     return results
+
+
+def _print_assignments(runners: list[_Run]) -> None:
+    from thermo_kfac.policy import format_assignment
+
+    for runner in runners:
+        if runner.precond is not None:
+            policy = runner.precond.policy
+            print(f"{runner.spec.label}: solver per layer (pricing: thermodynamic "
+                  f"{policy.hardware.name!r}, digital {policy.digital.name!r})")
+            print(format_assignment(runner.precond.assignment_details()) + "\n", flush=True)
 
 
 def _solver_option_hint(spec: OptimizerSpec) -> str:
@@ -676,7 +715,7 @@ def _unique_labels(labels: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------- outputs
 CSV_COLUMNS = ["run", "optimizer", "step", "epoch", "train_loss", "train_accuracy", "step_time_s",
                "wall_time_s", "eval_train_loss", "eval_train_accuracy", "test_loss", "test_accuracy",
-               "predicted_hardware_s"]
+               "predicted_hardware_s", "predicted_digital_s", "predicted_hybrid_s", "fallbacks"]
 
 
 def write_results(results: dict[str, Any], out: str | Path) -> list[Path]:
@@ -826,6 +865,8 @@ def _title(results: dict[str, Any]) -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     """The comparison table printed by the CLI."""
+    from thermo_kfac.policy import format_seconds
+
     runs = results["runs"]
     classification = any("test_accuracy" in r for r in runs)
     target = results.get("target_loss")
@@ -834,6 +875,9 @@ def format_table(results: dict[str, Any]) -> str:
     if classification:
         header.append("test acc")
     header += ["wall s", "ms/step"]
+    predicted = any(r.get("predicted_digital_s") is not None for r in runs)
+    if predicted:
+        header += ["hw digital/step", "hw hybrid/step"]
     if target is not None:
         header += ["to target s", "speed-up"]
     rows = [header]
@@ -849,6 +893,9 @@ def format_table(results: dict[str, Any]) -> str:
             acc = run.get("test_accuracy")
             row.append("-" if acc is None else f"{100 * acc:.1f}%")
         row += [number(run["wall_time_s"], ".2f"), number(1e3 * run["mean_step_time_s"], ".2f")]
+        if predicted:
+            row += [format_seconds(run.get("predicted_digital_s")),
+                    format_seconds(run.get("predicted_hybrid_s"))]
         if target is not None:
             ttt = run.get("time_to_target_s")
             row.append("not reached" if ttt is None else f"{ttt:.2f}")
@@ -861,6 +908,15 @@ def format_table(results: dict[str, Any]) -> str:
     if target is not None:
         lines.append(f"target train loss {target:.4g} ({results.get('target_source')}); "
                      "speed-up = first run's time to target / this run's")
+    if predicted:
+        lines.append("hw digital/hybrid: predicted K-FAC curvature time per step of the all-digital "
+                     "machine and of the hybrid one (analog layers on the thermodynamic device)")
+    for run in runs:
+        used = {layer: n for layer, n in (run.get("fallbacks") or {}).items() if n}
+        if used:
+            detail = ", ".join(f"{layer!r} in {n}" for layer, n in used.items())
+            lines.append(f"{run['label']}: fallback solver used on layer {detail} of "
+                         f"{run['steps']} steps")
     config = results["config"]
     lines.append(f"wall time: training steps only (evaluation excluded), {config['torch_threads']} "
                  f"torch threads; losses on the full train/test sets")
@@ -869,7 +925,8 @@ def format_table(results: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------- CLI
 _FLAG_OPTIONS = ["lr", "momentum", "weight_decay", "base", "damping", "pi_damping", "factor_decay",
-                 "factor_update_every", "inverse_update_every", "fisher_type", "kl_clip", "solver"]
+                 "factor_update_every", "inverse_update_every", "fisher_type", "kl_clip", "solver",
+                 "solver_map", "hardware", "digital"]
 
 
 def _kv_list(text: str) -> dict[str, Any]:
@@ -969,7 +1026,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                      help=f"kfac, eva: KL clipping bound, 'none' disables "
                           f"(default {OPTIMIZER_DEFAULTS['kfac']['kl_clip']})")
     opt.add_argument("--solver", default=None, metavar="NAME",
-                     help=f"kfac: Kronecker solver: {', '.join(available_solvers())} (default eigh)")
+                     help=f"kfac: Kronecker solver: {', '.join(available_solvers())}, or per layer "
+                          "auto (cheapest predicted time) or fits (analog if the factors fit the "
+                          "device) (default eigh)")
+    opt.add_argument("--solver-map", default=None, metavar="'PATTERN=SPEC;...'|FILE.json",
+                     help="kfac: per-layer solvers, first match wins; PATTERN is a regex searched in "
+                          "the layer name or a module type name (Linear, Conv2d), SPEC a solver spec "
+                          "such as thermo:bits=8,analog_time=20, eigh, auto or fits; or a JSON file "
+                          "{pattern: spec}. Unmatched layers use --solver")
+    opt.add_argument("--hardware", default=None, choices=THERMO_PRESETS,
+                     help="kfac: thermodynamic preset for auto/fits and the predicted times "
+                          "(default chip)")
+    opt.add_argument("--digital", default=None, choices=DIGITAL_PRESETS,
+                     help="kfac: digital preset for auto and the predicted times (default h100)")
 
     misc = parser.add_argument_group("output")
     misc.add_argument("--out", default=None, metavar="DIR",
@@ -1020,7 +1089,8 @@ def _experiment_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                 loss=args.loss, model_options=model_options, dataset_options=dataset_options,
                 overrides=_overrides(args), eval_every=args.eval_every, target_loss=args.target_loss,
-                out=args.out, progress=not args.no_progress, device=args.device)
+                out=args.out, progress=not args.no_progress, device=args.device,
+                print_assignment=True)
 
 
 def _run_cli(args: argparse.Namespace, optimizers: list[str], command: str) -> int:

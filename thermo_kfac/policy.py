@@ -1,0 +1,494 @@
+"""Per-layer solver policy and the predicted hardware time of the all-digital and hybrid machines.
+
+A :class:`SolverPolicy` decides which solver serves each registered K-FAC layer:
+
+1. **rules**, in the order given, first match wins: a pattern is a regular expression searched
+   (``re.search``) in the layer's qualified name, or matched in full against its module type
+   name (``"Conv2d"``, ``"Linear"``); the value is a solver spec;
+2. otherwise the **default** (``None``: the preconditioner's ``solver=`` / ``solver_options=``).
+
+A solver spec is a registered solver name with options, written as on the command line
+(``"eigh"``, ``"thermo:bits=8,analog_time=20"``), a dict (``{"solver": "thermo", "bits": 8}``),
+a :class:`~thermo_kfac.solvers.KFACSolver` subclass or prototype instance, or one of two rules:
+
+- ``"fits"``: the analog solver if both damped factors fit the thermodynamic device
+  (``max(n_A, n_G) <= cells`` of the ``hardware`` preset), else the digital solver;
+- ``"auto"``: whichever is cheaper per training step for this layer on the chosen presets,
+  by :func:`hw_models.cost.thermo_layer_cost` against :func:`hw_models.cost.digital_layer_cost`
+  at the nominal ``kappa`` / ``eps`` of the policy (a layer that does not fit stays digital).
+
+Options given to a rule (``"auto:bits=8"``) configure its analog solver. The thermodynamic
+solver built by a policy prices its reports on the policy's ``hardware`` / ``digital`` presets
+unless its spec sets ``device`` / ``host``.
+
+:class:`HardwarePricer` turns an assignment into predicted seconds per training step of the
+*all-digital* machine (every layer's curvature work on the digital preset) and of the *hybrid*
+machine (analog layers on the thermodynamic device, the rest digital), periodic work amortized
+over the preconditioner's ``factor_update_every`` / ``inverse_update_every``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hw_models.cost import (
+    Cost,
+    KFACSchedule,
+    ThermoCapacityError,
+    digital_layer_cost,
+    thermo_layer_cost,
+)
+from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
+from hw_models.validation import check_choice, check_number
+from thermo_kfac.solvers.base import KFACSolver, SolverFactory, available_solvers, solver_factory
+
+#: Spec names that are rules resolved per layer rather than solvers.
+RULES = ("auto", "fits")
+#: Cost-model components that stay on the digital host when a layer goes analog.
+HOST_COMPONENTS = ("factor_accumulation", "preconditioning")
+
+
+def _auto_value(text: str) -> Any:
+    """A spec value as int, float, bool, None or text (the CLI's convention)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """One solver spec: a registered name (or rule) with options, or a solver class/instance."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    solver: KFACSolver | type[KFACSolver] | None = None
+
+    @classmethod
+    def parse(cls, value: Any, options: Mapping[str, Any] | None = None) -> SolverSpec:
+        """Read ``"name[:key=value,...]"``, a dict ``{"solver": name, key: value}``, a solver
+        class or instance, or a :class:`SolverSpec`; ``options`` are merged in (spec wins)."""
+        extra = dict(options or {})
+        if isinstance(value, SolverSpec):
+            spec = value
+        elif isinstance(value, KFACSolver) or (isinstance(value, type) and issubclass(value, KFACSolver)):
+            spec = SolverSpec(value.name, {}, value)
+        elif isinstance(value, Mapping):
+            opts = {str(k).replace("-", "_"): v for k, v in value.items()}
+            name = opts.pop("solver", opts.pop("name", None))
+            if not isinstance(name, str):
+                raise ValueError(f"solver spec {dict(value)!r} needs a 'solver' key naming the solver "
+                                 f"({', '.join(_valid_names())})")
+            spec = SolverSpec(name.strip(), opts)
+        elif isinstance(value, str) and value.strip():
+            name, _, rest = value.strip().partition(":")
+            opts: dict[str, Any] = {}
+            for item in filter(None, (p.strip() for p in rest.split(","))):
+                key, sep, text = item.partition("=")
+                key = key.strip().replace("-", "_")
+                if not sep or not key or not text.strip():
+                    raise ValueError(f"solver spec {value!r}: {item!r} is not key=value")
+                if key in opts:
+                    raise ValueError(f"solver spec {value!r}: {key} is given twice")
+                opts[key] = _auto_value(text)
+            spec = SolverSpec(name.strip(), opts)
+        else:
+            raise ValueError(f"solver spec {value!r} is not valid; use a solver name "
+                             f"({', '.join(_valid_names())}) with optional ':key=value,...', a dict "
+                             "{'solver': name, ...}, or a KFACSolver subclass or instance")
+        if spec.solver is None and spec.name not in RULES and spec.name not in available_solvers():
+            raise ValueError(f"solver={spec.name!r} is not valid; choose one of: "
+                             f"{', '.join(_valid_names())}")
+        if extra:
+            if spec.solver is not None and isinstance(spec.solver, KFACSolver):
+                raise ValueError("solver_options cannot be combined with a solver instance; "
+                                 "configure the instance instead")
+            spec = SolverSpec(spec.name, {**extra, **spec.options}, spec.solver)
+        return spec
+
+    @property
+    def is_rule(self) -> bool:
+        return self.solver is None and self.name in RULES
+
+    @property
+    def text(self) -> str:
+        """The spec as written on the command line (``thermo:bits=8``)."""
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in self.options.items())
+
+    def factory(self) -> SolverFactory:
+        """Per-layer solver factory (validates the options); rules have none."""
+        if self.is_rule:
+            raise ValueError(f"solver rule {self.name!r} is resolved per layer by a SolverPolicy")
+        return solver_factory(self.solver if self.solver is not None else self.name,
+                              self.options or None)
+
+    def solver_class(self) -> type[KFACSolver] | None:
+        if isinstance(self.solver, KFACSolver):
+            return type(self.solver)
+        if isinstance(self.solver, type):
+            return self.solver
+        from thermo_kfac.solvers.base import _REGISTRY
+
+        return _REGISTRY.get(self.name)
+
+
+def _format(value: Any) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _valid_names() -> list[str]:
+    return [*available_solvers(), *RULES]
+
+
+def is_analog(solver: KFACSolver) -> bool:
+    """Whether ``solver`` runs on the (simulated) thermodynamic device: the thermodynamic solver,
+    or any solver class that sets ``analog = True``."""
+    from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
+
+    return isinstance(solver, ThermodynamicSolver) or bool(getattr(solver, "analog", False))
+
+
+def _digital_method(solver: KFACSolver | None) -> str:
+    """The cost model's digital method for a solver: Cholesky for ``cholesky``, else eigh (the
+    randomized and CG solvers are priced as eigh, an upper bound on their work)."""
+    return "cholesky" if solver is not None and solver.name == "cholesky" else "eigh"
+
+
+@dataclass(frozen=True)
+class LayerAssignment:
+    """The solver chosen for one layer and why."""
+
+    layer: str
+    module_type: str
+    factor_sizes: tuple[int, int]  # (n_A incl. bias column, n_G)
+    spec: SolverSpec
+    reason: str
+    label: str = ""  # the spec as chosen, before the policy's presets were filled in
+
+    @property
+    def solver(self) -> str:
+        return self.spec.name
+
+    @property
+    def text(self) -> str:
+        return self.label or self.spec.text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "type": self.module_type, "factor_sizes": list(self.factor_sizes),
+                "solver": self.solver, "spec": self.text, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class SolverPolicy:
+    """Which solver serves each layer (module docs).
+
+    Args:
+        rules: ``{pattern: spec}`` or ``[(pattern, spec), ...]``, first match wins.
+        default: spec for layers no rule matches; None uses the preconditioner's ``solver=``.
+        hardware: thermodynamic preset (or device) for ``fits``/``auto`` and pricing.
+        digital: digital preset (or device) for ``auto`` and pricing.
+        analog: solver that ``fits``/``auto`` put on the device (options of the rule merge in).
+        digital_solver: solver that ``fits``/``auto`` keep digital.
+        kappa, eps: nominal condition number of the damped factors and target relative error
+            used by ``auto`` and to price analog layers before their solver reports.
+    """
+
+    rules: Any = ()
+    default: Any = None
+    hardware: str | ThermoDevice = "chip"
+    digital: str | DigitalDevice = "h100"
+    analog: Any = "thermo"
+    digital_solver: Any = "eigh"
+    kappa: float = 100.0
+    eps: float = 0.1
+
+    def __post_init__(self) -> None:
+        items = self.rules.items() if isinstance(self.rules, Mapping) else self.rules
+        if isinstance(items, str) or not isinstance(items, Iterable):
+            raise ValueError(f"rules={self.rules!r} must be a dict {{pattern: spec}} or a list of "
+                             "(pattern, spec) pairs")
+        rules = []
+        for item in items:
+            if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)):
+                raise ValueError(f"solver rule {item!r} must be a (pattern, spec) pair")
+            pattern, spec = item
+            try:
+                compiled = re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"solver map pattern {pattern!r} is not a valid regular expression: "
+                                 f"{err}") from None
+            rules.append((compiled, SolverSpec.parse(spec)))
+        object.__setattr__(self, "rules", tuple(rules))
+        if self.default is not None:
+            object.__setattr__(self, "default", SolverSpec.parse(self.default))
+        analog = SolverSpec.parse(self.analog)
+        digital_spec = SolverSpec.parse(self.digital_solver)
+        for role, spec in (("analog", analog), ("digital_solver", digital_spec)):
+            if spec.is_rule:
+                raise ValueError(f"{role}={spec.name!r} must be a solver, not a rule ({', '.join(RULES)})")
+        object.__setattr__(self, "analog", analog)
+        object.__setattr__(self, "digital_solver", digital_spec)
+        object.__setattr__(self, "hardware", thermo_device(self.hardware))
+        object.__setattr__(self, "digital", digital_device(self.digital))
+        check_number("kappa", self.kappa, low=1.0)
+        check_number("eps", self.eps, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        for spec in [s for _, s in rules] + ([self.default] if self.default is not None else []):
+            self.validate(spec)
+
+    def validate(self, spec: SolverSpec) -> None:
+        """Raise ``ValueError`` if the solver a spec stands for rejects its options."""
+        self._bind(self._analog_for(spec) if spec.is_rule else spec).factory()
+
+    def _analog_for(self, rule: SolverSpec) -> SolverSpec:
+        """The analog solver of a rule: the policy's, with the rule's options merged in."""
+        return SolverSpec(self.analog.name, {**self.analog.options, **rule.options}, self.analog.solver)
+
+    @classmethod
+    def coerce(cls, value: Any) -> SolverPolicy:
+        """A policy from None (no rules), a ``{pattern: spec}`` dict, a pair list or a policy."""
+        if isinstance(value, SolverPolicy):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, str):
+            return cls(rules=parse_solver_map(value))
+        return cls(rules=value)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {"rules": [[p.pattern, s.text] for p, s in self.rules],
+                "default": None if self.default is None else self.default.text,
+                "hardware": self.hardware.name, "digital": self.digital.name,
+                "analog": self.analog.text, "digital_solver": self.digital_solver.text,
+                "kappa": self.kappa, "eps": self.eps}
+
+    # ------------------------------------------------------------------------------ assignment
+    def match(self, name: str, module_type: str) -> tuple[int, SolverSpec] | None:
+        """``(rule index, spec)`` of the first rule matching the layer, or None."""
+        for index, (pattern, spec) in enumerate(self.rules):
+            if pattern.search(name) or pattern.fullmatch(module_type):
+                return index, spec
+        return None
+
+    def assign(self, name: str, module_type: str, n_a: int, n_g: int, *, has_bias: bool = True,
+               default: SolverSpec | None = None, schedule: KFACSchedule | None = None
+               ) -> LayerAssignment:
+        """The solver of one layer with factor sizes ``n_a`` (bias column included) and ``n_g``."""
+        matched = self.match(name, module_type)
+        if matched is not None:
+            index, spec = matched
+            source = f"rule {self.rules[index][0].pattern!r}"
+        else:
+            spec = self.default or default or SolverSpec("eigh")
+            source = "default"
+        sizes = (int(n_a), int(n_g))
+        if not spec.is_rule:
+            return LayerAssignment(name, module_type, sizes, self._bind(spec), source, spec.text)
+        chosen = self._analog_for(spec)
+        analog = self._bind(chosen)
+        digital = self.digital_solver
+        cells = self.hardware.cells
+        if spec.name == "fits":
+            fits = max(sizes) <= cells
+            relation = "<=" if fits else ">"
+            reason = f"{source}, fits: max({sizes[0]}, {sizes[1]}) {relation} {cells} cells"
+            pick, label = (analog, chosen.text) if fits else (digital, digital.text)
+            return LayerAssignment(name, module_type, sizes, pick, reason, label)
+        thermo_s, digital_s = self.layer_costs(analog, digital, sizes, has_bias, schedule)
+        if thermo_s is None:
+            reason = f"{source}, auto: factor > {cells} cells"
+            return LayerAssignment(name, module_type, sizes, digital, reason)
+        pick, label = (analog, chosen.text) if thermo_s < digital_s else (digital, digital.text)
+        relation = "<" if thermo_s < digital_s else ">="
+        reason = (f"{source}, auto: {analog.name} {_fmt_s(thermo_s)} {relation} "
+                  f"{digital.name} {_fmt_s(digital_s)} per step")
+        return LayerAssignment(name, module_type, sizes, pick, reason, label)
+
+    def layer_costs(self, analog: SolverSpec, digital: SolverSpec, sizes: tuple[int, int],
+                    has_bias: bool, schedule: KFACSchedule | None, batch: int = 1
+                    ) -> tuple[float | None, float]:
+        """``(thermo seconds or None if it does not fit, digital seconds)`` per step of one layer.
+
+        The factor statistics run on the digital preset on both sides, so ``batch`` cancels out of
+        the comparison; 1 is used when the batch is not known yet.
+        """
+        schedule = schedule or KFACSchedule()
+        prototype = analog.factory()()
+        digital_proto = digital.factory()()
+        n_in = sizes[0] - int(has_bias)
+        dig_schedule = _with_method(schedule, _digital_method(digital_proto))
+        digital_s = digital_layer_cost(n_in, sizes[1], batch, device=self.digital, bias=has_bias,
+                                       schedule=dig_schedule).seconds
+        try:
+            thermo_s = thermo_layer_cost(
+                n_in, sizes[1], batch, kappa=self.kappa, eps=self.eps, device=self.hardware,
+                host=self.digital, bits=getattr(prototype, "bits", None),
+                method=getattr(prototype, "method", "inverse"), bias=has_bias, schedule=schedule).seconds
+        except ThermoCapacityError:
+            return None, digital_s
+        return thermo_s, digital_s
+
+    def _bind(self, spec: SolverSpec) -> SolverSpec:
+        """Give a thermodynamic-style solver the policy's presets unless its spec sets them."""
+        cls = spec.solver_class()
+        if spec.solver is not None or cls is None:
+            return spec
+        params = inspect.signature(cls.__init__).parameters
+        options = dict(spec.options)
+        if "device" in params and "host" in params:
+            options.setdefault("device", self.hardware.name)
+            options.setdefault("host", self.digital.name)
+        return SolverSpec(spec.name, options) if options != spec.options else spec
+
+
+def _with_method(schedule: KFACSchedule, method: str) -> KFACSchedule:
+    return KFACSchedule(factor_every=schedule.factor_every, inverse_every=schedule.inverse_every,
+                        digital_method=method, precision=schedule.precision)
+
+
+def _fmt_s(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """Human-readable seconds (``"3.2 us"``); ``"-"`` for None."""
+    return "-" if seconds is None or not math.isfinite(seconds) else _fmt_s(seconds)
+
+
+def parse_solver_map(text: str) -> list[tuple[str, Any]]:
+    """``"pattern=spec;pattern=spec"`` or the path of a JSON file into ``[(pattern, spec), ...]``.
+
+    In the text form each entry is split at its first ``=`` (a pattern cannot contain ``=``;
+    its spec may, ``fc1=thermo:bits=8,analog_time=20``) and entries are separated by ``;``.
+    The JSON file holds an object ``{pattern: spec}`` (in order) or a list of ``[pattern, spec]``
+    pairs; a spec may be a string or an object ``{"solver": name, key: value}``.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"solver map {text!r} is empty; use 'pattern=spec;pattern=spec' or a JSON file")
+    stripped = text.strip()
+    path = Path(stripped)
+    if stripped.endswith(".json") or ("=" not in stripped and path.is_file()):
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"solver map file {stripped!r} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"solver map file {stripped!r} is not valid JSON: {err}") from None
+        if isinstance(data, dict):
+            return list(data.items())
+        if isinstance(data, list) and all(isinstance(p, list) and len(p) == 2 for p in data):
+            return [(p[0], p[1]) for p in data]
+        raise ValueError(f"solver map file {stripped!r} must hold an object {{pattern: spec}} or a "
+                         "list of [pattern, spec] pairs")
+    pairs = []
+    for entry in filter(None, (e.strip() for e in stripped.split(";"))):
+        pattern, sep, spec = entry.partition("=")
+        if not sep or not pattern.strip() or not spec.strip():
+            raise ValueError(f"solver map entry {entry!r} is not pattern=spec (entries are separated "
+                             "by ';', e.g. 'fc1=thermo:bits=8;.*=eigh')")
+        pairs.append((pattern.strip(), spec.strip()))
+    return pairs
+
+
+def format_assignment(assignments: Iterable[LayerAssignment]) -> str:
+    """A small terminal table: layer, type, factor sizes, solver spec, reason."""
+    rows = [["layer", "type", "A x G", "solver", "why"]]
+    for a in assignments:
+        rows.append([a.layer, a.module_type, f"{a.factor_sizes[0]} x {a.factor_sizes[1]}", a.text,
+                     a.reason])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ pricing
+class HardwarePricer:
+    """Predicted curvature seconds per training step of the all-digital and the hybrid machine.
+
+    Per layer, the digital cost is :func:`~hw_models.cost.digital_layer_cost` on the policy's
+    digital preset (the layer's own digital method; eigh for analog layers); an analog layer's
+    hybrid cost is :func:`~hw_models.cost.thermo_layer_cost` on the thermodynamic preset, whose
+    analog part is replaced, once the solver has reported, by its reported hardware time:
+    ``prepare / inverse_update_every + apply`` (host work, factor statistics and, for the inverse
+    method, the two preconditioning GEMMs, stays priced by the model). Costs depend only on the
+    factor sizes, the rows of statistics per step and the settings, so they are cached.
+    """
+
+    def __init__(self, policy: SolverPolicy, schedule: KFACSchedule) -> None:
+        self.policy = policy
+        self.schedule = schedule
+        self._rows: dict[str, int] = {}
+        self._cache: dict[tuple[str, int], tuple[float, float, float]] = {}
+        self._reported: dict[str, list[float | None]] = {}
+
+    def observe_rows(self, rows: Mapping[str, int]) -> None:
+        """Rows of statistics per layer in a factor-update step (batch times positions)."""
+        for name, count in rows.items():
+            if count > 0:
+                self._rows[name] = int(count)
+
+    def observe_reports(self, reports: Mapping[str, Any]) -> None:
+        """Solver reports of one step (``"<layer>/prepare"``, ``"<layer>/apply"``)."""
+        for key, report in reports.items():
+            name, _, kind = key.rpartition("/")
+            seconds = getattr(report, "hardware_time_s", None)
+            slot = self._reported.setdefault(name, [None, None])
+            if kind == "prepare" and seconds is not None:
+                slot[0] = float(seconds)
+            elif kind == "apply":
+                slot[1] = None if seconds is None else float(seconds)
+
+    def layer_cost(self, name: str, solver: KFACSolver, n_a: int, n_g: int, has_bias: bool
+                   ) -> tuple[float, float]:
+        """``(all-digital seconds, hybrid seconds)`` per step of one layer."""
+        rows = self._rows.get(name, 1)
+        key = (name, rows)
+        if key not in self._cache:
+            self._cache[key] = self._model_costs(solver, n_a, n_g, has_bias, rows)
+        digital_s, host_s, analog_s = self._cache[key]
+        if not is_analog(solver):
+            return digital_s, digital_s
+        prepared, applied = self._reported.get(name, [None, None])
+        if prepared is not None or applied is not None:
+            analog_s = (prepared or 0.0) / self.schedule.inverse_every + (applied or 0.0)
+        return digital_s, host_s + analog_s
+
+    def _model_costs(self, solver: KFACSolver, n_a: int, n_g: int, has_bias: bool, rows: int
+                     ) -> tuple[float, float, float]:
+        analog = is_analog(solver)
+        method = "eigh" if analog else _digital_method(solver)
+        n_in = n_a - int(has_bias)
+        digital = digital_layer_cost(n_in, n_g, rows, device=self.policy.digital, bias=has_bias,
+                                     schedule=_with_method(self.schedule, method))
+        if not analog:
+            return digital.seconds, digital.seconds, 0.0
+        device = self.policy.hardware
+        if max(n_a, n_g) > device.cells:
+            device = device.replace(oversize="block")  # as the thermodynamic solver prices it
+        thermo: Cost = thermo_layer_cost(
+            n_in, n_g, rows, kappa=self.policy.kappa, eps=self.policy.eps, device=device,
+            host=self.policy.digital, bits=getattr(solver, "bits", None),
+            method=check_choice("method", getattr(solver, "method", "inverse"), ("inverse", "solve")),
+            bias=has_bias, schedule=self.schedule)
+        host = sum(thermo.breakdown_s.get(k, 0.0) for k in HOST_COMPONENTS)
+        return digital.seconds, host, thermo.seconds - host
