@@ -12,8 +12,7 @@ with 8-bit (MLP) or 16-bit (auto-encoder) couplings/DAC/ADC and the solver's oth
 (method ``solve``, analog time 50 tau, burn-in 10 tau, kappa0 1e-2). Each timing block covers
 whole inverse-update cycles, so the periodic work (eigh, or programming the device) is amortized
 as in training. Ratios to digital K-FAC are taken within each round; the report gives their
-median. Both wall-clock and
-process CPU time are recorded (CPU time is less distorted on a shared machine).
+median. Both wall-clock and process CPU time are recorded (CPU time is less distorted on a shared machine).
 
 The auto-encoder is fed MNIST if it is on disk (``thermo_kfac.data.load_mnist``), else the
 digits images resized to 28x28 (the step time depends on the shapes only). Its ``sde`` mode

@@ -337,7 +337,11 @@ class ThermodynamicSolver(KFACSolver):
             kw["x0_eigen"] = f.U * torch.where(r > 0, f.r / safe_r, torch.zeros_like(r))
         elif x0 is not None:
             kw["x0"] = (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / safe_r)
-        if self.analog_time == 0:  # no dynamics: read the initial state out
+        if self.analog_time == 0 and self.noise.output_bits is None and not self.noise.read_noise:
+            # no dynamics and an ideal read-out: the initial state itself, without rescaling error
+            start_x = B if start == "gradient" else x0
+            return None, torch.zeros_like(B) if start_x is None else start_x.clone()
+        if self.analog_time == 0:  # no dynamics: read the initial state out through the ADC
             x0n = kw.get("x0")
             if "x0_rhs_scale" in kw:
                 x0n = f.c * Rn
