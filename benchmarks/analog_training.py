@@ -157,8 +157,9 @@ def main() -> None:
         "mlp_digits": bench_model("mlp", rounds=rounds, cycles=1 if args.quick else 2, batch=256,
                                   inverse_every=50, sde=True, images=None),
         "autoencoder_mnist_shape": bench_model(
-            "autoencoder", rounds=1 if args.quick else rounds, cycles=1, batch=1000,
-            inverse_every=50, sde=not args.quick, images=images),
+            "autoencoder", rounds=1 if args.quick else rounds, cycles=1,
+            batch=250 if args.quick else 1000, inverse_every=10 if args.quick else 50,
+            sde=not args.quick, images=images),
     }
     targets = {}
     for name, res in models.items():
