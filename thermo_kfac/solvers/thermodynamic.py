@@ -206,6 +206,7 @@ class ThermodynamicSolver(KFACSolver):
             self.last_report = _report(costs, {"method": "solve", "programmed": self.failure is None,
                                                "condition_number": kappas,
                                                "scale": [f.c for f in factors.values()],
+                                               "seeds": [f.seed for f in factors.values()],
                                                "failure": self.failure})
             return
         results, inverses = [], []
