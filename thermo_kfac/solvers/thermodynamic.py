@@ -37,10 +37,10 @@ charged in ``prepare``, solves with resident couplings in ``apply``) and, in ``i
 per-layer accuracy: ``relative_residual`` ``||(G+lam_G) X (A+lam_A) - grad|| / ||grad||``, the
 programmed condition numbers, the simulator's predicted thermal error and systematic (coupling and
 DAC) error, clip counts, seeds; with ``track_exact=True`` also ``cosine_to_exact`` and
-``rel_error_to_exact`` against the exact damped solve computed digitally. The cost model's target
-accuracy ``eps`` is chosen so that its averaging time equals the simulated averaging time
-(``eps = sqrt((n + 1) kappa / T)`` for an inverse, ``sqrt(2 kappa0_dev n kappa^2 / T)`` for a
-solve, clamped to ``[1e-6, 0.999]``).
+``rel_error_to_exact`` against the exact damped solve computed digitally. Solves are priced with
+the simulated burn-in and averaging times per column (times the mitigation copies); for an inverse
+the cost model's target accuracy ``eps`` is chosen so that its sampling time equals the simulated
+one (``eps = sqrt((n + 1) kappa / T)``, clamped to ``[1e-6, 0.999]``).
 """
 
 from __future__ import annotations
@@ -424,8 +424,12 @@ class ThermodynamicSolver(KFACSolver):
         if op == "inverse":
             return thermo_inverse_cost(n, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
                                        host=self.host)
+        # the simulated times are known: price them (per column, times the copies) rather than
+        # the (kappa, eps) laws, whose worst-case kappa^2 scaling ignores the full-scale inputs
+        copies = self.noise.mitigation_copies
         return thermo_solve_cost(n, n_rhs, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
-                                 resident=resident)
+                                 resident=resident, settle_tau=self.config.burn_in * copies,
+                                 average_tau=window * copies)
 
 
 def _lambda_max(S: torch.Tensor, iterations: int) -> float:
