@@ -328,7 +328,8 @@ class ThermodynamicSolver(KFACSolver):
         safe_r = torch.where(r > 0, r, torch.ones_like(r))
         Rn = R / safe_r
         kw: dict[str, Any] = {}
-        fast = self._fast and self.analog_time > 0
+        fast = (self._fast and self.analog_time > 0 and B.dtype == f.P.dtype
+                and B.device == f.P.device)  # hw_models' analytic fast path will take this call
         if start == "gradient" and f.d is None and fast:
             kw["x0_rhs_scale"] = f.c  # x0 = B  <=>  x0n = c Rn: the state starts at the loaded input
         elif start == "previous" and fast and f.U is not None and f.r is not None \
