@@ -322,7 +322,7 @@ class ThermodynamicSolver(KFACSolver):
         ``"gradient"`` (``x0`` is ``B``) or ``"zero"``.
         """
         R = B if f.d is None else f.d[:, None] * B
-        r = R.abs().amax(dim=0)
+        r = torch.linalg.vector_norm(R, ord=float("inf"), dim=0)  # column abs-max, one pass
         # An all-zero column (e.g. a dead input feature) is not sent: its solution is exactly 0,
         # whereas a device run would return pure thermal noise for it.
         safe_r = torch.where(r > 0, r, torch.ones_like(r))
@@ -355,7 +355,7 @@ class ThermodynamicSolver(KFACSolver):
             res = analog_solve(self._program(f), Rn, self.config, seed=self._next_seed(), **kw)
             Yn = res.x
             f.U, f.r = res.state, r
-        X = Yn * (r / f.c)
+        X = Yn.mul_(r / f.c) if res is not None else Yn * (r / f.c)
         return res, (X if f.d is None else f.d[:, None] * X)
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor) -> dict[str, Any]:
