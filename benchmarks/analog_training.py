@@ -12,8 +12,12 @@ with 8-bit (MLP) or 16-bit (auto-encoder) couplings/DAC/ADC and the solver's oth
 (method ``solve``, analog time 50 tau, burn-in 10 tau, kappa0 1e-2). Each timing block covers
 whole inverse-update cycles, so the periodic work (eigh, or programming the device) is amortized
 as in training. Ratios to digital K-FAC are taken within each round; the report gives their
-median. Both wall-clock and
-process CPU time are recorded (CPU time is less distorted on a shared machine).
+median. Both wall-clock and process CPU time are recorded (CPU time is less distorted on a shared machine).
+
+Floor of the analytic mode: each of a layer's two solves rotates into and out of the programmed
+matrix's eigenbasis (two ``O(n^2 m)`` products) and draws the thermal noise, where digital K-FAC's
+apply is two products per layer; so the apply costs about twice the digital one, and the step
+ratio approaches 1.5 only where forward/backward dominate (large batches).
 
 The auto-encoder is fed MNIST if it is on disk (``thermo_kfac.data.load_mnist``), else the
 digits images resized to 28x28 (the step time depends on the shapes only). Its ``sde`` mode
@@ -115,10 +119,12 @@ def bench_model(model_name: str, *, rounds: int, cycles: int, batch: int, invers
     steps = cycles * inverse_every
     wall = {k: [] for k in runs}
     cpu = {k: [] for k in runs}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for name, (step, _) in runs.items():
-            n = 1 if (name == "sde" and model_name == "autoencoder") else steps
-            w, c = time_block(step, n)
+            slow = name == "sde" and model_name == "autoencoder"
+            if slow and round_ > 0:  # ~minutes per step: one step, first round only
+                continue
+            w, c = time_block(step, 1 if slow else steps)
             wall[name].append(w)
             cpu[name].append(c)
     result: dict = {"steps_per_block": steps, "batch": batch, "inverse_update_every": inverse_every,
@@ -128,9 +134,9 @@ def bench_model(model_name: str, *, rounds: int, cycles: int, batch: int, invers
         if name == "eigh":
             continue
         result[f"{name}_ratio_wall"] = statistics.median(
-            w / e for w, e in zip(wall[name], wall["eigh"], strict=True))
+            w / e for w, e in zip(wall[name], wall["eigh"], strict=False))
         result[f"{name}_ratio_cpu"] = statistics.median(
-            c / e for c, e in zip(cpu[name], cpu["eigh"], strict=True))
+            c / e for c, e in zip(cpu[name], cpu["eigh"], strict=False))
     # accuracy of the last analytic step, per layer (what the solver reports)
     precond = runs["analytic"][1]
     residuals = {k.split("/")[0]: v.info.get("relative_residual")
@@ -158,8 +164,9 @@ def main() -> None:
         "mlp_digits": bench_model("mlp", rounds=rounds, cycles=1 if args.quick else 2, batch=256,
                                   inverse_every=50, sde=True, images=None),
         "autoencoder_mnist_shape": bench_model(
-            "autoencoder", rounds=1 if args.quick else rounds, cycles=1, batch=1000,
-            inverse_every=50, sde=not args.quick, images=images),
+            "autoencoder", rounds=1 if args.quick else rounds, cycles=1,
+            batch=1000, inverse_every=10 if args.quick else 50,
+            sde=not args.quick, images=images),
     }
     targets = {}
     for name, res in models.items():

@@ -264,11 +264,14 @@ def _parallel(jobs: int, units: int) -> tuple[int, float]:
 
 
 def thermo_solve_cost(n: int, n_rhs: int, *, kappa: float, eps: float, device: ThermoDevice,
-                      bits: int | None = None, resident: bool = False) -> Cost:
+                      bits: int | None = None, resident: bool = False,
+                      settle_tau: float | None = None, average_tau: float | None = None) -> Cost:
     """Solve ``A X = B`` for ``n_rhs`` right-hand sides of size ``n`` on the analog device.
 
     ``resident=True`` means the couplings are already programmed (no transfer or programming).
     The columns run one per unit at a time, each needing its own settling and averaging.
+    ``settle_tau``/``average_tau`` (tau, per column) replace the laws' settling and averaging
+    times when the run's times are known (e.g. from a simulation).
     """
     check_positive("n", n, integer=True)
     check_positive("n_rhs", n_rhs, integer=True)
@@ -284,8 +287,13 @@ def thermo_solve_cost(n: int, n_rhs: int, *, kappa: float, eps: float, device: T
     ledger.add("transfer", device.link_latency_s + rhs_values * dac / bw, _io_joules(device, rhs_values, dac))
     jobs = blocks * n_rhs
     rounds, chains = _parallel(jobs, device.units)
-    settle = settling_time_tau(kappa, eps) * tau
-    average = solve_averaging_time_tau(size, kappa, eps, device.noise_kappa0) * tau
+    if settle_tau is not None:
+        check_positive("settle_tau", settle_tau, allow_zero=True)
+    if average_tau is not None:
+        check_positive("average_tau", average_tau, allow_zero=True)
+    settle = (settling_time_tau(kappa, eps) if settle_tau is None else settle_tau) * tau
+    average = (solve_averaging_time_tau(size, kappa, eps, device.noise_kappa0) if average_tau is None
+               else average_tau) * tau
     power = _active_power(device, size)
     ledger.add("settling", rounds * settle, jobs * chains * settle * power)
     ledger.add("averaging", rounds * average / chains, jobs * average * power)

@@ -127,10 +127,11 @@ def quantize(x: torch.Tensor, bits: int, *, rounding: str = "nearest", bound: fl
     check_choice("rounding", rounding, ROUNDING_MODES)
     levels = float(2 ** (bits - 1) - 1)
     if bound is None:
+        # the inf-norm is the abs-max in one pass without a temporary |x|
         if dims is None:
-            span = x.abs().amax()
+            span = torch.linalg.vector_norm(x, ord=float("inf"))
         else:
-            span = x.abs().amax(dim=dims, keepdim=True)
+            span = torch.linalg.vector_norm(x, ord=float("inf"), dim=dims, keepdim=True)
         n_clipped = 0
     else:
         check_positive("bound", bound)
@@ -138,14 +139,13 @@ def quantize(x: torch.Tensor, bits: int, *, rounding: str = "nearest", bound: fl
         n_clipped = int((x.abs() > bound).sum())
     step = span / levels
     safe_step = torch.where(step > 0, step, torch.ones_like(step))
-    q = x / safe_step
+    q = x / safe_step  # the one full-size temporary; the rest is in place
     if rounding == "nearest":
-        q = torch.round(q)
+        q.round_()
     else:
-        u = torch.rand(q.shape, generator=generator, dtype=q.dtype, device=q.device)
-        q = torch.floor(q + u)
+        q.add_(torch.rand(q.shape, generator=generator, dtype=q.dtype, device=q.device)).floor_()
     q.clamp_(-levels, levels)
-    return Quantized(values=q * step, step=step, n_clipped=n_clipped)
+    return Quantized(values=q.mul_(step), step=step, n_clipped=n_clipped)
 
 
 def quantize_couplings(A: torch.Tensor, bits: int, *, rounding: str = "nearest",

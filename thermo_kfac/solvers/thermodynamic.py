@@ -37,10 +37,10 @@ charged in ``prepare``, solves with resident couplings in ``apply``) and, in ``i
 per-layer accuracy: ``relative_residual`` ``||(G+lam_G) X (A+lam_A) - grad|| / ||grad||``, the
 programmed condition numbers, the simulator's predicted thermal error and systematic (coupling and
 DAC) error, clip counts, seeds; with ``track_exact=True`` also ``cosine_to_exact`` and
-``rel_error_to_exact`` against the exact damped solve computed digitally. The cost model's target
-accuracy ``eps`` is chosen so that its averaging time equals the simulated averaging time
-(``eps = sqrt((n + 1) kappa / T)`` for an inverse, ``sqrt(2 kappa0_dev n kappa^2 / T)`` for a
-solve, clamped to ``[1e-6, 0.999]``).
+``rel_error_to_exact`` against the exact damped solve computed digitally. Solves are priced with
+the simulated burn-in and averaging times per column (times the mitigation copies); for an inverse
+the cost model's target accuracy ``eps`` is chosen so that its sampling time equals the simulated
+one (``eps = sqrt((n + 1) kappa / T)``, clamped to ``[1e-6, 0.999]``).
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ class ThermodynamicSolver(KFACSolver):
             self.last_report = _report(costs, {"method": "solve", "programmed": self.failure is None,
                                                "condition_number": kappas,
                                                "scale": [f.c for f in factors.values()],
+                                               "seeds": [f.seed for f in factors.values()],
                                                "failure": self.failure})
             return
         results, inverses = [], []
@@ -321,13 +322,14 @@ class ThermodynamicSolver(KFACSolver):
         ``"gradient"`` (``x0`` is ``B``) or ``"zero"``.
         """
         R = B if f.d is None else f.d[:, None] * B
-        r = R.abs().amax(dim=0)
+        r = torch.linalg.vector_norm(R, ord=float("inf"), dim=0)  # column abs-max, one pass
         # An all-zero column (e.g. a dead input feature) is not sent: its solution is exactly 0,
         # whereas a device run would return pure thermal noise for it.
         safe_r = torch.where(r > 0, r, torch.ones_like(r))
         Rn = R / safe_r
         kw: dict[str, Any] = {}
-        fast = self._fast and self.analog_time > 0
+        fast = (self._fast and self.analog_time > 0 and B.dtype == f.P.dtype
+                and B.device == f.P.device)  # hw_models' analytic fast path will take this call
         if start == "gradient" and f.d is None and fast:
             kw["x0_rhs_scale"] = f.c  # x0 = B  <=>  x0n = c Rn: the state starts at the loaded input
         elif start == "previous" and fast and f.U is not None and f.r is not None \
@@ -337,7 +339,11 @@ class ThermodynamicSolver(KFACSolver):
             kw["x0_eigen"] = f.U * torch.where(r > 0, f.r / safe_r, torch.zeros_like(r))
         elif x0 is not None:
             kw["x0"] = (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / safe_r)
-        if self.analog_time == 0:  # no dynamics: read the initial state out
+        if self.analog_time == 0 and self.noise.output_bits is None and not self.noise.read_noise:
+            # no dynamics and an ideal read-out: the initial state itself, without rescaling error
+            start_x = B if start == "gradient" else x0
+            return None, torch.zeros_like(B) if start_x is None else start_x.clone()
+        if self.analog_time == 0:  # no dynamics: read the initial state out through the ADC
             x0n = kw.get("x0")
             if "x0_rhs_scale" in kw:
                 x0n = f.c * Rn
@@ -349,7 +355,7 @@ class ThermodynamicSolver(KFACSolver):
             res = analog_solve(self._program(f), Rn, self.config, seed=self._next_seed(), **kw)
             Yn = res.x
             f.U, f.r = res.state, r
-        X = Yn * (r / f.c)
+        X = Yn.mul_(r / f.c) if res is not None else Yn * (r / f.c)
         return res, (X if f.d is None else f.d[:, None] * X)
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor) -> dict[str, Any]:
@@ -419,8 +425,12 @@ class ThermodynamicSolver(KFACSolver):
         if op == "inverse":
             return thermo_inverse_cost(n, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
                                        host=self.host)
+        # the simulated times are known: price them (per column, times the copies) rather than
+        # the (kappa, eps) laws, whose worst-case kappa^2 scaling ignores the full-scale inputs
+        copies = self.noise.mitigation_copies
         return thermo_solve_cost(n, n_rhs, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
-                                 resident=resident)
+                                 resident=resident, settle_tau=self.config.burn_in * copies,
+                                 average_tau=window * copies)
 
 
 def _lambda_max(S: torch.Tensor, iterations: int) -> float:
