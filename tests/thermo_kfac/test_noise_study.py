@@ -202,14 +202,15 @@ def test_references_match_the_training_library_and_files_parse(tmp_path, capsys)
 
 
 def test_a_failing_point_is_recorded_and_the_study_continues(tmp_path, monkeypatch):
-    real_prepare = ThermodynamicSolver.prepare
+    # A failing prepare is served by the fallback solver; a failing apply ends the run.
+    real_apply = ThermodynamicSolver.apply
 
-    def prepare(self, A, G, damping):
+    def apply(self, grad):
         if self.noise.coupling_bits == 6:
-            raise ValueError("the programmed matrix is not positive definite (injected)")
-        return real_prepare(self, A, G, damping)
+            raise RuntimeError("the programmed matrix is not positive definite (injected)")
+        return real_apply(self, grad)
 
-    monkeypatch.setattr(ThermodynamicSolver, "prepare", prepare)
+    monkeypatch.setattr(ThermodynamicSolver, "apply", apply)
     study = _study(tmp_path / "fail", sweeps={"bits": [6, 8]}, seeds=1, references=["adam"],
                    plots=True)
     by_label = {r["label"]: r for r in study["rows"]}
