@@ -107,6 +107,8 @@ OPTIONS: dict[str, _Option] = {
                        low_inclusive=False),
     "solver": _Option(str, "per-layer Kronecker solver", ("kfac",)),
     "factor_dtype": _Option(str, "dtype of the factors", ("kfac",), choices=tuple(FACTOR_DTYPES)),
+    "kfac_approx": _Option(str, "K-FAC flavour for weight sharing (expand/reduce)", ("kfac",),
+                           choices=("expand", "reduce")),
 }
 
 # Defaults per optimizer. kfac's were chosen by sweeps on digits (MLP 64-128-128-10, batch 256,
@@ -118,7 +120,7 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "kfac": {"base": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 0.0, "beta1": 0.9,
              "beta2": 0.999, "eps": 1e-8, "damping": 0.1, "pi_damping": False, "factor_decay": 0.95,
              "factor_update_every": 10, "inverse_update_every": 50, "fisher_type": "empirical",
-             "kl_clip": 1e-3, "solver": "eigh", "factor_dtype": "float32"},
+             "kl_clip": 1e-3, "solver": "eigh", "factor_dtype": "float32", "kfac_approx": "expand"},
 }
 # Learning rate of kfac when its base optimizer is Adam (unless lr is given).
 KFAC_ADAM_LR = 1e-3
@@ -249,7 +251,8 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
         factor_decay=options["factor_decay"], factor_update_every=options["factor_update_every"],
         inverse_update_every=options["inverse_update_every"], solver=options["solver"],
         solver_options=options.get("solver_options"), kl_clip=options["kl_clip"], optimizer=opt,
-        factor_dtype=FACTOR_DTYPES[options["factor_dtype"]], seed=seed)
+        factor_dtype=FACTOR_DTYPES[options["factor_dtype"]], seed=seed,
+        kfac_approx=options.get("kfac_approx", "expand"))
     return opt, precond
 
 
@@ -275,12 +278,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
             target = y[start:start + chunk]
             total += float(fn(out, target, reduction="sum"))
             # mean reduction: over examples for cross-entropy, over all elements for mse/bce
-            elements += len(target) if loss == "cross_entropy" else target.numel()
+            # mean over all elements: the examples (or examples x nodes, for per-node labels)
+            # for cross-entropy, all output elements for mse/bce
+            elements += target.numel()
             if loss == "cross_entropy":
                 correct += int((out.argmax(dim=1) == target).sum())
     finally:
         model.train(was_training)
-    accuracy = correct / max(len(x), 1) if loss == "cross_entropy" else None
+    accuracy = correct / max(elements, 1) if loss == "cross_entropy" else None
     return total / max(elements, 1), accuracy
 
 
