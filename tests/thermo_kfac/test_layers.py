@@ -175,6 +175,27 @@ def test_transformer_encoder_layer_registers_all_projections_and_matches():
                        "linear1.bias", "linear2.weight", "linear2.bias"}  # norms untouched
 
 
+def test_transformer_decoder_layer_self_and_cross_attention():
+    torch.manual_seed(16)
+    layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True).to(DT)
+    reference = copy.deepcopy(layer)
+    precond = _precond(layer, loss="mse")
+    assert precond.layers == ["self_attn.in_proj", "self_attn.out_proj", "multihead_attn.in_proj",
+                              "multihead_attn.out_proj", "linear1", "linear2"]
+    tgt = torch.randn(2, 4, 8, generator=_gen(17), dtype=DT)
+    memory = torch.randn(2, 6, 8, generator=_gen(18), dtype=DT)
+    mask = nn.Transformer.generate_square_subsequent_mask(4, dtype=DT)
+    out = layer(tgt, memory, tgt_mask=mask)
+    torch.testing.assert_close(out, reference(tgt, memory, tgt_mask=mask))
+    F.mse_loss(out, torch.zeros_like(out)).backward()
+    precond.step()
+    # cross-attention: query (4) + key (6) + value (6) tokens share in_proj, R = 16 per example
+    with torch.no_grad():
+        query = reference.norm1(tgt + reference._sa_block(tgt, mask, None))
+    rows = _ones(torch.cat([query, memory, memory], dim=1)).reshape(-1, 9)
+    torch.testing.assert_close(precond.factors()["multihead_attn.in_proj"][0], rows.T @ rows / 32)
+
+
 def test_unsupported_attention_configuration_is_refused_with_the_fix():
     model = nn.Sequential(nn.Linear(4, 8))
     model.attn = nn.MultiheadAttention(8, 2, add_bias_kv=True)
