@@ -231,6 +231,8 @@ class KFACPreconditioner:
                 # MHA calls its projections' weights functionally, so their hooks never fire.
                 attention_children.update(f"{name}.{child}" if name else child
                                           for child, _ in module.named_modules() if child)
+            elif isinstance(module, nn.MultiheadAttention):
+                check_attention(name, module)  # before any hook or patch is installed
         owners: dict[int, str] = {}  # id(weight) -> registered layer using it (weight tying)
         for name, module in model.named_modules():
             if name in attention_children or self._skipped(name, module):
@@ -238,9 +240,8 @@ class KFACPreconditioner:
             if isinstance(module, nn.MultiheadAttention):
                 # Registered modules: the explicit forward routes in_proj through linear_map and
                 # out_proj through its module call (registered below as a Linear).
-                if module.in_proj_weight is not None and module.in_proj_weight.requires_grad:
-                    check_attention(name, module)
-                    self._attention.append(AttentionCapture(module))
+                self._attention.append(AttentionCapture(module))
+                if module.in_proj_weight.requires_grad:
                     prefix = f"{name}." if name else ""
                     self.register_linear_map(f"{prefix}in_proj", module.in_proj_weight,
                                              module.in_proj_bias, module=module)
