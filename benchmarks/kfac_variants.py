@@ -15,9 +15,11 @@ Part 2 (training): steps to reach a validation-loss target on the tiny ViT (digi
 tokens) and the GCN (``sbm`` graphs, 24 nodes), for AdamW and for K-FAC-expand / K-FAC-reduce
 (preconditioner + SGD with momentum 0.9, KL clip; parameters K-FAC does not cover, i.e. position
 embedding and LayerNorms, get the plain SGD step). Every run sees the same initialization and
-batches. Each method's learning rate is the best of a small grid (the lowest final validation
-loss); the target is AdamW's best validation loss (a reached level for AdamW by construction)
-and each method's ``steps_to_target`` is the first evaluation at or below it. Eschenhagen et al.
+batches. Each method's learning rate (and K-FAC's damping) is the best of a small grid (the
+lowest final validation loss); the target is 95% of AdamW's validation-loss decrease
+(``initial - 0.95 (initial - AdamW's best)``, a level AdamW reaches by construction, above the
+noise of its plateau) and each method's ``steps_to_target`` is the first evaluation at or below
+it. Eschenhagen et al.
 report that K-FAC needs 50-75% of the steps of the first-order reference; the target here is a
 ratio <= 0.75.
 
@@ -44,6 +46,8 @@ from thermo_kfac.data import Dataset, load_dataset
 from thermo_kfac.models import build_model
 
 from _report import emit
+
+TARGET_FRACTION = 0.95
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -113,9 +117,12 @@ def _val_loss(model: nn.Module, data: Dataset) -> float:
         model.train()
 
 
-def train_run(data: Dataset, model_name: str, model_options: dict[str, Any], method: str, lr: float,
-              steps: int, batch: int, eval_every: int, seed: int, kfac: dict[str, Any]) -> dict[str, Any]:
-    """One run; returns the validation-loss curve ``[(step, loss)]`` and the wall time."""
+def train_run(data: Dataset, model_name: str, model_options: dict[str, Any], method: str,
+              config: dict[str, float], steps: int, batch: int, eval_every: int, seed: int,
+              kfac: dict[str, Any]) -> dict[str, Any]:
+    """One run with ``config`` (``lr``, and ``damping`` for K-FAC); returns the validation-loss
+    curve ``[(step, loss)]`` and the training wall time."""
+    lr = config["lr"]
     torch.manual_seed(seed)
     model = build_model(model_name, data, **model_options)
     precond = None
@@ -124,7 +131,7 @@ def train_run(data: Dataset, model_name: str, model_options: dict[str, Any], met
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         precond = KFACPreconditioner(model, kfac_approx=method.removeprefix("kfac-"), optimizer=opt,
-                                     seed=seed, **kfac)
+                                     seed=seed, damping=config["damping"], **kfac)
     stream = data.stream(batch, seed=seed)
     curve = [(0, _val_loss(model, data))]
     start = time.perf_counter()
@@ -145,7 +152,7 @@ def train_run(data: Dataset, model_name: str, model_options: dict[str, Any], met
                 break
     if precond is not None:
         precond.remove_hooks()
-    return {"method": method, "lr": lr, "curve": curve, "train_wall_s": wall,
+    return {"method": method, "config": config, "curve": curve, "train_wall_s": wall,
             "final_val_loss": curve[-1][1], "best_val_loss": min(c[1] for c in curve)}
 
 
@@ -154,24 +161,29 @@ def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
 
 
 def compare_methods(data: Dataset, model_name: str, model_options: dict[str, Any],
-                    grids: dict[str, list[float]], steps: int, batch: int, eval_every: int, seed: int,
-                    kfac: dict[str, Any]) -> dict[str, Any]:
+                    grids: dict[str, list[dict[str, float]]], steps: int, batch: int,
+                    eval_every: int, seed: int, kfac: dict[str, Any]) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {}
-    for method, lrs in grids.items():
-        runs[method] = [train_run(data, model_name, model_options, method, lr, steps, batch,
-                                  eval_every, seed, kfac) for lr in lrs]
+    for method, configs in grids.items():
+        runs[method] = [train_run(data, model_name, model_options, method, config, steps, batch,
+                                  eval_every, seed, kfac) for config in configs]
     best = {m: min(rs, key=lambda r: (r["final_val_loss"] != r["final_val_loss"],
                                       r["final_val_loss"])) for m, rs in runs.items()}
-    target = best["adamw"]["best_val_loss"]
-    summary: dict[str, Any] = {"target_val_loss": target, "methods": {}}
+    # 95% of AdamW's validation-loss decrease: a level AdamW reaches by construction, above the
+    # noise floor of its plateau
+    initial = best["adamw"]["curve"][0][1]
+    target = initial - TARGET_FRACTION * (initial - best["adamw"]["best_val_loss"])
+    summary: dict[str, Any] = {"initial_val_loss": initial, "target_val_loss": target,
+                               "target_rule": f"initial - {TARGET_FRACTION} (initial - AdamW's best)",
+                               "methods": {}}
     adam_steps = steps_to(best["adamw"]["curve"], target)
     for method, run in best.items():
         n = steps_to(run["curve"], target)
         summary["methods"][method] = {
-            "lr": run["lr"], "steps_to_target": n,
+            "config": run["config"], "steps_to_target": n,
             "ratio_to_adamw": None if n is None or not adam_steps else n / adam_steps,
             "final_val_loss": run["final_val_loss"], "train_wall_s": run["train_wall_s"],
-            "lr_grid": {str(r["lr"]): r["final_val_loss"] for r in runs[method]},
+            "grid_final_val_loss": [[r["config"], r["final_val_loss"]] for r in runs[method]],
             "curve": run["curve"]}
     return summary
 
@@ -187,14 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats and steps, one learning rate per method")
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 7; quick 5)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 400; quick 80)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 300; quick 80)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 7)
-    steps = args.steps or (80 if args.quick else 400)
+    steps = args.steps or (80 if args.quick else 300)
     eval_every = 5 if args.quick else 10
 
     conv_info, conv_stats = _conv_case(batch=4 if args.quick else 16)
@@ -202,13 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     timing = {"conv2d_32x32": {**conv_info, **time_statistics(conv_stats, repeats)},
               "attention_64_tokens": {**attn_info, **time_statistics(attn_stats, repeats)}}
 
-    kfac = {"damping": 1e-2, "kl_clip": 1e-2, "factor_decay": 0.95, "factor_update_every": 1,
+    kfac = {"kl_clip": 1e-2, "factor_decay": 0.95, "factor_update_every": 1,
             "inverse_update_every": 10}
     if args.quick:
-        grids = {"adamw": [3e-3], "kfac-expand": [0.1], "kfac-reduce": [0.1]}
+        grids = {"adamw": [{"lr": 3e-3}], "kfac-expand": [{"lr": 0.1, "damping": 0.1}],
+                 "kfac-reduce": [{"lr": 0.1, "damping": 0.1}]}
     else:
-        grids = {"adamw": [1e-3, 3e-3, 1e-2], "kfac-expand": [0.03, 0.1, 0.3],
-                 "kfac-reduce": [0.03, 0.1, 0.3]}
+        kfac_grid = [{"lr": 0.1, "damping": 1e-2}, {"lr": 0.1, "damping": 0.1},
+                     {"lr": 0.03, "damping": 0.1}]
+        grids = {"adamw": [{"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}], "kfac-expand": kfac_grid,
+                 "kfac-reduce": kfac_grid}
     digits = load_dataset("digits", seed=args.seed)
     sbm = load_dataset("sbm", seed=args.seed)
     vit = compare_methods(digits, "vit", {}, grids, steps, 128, eval_every, args.seed, kfac)
