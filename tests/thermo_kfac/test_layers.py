@@ -406,3 +406,29 @@ def test_gcn_trains_with_kfac_on_sbm(approx):
 def test_gcn_refuses_non_graph_data():
     with pytest.raises(ValueError, match="graph inputs"):
         build_model("gcn", load_dataset("digits"))
+
+
+def test_sbm_dataset_is_seeded_and_well_formed():
+    a, b = make_sbm(n_train=20, n_test=5, seed=3), make_sbm(n_train=20, n_test=5, seed=3)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.x_train, make_sbm(n_train=20, n_test=5, seed=4).x_train)
+    assert a.input_shape == (24, 8 + 24) and a.y_train.shape == (20, 24) and a.output_dim == 3
+    adj = a.x_train[:, :, 8:]
+    torch.testing.assert_close(adj, adj.transpose(1, 2))
+    # D^-1/2 (A + I) D^-1/2 has spectral radius 1 (eigenvector D^1/2 1)
+    torch.testing.assert_close(torch.linalg.eigvalsh(adj).max(dim=1).values, torch.ones(20))
+    with pytest.raises(ValueError, match="p_in"):
+        make_sbm(p_in=1.5)
+
+
+def test_evaluate_counts_per_node_labels():
+    from thermo_kfac.experiments.training import evaluate
+
+    torch.manual_seed(19)
+    data = make_sbm(n_train=10, n_test=6)
+    model = build_model("gcn", data)
+    loss, accuracy = evaluate(model, data.x_test, data.y_test, "cross_entropy")
+    with torch.no_grad():
+        out = model(data.x_test)
+    assert loss == pytest.approx(float(F.cross_entropy(out, data.y_test)), rel=1e-6)
+    assert accuracy == pytest.approx(float((out.argmax(dim=1) == data.y_test).float().mean()))
