@@ -16,10 +16,10 @@ tokens) and the GCN (``sbm`` graphs, 24 nodes), for AdamW and for K-FAC-expand /
 (preconditioner + SGD with momentum 0.9, KL clip; parameters K-FAC does not cover, i.e. position
 embedding and LayerNorms, get the plain SGD step). Every run sees the same initialization and
 batches. Each method's learning rate (and K-FAC's damping) is the best of a small grid (the
-lowest final validation loss); the target is 95% of AdamW's validation-loss decrease
-(``initial - 0.95 (initial - AdamW's best)``, a level AdamW reaches by construction, above the
-noise of its plateau) and each method's ``steps_to_target`` is the first evaluation at or below
-it. Eschenhagen et al.
+fewest steps to the target, ties broken by the final validation loss); the target is 95% of the
+validation-loss decrease of the best AdamW run (``initial - 0.95 (initial - AdamW's best)``, a
+level AdamW reaches by construction, above the noise of its plateau) and ``steps_to_target`` is
+the first evaluation (every 5 steps) at or below it. Eschenhagen et al.
 report that K-FAC needs 50-75% of the steps of the first-order reference; the target here is a
 ratio <= 0.75.
 
@@ -167,12 +167,20 @@ def compare_methods(data: Dataset, model_name: str, model_options: dict[str, Any
     for method, configs in grids.items():
         runs[method] = [train_run(data, model_name, model_options, method, config, steps, batch,
                                   eval_every, seed, kfac) for config in configs]
-    best = {m: min(rs, key=lambda r: (r["final_val_loss"] != r["final_val_loss"],
-                                      r["final_val_loss"])) for m, rs in runs.items()}
-    # 95% of AdamW's validation-loss decrease: a level AdamW reaches by construction, above the
-    # noise floor of its plateau
-    initial = best["adamw"]["curve"][0][1]
-    target = initial - TARGET_FRACTION * (initial - best["adamw"]["best_val_loss"])
+    reference = min(runs["adamw"], key=lambda r: (r["best_val_loss"] != r["best_val_loss"],
+                                                  r["best_val_loss"]))
+    # 95% of the best AdamW run's validation-loss decrease: a level AdamW reaches by
+    # construction, above the noise of its plateau
+    initial = reference["curve"][0][1]
+    target = initial - TARGET_FRACTION * (initial - reference["best_val_loss"])
+
+    def rank(run: dict[str, Any]) -> tuple[bool, float, float]:
+        n = steps_to(run["curve"], target)
+        final = run["final_val_loss"]
+        return (n is None, float(n or 0), final if final == final else float("inf"))
+
+    # every method (AdamW too) is tuned for the metric: its fastest configuration to the target
+    best = {m: min(rs, key=rank) for m, rs in runs.items()}
     summary: dict[str, Any] = {"initial_val_loss": initial, "target_val_loss": target,
                                "target_rule": f"initial - {TARGET_FRACTION} (initial - AdamW's best)",
                                "methods": {}}
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 7)
     steps = args.steps or (80 if args.quick else 300)
-    eval_every = 5 if args.quick else 10
+    eval_every = 5
 
     conv_info, conv_stats = _conv_case(batch=4 if args.quick else 16)
     attn_info, attn_stats = _attention_case(batch=8 if args.quick else 32)
