@@ -9,7 +9,8 @@ and ``G`` from a layer's captured inputs and output gradients, with the adapters
   and out_proj (64 -> 64) statistics together.
 
 Expand and reduce are interleaved, after a warm-up; medians of ``--repeats`` are reported with
-min/max. Target: reduce at least 4x cheaper (Eschenhagen et al. 2023: about R times cheaper).
+min/max, with one torch thread by default (see ``--threads``). Target: reduce at least 4x
+cheaper (Eschenhagen et al. 2023: about R times cheaper).
 
 Part 2 (training): steps to reach a validation-loss target on the tiny ViT (digits, 16 patch
 tokens) and the GCN (``sbm`` graphs, 24 nodes), for AdamW and for K-FAC-expand / K-FAC-reduce
@@ -210,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 7; quick 5)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 300; quick 80)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on the shared 2-core host, 2 threads made "
+                             "every small statistics call cost ~0.1 s of thread wake-up latency)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
