@@ -387,9 +387,9 @@ def test_tiny_vit_trains_with_kfac(approx):
     data = load_dataset("digits")
     model = build_model("vit", data, dim=16, depth=1, heads=2)
     assert isinstance(model, TinyViT)
-    first, last, names = _train_steps(model, data.x_train[:128], data.y_train[:128], approx, 20, 0.3)
+    first, last, names = _train_steps(model, data.x_train[:64], data.y_train[:64], approx, 20, 0.3)
     assert "blocks.0.self_attn.in_proj" in names and "blocks.0.self_attn.out_proj" in names
-    assert last < 0.85 * first  # measured: 0.67 (expand), 0.75 (reduce)
+    assert last < 0.8 * first  # measured: 0.57 (expand), 0.52 (reduce)
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
