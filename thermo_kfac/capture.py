@@ -264,10 +264,25 @@ class EmbeddingAdapter(LayerAdapter):
         self.module.weight.grad.copy_(mat.T)
 
 
+class LinearMap:
+    """Stand-in module of a parameter registered as a linear map: ``weight``, ``bias``, the sizes
+    of an ``nn.Linear`` and the ``training`` flag of its owner (always True without one), so that
+    code written for module adapters (``adapter.module.weight``) works unchanged."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 owner: nn.Module | None = None) -> None:
+        self.weight, self.bias, self.owner = weight, bias, owner
+        self.out_features, self.in_features = weight.shape
+
+    @property
+    def training(self) -> bool:
+        return True if self.owner is None else self.owner.training
+
+
 class LinearMapAdapter(LinearAdapter):
     """Any parameter ``W`` (``(d_out, d_in)``, optional bias ``(d_out,)``) used as a linear map on
     ``(N, R, d_in)`` inputs through :func:`linear_map`; ``module`` (optional) is the owner whose
-    ``training`` flag gates the capture."""
+    ``training`` flag gates the capture. ``self.module`` is a :class:`LinearMap`."""
 
     def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  module: nn.Module | None = None, approx: str = "expand") -> None:
@@ -277,28 +292,7 @@ class LinearMapAdapter(LinearAdapter):
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"linear map {name!r}: bias of shape {tuple(bias.shape)} does not match "
                              f"the weight's d_out={weight.shape[0]}")
-        super().__init__(name, module, approx)  # type: ignore[arg-type]
-        self._weight, self._bias = weight, bias
-        self.has_bias = bias is not None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self._bias
-
-    @property
-    def d_in(self) -> int:
-        return self._weight.shape[1] + int(self.has_bias)
-
-    @property
-    def d_out(self) -> int:
-        return self._weight.shape[0]
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [self._weight] + ([self._bias] if self._bias is not None else [])
+        super().__init__(name, LinearMap(weight, bias, module), approx)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------ functional linear maps
@@ -439,14 +433,19 @@ def _add_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
     nn.Linear: LinearAdapter,
     nn.Conv2d: Conv2dAdapter,
+}
+# Adapters whose weight is not a (d_out, d_in [, k, k]) matrix of the module (Embedding: the map is
+# W^T); only code that goes through grad_matrix/set_grad asks for them (extra=True).
+EXTRA_ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
     nn.Embedding: EmbeddingAdapter,
 }
 
 
-def make_adapter(name: str, module: nn.Module, approx: str = "expand") -> LayerAdapter | None:
+def make_adapter(name: str, module: nn.Module, approx: str = "expand",
+                 extra: bool = False) -> LayerAdapter | None:
     """Adapter for ``module`` if its exact type is supported, else None; ``approx`` is the K-FAC
-    flavour, ``"expand"`` or ``"reduce"``."""
-    cls = ADAPTERS.get(type(module))
+    flavour, ``"expand"`` or ``"reduce"``; ``extra`` also allows :data:`EXTRA_ADAPTERS`."""
+    cls = ADAPTERS.get(type(module)) or (EXTRA_ADAPTERS.get(type(module)) if extra else None)
     if cls is None:
         # Subclasses of supported layers with an unchanged forward (e.g. NonDynamicallyQuantizable
         # Linear inside MultiheadAttention) are matched by their base class.

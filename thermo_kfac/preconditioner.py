@@ -250,7 +250,7 @@ class KFACPreconditioner:
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
                 continue
-            adapter = make_adapter(name, module, self._approx_for(name))
+            adapter = make_adapter(name, module, self._approx_for(name), extra=True)
             if adapter is None:
                 continue
             tied = owners.get(id(weight))
@@ -316,9 +316,8 @@ class KFACPreconditioner:
         input_hook, output_hook = self._make_input_hook(state), self._make_output_hook(state)
 
         def tap(x: torch.Tensor, out: torch.Tensor) -> None:
-            owner = module if module is not None else _ALWAYS_TRAINING
-            input_hook(owner, (x,))
-            output_hook(owner, (x,), out)
+            input_hook(adapter.module, (x,))  # a LinearMap: its owner's training flag
+            output_hook(adapter.module, (x,), out)
 
         state.handles.append(add_tap(weight, tap))
         self._layers[name] = state
@@ -671,15 +670,6 @@ class KFACPreconditioner:
                 f"fisher_type={self.fisher_type!r}, damping={self.damping.value}, "
                 f"solver={self.solver_spec!r}, factor_update_every={self.factor_update_every}, "
                 f"inverse_update_every={self.inverse_update_every})")
-
-
-class _AlwaysTraining:
-    """Stand-in owner of a linear map registered without a module: always captures."""
-
-    training = True
-
-
-_ALWAYS_TRAINING = _AlwaysTraining()
 
 
 def _clone(value: Any) -> Any:

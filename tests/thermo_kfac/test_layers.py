@@ -432,3 +432,20 @@ def test_evaluate_counts_per_node_labels():
         out = model(data.x_test)
     assert loss == pytest.approx(float(F.cross_entropy(out, data.y_test)), rel=1e-6)
     assert accuracy == pytest.approx(float((out.argmax(dim=1) == data.y_test).float().mean()))
+
+
+def test_adapter_contract_for_other_optimizers():
+    """Optimizers written for module adapters (``make_adapter(name, module)``,
+    ``adapter.module.weight``) keep seeing only Linear/Conv2d, and linear maps expose a module
+    stand-in whose weight is the parameter and whose training flag is the owner's."""
+    from thermo_kfac.capture import LinearMapAdapter, make_adapter
+
+    emb = nn.Embedding(5, 3)
+    assert make_adapter("emb", emb) is None
+    assert make_adapter("emb", emb, extra=True) is not None
+    mha = nn.MultiheadAttention(4, 2)
+    adapter = LinearMapAdapter("in_proj", mha.in_proj_weight, mha.in_proj_bias, module=mha)
+    assert adapter.module.weight is mha.in_proj_weight and adapter.module.bias is mha.in_proj_bias
+    assert (adapter.d_in, adapter.d_out) == (5, 12)
+    mha.eval()
+    assert adapter.module.training is False
