@@ -6,6 +6,7 @@ optimizers can see exactly the same data in exactly the same order.
 
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, no download).
 * ``synthetic-classification`` / ``synthetic-regression``: a random teacher network, seeded.
+* ``sbm``: seeded stochastic-block-model graphs for node classification (see :func:`make_sbm`).
 * ``mnist``, ``fashion-mnist``, ``cifar10``: read from their original on-disk formats (IDX files,
   CIFAR-10 python pickle batches) by the readers below. Only with ``download=True`` are missing
   files fetched, through torchvision (the optional extra ``pip install thermo-kfac[vision]``).
@@ -32,7 +33,7 @@ from hw_models.validation import check_choice, check_number, check_positive
 
 TASKS = ("classification", "regression", "autoencoder")
 DATASETS = ("digits", "synthetic-classification", "synthetic-regression", "mnist", "fashion-mnist",
-            "cifar10")
+            "cifar10", "sbm")
 # Datasets whose examples are images, so they can also be used as an auto-encoder task.
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 DEFAULT_LOSS = {"classification": "cross_entropy", "regression": "mse", "autoencoder": "bce"}
@@ -169,6 +170,11 @@ def load_dataset(name: str, *, task: str | None = None, seed: int = 0, root: str
         data = make_synthetic(own_task, seed=seed, **options)
     elif name == "digits":
         data = load_digits(seed=seed, autoencoder=task == "autoencoder", **options)
+    elif name == "sbm":
+        if task not in (None, "classification"):
+            raise ValueError(f"dataset='sbm' is a node classification task; task={task!r} is not "
+                             "valid for it")
+        data = make_sbm(seed=seed, **options)
     else:
         _no_options(name, options)
         root = Path(root) if root is not None else default_data_root()
@@ -404,3 +410,43 @@ def _image_dataset(name: str, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarr
     return Dataset(name, "classification", torch.from_numpy(np.ascontiguousarray(x_tr, np.float32)),
                    torch.from_numpy(y_tr), torch.from_numpy(np.ascontiguousarray(x_te, np.float32)),
                    torch.from_numpy(y_te), num_classes, info)
+
+
+# ------------------------------------------------------------------------------------- graphs
+def make_sbm(*, n_train: int = 600, n_test: int = 200, nodes: int = 24, n_classes: int = 3,
+             n_features: int = 8, p_in: float = 0.3, p_out: float = 0.03, signal: float = 1.0,
+             seed: int = 0) -> Dataset:
+    """Node classification on graphs drawn from a stochastic block model, seeded.
+
+    Each example is one graph of ``nodes`` nodes, each node in one of ``n_classes`` communities
+    (uniformly at random); an edge joins two nodes with probability ``p_in`` inside a community and
+    ``p_out`` across. Node features are the community's mean vector (random, of norm ``signal``,
+    shared by all graphs) plus standard Gaussian noise, so one node alone is ambiguous and a graph
+    convolution that averages over neighbours helps. Inputs are ``(nodes, n_features + nodes)``:
+    the features followed by the normalized adjacency ``D^-1/2 (A + I) D^-1/2``; labels are
+    ``(nodes,)`` community indices (per-node cross-entropy on logits ``(N, n_classes, nodes)``).
+    """
+    for label, value in (("n_train", n_train), ("n_test", n_test), ("nodes", nodes),
+                         ("n_features", n_features)):
+        check_positive(label, value, integer=True)
+    check_number("n_classes", n_classes, low=2, integer=True)
+    for label, value in (("p_in", p_in), ("p_out", p_out)):
+        check_number(label, value, low=0.0, high=1.0)
+    check_number("signal", signal, low=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    n = n_train + n_test
+    means = torch.randn(n_classes, n_features, generator=gen)
+    means = signal * means / means.norm(dim=1, keepdim=True)
+    labels = torch.randint(0, n_classes, (n, nodes), generator=gen)
+    same = labels.unsqueeze(2) == labels.unsqueeze(1)
+    prob = torch.where(same, torch.tensor(p_in), torch.tensor(p_out))
+    upper = (torch.rand(n, nodes, nodes, generator=gen) < prob).float().triu(1)
+    adj = upper + upper.transpose(1, 2) + torch.eye(nodes)
+    inv_sqrt_deg = adj.sum(dim=2).rsqrt()
+    adj = inv_sqrt_deg.unsqueeze(2) * adj * inv_sqrt_deg.unsqueeze(1)
+    features = means[labels] + torch.randn(n, nodes, n_features, generator=gen)
+    x = torch.cat([features, adj], dim=2)
+    info = {"seed": seed, "nodes": nodes, "n_features": n_features, "p_in": p_in, "p_out": p_out,
+            "signal": signal}
+    return Dataset("sbm", "classification", x[:n_train], labels[:n_train], x[n_train:],
+                   labels[n_train:], n_classes, info)

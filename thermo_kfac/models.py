@@ -142,6 +142,103 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class GCNLayer(nn.Module):
+    """Graph convolution ``H' = A_hat H W (+ b)`` (Kipf & Welling) on node features ``(N, R, d)``.
+
+    ``A_hat`` is the normalized adjacency ``(N, R, R)`` (or ``(R, R)``, shared) passed with ``H``.
+    The weight is an ``nn.Linear`` applied to the aggregated features ``A_hat H``, so K-FAC
+    registers it as a Linear layer whose R shared positions are the nodes (expand or reduce).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        check_positive("in_features", in_features, integer=True)
+        check_positive("out_features", out_features, integer=True)
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+
+    def forward(self, h: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        return self.linear(adj @ h)
+
+
+def normalized_adjacency(adj: torch.Tensor) -> torch.Tensor:
+    """``D^-1/2 (A + I) D^-1/2`` of (batched) symmetric adjacency matrices ``(..., R, R)``."""
+    a = adj + torch.eye(adj.shape[-1], dtype=adj.dtype, device=adj.device)
+    d = a.sum(dim=-1).rsqrt()
+    return d.unsqueeze(-1) * a * d.unsqueeze(-2)
+
+
+class GCN(nn.Module):
+    """Node classifier ``[GCNLayer -> activation] * len(widths) -> GCNLayer(num_classes)``.
+
+    Input: ``(N, R, F + R)``, the ``F`` node features followed by the normalized adjacency (the
+    layout of the ``sbm`` dataset). Output: logits ``(N, num_classes, R)``, the layout
+    ``F.cross_entropy`` expects for per-node labels ``(N, R)``.
+    """
+
+    def __init__(self, n_features: int, num_classes: int, widths: Sequence[int] = (32, 32),
+                 activation: str = "relu") -> None:
+        super().__init__()
+        check_positive("n_features", n_features, integer=True)
+        check_positive("num_classes", num_classes, integer=True)
+        widths = _check_widths(widths)
+        act = check_choice("activation", activation, tuple(ACTIVATIONS))
+        sizes = (n_features, *widths, num_classes)
+        self.layers = nn.ModuleList(GCNLayer(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        self.act = ACTIVATIONS[act]()
+        self.n_features = n_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, adj = x[..., :self.n_features], x[..., self.n_features:]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, adj)
+            if i < len(self.layers) - 1:
+                h = self.act(h)
+        return h.transpose(-1, -2)
+
+
+class TinyViT(nn.Module):
+    """A small vision transformer: non-overlapping ``patch x patch`` patches -> Linear embedding
+    + learned position embedding -> ``depth`` pre-norm ``nn.TransformerEncoderLayer`` blocks ->
+    LayerNorm -> mean over tokens -> Linear head. For 8x8 digits with patch 2: 16 tokens."""
+
+    def __init__(self, input_shape: Sequence[int], num_outputs: int, patch: int = 2, dim: int = 32,
+                 depth: int = 2, heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3:
+            raise ValueError(f"TinyViT needs image inputs (C, H, W), got input shape {input_shape}")
+        c, h, w = input_shape
+        check_positive("patch", patch, integer=True)
+        if h % patch or w % patch:
+            raise ValueError(f"patch={patch} does not divide the image size {h}x{w}")
+        for label, value in (("num_outputs", num_outputs), ("dim", dim), ("depth", depth),
+                             ("heads", heads), ("mlp_ratio", mlp_ratio)):
+            check_positive(label, value, integer=True)
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.patch = patch
+        tokens = (h // patch) * (w // patch)
+        self.embed = nn.Linear(c * patch * patch, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, dim))
+        self.blocks = nn.Sequential(*(
+            nn.TransformerEncoderLayer(dim, heads, mlp_ratio * dim, dropout=dropout, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_outputs)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> ``(N, tokens, C patch^2)``, row-major over the patch grid."""
+        n, c, h, w = x.shape
+        p = self.patch
+        x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(self.patches(x)) + self.pos
+        return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
 # ---------------------------------------------------------------------------------- registry
 def _build_mlp(spec: Any, widths: Sequence[int] = (128, 128), activation: str = "relu") -> nn.Module:
     return MLP(math.prod(spec.input_shape), spec.output_dim, widths, activation)
@@ -174,11 +271,28 @@ def _build_cnn(spec: Any, channels: Sequence[int] = (16, 32), hidden: int = 64,
     return SmallCNN(spec.input_shape, spec.output_dim, channels, hidden, activation)
 
 
+def _build_vit(spec: Any, patch: int = 2, dim: int = 32, depth: int = 2, heads: int = 4,
+               mlp_ratio: int = 2, dropout: float = 0.0) -> nn.Module:
+    return TinyViT(spec.input_shape, spec.output_dim, patch, dim, depth, heads, mlp_ratio, dropout)
+
+
+def _build_gcn(spec: Any, widths: Sequence[int] = (32, 32), activation: str = "relu") -> nn.Module:
+    shape = tuple(spec.input_shape)
+    if len(shape) != 2 or shape[1] <= shape[0]:
+        raise ValueError(f"model 'gcn' needs graph inputs (R nodes, F features + R adjacency "
+                         f"columns), such as dataset 'sbm'; got input shape {shape}")
+    return GCN(shape[1] - shape[0], spec.output_dim, widths, activation)
+
+
 MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "mlp": (_build_mlp, "fully connected net; options widths=(128, 128), activation='relu'"),
     "autoencoder": (_build_autoencoder, "deep auto-encoder with mirror decoder (autoencoder task); "
                     "options widths (default 1000-500-250-30 for 784 inputs), activation='sigmoid'"),
     "cnn": (_build_cnn, "small CNN for images; options channels=(16, 32), hidden=64, activation='relu'"),
+    "vit": (_build_vit, "tiny vision transformer for images; options patch=2, dim=32, depth=2, "
+            "heads=4, mlp_ratio=2, dropout=0.0"),
+    "gcn": (_build_gcn, "graph convolutional node classifier (dataset 'sbm'); options "
+            "widths=(32, 32), activation='relu'"),
 }
 
 

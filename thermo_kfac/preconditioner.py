@@ -34,7 +34,15 @@ from torch import nn
 from hw_models.cost import KFACSchedule
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac import distributed as _dist
-from thermo_kfac.capture import LayerAdapter, make_adapter
+from thermo_kfac.capture import (
+    KFAC_APPROXIMATIONS,
+    AttentionCapture,
+    LayerAdapter,
+    LinearMapAdapter,
+    add_tap,
+    check_attention,
+    make_adapter,
+)
 from thermo_kfac.curvature import (
     FISHER_TYPES,
     LOSSES,
@@ -114,6 +122,17 @@ class KFACPreconditioner:
             factorized in this dtype whatever the model or autocast dtype.
         skip: regular expressions; a layer whose qualified name or class name matches one of
             them (``re.search``) is not registered.
+        kfac_approx: K-FAC flavour for layers applied at R shared positions (Linear on
+            ``(N, R, d)`` inputs, Conv2d, attention, Embedding, GCN layers): ``"expand"`` (every
+            position is a row; exact for a loss summed over positions) or ``"reduce"`` (the inputs
+            averaged and the output gradients summed over positions, one row per example; exact
+            for a loss on a per-example aggregate, and about R times cheaper). See
+            ``docs/kfac_variants.md``.
+        approx_per_layer: ``{regex: flavour}`` overriding ``kfac_approx`` for the layers whose
+            qualified name matches (``re.search``, first match wins).
+        linear_maps: ``{name: weight}`` or ``{name: (weight, bias)}``: extra parameters used as
+            linear maps through :func:`thermo_kfac.capture.linear_map` in the model's forward
+            (see :meth:`register_linear_map`).
         mc_samples: labels drawn per example for ``fisher_type="mc"``.
         seed: seed of the preconditioner's own generator (MC labels).
         fallback_solver: digital solver (name, class or instance) used for a layer's step when
@@ -160,6 +179,9 @@ class KFACPreconditioner:
         distributed: Any = "auto",
         curvature: str = "kfac",
         solver_map: Any = None,
+        kfac_approx: str = "expand",
+        approx_per_layer: dict[str, str] | None = None,
+        linear_maps: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -217,6 +239,17 @@ class KFACPreconditioner:
         except re.error as err:
             raise ValueError(f"skip={skip!r} contains an invalid regular expression: {err}") from None
 
+        self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
+        self._approx_rules: list[tuple[re.Pattern[str], str]] = []
+        for pattern, flavour in (approx_per_layer or {}).items():
+            check_choice(f"approx_per_layer[{pattern!r}]", flavour, KFAC_APPROXIMATIONS)
+            try:
+                self._approx_rules.append((re.compile(pattern), flavour))
+            except re.error as err:
+                raise ValueError(f"approx_per_layer pattern {pattern!r} is not a valid regular "
+                                 f"expression: {err}") from None
+        self._attention: list[AttentionCapture] = []
+
         self.model = model
         self.steps = 0
         self._generator: torch.Generator | None = None
@@ -226,6 +259,9 @@ class KFACPreconditioner:
         self.last_report: dict[str, Any] = {}
         self._layers: dict[str, _LayerState] = {}
         self._register(_dist.unwrap(model))  # DDP: layer names without the "module." prefix
+        for map_name, spec in (linear_maps or {}).items():
+            weight, bias = spec if isinstance(spec, tuple) else (spec, None)
+            self.register_linear_map(map_name, weight, bias)
         self._batch_solvers = any(s.solver.uses_batch_statistics for s in self._layers.values())
         if not self._layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition "
@@ -237,24 +273,42 @@ class KFACPreconditioner:
     def _register(self, model: nn.Module) -> None:
         attention_children = set()
         for name, module in model.named_modules():
-            if isinstance(module, nn.MultiheadAttention):
+            if isinstance(module, nn.MultiheadAttention) and self._skipped(name, module):
                 # MHA calls its projections' weights functionally, so their hooks never fire.
                 attention_children.update(f"{name}.{child}" if name else child
                                           for child, _ in module.named_modules() if child)
+            elif isinstance(module, nn.MultiheadAttention):
+                check_attention(name, module)  # before any hook or patch is installed
+        owners: dict[int, str] = {}  # id(weight) -> registered layer using it (weight tying)
         for name, module in model.named_modules():
             if name in attention_children or self._skipped(name, module):
+                continue
+            if isinstance(module, nn.MultiheadAttention):
+                # Registered modules: the explicit forward routes in_proj through linear_map and
+                # out_proj through its module call (registered below as a Linear).
+                self._attention.append(AttentionCapture(module))
+                if module.in_proj_weight.requires_grad:
+                    prefix = f"{name}." if name else ""
+                    self.register_linear_map(f"{prefix}in_proj", module.in_proj_weight,
+                                             module.in_proj_bias, module=module)
+                    owners[id(module.in_proj_weight)] = f"{prefix}in_proj"
                 continue
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
                 continue
-            adapter = make_adapter(name, module)
+            adapter = make_adapter(name, module, self._approx_for(name), extra=True)
             if adapter is None:
                 continue
-            state = _LayerState(adapter=adapter, solver=self._assign(name, module, adapter))
-            state.solver.layer_index = len(self._layers)
+            tied = owners.get(id(weight))
+            if tied is not None:
+                state = self._tied_state(tied, name, adapter)  # shares the first layer's factors
+            else:
+                state = _LayerState(adapter=adapter, solver=self._assign(name, module, adapter))
+                state.solver.layer_index = len(self._layers)
+                self._layers[name] = state
+                owners[id(weight)] = name
             state.handles.append(module.register_forward_pre_hook(self._make_input_hook(state)))
             state.handles.append(module.register_forward_hook(self._make_output_hook(state)))
-            self._layers[name] = state
         self._root_handle = model.register_forward_hook(self._record_output)
         self._pricer = HardwarePricer(self.policy, self._schedule())
 
@@ -282,6 +336,64 @@ class KFACPreconditioner:
             return self._layer_factories[name]()
         return (self._curvature_factory or self._default_spec.factory())()
 
+    def _approx_for(self, name: str) -> str:
+        for pattern, flavour in self._approx_rules:
+            if pattern.search(name):
+                return flavour
+        return self.kfac_approx
+
+    def _tied_state(self, first: str, name: str, adapter: LayerAdapter) -> _LayerState:
+        """The state of ``first`` when layer ``name`` uses the same weight in the same way (same
+        module type, shapes and bias): both calls are positions of one weight-sharing layer, so
+        their statistics go into the same factors. Any other tie is refused."""
+        state = self._layers.get(first)
+        other = None if state is None else state.adapter
+        same = (other is not None and type(other) is type(adapter)
+                and other.weight is adapter.weight and other.bias is adapter.bias
+                and type(other.module) is type(adapter.module)
+                and other.approx == adapter.approx)
+        if state is None or not same:
+            raise ValueError(
+                f"K-FAC: layers {first!r} and {name!r} share the parameter {name}.weight (weight "
+                "tying) but use it differently (module type, orientation, bias or K-FAC flavour), "
+                "so no Kronecker factorization covers both uses. Fix: skip=[" + repr(name) + "] "
+                f"(or {first!r}) to precondition the weight with the other layer's factors only, "
+                "or skip both to leave it to the optimizer")
+        return state
+
+    def register_linear_map(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                            *, module: nn.Module | None = None, approx: str | None = None) -> None:
+        """Register a parameter used as a linear map ``(N, R, d_in) -> (N, R, d_out)``.
+
+        The model's forward must compute that map with
+        ``thermo_kfac.capture.linear_map(x, weight, bias)`` (``F.linear`` that K-FAC can see);
+        ``weight`` is ``(d_out, d_in)``. Capture happens when gradients are enabled and, if
+        ``module`` is given, while it is in training mode. Call before the first :meth:`step`.
+        ``approx`` overrides the flavour (default from ``kfac_approx`` / ``approx_per_layer``).
+        """
+        if name in self._layers:
+            raise ValueError(f"a layer named {name!r} is already registered; choose another name")
+        if self.steps:
+            raise ValueError("register_linear_map must be called before the first step()")
+        for other, st in self._layers.items():
+            if any(p is weight for p in st.adapter.parameters()):
+                raise ValueError(f"K-FAC: parameter of linear map {name!r} is already registered "
+                                 f"as (part of) layer {other!r}; register it once, or add "
+                                 f"skip=[{other!r}]")
+        flavour = self._approx_for(name) if approx is None else approx
+        adapter = LinearMapAdapter(name, weight, bias, module=module, approx=flavour)
+        state = _LayerState(adapter=adapter, solver=self._assign(name, adapter.module, adapter))
+        state.solver.layer_index = len(self._layers)
+        input_hook, output_hook = self._make_input_hook(state), self._make_output_hook(state)
+
+        def tap(x: torch.Tensor, out: torch.Tensor) -> None:
+            input_hook(adapter.module, (x,))  # a LinearMap: its owner's training flag
+            output_hook(adapter.module, (x,), out)
+
+        state.handles.append(add_tap(weight, tap))
+        self._layers[name] = state
+        self._batch_solvers = any(s.solver.uses_batch_statistics for s in self._layers.values())
+
     def _skipped(self, name: str, module: nn.Module) -> bool:
         cls = type(module).__name__
         return any(p.search(name) or p.search(cls) for p in self._skip)
@@ -304,13 +416,16 @@ class KFACPreconditioner:
             a = inputs[0].detach()
             # Factors are computed in factor_dtype, never in an autocast dtype.
             with torch.autocast(a.device.type, enabled=False):
-                rows = state.adapter.input_rows(a).to(self.factor_dtype)
                 if state.solver.uses_batch_statistics:
-                    state.a_batch.append(rows)
+                    state.a_batch.append(state.adapter.input_rows(a).to(self.factor_dtype))
                 if self._capture_step():
-                    contribution = rows.T @ rows
+                    # rows^T rows and the row count (N R for expand, N for reduce)
+                    if a.is_floating_point():
+                        a = a.to(self.factor_dtype)
+                    contribution, n_rows = state.adapter.input_statistic(a)
+                    contribution = contribution.to(self.factor_dtype)
                     state.a_sum = contribution if state.a_sum is None else state.a_sum + contribution
-                    state.a_rows += rows.shape[0]
+                    state.a_rows += n_rows
             state.fired_forward = True
 
         return hook
@@ -614,7 +729,7 @@ class KFACPreconditioner:
             lrs = self._learning_rates()
             # one host sync for all layers: sum_l lr_l^2 <U_l, grad_l>
             vg = float(torch.stack([
-                (update * grad).sum() * lrs.get(state.adapter.module.weight, 0.0) ** 2
+                (update * grad).sum() * lrs.get(state.adapter.weight, 0.0) ** 2
                 for state, grad, update in preconditioned]).sum())
             if vg > 0:
                 scale = min(1.0, math.sqrt(self.kl_clip / vg))
@@ -681,7 +796,7 @@ class KFACPreconditioner:
             # A resumed run has already passed its first step.
             s.fired_forward = s.fired_backward = True
         if state.get("generator") is not None:
-            device = next(iter(self._layers.values())).adapter.module.weight.device
+            device = next(iter(self._layers.values())).adapter.weight.device
             self._get_generator(device).set_state(state["generator"])
         shape = state.get("output_shape")
         self._output_shape = None if shape is None else torch.Size(shape)
@@ -694,6 +809,9 @@ class KFACPreconditioner:
             for handle in s.handles:
                 handle.remove()
             s.handles.clear()
+        for capture in self._attention:
+            capture.remove()
+        self._attention.clear()
         self._root_handle.remove()
 
     def __repr__(self) -> str:

@@ -246,11 +246,13 @@ def test_solver_reports_are_aggregated():
     assert isinstance(precond._layers["0"].solver, KFACSolver)
 
 
-def test_multihead_attention_projections_are_not_registered():
+def test_multihead_attention_projections_are_registered_unless_skipped():
     model = nn.Sequential(nn.Linear(4, 8))
     model.attn = nn.MultiheadAttention(8, 2)
     precond = KFACPreconditioner(model)
-    assert precond.layers == ["0"]
+    assert precond.layers == ["0", "attn.in_proj", "attn.out_proj"]
+    precond.remove_hooks()
+    assert KFACPreconditioner(model, skip=["attn"]).layers == ["0"]
 
 
 @pytest.mark.parametrize("fisher_type", ["type2", "mc"])

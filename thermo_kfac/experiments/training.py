@@ -128,6 +128,10 @@ OPTIONS: dict[str, _Option] = {
                             low=1, integer=True),
     "stat_decay": _Option(float, "Eva: EMA decay of the Kronecker vectors", ("eva",), low=0.0, high=1.0,
                           high_inclusive=False),
+    "kfac_approx": _Option(str, "K-FAC flavour for weight sharing (expand/reduce)", ("kfac",),
+                           choices=("expand", "reduce")),
+    "curvature": _Option(str, "curvature block: kfac, or a Kronecker-SVD approximation", ("kfac",),
+                         choices=("kfac", "kpsvd", "deflation", "kfac_corrected")),
 }
 
 # Defaults per optimizer. kfac's were chosen by sweeps on digits (MLP 64-128-128-10, batch 256,
@@ -140,7 +144,7 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
              "beta2": 0.999, "eps": 1e-8, "damping": 0.1, "pi_damping": False, "factor_decay": 0.95,
              "factor_update_every": 10, "inverse_update_every": 50, "fisher_type": "empirical",
              "kl_clip": 1e-3, "solver": "eigh", "factor_dtype": "float32", "solver_map": None,
-             "hardware": "chip", "digital": "h100"},
+             "hardware": "chip", "digital": "h100", "kfac_approx": "expand", "curvature": "kfac"},
 }
 # AdaFisher: the authors' defaults (lr, beta, lambda, T_cov = 100, EMA pair of their code).
 OPTIMIZER_DEFAULTS["adafisher"] = {"lr": 1e-3, "beta": 0.9, "gamma1": 0.92, "gamma2": 0.008, "damping": 1e-3,
@@ -274,6 +278,10 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
     from thermo_kfac.policy import SolverPolicy, parse_solver_map
 
     opt = _make_optimizer(options["base"], model.parameters(), options)
+    curvature = options.get("curvature", "kfac")
+    if curvature != "kfac" and options.get("solver_map"):
+        raise ValueError(f"solver_map cannot be combined with curvature={curvature!r}: the "
+                         "Kronecker-SVD curvatures use their own solver on every layer")
     rules = parse_solver_map(options["solver_map"]) if options.get("solver_map") else ()
     policy = SolverPolicy(rules=rules, hardware=options.get("hardware", "chip"),
                           digital=options.get("digital", "h100"))
@@ -283,7 +291,10 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
         factor_decay=options["factor_decay"], factor_update_every=options["factor_update_every"],
         inverse_update_every=options["inverse_update_every"], solver=options["solver"],
         solver_options=options.get("solver_options"), kl_clip=options["kl_clip"], optimizer=opt,
-        factor_dtype=FACTOR_DTYPES[options["factor_dtype"]], seed=seed, solver_map=policy)
+        factor_dtype=FACTOR_DTYPES[options["factor_dtype"]], seed=seed,
+        # the Kronecker-SVD curvatures bring their own solver: no per-layer map for them
+        solver_map=policy if curvature == "kfac" else None,
+        kfac_approx=options.get("kfac_approx", "expand"), curvature=curvature)
     return opt, precond
 
 
@@ -323,12 +334,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
             target = y[start:start + chunk]
             total += float(fn(out, target, reduction="sum"))
             # mean reduction: over examples for cross-entropy, over all elements for mse/bce
-            elements += len(target) if loss == "cross_entropy" else target.numel()
+            # mean over all elements: the examples (or examples x nodes, for per-node labels)
+            # for cross-entropy, all output elements for mse/bce
+            elements += target.numel()
             if loss == "cross_entropy":
                 correct += int((out.argmax(dim=1) == target).sum())
     finally:
         model.train(was_training)
-    accuracy = correct / max(len(x), 1) if loss == "cross_entropy" else None
+    accuracy = correct / max(elements, 1) if loss == "cross_entropy" else None
     return total / max(elements, 1), accuracy
 
 
