@@ -295,3 +295,19 @@ def test_bad_solver_map_and_preset_stop_before_training(capsys):
     assert _main("train", "--solver", "thermoo", "--steps", "2") == 2
     err = capsys.readouterr().err
     assert "thermoo" in err and "auto" in err
+
+
+def test_curvature_spec_key_reaches_the_preconditioner_and_refuses_a_solver_map():
+    from thermo_kfac.experiments.training import build_optimizer, parse_optimizer_spec, resolve_options
+    from thermo_kfac.solvers.kronecker_svd import KroneckerSVDSolver
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    spec = parse_optimizer_spec("kfac:curvature=deflation")
+    _, precond = build_optimizer(spec, model, resolve_options(spec), "cross_entropy")
+    assert precond.curvature == "deflation"
+    assert all(isinstance(precond._layers[n].solver, KroneckerSVDSolver) for n in precond.layers)
+    spec = parse_optimizer_spec("kfac:curvature=kpsvd,solver_map=0=eigh")
+    with pytest.raises(ValueError, match="solver_map cannot be combined with curvature='kpsvd'"):
+        build_optimizer(spec, model, resolve_options(spec), "cross_entropy")
+    with pytest.raises(ValueError, match="curvature"):
+        parse_optimizer_spec("kfac:curvature=shampoo")
