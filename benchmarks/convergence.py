@@ -27,6 +27,7 @@ import warnings
 
 import torch
 
+from thermo_kfac.experiments.bench import target
 from thermo_kfac.experiments.training import compare
 
 from _report import emit
@@ -99,6 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
             "target_at_most_0.5_met": statistics.median(ratios) <= 0.5,
         }
+    result["targets"] = {
+        f"{name}_kfac_time_to_adam_final_over_adam": target(
+            w["kfac_time_to_adam_final_over_adam_time"]["median"], "<=", 0.5,
+            f"median over {args.repeats} seed(s); inf = K-FAC never reached Adam's final loss")
+        for name, w in result["workloads"].items()}
     emit(result, args.out)
     return result
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thermo_kfac import KFACPreconditioner
+from thermo_kfac.experiments.bench import target
 from thermo_kfac.models import mnist_autoencoder
 
 from _report import emit
@@ -91,11 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1000, help="batch size")
     parser.add_argument("--sgd-steps", type=int, default=10, help="steps per SGD/Adam block")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    parser.add_argument("--quick", action="store_true", help="2 rounds, batch 500: a fast smoke run")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, batch 250: a fast smoke run")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.batch = 2, 500
+        args.rounds, args.batch = 2, 250
     if args.rounds < 1 or args.batch < 1 or args.sgd_steps < 1:
         parser.error("--rounds, --batch and --sgd-steps must be >= 1")
     torch.set_num_threads(args.threads)
@@ -146,10 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
             entry["ratio_over_bound_with_apply"] = entry["median"] / entry["flop_bound_with_apply"]
         result["ratios_to_sgd"][name] = entry
     k110 = result["ratios_to_sgd"]["kfac(1, 10)"]
+    worst = max(kfac_configs, key=lambda n: result["ratios_to_sgd"][n]["ratio_over_bound"])
     result["targets"] = {
-        "kfac(1,10) < 2.5x SGD": k110["median"] < 2.5,
-        "every K-FAC ratio within 1.3x of its FLOP bound": all(
-            result["ratios_to_sgd"][n]["ratio_over_bound"] <= 1.3 for n in kfac_configs),
+        "kfac(1,10)_step_over_sgd": target(k110["median"], "<", 2.5, "median K-FAC step time / SGD's"),
+        "max_kfac_ratio_over_flop_bound": target(
+            result["ratios_to_sgd"][worst]["ratio_over_bound"], "<=", 1.3,
+            f"worst of the three schedules ({worst}); bound excludes applying the preconditioner"),
     }
     emit(result, args.out)
     return result

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = [
     "thermo_kfac.experiments.training",  # train, compare
     "thermo_kfac.experiments.hardware",  # calibrate, project
+    "thermo_kfac.experiments.bench",  # bench
 ]
 
 
