@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="batch 100 (the state sizes do not "
-                        "depend on the batch)")
+                        "depend on the batch), K-FAC with eigh only, SINGD in bfloat16 only")
     parser.add_argument("--out", type=str, default=None)
     args = parser.parse_args(argv)
     threads = os.cpu_count() or 2
@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     x = _batch(args.batch)
     n_params = sum(p.numel() for p in mnist_autoencoder().parameters())
     runs: dict[str, dict[str, Any]] = {"adam": measure_adam(x)}
-    for solver in ("eigh", "cholesky"):
+    # --quick: only what the targets need besides all structures (eigh, bfloat16)
+    for solver in ("eigh",) if args.quick else ("eigh", "cholesky"):
         runs[f"kfac_{solver}"] = measure_kfac(x, solver)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.bfloat16,) if args.quick else (torch.float32, torch.bfloat16):
         for structure in STRUCTURES:
             runs[f"singd_{structure}_{str(dtype).removeprefix('torch.')}"] = measure_singd(
                 x, structure, dtype)
