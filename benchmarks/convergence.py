@@ -73,8 +73,10 @@ def run_workload(name: str, spec: dict, seed: int, scale: float) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="seeds per workload (>= 1)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    parser.add_argument("--quick", action="store_true", help="1 repeat, a third of the training")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the core count; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, a third of the training, "
+                        "1 thread (these models are tiny: on a shared host two threads spin-wait)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     scale = 1.0
     if args.quick:
         args.repeats, scale = 1, 1 / 3
+    if args.threads is None:
+        args.threads = 1 if args.quick else (os.cpu_count() or 1)
     torch.set_num_threads(args.threads)
     result: dict = {
         "benchmark": "convergence",
