@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import math
+import sys
 import textwrap
 from pathlib import Path
 
@@ -141,8 +142,9 @@ def test_every_real_benchmark_accepts_quick_and_out(script: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # --help only: argparse prints and exits before any work is done
     module = _load_script(script, monkeypatch)
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])  # main() or main(argv=None) parse it
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), pytest.raises(SystemExit) as exit_info:
-        module.main(["--help"])
+        module.main()
     assert exit_info.value.code == 0
     assert "--quick" in stdout.getvalue() and "--out" in stdout.getvalue()
