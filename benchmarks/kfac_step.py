@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1000, help="batch size")
     parser.add_argument("--sgd-steps", type=int, default=10, help="steps per SGD/Adam block")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    parser.add_argument("--quick", action="store_true", help="2 rounds, batch 250: a fast smoke run")
+    parser.add_argument("--quick", action="store_true", help="1 round, batch 250: a fast smoke run")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.batch = 2, 250
+        args.rounds, args.batch = 1, 250
     if args.rounds < 1 or args.batch < 1 or args.sgd_steps < 1:
         parser.error("--rounds, --batch and --sgd-steps must be >= 1")
     torch.set_num_threads(args.threads)
