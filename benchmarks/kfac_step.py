@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thermo_kfac import KFACPreconditioner
+from thermo_kfac.experiments.bench import target
 from thermo_kfac.models import mnist_autoencoder
 
 from _report import emit
@@ -91,21 +92,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1000, help="batch size")
     parser.add_argument("--sgd-steps", type=int, default=10, help="steps per SGD/Adam block")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    parser.add_argument("--quick", action="store_true", help="2 rounds, batch 500: a fast smoke run")
+    parser.add_argument("--quick", action="store_true", help="1 round, batch 250, schedules (1,10) "
+                        "and (10,10) only: a fast smoke run")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.batch = 2, 500
+        args.rounds, args.batch = 1, 250
+    # (10,100) needs 100-step blocks, 70 % of a round's steps: left out of the smoke run
+    configs = CONFIGS[:2] if args.quick else CONFIGS
     if args.rounds < 1 or args.batch < 1 or args.sgd_steps < 1:
         parser.error("--rounds, --batch and --sgd-steps must be >= 1")
     torch.set_num_threads(args.threads)
 
     runs = {"sgd": make_run("sgd", args.batch, 0), "adam": make_run("adam", args.batch, 0)}
-    kfac_configs = {f"kfac{cfg}": cfg for cfg in CONFIGS}
+    kfac_configs = {f"kfac{cfg}": cfg for cfg in configs}
     for name, cfg in kfac_configs.items():
         runs[name] = make_run("kfac", args.batch, 0, cfg)
     cycle = {name: args.sgd_steps for name in ("sgd", "adam")}
-    cycle.update({f"kfac{cfg}": max(cfg) * max(1, args.sgd_steps // max(cfg)) for cfg in CONFIGS})
+    cycle.update({f"kfac{cfg}": max(cfg) * max(1, args.sgd_steps // max(cfg)) for cfg in configs})
 
     for step in runs.values():  # warm-up: allocator, first factor/eigh, caches
         time_block(step, 2)
@@ -146,10 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
             entry["ratio_over_bound_with_apply"] = entry["median"] / entry["flop_bound_with_apply"]
         result["ratios_to_sgd"][name] = entry
     k110 = result["ratios_to_sgd"]["kfac(1, 10)"]
+    worst = max(kfac_configs, key=lambda n: result["ratios_to_sgd"][n]["ratio_over_bound"])
+    # at batch 250 applying the preconditioner outweighs forward+backward: quick ratios are far
+    # above the full run's
+    quick = f" (--quick: batch {args.batch}, {args.rounds} round; not comparable)" if args.quick else ""
     result["targets"] = {
-        "kfac(1,10) < 2.5x SGD": k110["median"] < 2.5,
-        "every K-FAC ratio within 1.3x of its FLOP bound": all(
-            result["ratios_to_sgd"][n]["ratio_over_bound"] <= 1.3 for n in kfac_configs),
+        "kfac(1,10)_step_over_sgd": target(k110["median"], "<", 2.5,
+                                           "median K-FAC step time / SGD's" + quick),
+        "max_kfac_ratio_over_flop_bound": target(
+            result["ratios_to_sgd"][worst]["ratio_over_bound"], "<=", 1.3,
+            f"worst of the {len(kfac_configs)} schedules ({worst}); bound excludes applying the "
+            "preconditioner" + quick),
     }
     emit(result, args.out)
     return result

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "thermo_kfac.experiments.placement",  # placement
     "thermo_kfac.experiments.fisher_error",  # fisher-error
     "thermo_kfac.experiments.noise_study",  # noise-study
+    "thermo_kfac.experiments.bench",  # bench
 ]
 
 
