@@ -127,11 +127,7 @@ def quantize(x: torch.Tensor, bits: int, *, rounding: str = "nearest", bound: fl
     check_choice("rounding", rounding, ROUNDING_MODES)
     levels = float(2 ** (bits - 1) - 1)
     if bound is None:
-        # the inf-norm is the abs-max in one pass without a temporary |x|
-        if dims is None:
-            span = torch.linalg.vector_norm(x, ord=float("inf"))
-        else:
-            span = torch.linalg.vector_norm(x, ord=float("inf"), dim=dims, keepdim=True)
+        span = abs_max(x, dims)
         n_clipped = 0
     else:
         check_positive("bound", bound)
@@ -146,6 +142,21 @@ def quantize(x: torch.Tensor, bits: int, *, rounding: str = "nearest", bound: fl
         q.add_(torch.rand(q.shape, generator=generator, dtype=q.dtype, device=q.device)).floor_()
     q.clamp_(-levels, levels)
     return Quantized(values=q.mul_(step), step=step, n_clipped=n_clipped)
+
+
+def abs_max(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``max |x|`` over ``dims`` (kept as size-1 dimensions; ``None``: all, a 0-d result).
+
+    ``x.abs().amax()`` rather than the inf-norm: the same exact values, but torch's CPU inf-norm
+    reduction is about ten times slower on the small matrices of a K-FAC layer.
+    """
+    if x.numel() == 0:  # amax refuses empty reductions; the norm defines them as 0
+        if dims is None:
+            return torch.linalg.vector_norm(x, ord=float("inf"))
+        return torch.linalg.vector_norm(x, ord=float("inf"), dim=dims, keepdim=True)
+    if dims is None:
+        return x.abs().amax()
+    return x.abs().amax(dim=dims, keepdim=True)
 
 
 def quantize_couplings(A: torch.Tensor, bits: int, *, rounding: str = "nearest",

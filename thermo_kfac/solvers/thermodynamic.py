@@ -57,7 +57,7 @@ from hw_models.devices import digital_device, thermo_device
 from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program
 from hw_models.langevin import inverse as analog_inverse
 from hw_models.langevin import solve as analog_solve
-from hw_models.noise import NoiseConfig, read_out
+from hw_models.noise import NoiseConfig, abs_max, read_out
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverReport, register_solver
 
@@ -322,7 +322,7 @@ class ThermodynamicSolver(KFACSolver):
         ``"gradient"`` (``x0`` is ``B``) or ``"zero"``.
         """
         R = B if f.d is None else f.d[:, None] * B
-        r = torch.linalg.vector_norm(R, ord=float("inf"), dim=0)  # column abs-max, one pass
+        r = abs_max(R, (0,)).squeeze(0)  # column abs-max
         # An all-zero column (e.g. a dead input feature) is not sent: its solution is exactly 0,
         # whereas a device run would return pure thermal noise for it.
         safe_r = torch.where(r > 0, r, torch.ones_like(r))
