@@ -134,7 +134,7 @@ def quantize(x: torch.Tensor, bits: int, *, rounding: str = "nearest", bound: fl
         span = torch.full((), float(bound), dtype=x.dtype, device=x.device)
         n_clipped = int((x.abs() > bound).sum())
     step = span / levels
-    safe_step = torch.where(step > 0, step, torch.ones_like(step))
+    safe_step = torch.where(step > 0, step, 1.0)  # an all-zero group stays 0
     q = x / safe_step  # the one full-size temporary; the rest is in place
     if rounding == "nearest":
         q.round_()

@@ -693,7 +693,10 @@ def _solve_programmed_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torc
     noise = cfg.noise
     c = noise.mitigation_copies
     window = float(cfg.analog_time)
-    gen = torch.Generator(device=B.device)
+    # one generator per programmed matrix and device, reseeded: the same stream as a fresh one
+    gen = prog._cache.get(("generator", B.device))
+    if gen is None:
+        gen = prog._cache[("generator", B.device)] = torch.Generator(device=B.device)
     gen.manual_seed(seed % 2**63)
     B_hw, clipped_in = hw_noise.load_inputs(B.unsqueeze(0), noise, copies=c, generator=gen)
     lam, w, sd, var_sum = prog.analytic_coefficients(cfg.burn_in, window, cfg.kappa0)
