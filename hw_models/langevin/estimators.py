@@ -724,7 +724,8 @@ def _solve_programmed_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torc
         static = prog._cache["static"] = {
             "lambda_min": float(lam_np[:, 0].min()), "lambda_max": float(lam_np[:, -1].max()),
             "condition_number": float(lam_np[:, -1].max() / lam_np[:, 0].min()),
-            "inv_sq_sum": float(np.mean(np.sum(lam_np**-2.0, axis=1)))}
+            "inv_sq_sum": float(np.mean(np.sum(lam_np**-2.0, axis=1))),
+            "coupling_step": None if prog.step is None else float(prog.step[0])}
     m = B.shape[1]
     d: dict[str, Any] = {
         "seed": seed, "estimator": "solve", "integrator": "analytic", "dynamics": "overdamped",
@@ -737,8 +738,8 @@ def _solve_programmed_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torc
         "predicted_mse": m * var_sum / c,
         "coupling_error": prog.coupling_error,
     }
-    if prog.step is not None:
-        d["coupling_step"] = float(prog.step[0])
+    if static["coupling_step"] is not None:
+        d["coupling_step"] = static["coupling_step"]
     return AnalogResult(x=X, analog_time=float((cfg.burn_in + window) * c), n_samples=0,
                         diagnostics=d, state=U)
 
