@@ -140,7 +140,11 @@ def quantize(x: torch.Tensor, bits: int, *, rounding: str = "nearest", bound: fl
         q.round_()
     else:
         q.add_(torch.rand(q.shape, generator=generator, dtype=q.dtype, device=q.device)).floor_()
-    q.clamp_(-levels, levels)
+    # With an abs-max range |x / step| <= levels (1 + 2 eps) rounds to at most `levels` when
+    # levels * 2 eps < 1/2 (float32/64 up to 16 bits): the clamp would be a no-op there.
+    if bound is not None or rounding != "nearest" or bits > 16 \
+            or x.dtype not in (torch.float32, torch.float64):
+        q.clamp_(-levels, levels)
     return Quantized(values=q.mul_(step), step=step, n_clipped=n_clipped)
 
 
