@@ -114,20 +114,22 @@ class Quantized:
 
 
 def quantize(x: torch.Tensor, bits: int, *, rounding: str = "nearest", bound: float | None = None,
-             dims: tuple[int, ...] | None = None,
-             generator: torch.Generator | None = None) -> Quantized:
+             dims: tuple[int, ...] | None = None, generator: torch.Generator | None = None,
+             span: torch.Tensor | None = None) -> Quantized:
     """Quantize ``x`` to signed ``bits``-bit levels ``q * step`` with ``|q| <= 2**(bits-1) - 1``.
 
     The range is ``bound`` if given (values with ``|x| > bound`` clip to the end level and are
     counted), else the abs-max of ``x`` over ``dims`` (every other dimension indexes an
     independent group with its own step; ``None`` means one group). Stochastic rounding rounds up
-    with probability equal to the fractional part, so it is unbiased.
+    with probability equal to the fractional part, so it is unbiased. ``span``: the abs-max over
+    ``dims`` when the caller already knows it exactly (shaped as with ``keepdim``), which skips
+    the scan; ignored with a ``bound``.
     """
     check_number("bits", bits, low=2, high=32, integer=True)
     check_choice("rounding", rounding, ROUNDING_MODES)
     levels = float(2 ** (bits - 1) - 1)
     if bound is None:
-        span = abs_max(x, dims)
+        span = abs_max(x, dims) if span is None else span
         n_clipped = 0
     else:
         check_positive("bound", bound)
@@ -243,17 +245,19 @@ def program_couplings(A: torch.Tensor, config: NoiseConfig, *, copies: int = 1,
 
 
 def load_inputs(B: torch.Tensor, config: NoiseConfig, *, copies: int = 1,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+                generator: torch.Generator | None = None,
+                col_absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Right-hand sides ``(k, n, m)`` after the DAC, repeated for each copy (copy-major).
 
-    Each column has its own range (abs-max over ``n``, or ``input_range``). Returns
+    Each column has its own range (abs-max over ``n``, or ``input_range``). ``col_absmax``: the
+    exact column abs-max ``(k, 1, m)`` if the caller has it (skips the scan). Returns
     ``(B_hw, clipped)``.
     """
     B_rep = B.repeat(copies, 1, 1) if copies > 1 else B
     if config.input_bits is None:
         return B_rep, 0
     q = quantize(B_rep, config.input_bits, rounding=config.rounding, bound=config.input_range,
-                 dims=(-2,), generator=generator)
+                 dims=(-2,), generator=generator, span=col_absmax)
     return q.values, q.n_clipped
 
 

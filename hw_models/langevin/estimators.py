@@ -547,7 +547,7 @@ def _symmetry_reason(cfg: AnalogConfig, estimator: str) -> tuple[bool, str]:
 
 def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | None = None, *,
           seed: int | None = None, x0_eigen: torch.Tensor | None = None,
-          x0_rhs_scale: float | None = None) -> AnalogResult:
+          x0_rhs_scale: float | None = None, rhs_absmax: torch.Tensor | None = None) -> AnalogResult:
     """Estimate ``A^-1 B`` as the time average of the simulated device after a burn-in.
 
     Args:
@@ -563,6 +563,9 @@ def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | No
             result's ``state``, rescaled per column), instead of ``x0``; analytic fast path only.
         x0_rhs_scale: start from ``x0_rhs_scale * b`` as loaded by the DAC (the right-hand side
             itself), instead of ``x0``; analytic fast path only.
+        rhs_absmax: the exact per-column abs-max of an ``(n, m)`` ``B``, shape ``(m,)``, when the
+            caller has it (e.g. it scaled the columns to full scale): the DAC then skips its range
+            scan. A hint for the analytic fast path; other paths ignore it.
 
     Returns:
         :class:`AnalogResult` with ``x`` shaped like ``B``.
@@ -574,7 +577,8 @@ def solve(A: Array, B: Array, config: AnalogConfig | None = None, x0: Array | No
         if _fast_path(programmed, B, x0, cfg):
             return _solve_programmed_analytic(programmed, B, x0, cfg,
                                               _seed(cfg) if seed is None else int(seed),
-                                              x0_eigen=x0_eigen, x0_rhs_scale=x0_rhs_scale)
+                                              x0_eigen=x0_eigen, x0_rhs_scale=x0_rhs_scale,
+                                              rhs_absmax=rhs_absmax)
         A = programmed.A if programmed.batched else programmed.A[0]
     if x0_eigen is not None or x0_rhs_scale is not None:
         raise ValueError("x0_eigen/x0_rhs_scale need a ProgrammedMatrix, integrator='analytic', "
@@ -680,7 +684,8 @@ def _fast_path(prog: ProgrammedMatrix, B: Array, x0: Array | None, cfg: AnalogCo
 
 def _solve_programmed_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | None,
                                cfg: AnalogConfig, seed: int, x0_eigen: torch.Tensor | None = None,
-                               x0_rhs_scale: float | None = None) -> AnalogResult:
+                               x0_rhs_scale: float | None = None,
+                               rhs_absmax: torch.Tensor | None = None) -> AnalogResult:
     """The analytic solve of a programmed ``(n, n)`` matrix for a torch ``(n, m)`` right-hand side.
 
     The same model as the general path (DAC, the time average drawn from its exact Gaussian law,
@@ -700,7 +705,9 @@ def _solve_programmed_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torc
     if gen is None:
         gen = prog._cache[("generator", B.device)] = torch.Generator(device=B.device)
     gen.manual_seed(seed % 2**63)
-    B_hw, clipped_in = hw_noise.load_inputs(B.unsqueeze(0), noise, copies=c, generator=gen)
+    span = None if rhs_absmax is None else rhs_absmax.reshape(1, 1, -1)
+    B_hw, clipped_in = hw_noise.load_inputs(B.unsqueeze(0), noise, copies=c, generator=gen,
+                                            col_absmax=span)
     lam, w, sd, var_sum = prog.analytic_coefficients(cfg.burn_in, window, cfg.kappa0)
     Q = prog.spectrum.Q
     Qt = Q.transpose(1, 2)

@@ -353,6 +353,8 @@ class ThermodynamicSolver(KFACSolver):
                 device=Yn.device).manual_seed(self._next_seed()))
             res = None
         else:
+            if fast:  # Rn's column abs-max is exactly 1 (r / r), or 0 for a column not sent
+                kw["rhs_absmax"] = sent.to(Rn.dtype)
             res = analog_solve(self._program(f), Rn, self.config, seed=self._next_seed(), **kw)
             Yn = res.x
             f.U, f.r = res.state, r
