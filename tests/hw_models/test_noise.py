@@ -165,3 +165,19 @@ def test_programmed_matrix_not_positive_definite_is_reported():
     with pytest.raises(ValueError, match=r"programmed matrix .* not positive definite: "
                                          r"lambda_min = -"):
         hm.solve(A, np.ones(3), cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_abs_max_nearest_quantize_stays_on_the_levels(dtype):
+    """With an abs-max range and nearest rounding the quantizer skips its clamp: the rounded
+    ratios never leave [-levels, levels], so it equals the clamped textbook formula exactly."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 200, generator=g, dtype=dtype) * torch.logspace(-30, 30, 200, dtype=dtype)
+    x[:, 7] = 0.0
+    for bits in (2, 3, 8, 12, 16):
+        levels = float(2 ** (bits - 1) - 1)
+        q = noise.quantize(x, bits, dims=(0,))
+        span = x.abs().amax(dim=0, keepdim=True)
+        step = span / levels
+        ref = (x / torch.where(step > 0, step, 1.0)).round().clamp(-levels, levels) * step
+        assert torch.equal(q.values, ref)

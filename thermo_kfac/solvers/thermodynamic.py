@@ -57,7 +57,7 @@ from hw_models.devices import digital_device, thermo_device
 from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program
 from hw_models.langevin import inverse as analog_inverse
 from hw_models.langevin import solve as analog_solve
-from hw_models.noise import NoiseConfig, read_out
+from hw_models.noise import NoiseConfig, abs_max, read_out
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverReport, register_solver
 
@@ -229,7 +229,7 @@ class ThermodynamicSolver(KFACSolver):
         self.last_report = _report(costs, _result_info("inverse", results))
 
     def apply(self, grad: torch.Tensor) -> torch.Tensor:
-        if self.failure is not None or not bool(torch.isfinite(grad.sum())):
+        if self.failure is not None or not math.isfinite(float(grad.sum())):
             # an unusable device or input: NaN lets the preconditioner's fallback take over
             self.last_report = SolverReport(info={"method": self.method, "failure": self.failure
                                                   or "non-finite gradient"})
@@ -322,10 +322,11 @@ class ThermodynamicSolver(KFACSolver):
         ``"gradient"`` (``x0`` is ``B``) or ``"zero"``.
         """
         R = B if f.d is None else f.d[:, None] * B
-        r = torch.linalg.vector_norm(R, ord=float("inf"), dim=0)  # column abs-max, one pass
+        r = abs_max(R, (0,)).squeeze(0)  # column abs-max
         # An all-zero column (e.g. a dead input feature) is not sent: its solution is exactly 0,
         # whereas a device run would return pure thermal noise for it.
-        safe_r = torch.where(r > 0, r, torch.ones_like(r))
+        sent = r > 0
+        safe_r = torch.where(sent, r, 1.0)
         Rn = R / safe_r
         kw: dict[str, Any] = {}
         fast = (self._fast and self.analog_time > 0 and B.dtype == f.P.dtype
@@ -336,7 +337,7 @@ class ThermodynamicSolver(KFACSolver):
                 and f.U.shape[-1] == B.shape[1]:
             # the device continues from its previous estimate (pre-ADC), rescaled to this call's
             # column scales: x0n = Yn_prev r_prev / r (the Jacobi scaling cancels)
-            kw["x0_eigen"] = f.U * torch.where(r > 0, f.r / safe_r, torch.zeros_like(r))
+            kw["x0_eigen"] = f.U * torch.where(sent, f.r / safe_r, 0.0)
         elif x0 is not None:
             kw["x0"] = (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / safe_r)
         if self.analog_time == 0 and self.noise.output_bits is None and not self.noise.read_noise:
@@ -352,6 +353,8 @@ class ThermodynamicSolver(KFACSolver):
                 device=Yn.device).manual_seed(self._next_seed()))
             res = None
         else:
+            if fast:  # Rn's column abs-max is exactly 1 (r / r), or 0 for a column not sent
+                kw["rhs_absmax"] = sent.to(Rn.dtype)
             res = analog_solve(self._program(f), Rn, self.config, seed=self._next_seed(), **kw)
             Yn = res.x
             f.U, f.r = res.state, r
