@@ -133,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "result.json")
         mp.start_processes(_worker, args=(world, kd.free_port(), out, config), nprocs=world, join=True,
-                           start_method="fork")
+                           start_method=kd.child_start_method())
         with open(out) as fh:
             measured = json.load(fh)
 
@@ -167,7 +167,7 @@ def main() -> None:
         "benchmark": "distributed",
         "quick": args.quick,
         "world_size": world,
-        "backend": "gloo (CPU), fork-started processes, 1 thread each",
+        "backend": f"gloo (CPU), {kd.child_start_method()}-started processes, 1 thread each",
         "config": config,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "torch": torch.__version__},

@@ -621,6 +621,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def child_start_method() -> str:
+    """How to start local worker processes: ``"fork"`` where it is safe, else ``"spawn"``.
+
+    Forked children inherit the imported torch (a fresh interpreter spends seconds importing it).
+    With a CUDA build of torch, autograd starts device threads at the first backward in the
+    parent, after which torch refuses to run backward in a forked child; those builds spawn.
+    """
+    return "fork" if torch.version.cuda is None and not torch.cuda.is_available() else "spawn"
+
+
 def launch_environment() -> dict[str, int] | None:
     """``{"rank", "world_size", "local_rank"}`` from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``)
     or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``); None outside a launcher."""

@@ -142,10 +142,10 @@ def _worker(rank: int, world: int, port: int, out: str, resume: str | None) -> N
 
 def _spawn(world: int, folder: Path, resume: Path | None = None) -> dict[str, Any]:
     out = folder / f"world{world}.pt"
-    # fork: the children inherit the imported torch (a fresh interpreter spends seconds importing
-    # torch._dynamo for torch.optim); the parent has set one intra-op thread
+    # fork where safe: the children inherit the imported torch (a fresh interpreter spends seconds
+    # importing torch._dynamo for torch.optim); CUDA builds must spawn (child_start_method)
     args = (world, kd.free_port(), str(out), None if resume is None else str(resume))
-    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="fork")
+    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method=kd.child_start_method())
     return torch.load(out, weights_only=False)
 
 

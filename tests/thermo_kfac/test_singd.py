@@ -82,7 +82,7 @@ def test_bfloat16_singd_trains_without_nan(structure):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4)).to(torch.bfloat16)
     opts = {"block": {"block_size": 8}, "hierarchical": {"k1": 4, "k2": 4}, "lowrank": {"rank": 4}}
-    opt = SINGD(model, lr=0.05, momentum=0.9, damping=1e-3, T=2, beta1=0.05, alpha1=0.5,
+    opt = SINGD(model, lr=0.05, momentum=0.9, damping=1e-3, T=2, beta1=0.01, alpha1=0.5,
                 structure=structure, structure_options=opts.get(structure), dtype=torch.bfloat16)
     data = _teacher_data(n_batches=30)
     losses = []
