@@ -311,3 +311,18 @@ def test_curvature_spec_key_reaches_the_preconditioner_and_refuses_a_solver_map(
         build_optimizer(spec, model, resolve_options(spec), "cross_entropy")
     with pytest.raises(ValueError, match="curvature"):
         parse_optimizer_spec("kfac:curvature=shampoo")
+
+
+def test_writing_plots_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a non-Agg backend, as a notebook's inline one would be
+    try:
+        figures = plt.get_fignums()
+        assert _main("train", "--optimizer", "adam", "--steps", "3", "--out", str(tmp_path / "r")) == 0
+        assert (tmp_path / "r" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
+    finally:
+        matplotlib.use(before)

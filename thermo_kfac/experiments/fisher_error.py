@@ -370,10 +370,9 @@ def write_csv(results: dict[str, Any], path: str | Path) -> None:
 
 def write_plot(results: dict[str, Any], path: str | Path) -> None:
     """Grouped bar chart (log scale): one group per layer, one bar per method, a panel per Fisher."""
-    import matplotlib
+    from thermo_kfac.experiments._plotting import agg_pyplot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()  # files only: matplotlib's backend and pyplot are left alone
 
     fishers = results["fishers"]
     fig, axes = plt.subplots(len(fishers), 1, figsize=(9, 3.4 * len(fishers)), squeeze=False)

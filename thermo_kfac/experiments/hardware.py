@@ -312,10 +312,9 @@ def _write_csv(path: str, headers: Sequence[str], rows: Sequence[Sequence[Any]])
 
 
 def _plot_project(path: str, step: StepCost, scenario: Scenario) -> None:
-    import matplotlib
+    from thermo_kfac.experiments._plotting import agg_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()  # files only: matplotlib's backend and pyplot are left alone
 
     groups = layer_groups(step)
     names = [f"{name} x{count}" if count > 1 else name for name, count, _ in groups]
@@ -339,10 +338,9 @@ def _plot_project(path: str, step: StepCost, scenario: Scenario) -> None:
 
 
 def _plot_sweep(path: str, axis: str, points: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
+    from thermo_kfac.experiments._plotting import agg_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()  # files only: matplotlib's backend and pyplot are left alone
 
     xs = [p["x"] for p in points]
     nan = float("nan")

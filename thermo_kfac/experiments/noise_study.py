@@ -563,10 +563,9 @@ def _axis(values: list[Any]) -> tuple[list[float], list[str] | None, dict[str, A
 
 def write_plots(study: dict[str, Any], out: Path) -> list[str]:
     """Write the study's PNG plots into ``out`` (atomically each); return their names."""
-    import matplotlib
+    from thermo_kfac.experiments._plotting import agg_pyplot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()  # files only: matplotlib's backend and pyplot are left alone
 
     grid = study["grid"]["sweeps"]
     keys = list(grid)

@@ -111,10 +111,9 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
 
 def write_plot(result: dict[str, Any], path: str | Path) -> None:
     """Makespan vs ranks, one panel per model, round-robin dashed and balanced solid per k."""
-    import matplotlib
+    from thermo_kfac.experiments._plotting import agg_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()  # files only: matplotlib's backend and pyplot are left alone
 
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
     units = sorted({r["analog_units_per_rank"] for r in result["rows"]})

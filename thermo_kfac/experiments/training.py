@@ -779,10 +779,9 @@ def _write_csv(results: dict[str, Any], path: Path) -> None:
 
 
 def _write_plots(results: dict[str, Any], folder: Path) -> list[str]:
-    import matplotlib
+    from thermo_kfac.experiments._plotting import agg_pyplot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()  # files only: matplotlib's backend and pyplot are left alone
 
     runs = results["runs"]
     classification = any("test_accuracy" in r for r in runs)
