@@ -55,8 +55,8 @@ RULES = ("auto", "fits")
 HOST_COMPONENTS = ("factor_accumulation", "preconditioning")
 
 
-def _auto_value(text: str) -> Any:
-    """A spec value as int, float, bool, None or text (the CLI's convention)."""
+def parse_value(text: str) -> Any:
+    """A spec value as int, float, bool, None or text (the CLI's convention for option values)."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -104,7 +104,7 @@ class SolverSpec:
                     raise ValueError(f"solver spec {value!r}: {item!r} is not key=value")
                 if key in opts:
                     raise ValueError(f"solver spec {value!r}: {key} is given twice")
-                opts[key] = _auto_value(text)
+                opts[key] = parse_value(text)
             spec = SolverSpec(name.strip(), opts)
         else:
             raise ValueError(f"solver spec {value!r} is not valid; use a solver name "

@@ -55,7 +55,6 @@ from thermo_kfac.experiments.training import (
     DEFAULT_EPOCHS,
     TASK_LOSSES,
     OptimizerSpec,
-    _auto_value,
     _jsonable,
     _Run,
     _to_device,
@@ -64,6 +63,7 @@ from thermo_kfac.experiments.training import (
     resolve_options,
 )
 from thermo_kfac.models import available_models, build_model
+from thermo_kfac.policy import parse_value
 from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
 
 FORMAT_VERSION = 1
@@ -95,7 +95,7 @@ def parse_sweep(text: str) -> tuple[str, list[Any]]:
     key = key.strip().replace("-", "_")
     if not sep or not key or not values.strip():
         raise ValueError(f"--sweep {text!r} is not key=v1,v2,...; keys: {', '.join(sweep_keys())}")
-    return key, [_auto_value(v) for v in values.split(",") if v.strip()]
+    return key, [parse_value(v) for v in values.split(",") if v.strip()]
 
 
 def _check_sweeps(sweeps: dict[str, Sequence[Any]] | Sequence[str]) -> dict[str, list[Any]]:

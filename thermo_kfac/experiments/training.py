@@ -44,6 +44,7 @@ from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac import distributed as _distributed
 from thermo_kfac.data import DATASETS, Dataset, load_dataset
 from thermo_kfac.models import available_models, build_model
+from thermo_kfac.policy import parse_value
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "adafisher", "eva")
 BASE_OPTIMIZERS = ("sgd", "adam")
@@ -197,21 +198,6 @@ def _convert(key: str, option: _Option, value: Any, context: str) -> Any:
     return parsed
 
 
-def _auto_value(text: str) -> Any:
-    """Solver option values: int, float, bool, none or text."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
     """Parse ``name[:key=value,key=value]`` (keys may use ``-`` or ``_``) into an :class:`OptimizerSpec`.
 
@@ -238,7 +224,7 @@ def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
         if option is not None and name in option.optimizers:
             spec.options[key] = _convert(key, option, value.strip(), context)
         elif name == "kfac" and option is None:
-            spec.solver_options[key] = _auto_value(value)
+            spec.solver_options[key] = parse_value(value)
         else:
             valid = sorted(k for k, o in OPTIONS.items() if name in o.optimizers)
             extra = " (other keys are passed to the solver)" if name == "kfac" else ""
@@ -947,7 +933,7 @@ def _kv_list(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise argparse.ArgumentTypeError(f"{item!r} is not key=value")
-        options[key.strip().replace("-", "_")] = _auto_value(value)
+        options[key.strip().replace("-", "_")] = parse_value(value)
     return options
 
 
