@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import hw_models as hm
-from hw_models.langevin import estimators, torch_backend
+from hw_models.langevin import backends, torch_backend
 from thermo_kfac.experiments.bench import target
 
 from _report import emit
@@ -107,7 +107,7 @@ def euler_step(sizes: list[int], dtype: torch.dtype, rounds: int, budget: float)
 
 
 def euler_step_one(n: int, dtype: torch.dtype, rounds: int, budget: float) -> dict:
-    nb_backend = estimators._NumbaBackend(1, torch.device("cpu"))
+    nb_backend = backends.NumbaBackend(1, torch.device("cpu"))
     A = spd(n, n, dtype)[None]
     P = torch.eye(n, dtype=dtype) - 0.01 * A[0]
     B = torch.randn(1, n, n, dtype=dtype)
@@ -165,7 +165,7 @@ def throughput(d: int, dtype: torch.dtype, rounds: int, budget: float) -> dict:
     m = d
     B = b[:, None].repeat(1, m)[None].contiguous()
     X0 = torch.zeros_like(B)
-    nb_backend = estimators._NumbaBackend(2, torch.device("cpu"))
+    nb_backend = backends.NumbaBackend(2, torch.device("cpu"))
     kw = {"kappa0": 0.01, "n_burn": 0, "underdamped": False, "mass": 1.0, "friction": 1.0}
     coef = np.stack([np.exp(-lam.numpy() * h), sd.double().numpy()], axis=-1)[None]
     U0 = torch.zeros(1, d, m, dtype=dtype)
@@ -301,7 +301,7 @@ def small_batches(k: int, n: int, ms: list[int], dtype: torch.dtype, rounds: int
 
 def small_batches_one(A: torch.Tensor, m: int, rounds: int, budget: float) -> dict:
     k, n, _ = A.shape
-    nb_backend = estimators._NumbaBackend(3, torch.device("cpu"))
+    nb_backend = backends.NumbaBackend(3, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     kw = {"dt": 0.01, "kappa0": 0.01, "n_burn": 0, "underdamped": False, "mass": 1.0,
           "friction": 1.0}

@@ -3,7 +3,8 @@
 This package knows nothing about neural networks; ``thermo_kfac`` builds on it.
 
 - :func:`solve` / :func:`inverse` simulate a thermodynamic processor (Langevin dynamics) that
-  estimates ``A^-1 B`` / ``A^-1``; :class:`AnalogConfig` sets how it runs and
+  estimates ``A^-1 B`` / ``A^-1``; :func:`program` programs a matrix once and
+  :func:`solve_programmed` reuses it; :class:`AnalogConfig` sets how it runs and
   :class:`NoiseConfig` which hardware non-idealities it has (``hw_models.noise``).
 - :mod:`hw_models.devices` (digital and thermodynamic device presets), :mod:`hw_models.cost`
   (latency/energy per K-FAC layer and step), :mod:`hw_models.workloads` (layer-shape tables) and
@@ -29,10 +30,13 @@ from hw_models.devices import (
 from hw_models.langevin import (
     AnalogConfig,
     AnalogResult,
+    ProgrammedMatrix,
     inverse,
     inverse_error_law,
+    program,
     solve,
     solve_error_law,
+    solve_programmed,
 )
 from hw_models.noise import NoiseConfig
 from hw_models.workloads import workload
@@ -47,6 +51,7 @@ __all__ = [
     "Cost",
     "DigitalDevice",
     "NoiseConfig",
+    "ProgrammedMatrix",
     "ThermoDevice",
     "__version__",
     "break_even_kappa",
@@ -54,8 +59,10 @@ __all__ = [
     "digital_layer_cost",
     "inverse",
     "inverse_error_law",
+    "program",
     "solve",
     "solve_error_law",
+    "solve_programmed",
     "step_cost",
     "sweep",
     "thermo_device",

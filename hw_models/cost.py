@@ -135,11 +135,6 @@ def gemm_time(m: float, k: float, n: float, device: DigitalDevice, precision: st
     return device.gemm.time(2.0 * m * k * n, min(m, k, n), device.peak(precision))
 
 
-def digital_op_time(op: str, n: float, device: DigitalDevice, precision: str = "fp32") -> float:
-    """Seconds for one ``op`` (``gemm``, ``cholesky``, ``eigh``, ``inverse``) on an ``n x n`` operand."""
-    return device.op_time(op, n, precision)
-
-
 def _layer_dims(n_in: int, n_out: int, batch: int, positions: float, bias: bool) -> tuple[int, int, float]:
     check_positive("n_in", n_in, integer=True)
     check_positive("n_out", n_out, integer=True)

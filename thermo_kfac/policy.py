@@ -29,7 +29,6 @@ over the preconditioner's ``factor_update_every`` / ``inverse_update_every``.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -47,7 +46,13 @@ from hw_models.cost import (
 )
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
 from hw_models.validation import check_choice, check_number
-from thermo_kfac.solvers.base import KFACSolver, SolverFactory, available_solvers, solver_factory
+from thermo_kfac.solvers.base import (
+    KFACSolver,
+    SolverFactory,
+    available_solvers,
+    registered_solver,
+    solver_factory,
+)
 
 #: Spec names that are rules resolved per layer rather than solvers.
 RULES = ("auto", "fits")
@@ -143,9 +148,7 @@ class SolverSpec:
             return type(self.solver)
         if isinstance(self.solver, type):
             return self.solver
-        from thermo_kfac.solvers.base import _REGISTRY
-
-        return _REGISTRY.get(self.name)
+        return registered_solver(self.name)
 
 
 def _format(value: Any) -> str:
@@ -157,17 +160,8 @@ def _valid_names() -> list[str]:
 
 
 def is_analog(solver: KFACSolver) -> bool:
-    """Whether ``solver`` runs on the (simulated) thermodynamic device: the thermodynamic solver,
-    or any solver class that sets ``analog = True``."""
-    from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
-
-    return isinstance(solver, ThermodynamicSolver) or bool(getattr(solver, "analog", False))
-
-
-def _digital_method(solver: KFACSolver | None) -> str:
-    """The cost model's digital method for a solver: Cholesky for ``cholesky``, else eigh (the
-    randomized and CG solvers are priced as eigh, an upper bound on their work)."""
-    return "cholesky" if solver is not None and solver.name == "cholesky" else "eigh"
+    """Whether ``solver`` runs on the (simulated) thermodynamic device (:attr:`KFACSolver.analog`)."""
+    return solver.analog
 
 
 @dataclass(frozen=True)
@@ -332,14 +326,15 @@ class SolverPolicy:
         prototype = analog.factory()()
         digital_proto = digital.factory()()
         n_in = sizes[0] - int(has_bias)
-        dig_schedule = _with_method(schedule, _digital_method(digital_proto))
+        dig_schedule = _with_method(schedule, digital_proto.digital_method)
+        priced = prototype.pricing_settings()
         digital_s = digital_layer_cost(n_in, sizes[1], batch, device=self.digital, bias=has_bias,
                                        schedule=dig_schedule).seconds
         try:
             thermo_s = thermo_layer_cost(
                 n_in, sizes[1], batch, kappa=self.kappa, eps=self.eps, device=self.hardware,
-                host=self.digital, bits=getattr(prototype, "bits", None),
-                method=getattr(prototype, "method", "inverse"), bias=has_bias, schedule=schedule).seconds
+                host=self.digital, bits=priced.get("bits"), method=priced.get("method", "inverse"),
+                bias=has_bias, schedule=schedule).seconds
         except ThermoCapacityError:
             return None, digital_s
         return thermo_s, digital_s
@@ -349,11 +344,10 @@ class SolverPolicy:
         cls = spec.solver_class()
         if spec.solver is not None or cls is None:
             return spec
-        params = inspect.signature(cls.__init__).parameters
+        presets = {"thermo": self.hardware.name, "digital": self.digital.name}
         options = dict(spec.options)
-        if "device" in params and "host" in params:
-            options.setdefault("device", self.hardware.name)
-            options.setdefault("host", self.digital.name)
+        for option, preset in cls.preset_options.items():
+            options.setdefault(option, presets[preset])
         return SolverSpec(spec.name, options) if options != spec.options else spec
 
 
@@ -476,7 +470,8 @@ class HardwarePricer:
     def _model_costs(self, solver: KFACSolver, n_a: int, n_g: int, has_bias: bool, rows: int
                      ) -> tuple[float, float, float]:
         analog = is_analog(solver)
-        method = "eigh" if analog else _digital_method(solver)
+        priced = solver.pricing_settings()
+        method = priced["digital_method"]
         n_in = n_a - int(has_bias)
         digital = digital_layer_cost(n_in, n_g, rows, device=self.policy.digital, bias=has_bias,
                                      schedule=_with_method(self.schedule, method))
@@ -487,8 +482,8 @@ class HardwarePricer:
             device = device.replace(oversize="block")  # as the thermodynamic solver prices it
         thermo: Cost = thermo_layer_cost(
             n_in, n_g, rows, kappa=self.policy.kappa, eps=self.policy.eps, device=device,
-            host=self.policy.digital, bits=getattr(solver, "bits", None),
-            method=check_choice("method", getattr(solver, "method", "inverse"), ("inverse", "solve")),
+            host=self.policy.digital, bits=priced.get("bits"),
+            method=check_choice("method", priced.get("method", "inverse"), ("inverse", "solve")),
             bias=has_bias, schedule=self.schedule)
         host = sum(thermo.breakdown_s.get(k, 0.0) for k in HOST_COMPONENTS)
         return digital.seconds, host, thermo.seconds - host

@@ -123,3 +123,21 @@ def _normalize_device(device: Any) -> torch.device | None:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
     return dev
+
+
+def as_config(config: AnalogConfig | None) -> AnalogConfig:
+    """``config``, or the default ``AnalogConfig()`` for ``None``."""
+    if config is None:
+        return AnalogConfig()
+    if not isinstance(config, AnalogConfig):
+        raise ValueError(f"config={config!r} must be a hw_models.AnalogConfig")
+    return config
+
+
+def compute_device(cfg: AnalogConfig, A: Any) -> torch.device | None:
+    """Where a run computes: ``cfg.device``, the CPU for numba, else ``None`` (follow the input)."""
+    if cfg.device is not None:
+        return cfg.device
+    if cfg.backend == "numba":
+        return torch.device("cpu") if not isinstance(A, torch.Tensor) else A.device
+    return None

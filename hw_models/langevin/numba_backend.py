@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -416,7 +415,3 @@ def eig_second_moment(coef, coef_burn, u0, Q, rotate, n_avg, underdamped, block_
                                        n_avg, underdamped, block_len, read_noise, levels, bound,
                                        stochastic, states[i], zx, zr, zf, out[i])
 
-
-def set_threads(n: int | None) -> None:
-    """Use ``n`` numba threads (``None``: all)."""
-    numba.set_num_threads(n or numba.config.NUMBA_NUM_THREADS)

@@ -81,7 +81,8 @@ def _default_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if not t.is_floating_point() else torch.float32
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise a ValueError naming ``name`` and its count of NaN/Inf entries, if it has any."""
     # amax/amin propagate NaN and see +-Inf: two allocation-free reductions instead of isfinite
     if t.numel() and math.isfinite(float(t.amax())) and math.isfinite(float(t.amin())):
         return
@@ -162,13 +163,13 @@ def prepare(A: Array, B: Array | None, X0: Array | None, *, device: torch.device
     tA = tA.reshape(k, n, n).to(device=device, dtype=dtype)
     tB = tB.to(device=device, dtype=dtype)
     tX0 = tX0.to(device=device, dtype=dtype)
-    _check_finite("B", tB)
+    check_finite("B", tB)
     if X0 is not None:
-        _check_finite("x0", tX0)
+        check_finite("x0", tX0)
     if trusted_A:
         return Problem(A=tA.contiguous(), B=tB.contiguous(), X0=tX0.contiguous(), symmetric=True,
                        kind=kind, out_shape=out_shape, out_device=out_device, batched=batched)
-    _check_finite("A", tA)
+    check_finite("A", tA)
 
     scale = torch.maximum(tA.amax(dim=(-2, -1)), -tA.amin(dim=(-2, -1)))
     asym = (tA - tA.transpose(-1, -2)).abs_().amax(dim=(-2, -1))

@@ -5,7 +5,9 @@ from thermo_kfac.solvers.base import (
     KFACSolver,
     SolverReport,
     available_solvers,
+    digital_method_of,
     register_solver,
+    registered_solver,
     solver_factory,
 )
 from thermo_kfac.solvers.cg import CGSolver
@@ -30,8 +32,10 @@ __all__ = [
     "SymmetricRandomizedEighSolver",
     "ThermodynamicSolver",
     "available_solvers",
+    "digital_method_of",
     "kronecker_svd",
     "register_solver",
+    "registered_solver",
     "solver_factory",
     "spectrum_decay",
 ]

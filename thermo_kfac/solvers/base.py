@@ -78,6 +78,16 @@ class KFACSolver(ABC):
     """
 
     name: ClassVar[str] = "base"
+    #: Whether the solver runs on the (simulated) analog device: the policy prices such layers on
+    #: the thermodynamic preset and counts their fallbacks.
+    analog: ClassVar[bool] = False
+    #: The digital operation the solver is priced as (or, for an analog solver, stands in for) by
+    #: the cost model: ``"eigh"`` (also the upper bound used for the randomized and CG solvers),
+    #: ``"cholesky"`` or ``"inverse"``. :func:`digital_method_of` resolves it from a name.
+    digital_method: ClassVar[str] = "eigh"
+    #: Constructor options that take a cost-model preset, mapped to which preset the policy fills
+    #: in when the spec leaves them out: ``"thermo"`` (the thermodynamic device) or ``"digital"``.
+    preset_options: ClassVar[dict[str, str]] = {}
     #: Solvers that work from the current batch (e.g. matrix-free CG) set this; the
     #: preconditioner then captures every step and calls :meth:`observe_batch` before :meth:`apply`.
     uses_batch_statistics: ClassVar[bool] = False
@@ -116,6 +126,16 @@ class KFACSolver(ABC):
         for key, value in state.items():
             setattr(self, key, value)
 
+    def pricing_settings(self) -> dict[str, Any]:
+        """What the cost model needs to price this solver's layer.
+
+        Always ``digital_method``; an analog solver adds ``method`` (``"solve"`` or
+        ``"inverse"``: how the analog device is used) and ``bits`` (converter bits, ``None`` for
+        ideal converters), and may add its run settings (``analog_time``, ``burn_in``,
+        ``kappa0``, ``copies``, the ``device``/``host`` preset names).
+        """
+        return {"digital_method": self.digital_method}
+
 
 SolverFactory = Callable[[], KFACSolver]
 _REGISTRY: dict[str, type[KFACSolver]] = {}
@@ -132,6 +152,25 @@ def register_solver(cls: type[KFACSolver]) -> type[KFACSolver]:
 def available_solvers() -> list[str]:
     """Names accepted by ``KFACPreconditioner(solver=...)``."""
     return sorted(_REGISTRY)
+
+
+def registered_solver(name: str) -> type[KFACSolver] | None:
+    """The solver class registered as ``name``, or ``None`` (e.g. a per-layer rule's name)."""
+    return _REGISTRY.get(name)
+
+
+def digital_method_of(solver: Any) -> str:
+    """The :attr:`KFACSolver.digital_method` of ``solver``.
+
+    ``solver`` is a solver class or instance, a registered name, or a spec with a ``name``
+    (:class:`thermo_kfac.policy.SolverSpec`); anything else (``None``, a per-layer rule or
+    policy) gets the base default, ``"eigh"``.
+    """
+    if isinstance(solver, KFACSolver) or (isinstance(solver, type) and issubclass(solver, KFACSolver)):
+        return solver.digital_method
+    name = solver if isinstance(solver, str) else getattr(solver, "name", None)
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    return (cls or KFACSolver).digital_method
 
 
 def solver_factory(solver: str | KFACSolver | type[KFACSolver],

@@ -52,8 +52,8 @@ class EighSolver(_ExplicitInverseSolver):
         self.scale: torch.Tensor | None = None  # exact damping: 1 / (dG dA^T + lambda)
 
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
-        dA, QA = _robust_eigh(A)
-        dG, QG = _robust_eigh(G)
+        dA, QA = robust_eigh(A)
+        dG, QG = robust_eigh(G)
         dA, dG = dA.clamp_min(0), dG.clamp_min(0)
         if self.exact_damping:
             # Keep the eigenbases in the A_inv/G_inv slots; apply() rotates in and out.
@@ -78,7 +78,7 @@ class EighSolver(_ExplicitInverseSolver):
         return state
 
 
-def _robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """eigh that retries in float64 when LAPACK's float32 divide-and-conquer fails to converge
     (it does on factors with many repeated eigenvalues, e.g. from dead ReLU units)."""
     try:
@@ -97,6 +97,7 @@ class CholeskySolver(_ExplicitInverseSolver):
     """
 
     name = "cholesky"
+    digital_method = "cholesky"
 
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
         lam_a, lam_g = damping.split(A, G)

@@ -58,7 +58,7 @@ import torch
 
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFactory, SolverReport, solver_factory
-from thermo_kfac.solvers.digital import _robust_eigh
+from thermo_kfac.solvers.digital import robust_eigh
 
 #: Curvature variants of ``KFACPreconditioner(curvature=...)``.
 CURVATURES = ("kfac", "kpsvd", "deflation", "kfac_corrected")
@@ -288,7 +288,7 @@ class TwoTermInverse:
 def _pencil_basis(M1: torch.Tensor, lam: float,
                   M2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``K`` with ``K^T (M1 + lam I) K = I`` and ``K^T M2 K = diag(s)`` (``s = 0`` without ``M2``)."""
-    vals, vecs = _robust_eigh(0.5 * (M1 + M1.T))
+    vals, vecs = robust_eigh(0.5 * (M1 + M1.T))
     vals = vals.clamp_min(0) + lam
     # With zero damping a singular M1 has no inverse; keep the solve finite (pseudo-inverse-like).
     vals = vals.clamp_min(float(vals.max()) * torch.finfo(vals.dtype).eps + torch.finfo(vals.dtype).tiny)
@@ -296,7 +296,7 @@ def _pencil_basis(M1: torch.Tensor, lam: float,
     if M2 is None:
         return P, torch.zeros(M1.shape[0], dtype=M1.dtype, device=M1.device)
     inner = P.T @ M2 @ P
-    s, E = _robust_eigh(0.5 * (inner + inner.T))
+    s, E = robust_eigh(0.5 * (inner + inner.T))
     return P @ E, s
 
 

@@ -54,9 +54,8 @@ import torch
 
 from hw_models.cost import Cost, gemm_time, thermo_inverse_cost, thermo_program_cost, thermo_solve_cost
 from hw_models.devices import digital_device, thermo_device
-from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program
+from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program, solve_programmed
 from hw_models.langevin import inverse as analog_inverse
-from hw_models.langevin import solve as analog_solve
 from hw_models.noise import NoiseConfig, abs_max, read_out
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverReport, register_solver
@@ -117,6 +116,9 @@ class ThermodynamicSolver(KFACSolver):
     """
 
     name = "thermo"
+    analog = True
+    digital_method = "eigh"  # the all-digital alternative it is compared with
+    preset_options = {"device": "thermo", "host": "digital"}
 
     def __init__(self, method: str = "solve", analog_time: float = 50.0, burn_in: float = 10.0,
                  kappa0: float = 1e-2, dt: float | str = "auto", integrator: str = "analytic",
@@ -177,8 +179,6 @@ class ThermodynamicSolver(KFACSolver):
         self.Y_prev: torch.Tensor | None = None
         self.failure: str | None = None  # set when the device could not be programmed
         self._warned = False
-        self._fast = (self.config.integrator == "analytic" and self.config.dynamics == "overdamped"
-                      and self.config.backend == "torch")  # hw_models' cached analytic path
         self._blocked = None  # the device preset with oversize="block", made on demand
         self._costs: dict[tuple, Cost] = {}
 
@@ -278,6 +278,13 @@ class ThermodynamicSolver(KFACSolver):
             self.factors = {k: _Factor(**v) for k, v in factors.items()}
         super().load_state_dict(state)
 
+    def pricing_settings(self) -> dict[str, Any]:
+        """What the cost model needs (see :meth:`KFACSolver.pricing_settings`)."""
+        return {"digital_method": self.digital_method, "method": self.method, "bits": self.bits,
+                "analog_time": self.analog_time, "burn_in": self.config.burn_in,
+                "kappa0": self.config.kappa0, "copies": self.noise.mitigation_copies,
+                "device": self.device.name, "host": self.host.name}
+
     # ---------------------------------------------------------------------------- internals
     def _config(self) -> AnalogConfig:
         """This call's configuration: a fresh seed from (seed, layer index, call counter)."""
@@ -328,34 +335,30 @@ class ThermodynamicSolver(KFACSolver):
         sent = r > 0
         safe_r = torch.where(sent, r, 1.0)
         Rn = R / safe_r
-        kw: dict[str, Any] = {}
-        fast = (self._fast and self.analog_time > 0 and B.dtype == f.P.dtype
-                and B.device == f.P.device)  # hw_models' analytic fast path will take this call
-        if start == "gradient" and f.d is None and fast:
-            kw["x0_rhs_scale"] = f.c  # x0 = B  <=>  x0n = c Rn: the state starts at the loaded input
-        elif start == "previous" and fast and f.U is not None and f.r is not None \
-                and f.U.shape[-1] == B.shape[1]:
-            # the device continues from its previous estimate (pre-ADC), rescaled to this call's
-            # column scales: x0n = Yn_prev r_prev / r (the Jacobi scaling cancels)
-            kw["x0_eigen"] = f.U * torch.where(sent, f.r / safe_r, 0.0)
-        elif x0 is not None:
-            kw["x0"] = (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / safe_r)
+        x0n = None if x0 is None else (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / safe_r)
         if self.analog_time == 0 and self.noise.output_bits is None and not self.noise.read_noise:
             # no dynamics and an ideal read-out: the initial state itself, without rescaling error
             start_x = B if start == "gradient" else x0
             return None, torch.zeros_like(B) if start_x is None else start_x.clone()
         if self.analog_time == 0:  # no dynamics: read the initial state out through the ADC
-            x0n = kw.get("x0")
-            if "x0_rhs_scale" in kw:
-                x0n = f.c * Rn
             Yn = torch.zeros_like(Rn) if x0n is None else x0n
             Yn, _ = read_out(Yn, self.noise, dims=(0,), generator=torch.Generator(
                 device=Yn.device).manual_seed(self._next_seed()))
             res = None
         else:
-            if fast:  # Rn's column abs-max is exactly 1 (r / r), or 0 for a column not sent
-                kw["rhs_absmax"] = sent.to(Rn.dtype)
-            res = analog_solve(self._program(f), Rn, self.config, seed=self._next_seed(), **kw)
+            # Warm-start hints for the simulator's cached analytic path (other paths start from
+            # x0n): "gradient" starts at the loaded input (x0n = c Rn), "previous" continues from
+            # the device's pre-read-out state, rescaled to this call's column scales
+            # (x0n = Yn_prev r_prev / r; the Jacobi scaling cancels).
+            rhs_scale = f.c if start == "gradient" and f.d is None else None
+            state = None
+            if start == "previous" and f.U is not None and f.r is not None \
+                    and f.U.shape[-1] == B.shape[1]:
+                state = f.U * torch.where(sent, f.r / safe_r, 0.0)
+            # Rn's column abs-max is exactly 1 (r / r), or 0 for a column not sent
+            res = solve_programmed(self._program(f), Rn, self.config, x0n, seed=self._next_seed(),
+                                   x0_eigen=state, x0_rhs_scale=rhs_scale,
+                                   rhs_absmax=sent.to(Rn.dtype))
             Yn = res.x
             f.U, f.r = res.state, r
         X = Yn.mul_(r / f.c) if res is not None else Yn * (r / f.c)
