@@ -246,3 +246,60 @@ def _clone_model(model: nn.Module) -> nn.Module:
     clone = _Net()
     clone.load_state_dict(model.state_dict())
     return clone
+
+
+# ------------------------------------------------------------------- the solver protocol
+def test_solver_protocol_declares_analog_and_digital_method():
+    from thermo_kfac.policy import is_analog
+    from thermo_kfac.solvers import (
+        CGSolver,
+        CholeskySolver,
+        ThermodynamicSolver,
+        digital_method_of,
+        registered_solver,
+    )
+
+    assert ThermodynamicSolver.analog and not EighSolver.analog and not CGSolver.analog
+    assert is_analog(ThermodynamicSolver()) and not is_analog(CholeskySolver())
+    assert is_analog(_UnprogrammableSolver())  # a solver class only sets the attribute
+    assert CholeskySolver.digital_method == "cholesky" and EighSolver.digital_method == "eigh"
+    assert digital_method_of("cholesky") == "cholesky" == digital_method_of(CholeskySolver())
+    assert digital_method_of(CholeskySolver) == "cholesky"
+    assert digital_method_of(SolverSpec.parse("cholesky")) == "cholesky"
+    for other in ("eigh", "thermo", "cg", "auto", None):  # rules and unknowns: the eigh default
+        assert digital_method_of(other) == "eigh"
+    assert registered_solver("thermo") is ThermodynamicSolver and registered_solver("auto") is None
+
+
+def test_pricing_settings_carry_what_the_cost_model_needs():
+    from thermo_kfac.solvers import ThermodynamicSolver
+
+    thermo = ThermodynamicSolver(method="inverse", bits=6, device="board", host="a100")
+    settings = thermo.pricing_settings()
+    assert settings["method"] == "inverse" and settings["bits"] == 6
+    assert settings["device"] == "board" and settings["host"] == "a100"
+    assert settings["digital_method"] == "eigh"
+    assert EighSolver().pricing_settings() == {"digital_method": "eigh"}
+    # the pricer uses exactly these: the thermo layer cost of a 6-bit inverse on the presets
+    policy = SolverPolicy(hardware="chip", digital="h100", kappa=10.0, eps=0.1)
+    schedule = KFACSchedule(factor_every=1, inverse_every=10)
+    thermo_s, _ = policy.layer_costs(SolverSpec.parse("thermo:method=inverse,bits=6"),
+                                     SolverSpec.parse("eigh"), (21, 10), True, schedule)
+    expect = thermo_layer_cost(20, 10, 1, kappa=10.0, eps=0.1, device=thermo_device("chip"),
+                               host=digital_device("h100"), bits=6, method="inverse",
+                               schedule=schedule).seconds
+    assert thermo_s == pytest.approx(expect, rel=1e-12)
+
+
+def test_policy_fills_the_declared_preset_options_only():
+    from thermo_kfac.solvers import ThermodynamicSolver
+
+    assert ThermodynamicSolver.preset_options == {"device": "thermo", "host": "digital"}
+    policy = SolverPolicy(hardware="board", digital="a100")
+
+    def bound(spec: str) -> dict:
+        return policy.assign("fc", "Linear", 5, 4, default=SolverSpec.parse(spec)).spec.options
+
+    assert bound("thermo:bits=8") == {"bits": 8, "device": "board", "host": "a100"}
+    assert bound("thermo:device=chip")["device"] == "chip"
+    assert bound("eigh") == {}
