@@ -20,8 +20,13 @@ from hw_models.langevin.programmed import (
     ProgrammedMatrix,
     Spectrum,
     compute_spectrum,
+    program,
     program_couplings,
 )
+
+# ``program`` and ``ProgrammedMatrix`` live in :mod:`hw_models.langevin.programmed`; they stay
+# importable from here, where they were defined before the package was split.
+__all__ = ["AnalogResult", "ProgrammedMatrix", "inverse", "program", "solve", "solve_programmed"]
 
 
 @dataclass(frozen=True)
