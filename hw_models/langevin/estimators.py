@@ -293,7 +293,8 @@ def _solve_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | 
     # one reduction each; the detailed scan (which counts the bad entries) only on failure
     if not math.isfinite(float(B.sum())):
         check_finite("B", B)
-    if x0 is not None and not math.isfinite(float(x0.sum())):
+    if x0 is not None and x0_eigen is None and x0_rhs_scale is None \
+            and not math.isfinite(float(x0.sum())):  # x0 is only used without a hint
         check_finite("x0", x0)
     noise = cfg.noise
     c = noise.mitigation_copies

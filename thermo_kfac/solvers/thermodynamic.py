@@ -335,11 +335,12 @@ class ThermodynamicSolver(KFACSolver):
         sent = r > 0
         safe_r = torch.where(sent, r, 1.0)
         Rn = R / safe_r
-        x0n = None if x0 is None else (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / safe_r)
         if self.analog_time == 0 and self.noise.output_bits is None and not self.noise.read_noise:
             # no dynamics and an ideal read-out: the initial state itself, without rescaling error
             start_x = B if start == "gradient" else x0
             return None, torch.zeros_like(B) if start_x is None else start_x.clone()
+        # the start in device units (the simulator's general path uses it; see the hints below)
+        x0n = None if x0 is None else (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / safe_r)
         if self.analog_time == 0:  # no dynamics: read the initial state out through the ADC
             Yn = torch.zeros_like(Rn) if x0n is None else x0n
             Yn, _ = read_out(Yn, self.noise, dims=(0,), generator=torch.Generator(
