@@ -84,19 +84,20 @@ def test_no_private_imports_across_modules() -> None:
 
 
 def _own_names(tree: ast.Module) -> set[str]:
-    """Names a module defines itself: functions, classes, class attributes and dataclass fields,
-    ``self.x``/``cls.x`` assignments, module globals."""
+    """Attribute names a module defines itself: functions and classes, class attributes (also
+    dataclass fields), and ``self.x``/``cls.x`` assignments."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            for stmt in node.body:
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else \
+                    [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
         elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
                 and isinstance(node.value, ast.Name) and node.value.id in {"self", "cls"}:
             names.add(node.attr)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            names.add(node.id)
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
     return names
 
 
@@ -262,14 +263,17 @@ def test_private_import_detector(source: str, expected: int) -> None:
 
 def test_attribute_detector() -> None:
     tree = ast.parse(
+        "_GLOBAL = 1\n"
         "class A:\n"
+        "    _field: int = 0\n"
         "    def __init__(self):\n"
         "        self._mine = 1\n"
         "    def f(self, other):\n"
-        "        return other._mine + other._theirs + self._x + getattr(other, '_hidden')\n")
+        "        return (other._mine + other._theirs + self._x + getattr(other, '_hidden')\n"
+        "                + other._field + other._GLOBAL)\n")
     own = _own_names(tree)
     bad = sorted(attr for _, attr in _private_attribute_reads(tree) if attr not in own)
-    assert bad == ["_hidden", "_theirs"]
+    assert bad == ["_GLOBAL", "_hidden", "_theirs"]
 
 
 def test_cycle_detector() -> None:
