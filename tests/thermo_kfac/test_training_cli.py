@@ -141,17 +141,17 @@ def test_failed_run_leaves_previous_results_intact(tmp_path, monkeypatch, capsys
             raise RuntimeError("interrupted")
         return original(self)
 
-    original = training._Run.step
-    monkeypatch.setattr(training._Run, "step", broken)
+    original = training.TrainingRun.step
+    monkeypatch.setattr(training.TrainingRun, "step", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         _main("train", "--optimizer", "adam", "--steps", "2", "--out", str(out))
     assert (out / "results.json").read_text() == before
-    monkeypatch.setattr(training._Run, "step", original)
+    monkeypatch.setattr(training.TrainingRun, "step", original)
     capsys.readouterr()
     assert _main("train", "--optimizer", "adam", "--steps", "2", "--out", str(out)) == 0
     assert "replaced the previous results" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["runs"][0]["optimizer"] == "adam"
-    assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("argv,message", [
