@@ -57,10 +57,11 @@ from thermo_kfac.experiments.training.run import (
 )
 
 __all__ = [
-    "BASE_OPTIMIZERS", "CSV_COLUMNS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS", "EVAL_POINTS", "FACTOR_DTYPES",
-    "FISHER_TYPES", "KFAC_ADAM_LR", "LOSSES", "MAX_EVAL_EXAMPLES", "OPTIMIZERS", "OPTIMIZER_DEFAULTS", "OPTIONS",
-    "TASK_LOSSES", "WARMUP_STEPS", "Option", "OptimizerSpec", "TrainingRun", "add_common_arguments",
-    "build_optimizer", "check_option", "compare", "evaluate", "format_table", "loss_function", "metrics_csv",
-    "parse_optimizer_spec", "register", "render_plots", "resolve_options", "solver_option_hint",
-    "time_to_target", "train", "train_interleaved", "unique_labels", "write_results",
+    "BASE_OPTIMIZERS", "CSV_COLUMNS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS", "EVAL_POINTS",
+    "FACTOR_DTYPES", "FISHER_TYPES", "KFAC_ADAM_LR", "LOSSES", "MAX_EVAL_EXAMPLES", "OPTIMIZERS",
+    "OPTIMIZER_DEFAULTS", "OPTIONS", "TASK_LOSSES", "WARMUP_STEPS", "Option", "OptimizerSpec",
+    "TrainingRun", "add_common_arguments", "build_optimizer", "check_option", "compare", "evaluate",
+    "format_table", "loss_function", "metrics_csv", "parse_optimizer_spec", "register", "render_plots",
+    "resolve_options", "solver_option_hint", "time_to_target", "train", "train_interleaved",
+    "unique_labels", "write_results"
 ]

@@ -139,8 +139,9 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
 
     labels = unique_labels([s.label for s in specs])
     runners = [
-        TrainingRun(data, model, model_options, OptimizerSpec(spec.name, spec.options, spec.solver_options, label),
-                    options, loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
+        TrainingRun(data, model, model_options,
+                    OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options,
+                    loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
                     device=torch_device, distributed=distributed)
         for spec, options, label in zip(specs, resolved, labels, strict=True)]
     if print_assignment and is_main_process():

@@ -26,7 +26,8 @@ from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import LOSSES, OptimizerSpec
 from thermo_kfac.models import build_model
 
-__all__ = ["MAX_EVAL_EXAMPLES", "WARMUP_STEPS", "TrainingRun", "evaluate", "loss_function", "train_interleaved"]
+__all__ = ["MAX_EVAL_EXAMPLES", "WARMUP_STEPS", "TrainingRun", "evaluate", "loss_function",
+           "train_interleaved"]
 
 MAX_EVAL_EXAMPLES = 10_000  # the "full training set" loss uses at most this many examples
 WARMUP_STEPS = 5
