@@ -132,6 +132,14 @@ class Dataset:
                 batch_size, seed=seed, epoch=epoch, shuffle=shuffle, drop_last=drop_last))
             epoch += 1
 
+    def to(self, device: str | torch.device) -> Dataset:
+        """The dataset with its tensors on ``device`` (``self`` when they are there already)."""
+        device = torch.device(device)
+        if self.x_train.device == device:
+            return self
+        return Dataset(self.name, self.task, self.x_train.to(device), self.y_train.to(device),
+                       self.x_test.to(device), self.y_test.to(device), self.num_classes, dict(self.info))
+
     def describe(self) -> dict[str, Any]:
         """JSON-friendly summary (for results files)."""
         return {"name": self.name, "task": self.task, "input_shape": list(self.input_shape),

@@ -160,13 +160,6 @@ class GCNLayer(nn.Module):
         return self.linear(adj @ h)
 
 
-def normalized_adjacency(adj: torch.Tensor) -> torch.Tensor:
-    """``D^-1/2 (A + I) D^-1/2`` of (batched) symmetric adjacency matrices ``(..., R, R)``."""
-    a = adj + torch.eye(adj.shape[-1], dtype=adj.dtype, device=adj.device)
-    d = a.sum(dim=-1).rsqrt()
-    return d.unsqueeze(-1) * a * d.unsqueeze(-2)
-
-
 class GCN(nn.Module):
     """Node classifier ``[GCNLayer -> activation] * len(widths) -> GCNLayer(num_classes)``.
 

@@ -98,6 +98,18 @@ def test_dataset_checks_lengths_and_classes():
         Dataset("bad", "nonsense", x, x, x, x)
 
 
+def test_to_device_moves_every_tensor_and_keeps_the_rest():
+    data = make_synthetic("classification", n_train=12, n_test=5, seed=0)
+    assert data.to("cpu") is data  # already there: no copy
+    meta = data.to("meta")  # a second device that exists on every machine
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        moved, original = getattr(meta, name), getattr(data, name)
+        assert moved.device.type == "meta" and moved.shape == original.shape and moved.dtype == original.dtype
+    assert (meta.name, meta.task, meta.num_classes, meta.info) == (data.name, data.task, data.num_classes,
+                                                                    data.info)
+    assert meta.info is not data.info
+
+
 # --------------------------------------------------------------------------------- synthetic
 def test_synthetic_tasks_are_seeded():
     a = make_synthetic("classification", n_train=50, n_test=20, n_features=5, n_classes=3, seed=1)

@@ -13,6 +13,7 @@ import torch
 
 from thermo_kfac import cli
 from thermo_kfac.experiments import noise_study as ns
+from thermo_kfac.experiments.noise_study import outputs as ns_outputs
 from thermo_kfac.experiments.training import train
 from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
 
@@ -82,23 +83,23 @@ def test_killed_and_resumed_study_equals_an_uninterrupted_one(tmp_path):
 
 def test_kill_between_json_and_csv_write_loses_and_duplicates_nothing(tmp_path, monkeypatch):
     out = tmp_path / "study"
-    real = ns._atomic_write
+    real = ns_outputs.atomic_write
     writes = {"csv": 0}
 
-    def flaky(path, text):
+    def flaky(path, content, **kwargs):
         if path.name == "results.csv":
             writes["csv"] += 1
             if writes["csv"] == 2:  # second row: study.json is written, the CSV write dies
                 raise _Killed
-        real(path, text)
+        return real(path, content, **kwargs)
 
-    monkeypatch.setattr(ns, "_atomic_write", flaky)
+    monkeypatch.setattr(ns_outputs, "atomic_write", flaky)
     kwargs = dict(sweeps={"bits": [8]}, seeds=2, references=["adam"])
     with pytest.raises(_Killed):
         _study(out, **kwargs)
     assert len(json.loads((out / "study.json").read_text())["rows"]) == 2
     assert len(_csv_rows(out / "results.csv")) == 1
-    monkeypatch.setattr(ns, "_atomic_write", real)
+    monkeypatch.setattr(ns_outputs, "atomic_write", real)
     trained = []
     _study(out, **kwargs, on_row=lambda r: trained.append(r))
     assert len(trained) == 2  # the 2 rows not yet in study.json

@@ -141,17 +141,17 @@ def test_failed_run_leaves_previous_results_intact(tmp_path, monkeypatch, capsys
             raise RuntimeError("interrupted")
         return original(self)
 
-    original = training._Run.step
-    monkeypatch.setattr(training._Run, "step", broken)
+    original = training.TrainingRun.step
+    monkeypatch.setattr(training.TrainingRun, "step", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         _main("train", "--optimizer", "adam", "--steps", "2", "--out", str(out))
     assert (out / "results.json").read_text() == before
-    monkeypatch.setattr(training._Run, "step", original)
+    monkeypatch.setattr(training.TrainingRun, "step", original)
     capsys.readouterr()
     assert _main("train", "--optimizer", "adam", "--steps", "2", "--out", str(out)) == 0
     assert "replaced the previous results" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["runs"][0]["optimizer"] == "adam"
-    assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -326,3 +326,36 @@ def test_writing_plots_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path):
         assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
     finally:
         matplotlib.use(before)
+
+
+def test_kfac_option_choices_are_the_library_constants():
+    from thermo_kfac.capture import KFAC_APPROXIMATIONS
+    from thermo_kfac.curvature import FISHER_TYPES
+    from thermo_kfac.preconditioner import FACTOR_DTYPES
+    from thermo_kfac.solvers.kronecker_svd import CURVATURES
+
+    assert OPTIONS["fisher_type"].choices == FISHER_TYPES
+    assert OPTIONS["kfac_approx"].choices == KFAC_APPROXIMATIONS
+    assert OPTIONS["curvature"].choices == CURVATURES
+    assert set(training.FACTOR_DTYPES.values()) == set(FACTOR_DTYPES)
+    assert training.FACTOR_DTYPES["float64"] is torch.float64
+
+
+@pytest.mark.slow  # two fresh interpreters import torch: ~10 s on a quiet machine, a minute under load
+def test_train_nproc_passes_the_placement_to_the_preconditioner(tmp_path):
+    """``--placement mem_opt`` (not the default comm_opt) reaches every rank's preconditioner:
+    owners then broadcast preconditioned gradients, never solver states."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run([sys.executable, "-m", "thermo_kfac.cli", "train", "--widths", "16", "--steps", "2",
+                           "--batch-size", "64", "--no-progress", "--threads", "1", "--optimizer",
+                           "kfac:inverse_update_every=1,factor_update_every=1", "--placement", "mem_opt",
+                           "--nproc", "2", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sent = json.loads((tmp_path / "results.json").read_text())["runs"][0]["distributed"]["bytes"]
+    assert sent.get("preconditioned_gradients", 0) > 0 and "solver_state" not in sent

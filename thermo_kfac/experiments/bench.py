@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hw_models.validation import check_positive
+from thermo_kfac.experiments._io import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BENCH_DIR = REPO_ROOT / "benchmarks"
@@ -196,12 +197,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_bench(out_dir: str | os.PathLike[str], *, quick: bool = False, only: Sequence[str] | None = None,
               bench_dir: str | os.PathLike[str] = DEFAULT_BENCH_DIR, timeout: float | None = None,
               command: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -254,8 +249,8 @@ def run_bench(out_dir: str | os.PathLike[str], *, quick: bool = False, only: Seq
                     "failed": [r["name"] for r in records if r["status"] != "ok"]},
         "benchmarks": records,
     }
-    _write_atomic(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
-    _write_atomic(out / "report.md", markdown(report))
+    atomic_write(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write(out / "report.md", markdown(report))
     return report
 
 

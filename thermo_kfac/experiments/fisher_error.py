@@ -30,9 +30,7 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from torch import nn
 
 from hw_models.validation import check_choice, check_positive
 from thermo_kfac.capture import LayerAdapter, make_adapter
+from thermo_kfac.experiments._io import atomic_write, jsonable, widths_list
 from thermo_kfac.solvers.kronecker_svd import kronecker_svd
 
 METHODS = ("kfac_expand", "kfac_reduce", "kpsvd", "deflation", "kfac_corrected", "diagonal")
@@ -338,34 +337,20 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: str | Path, write: Any, mode: str = "w") -> None:
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, mode, newline="" if "b" not in mode else None) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(results: dict[str, Any], path: str | Path) -> None:
-    def write(f: Any) -> None:
-        json.dump(_finite(results), f, indent=1, allow_nan=False)
-    _atomic_write(path, write)
+    """``results`` as JSON (NaN/Inf as null), written atomically."""
+    atomic_write(path, json.dumps(jsonable(results), indent=1, allow_nan=False))
 
 
 def write_csv(results: dict[str, Any], path: str | Path) -> None:
+    """One row per layer, Fisher type and method, written atomically."""
     columns = ["name", "fisher", "method", "rel_error", "params", "positions"]
 
     def write(f: Any) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results["layers"])
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def write_plot(results: dict[str, Any], path: str | Path) -> None:
@@ -393,32 +378,13 @@ def write_plot(results: dict[str, Any], path: str | Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=8, ncol=3)
     fig.tight_layout()
-    path = Path(path)
-
-    def write(f: Any) -> None:
-        fig.savefig(f, format="png", dpi=120)
-    _atomic_write(path, write, mode="wb")
-    plt.close(fig)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def _widths(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(w) for w in text.split(",") if w.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {text!r}") from None
-
-
 def register(subparsers: Any) -> None:
     """Add the ``fisher-error`` sub-command."""
     from thermo_kfac.models import available_models
@@ -431,7 +397,7 @@ def register(subparsers: Any) -> None:
                     "deflation, KFAC-corrected and the diagonal approximation.")
     p.add_argument("--model", default="mlp", choices=available_models(), help="model of thermo_kfac.models")
     p.add_argument("--dataset", default="digits", help="dataset of thermo_kfac.data")
-    p.add_argument("--widths", type=_widths, default=(32, 32),
+    p.add_argument("--widths", type=widths_list, default=(32, 32),
                    help="hidden widths of mlp/autoencoder (comma-separated)")
     p.add_argument("--batch-size", type=int, default=64, help="examples in the batch")
     p.add_argument("--fisher", choices=[*FISHERS, "both"], default="both", help="Fisher type(s)")

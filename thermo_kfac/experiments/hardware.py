@@ -47,6 +47,11 @@ from hw_models.devices import (
 )
 from hw_models.validation import check_positive
 from hw_models.workloads import WORKLOADS, LayerShape, Workload, workload
+from thermo_kfac.experiments._io import float_list, format_seconds, int_list, text_table
+
+# Earlier names of the shared formatters (notebooks and scripts import them from here).
+fmt_time = format_seconds
+table = text_table
 
 # --------------------------------------------------------------------------------------------
 # Torch models read on the meta device
@@ -167,33 +172,9 @@ def resolve_workload(spec: str, *, batch: int | None = None, input_shape: Sequen
 # --------------------------------------------------------------------------------------------
 
 
-def fmt_time(seconds: float | None) -> str:
-    """Seconds with a readable unit (``-`` for None)."""
-    if seconds is None:
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if abs(seconds) >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
-
-
 def fmt_ratio(value: float) -> str:
     """A speed-up or overhead factor: two decimals, or three significant digits when tiny."""
     return f"{value:.2f}x" if value >= 0.01 else f"{value:.3g}x"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
-    """A plain-text table; ``align`` is one ``l``/``r`` per column (default: first left, rest right)."""
-    align = align or "l" + "r" * (len(headers) - 1)
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        padded = (c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True))
-        return "  ".join(padded).rstrip()
-
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
 def _group_name(name: str) -> str:
@@ -240,8 +221,8 @@ def layer_rows(step: StepCost, group: bool = True) -> list[list[Any]]:
             solver_t = thermo.seconds - thermo.breakdown_s.get("factor_accumulation", 0.0)
             ratio = f"{solver_d / solver_t:.3g}x" if solver_t > 0 else "-"
         rows.append([name, f"x{count}", f"{layer.n_in}->{layer.n_out}", f"{n_a}/{n_g}",
-                     f"{layer.positions:g}", fmt_time(stats), fmt_time(layer.digital.seconds),
-                     fmt_time(thermo.seconds if thermo else None),
+                     f"{layer.positions:g}", format_seconds(stats), format_seconds(layer.digital.seconds),
+                     format_seconds(thermo.seconds if thermo else None),
                      thermo.info.get("method", "-") if thermo else "too big", ratio, layer.cheaper])
     return rows
 
@@ -260,13 +241,13 @@ def headline(step: StepCost, scenario: Scenario, be_kappa: float | None) -> str:
         f"Per training step of {step.workload}, batch {step.batch}:",
         f"  digital {scenario.digital.name} ({sched.precision}, {sched.digital_method} every "
         f"{sched.inverse_every} steps); thermodynamic {th.name} ({th.units} x {th.cells} cells, "
-        f"tau {fmt_time(th.tau_s)}, {bits} bit, {th.io_bandwidth_bps / 1e9:g} Gb/s);",
+        f"tau {format_seconds(th.tau_s)}, {bits} bit, {th.io_bandwidth_bps / 1e9:g} Gb/s);",
         f"  kappa {scenario.kappa:g}, eps {scenario.eps:g}, method {scenario.method}",
-        f"  Adam                      {fmt_time(s['adam_s']):>10}   "
-        f"(forward+backward {fmt_time(s['fwd_bwd_s'])})",
-        f"  digital K-FAC             {fmt_time(s['digital_kfac_s']):>10}   "
+        f"  Adam                      {format_seconds(s['adam_s']):>10}   "
+        f"(forward+backward {format_seconds(s['fwd_bwd_s'])})",
+        f"  digital K-FAC             {format_seconds(s['digital_kfac_s']):>10}   "
         f"{fmt_ratio(s['digital_overhead_vs_adam'])} Adam",
-        f"  thermodynamic K-FAC       {fmt_time(s['thermo_kfac_s']):>10}   "
+        f"  thermodynamic K-FAC       {format_seconds(s['thermo_kfac_s']):>10}   "
         f"{fmt_ratio(s['thermo_overhead_vs_adam'])} Adam; {s['layers_on_thermo']}/{s['layers']} layers "
         f"on the analog device{too_big}",
         f"  speed-up vs digital K-FAC {fmt_ratio(s['speedup_vs_digital_kfac']):>10}   (every layer that "
@@ -374,20 +355,6 @@ def _plot_sweep(path: str, axis: str, points: list[dict[str, Any]], title: str) 
 # --------------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
 def run_calibrate(args: argparse.Namespace) -> int:
     """``thermo-kfac calibrate``: measure, fit, report held-out error, save."""
     result = calibrate(args.device, fit_sizes=args.sizes, holdout_sizes=args.holdout, repeats=args.repeats,
@@ -398,24 +365,25 @@ def run_calibrate(args: argparse.Namespace) -> int:
     for m in result.measurements:
         pred = result.predicted(m)
         value = result.measured(m)
-        rows.append([m.op, m.n, m.role, fmt_time(m.min_s), fmt_time(m.median_s), fmt_time(m.max_s),
-                     fmt_time(pred), f"{100 * (pred - value) / value:+.1f}%"])
+        rows.append([m.op, m.n, m.role, format_seconds(m.min_s), format_seconds(m.median_s),
+                     format_seconds(m.max_s), format_seconds(pred), f"{100 * (pred - value) / value:+.1f}%"])
     print(f"Calibration of {result.machine['device_name']} ({result.machine['threads']} threads, "
           f"torch {result.machine['torch']}), {result.settings['repeats']} interleaved repeats each; "
           f"{result.settings['clock']} clock, fit to the {result.settings['statistic']}")
-    print(table(["op", "n", "role", "min", "median", "max", "model", "error"], rows, "lrlrrrrr"))
+    print(text_table(["op", "n", "role", "min", "median", "max", "model", "error"], rows, "lrlrrrrr"))
     print()
     fit_rows = []
     for op in OPS:
         if op in result.fit_error:
             model = dev.op(op)
-            fit_rows.append([op, f"{model.eff_max:.3g}", f"{model.n_half:.4g}", fmt_time(model.latency_s),
+            fit_rows.append([op, f"{model.eff_max:.3g}", f"{model.n_half:.4g}",
+                             format_seconds(model.latency_s),
                              f"{100 * result.fit_error[op]:.1f}%",
                              f"{100 * result.holdout_error.get(op, float('nan')):.1f}%"])
     print("Fit t(n) = latency + flops(n) / (eff_max * peak) * (1 + n_half / n), "
           f"peak = {dev.peak_fp32 / 1e9:.4g} GFLOP/s (best FP32 GEMM);")
     print(f"FP64 GEMM {dev.peak_fp64 / 1e9:.4g} GFLOP/s; memory copy {dev.mem_bandwidth / 1e9:.3g} GB/s")
-    print(table(["op", "eff_max", "n_half", "latency", "max fit err", "max held-out err"], fit_rows))
+    print(text_table(["op", "eff_max", "n_half", "latency", "max fit err", "max held-out err"], fit_rows))
     if not args.no_save:
         path = save_calibration(result, args.out)
         print(f"\nsaved to {path}")
@@ -460,7 +428,7 @@ def run_project(args: argparse.Namespace) -> int:
     be_kappa = break_even_kappa(work, scenario)
     print(f"{work.name}: {work.description}; {len(work.layers)} preconditioned layers, "
           f"{work.params / 1e6:.4g} M parameters")
-    print(table(LAYER_HEADERS, layer_rows(step, group=not args.all_layers), "llllrrrrlrl"))
+    print(text_table(LAYER_HEADERS, layer_rows(step, group=not args.all_layers), "llllrrrrlrl"))
     print("Per layer and training step: digital/thermo = K-FAC curvature time including the factor "
           "statistics (stats) both pay;\nsolver d/t = digital/thermodynamic time of the rest (inversion "
           "amortized over its period, preconditioning); A/G = factor sizes; R = positions per example.")
@@ -488,10 +456,10 @@ def _run_sweep(args: argparse.Namespace, scenario: Scenario, work: Workload) -> 
             else f"{work.name} training step, batch {work.batch}")
     print(f"Sweep of {args.sweep}: {what}; digital {scenario.digital.name}, "
           f"thermodynamic {scenario.thermo.name}")
-    rows = [[f"{p['x']:g}", fmt_time(p["digital_s"]), fmt_time(p["thermo_s"]),
+    rows = [[f"{p['x']:g}", format_seconds(p["digital_s"]), format_seconds(p["thermo_s"]),
              fmt_ratio(p["speedup"]) if p["speedup"] is not None else "does not fit",
              fmt_ratio(p["hybrid_speedup"])] for p in points]
-    print(table([args.sweep, "digital", "thermo", "speed-up", "hybrid speed-up"], rows))
+    print(text_table([args.sweep, "digital", "thermo", "speed-up", "hybrid speed-up"], rows))
     doc = {"sweep": args.sweep, "model": work.name, "hardware": scenario.thermo.name,
            "digital": scenario.digital.name, "scope": scope, "batch": work.batch,
            "assumptions": scenario.describe(), "points": points}
@@ -522,9 +490,9 @@ def register(subparsers: Any) -> None:
                     f"Default file: {default_calibration_path('cpu')} (or $THERMO_KFAC_CALIBRATION).")
     cal.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="what to time")
     cal.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 2 s on 2 cores)")
-    cal.add_argument("--sizes", type=_ints, default=None, metavar="N,N,...",
+    cal.add_argument("--sizes", type=int_list, default=None, metavar="N,N,...",
                      help="sizes to fit (default: 257,...,1921; with --quick 257,...,865)")
-    cal.add_argument("--holdout", type=_ints, default=None, metavar="N,N,...",
+    cal.add_argument("--holdout", type=int_list, default=None, metavar="N,N,...",
                      help="sizes held out of the fit to measure its prediction error")
     cal.add_argument("--repeats", type=int, default=None,
                      help="interleaved repeats per size (default 5, quick 3)")
@@ -553,7 +521,7 @@ def register(subparsers: Any) -> None:
     proj.add_argument("--model", default="vit-b16",
                       help=f"one of {', '.join(WORKLOADS)}, or a torch model 'package.module:factory' "
                            "(built on the meta device; see --input-shape)")
-    proj.add_argument("--input-shape", type=_ints, default=None, metavar="D,D,...",
+    proj.add_argument("--input-shape", type=int_list, default=None, metavar="D,D,...",
                       help="one example's input shape for a module:factory model, e.g. 3,224,224")
     proj.add_argument("--input-dtype", choices=["float", "long"], default="float",
                       help="input dtype of the meta forward pass (long for token ids)")
@@ -591,7 +559,7 @@ def register(subparsers: Any) -> None:
                       help="forward+backward time / its GEMM time (norms, activations, data movement)")
     proj.add_argument("--sweep", choices=SWEEP_AXES, default=None,
                       help="sweep one axis instead (width: one square layer; others: the model's step)")
-    proj.add_argument("--values", type=_floats, default=None, metavar="X,X,...",
+    proj.add_argument("--values", type=float_list, default=None, metavar="X,X,...",
                       help="sweep values (bandwidth in bit/s); default: a log grid per axis")
     proj.add_argument("--all-layers", action="store_true", help="one table row per layer (no grouping)")
     proj.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")

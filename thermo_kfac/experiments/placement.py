@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from thermo_kfac.distributed import (
     assign_layers,
     layer_solve_tasks,
 )
+from thermo_kfac.experiments._io import atomic_write, int_list
 
 
 def simulate(models: Sequence[str] = ("resnet50",), ranks: Sequence[int] = (8, 16, 64),
@@ -87,26 +86,9 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: str | Path, write: Any, suffix: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_json(result: dict[str, Any], path: str | Path) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
-            fh.write("\n")
-
-    _atomic_write(path, write, ".json")
+    """``result`` as indented JSON, written atomically."""
+    atomic_write(path, json.dumps(result, indent=1) + "\n")
 
 
 def write_plot(result: dict[str, Any], path: str | Path) -> None:
@@ -136,23 +118,10 @@ def write_plot(result: dict[str, Any], path: str | Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
 
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, dpi=120, format="png")
-
     try:
-        _atomic_write(path, write, ".png")
+        atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"), binary=True)
     finally:
         plt.close(fig)
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one integer")
-    return values
 
 
 def run_placement(args: argparse.Namespace) -> int:
@@ -184,9 +153,9 @@ def register(subparsers: Any) -> None:
                     "the hw_models cost model. Table on the terminal; --json and --plot for files.")
     parser.add_argument("--model", default="resnet50", metavar="NAME[,NAME...]",
                         help=f"layer tables: {', '.join(WORKLOADS)} (default resnet50)")
-    parser.add_argument("--ranks", type=_int_list, default=[8, 16, 64], metavar="P,P,...",
+    parser.add_argument("--ranks", type=int_list, default=[8, 16, 64], metavar="P,P,...",
                         help="rank counts (default 8,16,64)")
-    parser.add_argument("--analog-units", type=_int_list, default=[0], metavar="K,K,...",
+    parser.add_argument("--analog-units", type=int_list, default=[0], metavar="K,K,...",
                         help="thermodynamic solver units per rank (default 0)")
     parser.add_argument("--digital", default="h100", help="digital preset of every rank (default h100)")
     parser.add_argument("--thermo", default="chip",

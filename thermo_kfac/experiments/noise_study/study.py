@@ -1,0 +1,413 @@
+"""Noise-robustness study: thermodynamic K-FAC swept over simulator settings, with references.
+
+:func:`noise_study` trains the same task once per *sweep point* (a combination of thermodynamic
+solver options such as ``bits``, ``kappa0`` or ``analog_time``; several sweeps form a grid) and
+per seed, plus the reference optimizers (default: Adam and digital K-FAC) for the same steps and
+seeds. Every run goes through the training library (:mod:`thermo_kfac.experiments.training`):
+the same optimizer specs, initialization, batches and timing as ``thermo-kfac compare``.
+
+Outputs in ``out``:
+
+- ``results.csv``: one row per (method, sweep point, seed) with the swept values, the final
+  full-set train/test loss and accuracy, training wall time, the predicted hardware time, and the
+  mean cosine / relative error of the solver's direction to the exact K-FAC natural gradient when
+  the solver reports them (``track_exact=True``).
+- ``study.json``: ``config`` (everything that determines a row, except its point and seed),
+  ``grid``, ``rows`` (the CSV rows plus options and a loss curve) and ``summary`` (mean/std over
+  seeds per method and point).
+- PNG plots: ``loss_vs_<key>.png`` (final loss against the first swept key, references as
+  horizontal lines), ``heatmap.png`` (two swept keys), ``curves.png`` (training curves).
+
+Resume: after each run, ``study.json`` and then ``results.csv`` are rewritten atomically
+(temporary file + ``os.replace``), so a killed study keeps every finished row. Running the same
+study into the same folder skips rows whose key (config hash, method, point, seed) is present; a
+folder holding a study with a different ``config`` is refused unless ``overwrite=True``. The grid
+(sweep values and seeds) may grow between runs: rows are keyed individually.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import itertools
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hw_models.noise import NoiseConfig
+from hw_models.validation import check_choice, check_number, check_positive
+from thermo_kfac.data import DATASETS, load_dataset
+from thermo_kfac.experiments._io import jsonable
+from thermo_kfac.experiments.noise_study.outputs import (
+    ROW_COLUMNS_TAIL,
+    STUDY_METHOD,
+    mean_or_none,
+    point_label,
+    spec_text,
+    summarize,
+    write_rows,
+)
+from thermo_kfac.experiments.noise_study.plots import write_plots
+from thermo_kfac.experiments.training import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    TASK_LOSSES,
+    OptimizerSpec,
+    TrainingRun,
+    build_optimizer,
+    parse_optimizer_spec,
+    resolve_options,
+)
+from thermo_kfac.models import available_models, build_model
+from thermo_kfac.policy import parse_value
+from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
+
+__all__ = ["DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "STUDY_EVAL_POINTS", "StudyRun",
+           "noise_study", "parse_sweep", "row_key", "sweep_keys"]
+
+FORMAT_VERSION = 1
+DEFAULT_OPTIMIZER = "kfac:solver=thermo"
+DEFAULT_REFERENCES = ("adam", "kfac")
+STUDY_EVAL_POINTS = 50  # evaluations per run for the curves (fewer than compare's 200)
+
+
+def sweep_keys() -> list[str]:
+    """Names that ``--sweep`` accepts: the thermodynamic solver's options (its constructor's
+    parameters and every :class:`hw_models.NoiseConfig` field)."""
+    params = [p.name for p in inspect.signature(ThermodynamicSolver.__init__).parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    fields = [f.name for f in dataclasses.fields(NoiseConfig)]
+    return sorted(set(params) | set(fields))
+
+
+def parse_sweep(text: str) -> tuple[str, list[Any]]:
+    """``"bits=4,6,8"`` -> ``("bits", [4, 6, 8])``; values read as int, float, bool, none or text."""
+    key, sep, values = str(text).partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key or not values.strip():
+        raise ValueError(f"--sweep {text!r} is not key=v1,v2,...; keys: {', '.join(sweep_keys())}")
+    return key, [parse_value(v) for v in values.split(",") if v.strip()]
+
+
+def _check_sweeps(sweeps: dict[str, Sequence[Any]] | Sequence[str]) -> dict[str, list[Any]]:
+    if not isinstance(sweeps, dict):
+        parsed: dict[str, list[Any]] = {}
+        for text in sweeps:
+            key, values = parse_sweep(text)
+            if key in parsed:
+                raise ValueError(f"--sweep {key} is given twice; list all its values in one --sweep")
+            parsed[key] = values
+        sweeps = parsed
+    valid = sweep_keys()
+    out: dict[str, list[Any]] = {}
+    for key, values in sweeps.items():
+        if key not in valid:
+            raise ValueError(f"unknown sweep key {key!r}; valid: {', '.join(valid)}")
+        values = list(values) if isinstance(values, list | tuple) else [values]
+        if not values:
+            raise ValueError(f"sweep {key!r} has no values")
+        keys = [json.dumps(v) for v in values]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"sweep {key!r} repeats a value: {values}")
+        out[key] = values
+    if not out:
+        raise ValueError(f"give at least one sweep (key=v1,v2,...); keys: {', '.join(valid)}")
+    return out
+
+
+def _point_spec(base: OptimizerSpec, point: dict[str, Any], seed: int) -> OptimizerSpec:
+    """The base spec with the point's solver options; solver ``seed``/``device_seed`` default to
+    the run's seed so that seeds also vary the simulated noise and device."""
+    solver_options = dict(base.solver_options)
+    for key, value in point.items():
+        if key in solver_options:
+            raise ValueError(f"{key!r} is both swept and fixed in the optimizer spec {base.text!r}")
+        solver_options[key] = value
+    solver_options.setdefault("seed", seed)
+    solver_options.setdefault("device_seed", seed)
+    text = ",".join([base.text] + [f"{k}={spec_text(v)}" for k, v in point.items()])
+    return OptimizerSpec(base.name, dict(base.options), solver_options, text)
+
+
+def row_key(config_id: str, method: str, point: dict[str, Any], seed: int) -> str:
+    """Identity of a row: config hash, method, sweep point and seed."""
+    return f"{config_id}|{method}|{json.dumps(point, sort_keys=True)}|seed={seed}"
+
+
+class StudyRun(TrainingRun):
+    """A training run that also collects the solver's accuracy against the exact direction
+    (``cosine_to_exact``/``rel_error_to_exact`` in the per-layer apply reports, when present)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exact: dict[str, list[float]] = {"cosine_to_exact": [], "rel_error_to_exact": []}
+
+    def step(self) -> dict[str, Any]:
+        record = super().step()
+        if self.preconditioner is not None:
+            reports = self.preconditioner.last_report.get("solver_reports", {})
+            for name, report in reports.items():
+                info = getattr(report, "info", None) or {}
+                if not name.endswith("/apply"):
+                    continue
+                for key, values in self.exact.items():
+                    value = info.get(key)
+                    if value is not None and math.isfinite(float(value)):
+                        values.append(float(value))
+        return record
+
+
+def noise_study(dataset: str = "digits", model: str = "mlp",
+                sweeps: dict[str, Sequence[Any]] | Sequence[str] = ("bits=4,6,8,16",), *,
+                optimizer: str = DEFAULT_OPTIMIZER, references: Sequence[str] = DEFAULT_REFERENCES,
+                steps: int | None = None, epochs: float | None = None, batch_size: int | None = None,
+                seeds: int = 1, seed: int = 0, loss: str | None = None,
+                model_options: dict[str, Any] | None = None,
+                dataset_options: dict[str, Any] | None = None, eval_every: int | None = None,
+                out: str | Path | None = None, overwrite: bool = False, progress: bool = False,
+                plots: bool = True, device: str = "cpu",
+                on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) a noise-robustness study; return ``study.json``'s content.
+
+    Args:
+        dataset, model, model_options, dataset_options, loss, batch_size, steps, epochs,
+            eval_every, device: the task, as in :func:`thermo_kfac.experiments.training.compare`
+            (default ``eval_every``: about 50 evaluations per run).
+        sweeps: ``{"bits": [4, 8], ...}`` or texts ``"bits=4,8"``; keys from :func:`sweep_keys`.
+            Several sweeps give their Cartesian product.
+        optimizer: the swept runs' spec, a ``kfac`` spec with ``solver=thermo`` (fixed solver
+            options go here, e.g. ``kfac:solver=thermo,method=solve,integrator=analytic``).
+        references: specs trained at every seed without the sweep (``method`` = their label).
+        seeds, seed: the seeds ``seed, seed + 1, ..., seed + seeds - 1`` (initialization, data
+            split and order, and the solver's noise/device seeds unless the spec sets them).
+        out: folder for ``results.csv``, ``study.json`` and plots; rows already there are kept
+            and skipped. ``overwrite``: discard a study with a different config instead of refusing.
+        on_row: called with each new row after it has been written (a hook for logging).
+    """
+    grid = _check_sweeps(sweeps)
+    seeds = check_positive("seeds", seeds, integer=True)
+    seed = check_number("seed", seed, low=0, integer=True)
+    base = parse_optimizer_spec(optimizer)
+    if base.name != "kfac" or resolve_options(base).get("solver") != "thermo":
+        raise ValueError(f"optimizer {optimizer!r} must be a kfac spec with solver=thermo (the swept "
+                         f"keys are thermodynamic solver options), e.g. {DEFAULT_OPTIMIZER!r}")
+    ref_specs = [parse_optimizer_spec(r) for r in references]
+    labels = [s.label for s in ref_specs]
+    if len(set(labels)) != len(labels) or STUDY_METHOD in labels:
+        raise ValueError(f"reference labels must be distinct and not {STUDY_METHOD!r}: {labels}")
+    check_choice("dataset", dataset, DATASETS)
+    if model not in available_models():
+        check_choice("model", model, available_models())
+    model_options = dict(model_options or {})
+    dataset_options = dict(dataset_options or {})
+    task = "autoencoder" if model == "autoencoder" else None
+    data0 = load_dataset(dataset, task=task, seed=seed, **dataset_options)
+    loss = check_choice("loss", loss if loss is not None else data0.loss, TASK_LOSSES[data0.task])
+    batch_size = check_positive("batch_size", batch_size if batch_size is not None else DEFAULT_BATCH_SIZE,
+                                integer=True)
+    if steps is not None and epochs is not None:
+        raise ValueError("give steps or epochs, not both")
+    if steps is None:
+        epochs = epochs if epochs is not None else DEFAULT_EPOCHS.get(data0.name, 5)
+        check_number("epochs", epochs, low=0, low_inclusive=False)
+        steps = max(1, round(epochs * data0.steps_per_epoch(batch_size)))
+    steps = check_positive("steps", steps, integer=True)
+    eval_every = check_positive("eval_every", eval_every if eval_every is not None
+                                else max(1, math.ceil(steps / STUDY_EVAL_POINTS)), integer=True)
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err})") from None
+
+    points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    seed_list = list(range(seed, seed + seeds))
+    # Every spec is built once before any training, so bad options fail fast.
+    jobs: list[tuple[str, dict[str, Any], int, OptimizerSpec]] = []
+    for spec in ref_specs:
+        jobs += [(spec.label, {}, s, spec) for s in seed_list]
+    for point in points:
+        jobs += [(STUDY_METHOD, point, s, _point_spec(base, point, s)) for s in seed_list]
+    checked: set[str] = set()
+    for method, point, _, spec in jobs:
+        probe_key = json.dumps([method, point], sort_keys=True)
+        if probe_key in checked:
+            continue
+        checked.add(probe_key)
+        try:
+            build_optimizer(spec, build_model(model, data0, **model_options), resolve_options(spec),
+                            loss, seed)
+        except (ValueError, TypeError) as err:
+            where = f" at sweep point {point_label(point)}" if point else ""
+            raise ValueError(f"optimizer {spec.label!r}{where}: {err}") from None
+
+    config = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset, "dataset_options": dataset_options, "model": model,
+        "model_options": model_options, "loss": loss, "batch_size": batch_size, "steps": steps,
+        "eval_every": eval_every, "device": str(torch_device), "optimizer": base.text,
+        "references": labels, "sweep_keys": list(grid),
+    }
+    config = json.loads(json.dumps(jsonable(config), default=list))  # canonical (tuples -> lists)
+    config_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+    out_dir = Path(out) if out is not None else None
+    rows: list[dict[str, Any]] = []
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    if out_dir is not None:
+        rows, created = _load_existing(out_dir, config, overwrite, created)
+    done = {r["key"] for r in rows}
+    # The study covers every row in the folder: values and seeds of earlier runs of a grown grid
+    # stay in the grid that the table and plots use.
+    all_values = {k: list(v) for k, v in grid.items()}
+    for row in rows:
+        for key, value in row.get("point", {}).items():
+            if key in all_values and value not in all_values[key]:
+                all_values[key].append(value)
+    all_seeds = sorted(set(seed_list) | {int(r["seed"]) for r in rows})
+    study: dict[str, Any] = {"command": "noise-study", "created": created, "config": config,
+                             "config_id": config_id,
+                             "grid": {"sweeps": all_values, "seeds": all_seeds}, "rows": rows}
+
+    pending = [j for j in jobs if row_key(config_id, j[0], j[1], j[2]) not in done]
+    data_cache: dict[int, Any] = {}
+    bar = _bar(len(jobs), len(jobs) - len(pending), progress)
+    try:
+        for method, point, run_seed, spec in pending:
+            if bar is not None:
+                bar.set_postfix_str(f"{method} {point_label(point)} seed {run_seed}".strip(), refresh=True)
+            if run_seed not in data_cache:
+                data = data0 if run_seed == seed else load_dataset(dataset, task=task, seed=run_seed,
+                                                                   **dataset_options)
+                data_cache[run_seed] = data.to(torch_device)
+            row = _train_row(data_cache[run_seed], model, model_options, spec, method, point, run_seed,
+                             loss=loss, steps=steps, batch_size=batch_size, eval_every=eval_every,
+                             device=torch_device, grid=grid, config_id=config_id)
+            rows.append(row)
+            if out_dir is not None:
+                write_rows(out_dir, study, grid)
+            if bar is not None:
+                bar.update(1)
+            if on_row is not None:
+                on_row(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    study["summary"] = summarize(rows, list(grid))
+    if out_dir is not None:
+        if plots:
+            study["plots"] = write_plots(study, out_dir)
+        write_rows(out_dir, study, grid)
+    return study
+
+
+def _bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="noise-study", unit="run", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _train_row(data: Any, model: str, model_options: dict[str, Any], spec: OptimizerSpec, method: str,
+               point: dict[str, Any], seed: int, *, loss: str, steps: int, batch_size: int,
+               eval_every: int, device: torch.device, grid: dict[str, list[Any]],
+               config_id: str) -> dict[str, Any]:
+    options = resolve_options(spec)
+    base_row: dict[str, Any] = {
+        "method": method, "label": spec.label if method != STUDY_METHOD else
+        f"{STUDY_METHOD} {point_label(point)}", "optimizer": spec.label, "seed": seed,
+        **{k: point.get(k) for k in grid}}
+    tail = {"key": row_key(config_id, method, point, seed), "point": point, "options": options}
+    errors = (ValueError, RuntimeError, torch.linalg.LinAlgError)
+    try:
+        run = StudyRun(data, model, model_options, spec, options, loss=loss, steps=steps,
+                        batch_size=batch_size, seed=seed, eval_every=eval_every, device=device)
+    except errors as err:  # the untimed warm-up steps already failed
+        empty = dict.fromkeys(c for c in ROW_COLUMNS_TAIL if c not in tail)
+        return jsonable({**base_row, **empty, "steps": 0, "diverged": False, "fallbacks": 0,
+                          "error": _error_text(0, err), **tail, "curve": []})
+    error = None
+    try:
+        while not run.done:
+            run.step()
+    except errors as err:
+        # e.g. a matrix that is no longer positive definite after 4-bit coupling quantization:
+        # a result of the study (recorded in the row), not a reason to stop the other runs.
+        error = _error_text(len(run.history) + 1, err)
+    result = run.result()
+    run.close()
+    n = max(int(result["steps"]), 1)
+    hardware = result.get("predicted_hardware_total_s")
+    fallbacks = result.get("fallbacks") or {}
+    row: dict[str, Any] = {
+        **base_row,
+        "steps": result["steps"],
+        "final_train_loss": None if error else result["final_train_loss"],
+        "final_test_loss": None if error else result["final_test_loss"],
+        "train_accuracy": None if error else result.get("train_accuracy"),
+        "test_accuracy": None if error else result.get("test_accuracy"),
+        "diverged": result["diverged"], "error": error, "wall_time_s": result["wall_time_s"],
+        "ms_per_step": 1e3 * result["mean_step_time_s"],
+        "predicted_hardware_s": hardware,
+        "predicted_hardware_per_step_s": None if hardware is None else hardware / n,
+        "fallbacks": sum(fallbacks.values()) if isinstance(fallbacks, dict) else fallbacks,
+        "cosine_to_exact": mean_or_none(run.exact["cosine_to_exact"]),
+        "rel_error_to_exact": mean_or_none(run.exact["rel_error_to_exact"]),
+        **tail,
+        "curve": [[0, result["initial_train_loss"], result["initial_test_loss"]]] + [
+            [r["step"], r.get("eval_train_loss"), r.get("test_loss")] for r in result["history"]
+            if "eval_train_loss" in r],
+    }
+    return jsonable(row)
+
+
+def _error_text(step: int, err: BaseException) -> str:
+    where = "warm-up" if step == 0 else f"step {step}"
+    return f"{where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _load_existing(out: Path, config: dict[str, Any], overwrite: bool,
+                   created: str) -> tuple[list[dict[str, Any]], str]:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create output directory {str(out)!r}: {err}") from None
+    path = out / "study.json"
+    if not path.exists():
+        if (out / "results.csv").exists() and not overwrite:
+            raise ValueError(f"{str(out)!r} has results.csv but no study.json (not a noise study, or "
+                             "damaged); use another --out or --overwrite")
+        return [], created
+    if overwrite:
+        return [], created
+    try:
+        old = json.loads(path.read_text())
+        old_config, old_rows = old["config"], old["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read the study in {str(path)!r} ({err}); use another --out or "
+                         "--overwrite") from None
+    if old_config != config:
+        differ = sorted(k for k in set(old_config) | set(config) if old_config.get(k) != config.get(k))
+        detail = "; ".join(f"{k}: {old_config.get(k)!r} there, {config.get(k)!r} now" for k in differ)
+        raise ValueError(f"{str(out)!r} holds a noise study with a different config ({detail}); use "
+                         "another --out, or --overwrite to discard it")
+    # A key seen twice (should not happen) is kept once, the first time.
+    seen: set[str] = set()
+    rows = []
+    for row in old_rows:
+        if row.get("key") not in seen:
+            seen.add(row.get("key"))
+            rows.append(row)
+    return rows, old.get("created", created)
+
+

@@ -1,0 +1,206 @@
+"""The experiments: :func:`compare` several optimizers on one task, :func:`train` one.
+
+Every run of a comparison starts from the same initial parameters and sees the same batches in
+the same order; the runs advance in lockstep (:func:`~.run.train_interleaved`).
+``time_to_target_s`` is the training wall time at the first evaluation whose full training-set
+loss is at or below the target loss (default in ``compare``: the final training loss of the first
+optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hw_models.validation import check_choice, check_number, check_positive
+from thermo_kfac.data import DATASETS, Dataset, load_dataset
+from thermo_kfac.distributed import DistributedConfig, is_main_process, world_size
+from thermo_kfac.experiments.training.optimizers import build_optimizer
+from thermo_kfac.experiments.training.options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    EVAL_POINTS,
+    OPTIONS,
+    TASK_LOSSES,
+    OptimizerSpec,
+    check_option,
+    parse_optimizer_spec,
+    resolve_options,
+    solver_option_hint,
+)
+from thermo_kfac.experiments.training.outputs import time_to_target, write_results
+from thermo_kfac.experiments.training.run import TrainingRun, train_interleaved
+from thermo_kfac.models import available_models, build_model
+
+__all__ = ["compare", "train"]
+
+
+def compare(dataset: str | Dataset = "digits", model: str = "mlp",
+            optimizers: Sequence[str | OptimizerSpec] = ("adam", "kfac"), *,
+            steps: int | None = None, epochs: float | None = None, batch_size: int | None = None,
+            seed: int = 0, loss: str | None = None, model_options: dict[str, Any] | None = None,
+            dataset_options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+            eval_every: int | None = None, target_loss: float | None = None,
+            target_from_first: bool = True, out: str | Path | None = None, progress: bool = False,
+            device: str = "cpu", command: str = "compare", print_assignment: bool = False,
+            distributed: DistributedConfig | None = None) -> dict[str, Any]:
+    """Train ``model`` on ``dataset`` once per optimizer spec, from the same start on the same batches.
+
+    Args:
+        dataset: a :class:`Dataset` or a name for :func:`thermo_kfac.data.load_dataset`
+            (``dataset_options`` are passed to it; an ``autoencoder`` model selects the
+            auto-encoder task).
+        model: a name of :func:`thermo_kfac.models.build_model`, with ``model_options``.
+        optimizers: specs ``name[:key=value,...]`` (see :func:`parse_optimizer_spec`).
+        steps, epochs: training length (one of them; default: the dataset's default epochs).
+        batch_size: examples per step (default 256; larger than the dataset means full batch).
+        seed: model initialization, data order, K-FAC's sampling.
+        loss: ``cross_entropy``, ``mse`` or ``bce``; default from the task.
+        overrides: option values for every run that takes them (the CLI's ``--lr`` ...); a
+            spec's own ``key=value`` wins.
+        eval_every: evaluate the full training/test loss every this many steps (default: about
+            200 evaluations per run). Evaluation time is excluded from wall time.
+        target_loss: training loss for ``time_to_target_s``; default (``target_from_first``):
+            the final training loss of the first run.
+        out: directory for ``results.json``, ``metrics.csv`` and PNG plots (written atomically
+            at the end; nothing is written if a run fails).
+        progress: show a tqdm progress bar per run.
+        device: torch device for model and data.
+        print_assignment: print each K-FAC run's solver per layer before training.
+        distributed: how K-FAC spreads its work inside a process group (``train --placement``
+            ...); None: the preconditioner's default.
+
+    Returns:
+        ``{"command", "config", "seed", "target_loss", "target_source", "runs": [...]}``.
+    """
+    specs = [parse_optimizer_spec(s) for s in optimizers]
+    if not specs:
+        raise ValueError("give at least one optimizer")
+    overrides = dict(overrides or {})
+    for key, value in overrides.items():
+        if key not in OPTIONS:
+            raise ValueError(f"unknown optimizer option {key!r}; valid: {', '.join(OPTIONS)}")
+        if not any(s.name in OPTIONS[key].optimizers for s in specs):
+            raise ValueError(f"option {key.replace('_', '-')}={value!r} applies to "
+                             f"{', '.join(OPTIONS[key].optimizers)} only, and none of the optimizers "
+                             f"({', '.join(s.label for s in specs)}) is one of them")
+        overrides[key] = check_option(key, value) if value is not None else None
+    seed = check_number("seed", seed, integer=True)
+    model_options = dict(model_options or {})
+    if model not in available_models():
+        check_choice("model", model, available_models())
+    if isinstance(dataset, Dataset):
+        data = dataset
+        if model == "autoencoder" and data.task != "autoencoder":
+            raise ValueError("model 'autoencoder' needs a dataset loaded with task='autoencoder'")
+    else:
+        check_choice("dataset", dataset, DATASETS)
+        task = "autoencoder" if model == "autoencoder" else None
+        data = load_dataset(dataset, task=task, seed=seed, **(dataset_options or {}))
+    loss = check_choice("loss", loss if loss is not None else data.loss, TASK_LOSSES[data.task])
+    batch_size = check_positive("batch_size", batch_size if batch_size is not None else DEFAULT_BATCH_SIZE,
+                                integer=True)
+    steps_per_epoch = data.steps_per_epoch(batch_size)
+    if steps is not None and epochs is not None:
+        raise ValueError("give steps or epochs, not both")
+    if steps is None:
+        epochs = epochs if epochs is not None else DEFAULT_EPOCHS.get(data.name, 5)
+        check_number("epochs", epochs, low=0, low_inclusive=False)
+        steps = max(1, round(epochs * steps_per_epoch))
+    steps = check_positive("steps", steps, integer=True)
+    if eval_every is None:
+        eval_every = max(1, math.ceil(steps / EVAL_POINTS))
+    eval_every = check_positive("eval_every", eval_every, integer=True)
+    if target_loss is not None:
+        check_number("target_loss", target_loss)
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err})") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} is not available (torch.cuda.is_available() is False)")
+    resolved = [resolve_options(s, overrides) for s in specs]
+    # Fail on bad K-FAC/solver options before any training starts.
+    for spec, options in zip(specs, resolved, strict=True):
+        if spec.name == "kfac":
+            probe = build_model(model, data, **model_options)
+            try:
+                build_optimizer(spec, probe, options, loss, seed)
+            except ValueError as err:
+                raise ValueError(f"optimizer {spec.label!r}: {err}{solver_option_hint(spec)}") from None
+        else:
+            build_model(model, data, **model_options)
+    data = data.to(torch_device)
+
+    labels = unique_labels([s.label for s in specs])
+    runners = [
+        TrainingRun(data, model, model_options,
+                    OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options,
+                    loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
+                    device=torch_device, distributed=distributed)
+        for spec, options, label in zip(specs, resolved, labels, strict=True)]
+    if print_assignment and is_main_process():
+        _print_assignments(runners)
+    train_interleaved(runners, progress and is_main_process())
+    runs = [runner.result() for runner in runners]
+    target_source = "given"
+    if target_loss is None and target_from_first:
+        target_loss = runs[0]["final_train_loss"]
+        target_source = f"final train loss of {runs[0]['label']}"
+    for run in runs:
+        run["time_to_target_s"], run["steps_to_target"] = time_to_target(run, target_loss)
+    results = {
+        "command": command,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seed": seed,
+        "target_loss": target_loss,
+        "target_source": target_source if target_loss is not None else None,
+        "config": {
+            "dataset": data.describe(), "model": model, "model_options": model_options, "loss": loss,
+            "batch_size": batch_size, "steps": steps, "steps_per_epoch": steps_per_epoch,
+            "epochs": steps / steps_per_epoch, "eval_every": eval_every, "seed": seed,
+            "optimizers": [s.label for s in specs], "overrides": overrides, "device": str(torch_device),
+            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "world_size": world_size(),
+            "wall_time_note": "training steps only; evaluation excluded",
+        },
+        "runs": runs,
+    }
+    if out is not None and is_main_process():  # one writer
+        write_results(results, out)
+    return results
+
+
+def train(dataset: str | Dataset = "digits", model: str = "mlp", optimizer: str | OptimizerSpec = "kfac",
+          **kwargs: Any) -> dict[str, Any]:
+    """Train with one optimizer spec; same arguments as :func:`compare` (``results["runs"]`` has
+    one run). ``time_to_target_s`` is recorded only when ``target_loss`` is given."""
+    kwargs.setdefault("target_from_first", False)
+    return compare(dataset, model, [optimizer], command="train", **kwargs)
+
+
+def unique_labels(labels: list[str]) -> list[str]:
+    """Run labels made distinct: the second ``adam`` becomes ``adam#2``."""
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return unique
+
+
+def _print_assignments(runners: list[TrainingRun]) -> None:
+    from thermo_kfac.policy import format_assignment
+
+    for runner in runners:
+        precond = runner.preconditioner
+        if precond is not None:
+            policy = precond.policy
+            print(f"{runner.spec.label}: solver per layer (pricing: thermodynamic "
+                  f"{policy.hardware.name!r}, digital {policy.digital.name!r})")
+            print(format_assignment(precond.assignment_details()) + "\n", flush=True)

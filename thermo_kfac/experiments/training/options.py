@@ -1,0 +1,242 @@
+"""Optimizer specs and their options: the schema, the defaults, parsing and resolution.
+
+A spec is ``name[:key=value,key=value]``, e.g. ``adam:lr=3e-3`` or
+``kfac:solver=cholesky,damping=0.1``. For ``kfac``, keys that are neither K-FAC nor base-optimizer
+options are passed to the solver as ``solver_options`` (validated by the solver). The choices of
+the K-FAC options come from the library (:mod:`thermo_kfac.curvature`, :mod:`thermo_kfac.capture`,
+:mod:`thermo_kfac.solvers.kronecker_svd`, :mod:`thermo_kfac.preconditioner`), so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hw_models.devices import DIGITAL_PRESETS, THERMO_PRESETS
+from hw_models.validation import check_choice, check_number
+from thermo_kfac.capture import KFAC_APPROXIMATIONS
+from thermo_kfac.curvature import FISHER_TYPES, LOSSES
+from thermo_kfac.policy import parse_value
+from thermo_kfac.preconditioner import FACTOR_DTYPES as _PRECONDITIONER_DTYPES
+from thermo_kfac.solvers.kronecker_svd import CURVATURES
+
+__all__ = ["BASE_OPTIMIZERS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS", "EVAL_POINTS", "FACTOR_DTYPES",
+           "FISHER_TYPES", "KFAC_ADAM_LR", "LOSSES", "OPTIMIZERS", "OPTIMIZER_DEFAULTS", "OPTIONS",
+           "TASK_LOSSES", "Option", "OptimizerSpec", "check_option", "parse_optimizer_spec",
+           "resolve_options", "solver_option_hint"]
+
+OPTIMIZERS = ("sgd", "adam", "kfac", "adafisher", "eva")
+BASE_OPTIMIZERS = ("sgd", "adam")
+# Losses that make sense for each task of thermo_kfac.data (a choice of the experiments).
+TASK_LOSSES = {"classification": ("cross_entropy",), "regression": ("mse",), "autoencoder": ("bce", "mse")}
+# The preconditioner's factor dtypes by their names ("float32", "float64").
+FACTOR_DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in _PRECONDITIONER_DTYPES}
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _parse_optional_float(value: Any) -> float | None:
+    if value is None or str(value).strip().lower() in ("none", "off", "null"):
+        return None
+    return float(value)
+
+
+_KINDS = {float: "a number", int: "an integer", _parse_bool: "true or false",
+          _parse_optional_float: "a number or none"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One optimizer option: how to parse it from text, which optimizers take it, its range."""
+
+    parse: Callable[[Any], Any]
+    help: str
+    optimizers: tuple[str, ...]
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    integer: bool = False
+
+
+# Options of the optimizer specs; the CLI flags of the same name (``--factor-decay`` ...) set
+# them for every run that takes them.
+OPTIONS: dict[str, Option] = {
+    "lr": Option(float, "learning rate", OPTIMIZERS, low=0.0, low_inclusive=False),
+    "momentum": Option(float, "SGD momentum (sgd, kfac with base sgd, eva)", ("sgd", "kfac", "eva"), low=0.0,
+                       high=1.0, high_inclusive=False),
+    "weight_decay": Option(float, "L2 weight decay", OPTIMIZERS, low=0.0),
+    "beta1": Option(float, "Adam beta1", ("adam", "kfac"), low=0.0, high=1.0, high_inclusive=False),
+    "beta2": Option(float, "Adam beta2", ("adam", "kfac"), low=0.0, high=1.0, high_inclusive=False),
+    "eps": Option(float, "Adam epsilon", ("adam", "kfac"), low=0.0, low_inclusive=False),
+    "base": Option(str, "optimizer that applies K-FAC's preconditioned gradient", ("kfac",),
+                   choices=BASE_OPTIMIZERS),
+    "damping": Option(float, "Tikhonov damping of each Kronecker block", ("kfac", "adafisher", "eva"),
+                      low=0.0),
+    "pi_damping": Option(_parse_bool, "factored pi-damping (true/false)", ("kfac",)),
+    "factor_decay": Option(float, "EMA decay of the factors", ("kfac",), low=0.0, high=1.0,
+                           high_inclusive=False),
+    "factor_update_every": Option(int, "update the factors every N steps", ("kfac",), low=1, integer=True),
+    "inverse_update_every": Option(int, "re-factorize every N steps", ("kfac",), low=1, integer=True),
+    "fisher_type": Option(str, "curvature estimate", ("kfac",), choices=FISHER_TYPES),
+    "kl_clip": Option(_parse_optional_float, "KL clipping bound (none disables)", ("kfac", "eva"), low=0.0,
+                      low_inclusive=False),
+    "solver": Option(str, "per-layer Kronecker solver (or the rules auto, fits)", ("kfac",)),
+    "solver_map": Option(str, "per-layer solvers 'pattern=spec;...' or a JSON file", ("kfac",)),
+    "hardware": Option(str, "thermodynamic preset for auto/fits and predicted times", ("kfac",),
+                       choices=THERMO_PRESETS),
+    "digital": Option(str, "digital preset for auto and predicted times", ("kfac",), choices=DIGITAL_PRESETS),
+    "factor_dtype": Option(str, "dtype of the factors", ("kfac",), choices=tuple(FACTOR_DTYPES)),
+    # AdaFisher and Eva (thermo_kfac/adafisher.py, thermo_kfac/eva.py; docs/adafisher_eva.md)
+    "beta": Option(float, "AdaFisher first-moment EMA", ("adafisher",), low=0.0, high=1.0,
+                   high_inclusive=False),
+    "gamma1": Option(float, "AdaFisher factor EMA: X <- (1 - gamma1) X + gamma2 X_new", ("adafisher",),
+                     low=0.0, high=1.0, low_inclusive=False),
+    "gamma2": Option(float, "AdaFisher factor EMA weight of the new statistics", ("adafisher",), low=0.0,
+                     high=1.0, low_inclusive=False),
+    "decoupled_weight_decay": Option(_parse_bool, "AdaFisherW: decoupled weight decay (true/false)",
+                                     ("adafisher",)),
+    "update_every": Option(int, "refresh the curvature statistics every N steps", ("adafisher", "eva"),
+                           low=1, integer=True),
+    "stat_decay": Option(float, "Eva: EMA decay of the Kronecker vectors", ("eva",), low=0.0, high=1.0,
+                         high_inclusive=False),
+    "kfac_approx": Option(str, "K-FAC flavour for weight sharing (expand/reduce)", ("kfac",),
+                          choices=KFAC_APPROXIMATIONS),
+    "curvature": Option(str, "curvature block: kfac, or a Kronecker-SVD approximation", ("kfac",),
+                        choices=CURVATURES),
+}
+
+# Defaults per optimizer. kfac's were chosen by sweeps on digits (MLP 64-128-128-10, batch 256,
+# 30-40 epochs, seeds 0 and 1): fastest to Adam's final loss while keeping a test loss close to
+# Adam's (docs/cli.md).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+    "adam": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+    "kfac": {"base": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 0.0, "beta1": 0.9,
+             "beta2": 0.999, "eps": 1e-8, "damping": 0.1, "pi_damping": False, "factor_decay": 0.95,
+             "factor_update_every": 10, "inverse_update_every": 50, "fisher_type": "empirical",
+             "kl_clip": 1e-3, "solver": "eigh", "factor_dtype": "float32", "solver_map": None,
+             "hardware": "chip", "digital": "h100", "kfac_approx": "expand", "curvature": "kfac"},
+}
+# AdaFisher: the authors' defaults (lr, beta, lambda, T_cov = 100, EMA pair of their code).
+OPTIMIZER_DEFAULTS["adafisher"] = {"lr": 1e-3, "beta": 0.9, "gamma1": 0.92, "gamma2": 0.008, "damping": 1e-3,
+                                   "update_every": 100, "weight_decay": 0.0, "decoupled_weight_decay": False}
+# Eva: the paper's defaults (SGD momentum 0.9 as in its experiments).
+OPTIMIZER_DEFAULTS["eva"] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "damping": 0.03,
+                             "kl_clip": 1e-3, "stat_decay": 0.95, "update_every": 1}
+# Learning rate of kfac when its base optimizer is Adam (unless lr is given).
+KFAC_ADAM_LR = 1e-3
+DEFAULT_EPOCHS = {"digits": 40}
+DEFAULT_BATCH_SIZE = 256
+EVAL_POINTS = 200  # default evaluations per run (time-to-target resolution)
+
+
+@dataclass
+class OptimizerSpec:
+    """A parsed optimizer spec ``name[:key=value,...]``.
+
+    ``options`` holds the explicitly given values (typed); ``solver_options`` the kfac keys that
+    are passed on to the solver; ``text`` the spec as written (the run's label).
+    """
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.text or self.name
+
+
+def check_option(key: str, value: Any, context: str = "") -> Any:
+    """``value`` of the option ``key`` parsed and checked against :data:`OPTIONS` (its type,
+    choices and range); raises ``ValueError`` starting with ``context`` otherwise."""
+    option = OPTIONS[key]
+    try:
+        parsed = option.parse(value)
+    except (TypeError, ValueError):
+        kind = _KINDS.get(option.parse, "text")
+        raise ValueError(f"{context}{key}={value!r} must be {kind}") from None
+    if parsed is None:
+        return None
+    if option.choices is not None:
+        return check_choice(f"{context}{key}", parsed, option.choices)
+    if isinstance(parsed, int | float) and not isinstance(parsed, bool):
+        return check_number(f"{context}{key}", parsed, low=option.low, high=option.high,
+                            low_inclusive=option.low_inclusive, high_inclusive=option.high_inclusive,
+                            integer=option.integer)
+    return parsed
+
+
+def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
+    """Parse ``name[:key=value,key=value]`` (keys may use ``-`` or ``_``) into an :class:`OptimizerSpec`.
+
+    Raises ``ValueError`` naming the bad name, key or value and what is allowed.
+    """
+    if isinstance(text, OptimizerSpec):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"optimizer spec {text!r} is empty; use name[:key=value,...] with name one of "
+                         f"{', '.join(OPTIMIZERS)}")
+    name, _, rest = text.strip().partition(":")
+    name = name.strip().lower()
+    check_choice("optimizer", name, OPTIMIZERS)
+    spec = OptimizerSpec(name, text=text.strip())
+    context = f"optimizer spec {text!r}: "
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip():
+            raise ValueError(f"{context}{item!r} is not key=value")
+        if key in spec.options or key in spec.solver_options:
+            raise ValueError(f"{context}{key} is given twice")
+        option = OPTIONS.get(key)
+        if option is not None and name in option.optimizers:
+            spec.options[key] = check_option(key, value.strip(), context)
+        elif name == "kfac" and option is None:
+            spec.solver_options[key] = parse_value(value)
+        else:
+            valid = sorted(k for k, o in OPTIONS.items() if name in o.optimizers)
+            extra = " (other keys are passed to the solver)" if name == "kfac" else ""
+            raise ValueError(f"{context}{name} has no option {key!r}; valid: {', '.join(valid)}{extra}")
+    return spec
+
+
+def resolve_options(spec: OptimizerSpec, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Full option dict of a run: defaults < ``overrides`` (CLI flags) < the spec's own options."""
+    options = dict(OPTIMIZER_DEFAULTS[spec.name])
+    given = {k: v for k, v in (overrides or {}).items() if spec.name in OPTIONS[k].optimizers}
+    if spec.name == "kfac" and spec.options.get("base", given.get("base", options["base"])) == "adam":
+        options["lr"] = KFAC_ADAM_LR
+    options.update(given)
+    options.update(spec.options)
+    if spec.name == "kfac" and spec.solver_options:
+        options["solver_options"] = dict(spec.solver_options)
+    return options
+
+
+def solver_option_hint(spec: OptimizerSpec) -> str:
+    """For unknown kfac keys (taken as solver options): the valid kfac keys, and close matches."""
+    if not spec.solver_options:
+        return ""
+    valid = [k for k, o in OPTIONS.items() if "kfac" in o.optimizers]
+    close = {k: difflib.get_close_matches(k, valid, n=1) for k in spec.solver_options}
+    guesses = [f"{k!r} -> {m[0]!r}" for k, m in close.items() if m]
+    hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+    return (f"{hint}; keys that are not kfac options ({', '.join(valid)}) are passed to the "
+            "solver as solver_options")
