@@ -243,7 +243,7 @@ def test_solver_reports_are_aggregated():
     # prepare reports: 7e-3 (A of layer 0 is 6+1) + 9e-3 (8+1); apply: 2 layers x 1e-6
     assert precond.last_report["hardware_time_s"] == pytest.approx(16e-3 + 2e-6)
     assert precond.last_report["energy_j"] == pytest.approx(2.0)
-    assert isinstance(precond._layers["0"].solver, KFACSolver)
+    assert isinstance(precond.layer_table["0"].solver, KFACSolver)
 
 
 def test_multihead_attention_projections_are_registered_unless_skipped():

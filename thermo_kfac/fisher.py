@@ -1,5 +1,6 @@
-"""Loss-specific pieces of the curvature estimate: scaling, MC label sampling and the columns of
-the loss Hessian's square root.
+"""The loss side of the Fisher / GGN estimate: loss scaling, Monte-Carlo label sampling and the
+columns of the loss Hessian's square root; and the one home of the option choices that describe
+it (:data:`LOSSES`, :data:`REDUCTIONS`, :data:`FISHER_TYPES`, :data:`KFAC_APPROXIMATIONS`).
 
 Convention. A loss with reduction ``mean`` or ``sum`` is ``L = c * sum_t l_t`` over its terms
 ``t`` (examples, or examples x positions). ``l_t`` sums over the feature dimension and is a
@@ -26,9 +27,18 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+#: losses whose curvature K-FAC models (a negative log-likelihood each, see above)
 LOSSES = ("cross_entropy", "mse", "bce")
+#: how the loss combines its terms
 REDUCTIONS = ("mean", "sum")
+#: how the output-gradient statistics are obtained: the data labels' gradients, sampled labels,
+#: or the exact GGN through the loss Hessian's square root
 FISHER_TYPES = ("empirical", "mc", "type2")
+#: K-FAC flavours for layers applied at shared positions (see docs/kfac_variants.md)
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+
+__all__ = ["FISHER_TYPES", "KFAC_APPROXIMATIONS", "LOSSES", "REDUCTIONS", "hessian_sqrt_columns",
+           "loss_scale", "mc_loss"]
 
 
 def loss_scale(loss: str, reduction: str, output_shape: torch.Size) -> float:

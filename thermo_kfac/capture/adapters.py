@@ -9,7 +9,7 @@ locations), the adapter yields
 * ``grad_matrix()``: ``[W.grad | b.grad]`` as ``(d_out, d_in [+1])``, and ``set_grad`` to write it back,
 
 so that the expand-style statistics are ``A = rows^T rows / (N R)`` and ``G ~ sum rows^T rows``
-(see :mod:`thermo_kfac.curvature` for the scaling of G).
+(see :mod:`thermo_kfac.fisher` for the scaling of G).
 
 K-FAC flavours for weight sharing (Eschenhagen et al., NeurIPS 2023): an adapter's ``approx`` is
 ``"expand"`` (every position is a row: ``A = sum_{n,r} a a^T / (N R)``, ``G = sum_{n,r} g g^T``)
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KFAC_APPROXIMATIONS = ("expand", "reduce")
+from thermo_kfac.fisher import KFAC_APPROXIMATIONS
 
 
 class LayerAdapter:
@@ -173,7 +173,7 @@ class Conv2dAdapter(LayerAdapter):
         # Padding is applied explicitly so that 'same', asymmetric and non-zero padding modes
         # produce exactly the patches the convolution saw.
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        a = F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
+        a = F.pad(a, conv_padding(m), mode=mode)
         if self.approx == "reduce":
             # The mean over output positions of the unfolded patches, computed without
             # unfolding: each input pixel counts as often as the patches containing it, which is
@@ -209,6 +209,23 @@ class Conv2dAdapter(LayerAdapter):
         if g.dim() == 3:
             g = g.unsqueeze(0)
         return self._rows(g.flatten(2).transpose(1, 2), "sum")
+
+
+def conv_padding(m: nn.Conv2d) -> list[int]:
+    """The ``F.pad`` amounts (last dim first, left then right) of a convolution's padding: the
+    explicit padding of each side, or for ``"same"`` the split ``total // 2`` left, the rest right
+    with ``total = dilation (kernel - 1)``, as torch's convolution applies it."""
+    pads: list[int] = []
+    for dim in reversed(range(len(m.kernel_size))):
+        if m.padding == "valid":
+            left = right = 0
+        elif m.padding == "same":
+            total = m.dilation[dim] * (m.kernel_size[dim] - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = int(m.padding[dim])
+        pads += [left, right]
+    return pads
 
 
 class EmbeddingAdapter(LayerAdapter):
@@ -341,7 +358,7 @@ def linear_map(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def check_attention(name: str, mha: nn.MultiheadAttention) -> None:
     """Raise a clear error for the MultiheadAttention configurations the capture does not cover."""
     unsupported = []
-    if not mha._qkv_same_embed_dim:
+    if mha.kdim != mha.embed_dim or mha.vdim != mha.embed_dim or mha.in_proj_weight is None:
         unsupported.append("kdim/vdim different from embed_dim (separate q/k/v weights)")
     if mha.bias_k is not None:
         unsupported.append("add_bias_kv=True")
