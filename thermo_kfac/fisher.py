@@ -22,7 +22,8 @@ scaled so that this sum estimates ``c * sum_t (J^T H J)_t`` (see ``KFACPrecondit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,9 @@ FISHER_TYPES = ("empirical", "mc", "type2")
 #: K-FAC flavours for layers applied at shared positions (see docs/kfac_variants.md)
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
-__all__ = ["FISHER_TYPES", "KFAC_APPROXIMATIONS", "LOSSES", "REDUCTIONS", "hessian_sqrt_columns",
-           "loss_scale", "mc_loss"]
+__all__ = ["FISHER_TYPES", "KFAC_APPROXIMATIONS", "LOSSES", "REDUCTIONS", "FisherWeights",
+           "backpropagate_curvature", "kl_clip_scale",
+           "hessian_sqrt_columns", "loss_scale", "mc_loss"]
 
 
 def loss_scale(loss: str, reduction: str, output_shape: torch.Size) -> float:
@@ -106,3 +108,85 @@ def hessian_sqrt_columns(loss: str, outputs: torch.Tensor) -> Iterator[torch.Ten
         column = torch.zeros_like(out)
         column[..., k] = diag[..., k]
         yield column
+
+
+def backpropagate_curvature(loss: str, fisher_type: str, outputs: torch.Tensor,
+                            params: list[torch.Tensor], scale: float, *,
+                            generator: torch.Generator | None = None, mc_samples: int = 1) -> None:
+    """The extra backward passes whose output gradients carry the curvature statistics.
+
+    ``"mc"``: ``mc_samples`` passes of ``sqrt(c) * sum_t l_t(y_sampled)`` (labels drawn with
+    ``generator``); ``"type2"``: one pass per column of ``sqrt(c) H^(1/2)``. ``c = scale``. The
+    graph is kept and no ``.grad`` is written (``torch.autograd.grad`` on ``params``): capture
+    hooks on the layers see the gradients.
+    """
+    if fisher_type == "mc":
+        assert generator is not None
+        for _ in range(mc_samples):
+            sampled = math.sqrt(scale) * mc_loss(loss, outputs, generator)
+            torch.autograd.grad(sampled, params, retain_graph=True, allow_unused=True)
+    elif fisher_type == "type2":
+        for column in hessian_sqrt_columns(loss, outputs):
+            torch.autograd.grad(outputs, params, grad_outputs=math.sqrt(scale) * column,
+                                retain_graph=True, allow_unused=True)
+    else:
+        raise ValueError(f"fisher_type={fisher_type!r} has no extra backward passes; choose one of "
+                         "'mc', 'type2'")
+
+
+class FisherWeights:
+    """Which captured output gradients count for a Fisher type, and the weight of their rows.
+
+    ``"empirical"``: the gradients of the user's backward, weighted by ``1/c`` for the output
+    shape recorded by :meth:`record_output` (the model's root forward hook) or
+    ``accumulate_curvature``. ``"mc"`` / ``"type2"``: only those of the extra passes run by
+    :meth:`backpropagate`, weighted by ``1/mc_samples`` or 1 (their ``sqrt(c)`` is in the pass).
+    """
+
+    def __init__(self, loss: str, reduction: str, fisher_type: str, mc_samples: int = 1) -> None:
+        self.loss, self.reduction, self.fisher_type = loss, reduction, fisher_type
+        self.mc_samples = mc_samples
+        self.output_shape: torch.Size | None = None
+        self._in_extra_pass = False
+        self._extra_weight = 1.0
+
+    def record_output(self, module: Any, inputs: Any, output: Any) -> None:
+        """Forward hook of the model: remember the output shape (used for ``c``)."""
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            self.output_shape = output.shape
+
+    def weight(self) -> float | None:
+        """The weight of the output-gradient rows being captured now (None: they do not count)."""
+        if (self.fisher_type == "empirical") == self._in_extra_pass:
+            return None
+        return self._extra_weight if self._in_extra_pass else self.empirical_weight()
+
+    def empirical_weight(self) -> float:
+        """``1/c`` of the recorded output shape."""
+        if self.output_shape is None:
+            raise RuntimeError(
+                "cannot scale the empirical Fisher: the model's forward did not return a tensor. "
+                "Call precond.accumulate_curvature(outputs) with the tensor the loss is computed "
+                "from before loss.backward()")
+        return 1.0 / loss_scale(self.loss, self.reduction, self.output_shape)
+
+    def backpropagate(self, outputs: torch.Tensor, params: list[torch.Tensor],
+                      generator: torch.Generator | None) -> None:
+        """Run :func:`backpropagate_curvature` for ``outputs`` with this object's weights active."""
+        scale = loss_scale(self.loss, self.reduction, outputs.shape)
+        self._extra_weight = 1.0 / self.mc_samples if self.fisher_type == "mc" else 1.0
+        self._in_extra_pass = True
+        try:
+            backpropagate_curvature(self.loss, self.fisher_type, outputs, params, scale,
+                                    generator=generator, mc_samples=self.mc_samples)
+        finally:
+            self._in_extra_pass = False
+
+
+def kl_clip_scale(steps: Iterable[tuple[torch.Tensor, torch.Tensor, float]], kl_clip: float) -> float:
+    """The factor ``min(1, sqrt(kl_clip / sum_l lr_l^2 <U_l, grad_l>))`` that keeps the KL change
+    predicted by the Fisher for the steps ``(U_l, grad_l, lr_l)`` below ``kl_clip`` (1 when the
+    prediction is not positive)."""
+    # one host sync for all layers
+    vg = float(torch.stack([(update * grad).sum() * lr ** 2 for update, grad, lr in steps]).sum())
+    return min(1.0, math.sqrt(kl_clip / vg)) if vg > 0 else 1.0

@@ -23,14 +23,20 @@ code path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from thermo_kfac.capture import LayerAdapter
-from thermo_kfac.solvers.base import KFACSolver
+from thermo_kfac.solvers.base import Damping, KFACSolver
+
+# errors of a solver's prepare() that leave training running: linear algebra failures, and
+# ValueError, e.g. an analog device that cannot represent the factor (not positive definite
+# after quantization)
+PREPARE_ERRORS = (RuntimeError, torch.linalg.LinAlgError, ValueError)
 
 if TYPE_CHECKING:
     from thermo_kfac.preconditioner import KFACPreconditioner
@@ -92,6 +98,124 @@ class LayerState:
         self.a_sum = self.g_sum = None
         self.a_rows = 0
 
+    # ------------------------------------------------------- capture (the preconditioner's hooks)
+    def add_inputs(self, a: torch.Tensor, dtype: torch.dtype, factor_step: bool) -> None:
+        """Accumulate one call's inputs: raw rows for batch-statistics solvers, and on factor
+        steps ``rows^T rows`` and the row count (N R for expand, N for reduce), in ``dtype``."""
+        # Factors are computed in factor_dtype, never in an autocast dtype.
+        with torch.autocast(a.device.type, enabled=False):
+            if self.solver.uses_batch_statistics:
+                self.a_batch.append(self.adapter.input_rows(a).to(dtype))
+            if factor_step:
+                if a.is_floating_point():
+                    a = a.to(dtype)
+                contribution, n_rows = self.adapter.input_statistic(a)
+                contribution = contribution.to(dtype)
+                self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
+                self.a_rows += n_rows
+        self.fired_forward = True
+
+    def add_output_grads(self, g: torch.Tensor, weight: float, dtype: torch.dtype,
+                         factor_step: bool) -> None:
+        """Accumulate one call's output gradients, each row's outer product weighted by ``weight``."""
+        with torch.autocast(g.device.type, enabled=False):
+            rows = self.adapter.output_rows(g).to(dtype)
+            if self.solver.uses_batch_statistics:
+                self.g_batch.append(rows * math.sqrt(weight))
+            if factor_step:
+                contribution = (rows.T @ rows) * weight
+                self.g_sum = contribution if self.g_sum is None else self.g_sum + contribution
+        self.fired_backward = True
+
+    def update_factors(self, decay: float) -> bool:
+        """Fold the step's statistics into the EMA factors and reset them. Returns False when the
+        statistics were non-finite: the update is skipped and counted in ``skipped_updates``."""
+        finite = True
+        if self.a_sum is not None and self.g_sum is not None and self.a_rows != 0:
+            A_new = self.a_sum / self.a_rows
+            G_new = self.g_sum
+            # NaN/Inf propagate through a sum: one cheap reduction per factor instead of an
+            # elementwise mask.
+            finite = bool(torch.isfinite(A_new.sum() + G_new.sum()))
+            if not finite:
+                self.skipped_updates += 1
+            elif self.A is None or decay == 0.0:
+                self.A, self.G = A_new, G_new
+            else:
+                self.A.lerp_(A_new, 1 - decay)  # decay * A + (1 - decay) * A_new, one pass
+                self.G.lerp_(G_new, 1 - decay)
+        self.reset_statistics()
+        return finite
+
+    def observe_batch(self) -> None:
+        """Hand the step's raw rows to a batch-statistics solver (and forget them)."""
+        a_batch, g_batch = self.a_batch, self.g_batch
+        self.a_batch, self.g_batch = [], []
+        if a_batch and g_batch:
+            a_rows = torch.cat(a_batch)
+            self.solver.observe_batch(a_rows / math.sqrt(a_rows.shape[0]), torch.cat(g_batch))
+
+    # ------------------------------------------------------------------------------- solving
+    def prepare(self, damping: Damping, can_fall_back: bool) -> Exception | None:
+        """Prepare the solver from the damped factors. On one of :data:`PREPARE_ERRORS` the
+        previous preparation stays, the failure is counted in ``skipped_updates`` and, if
+        ``can_fall_back``, the fallback serves until the next prepare; the error is returned."""
+        self.fallback = None  # stale: re-prepared from the new factors if it is needed again
+        try:
+            self.solver.prepare(self.A, self.G, damping)
+            self.prepare_failed = False
+        except PREPARE_ERRORS as err:
+            self.skipped_updates += 1
+            self.prepare_failed = can_fall_back
+            return err
+        return None
+
+    def relative_residual(self, rhs: torch.Tensor, result: torch.Tensor, damping: Damping) -> float:
+        """``||(G + lam_G I) X (A + lam_A I) - V|| / ||V||`` of ``X = result`` for ``V = rhs``."""
+        assert self.A is not None and self.G is not None
+        lam_a, lam_g = damping.split(self.A, self.G)
+        left = self.G @ result + lam_g * result
+        residual = left @ self.A + lam_a * left
+        return float((residual - rhs).norm() / rhs.norm().clamp_min(1e-30))
+
+    def apply_fallback(self, rhs: torch.Tensor, make_fallback: Callable[[], KFACSolver],
+                       damping: Damping, step: int) -> torch.Tensor:
+        """Solve with the fallback solver (prepared lazily from the factors), counted at ``step``."""
+        self.fallbacks += 1
+        self.last_fallback_step = step
+        if self.fallback is None:
+            assert self.A is not None and self.G is not None
+            self.fallback = make_fallback()
+            self.fallback.prepare(self.A, self.G, damping)
+        return self.fallback.apply(rhs)
+
+    # --------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, solver states and counters of the layer."""
+        return {"A": self.A, "G": self.G, "solver": self.solver.state_dict(),
+                "skipped_updates": self.skipped_updates, "fallbacks": self.fallbacks,
+                "prepare_failed": self.prepare_failed,
+                "fallback": None if self.fallback is None else self.fallback.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any],
+                        make_fallback: Callable[[], KFACSolver] | None) -> None:
+        """Restore :meth:`state_dict` (copies); the layer counts as having fired its hooks."""
+        self.A, self.G = _clone(saved["A"]), _clone(saved["G"])
+        self.solver.load_state_dict({k: _clone(v) for k, v in saved["solver"].items()})
+        self.skipped_updates = int(saved["skipped_updates"])
+        self.fallbacks = int(saved.get("fallbacks", 0))
+        self.prepare_failed = bool(saved.get("prepare_failed", False))
+        self.fallback = None
+        if saved.get("fallback") and make_fallback is not None:
+            self.fallback = make_fallback()
+            self.fallback.load_state_dict({k: _clone(v) for k, v in saved["fallback"].items()})
+        # A resumed run has already passed its first step.
+        self.fired_forward = self.fired_backward = True
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
 
 class PreconditionedGradient(NamedTuple):
     """One layer's result of :meth:`KFACPreconditioner.precondition_layers`."""
@@ -125,6 +249,56 @@ class LayerTable(Mapping[str, LayerState]):
         if name in self._states:
             raise ValueError(f"a layer named {name!r} is already registered; choose another name")
         self._states[name] = state
+
+    def owner_of(self, param: torch.Tensor) -> str | None:
+        """The registered layer one of whose parameters is ``param`` (None if none)."""
+        for name, state in self._states.items():
+            if any(p is param for p in state.adapter.parameters()):
+                return name
+        return None
+
+    def tied_state(self, first: str, name: str, adapter: LayerAdapter) -> LayerState:
+        """The state of ``first`` for layer ``name`` that uses the same weight in the same way
+        (module type, shapes, bias, flavour): both calls are positions of one weight-sharing
+        layer, so their statistics go into the same factors. Any other tie is refused."""
+        state = self._states.get(first)
+        other = None if state is None else state.adapter
+        same = (other is not None and type(other) is type(adapter)
+                and other.weight is adapter.weight and other.bias is adapter.bias
+                and type(other.module) is type(adapter.module)
+                and other.approx == adapter.approx)
+        if state is None or not same:
+            raise ValueError(
+                f"K-FAC: layers {first!r} and {name!r} share the parameter {name}.weight (weight "
+                "tying) but use it differently (module type, orientation, bias or K-FAC flavour), "
+                "so no Kronecker factorization covers both uses. Fix: skip=[" + repr(name) + "] "
+                f"(or {first!r}) to precondition the weight with the other layer's factors only, "
+                "or skip both to leave it to the optimizer")
+        return state
+
+    def check_fired(self, hint: str) -> None:
+        """Raise if a layer's hooks did not fire (after the first step), naming it and ``hint``."""
+        silent = {n: "no forward" if not s.fired_forward else "no backward"
+                  for n, s in self._states.items() if not (s.fired_forward and s.fired_backward)}
+        if silent:
+            detail = ", ".join(f"{n!r} ({why})" for n, why in silent.items())
+            raise RuntimeError(
+                f"K-FAC: the hooks of registered layer(s) {detail} never fired during the first "
+                f"step. If a layer is unused or applied functionally, exclude it with "
+                f"skip=[...]; otherwise {hint}. Registered layers: {list(self._states)}")
+
+    def check_names(self, saved: Iterable[str]) -> None:
+        """Raise unless ``saved`` names exactly the registered layers (resuming a checkpoint)."""
+        if set(saved) != set(self._states):
+            raise ValueError(f"state_dict layers {sorted(saved)} do not match the registered "
+                             f"layers {sorted(self._states)}")
+
+    def skip_curvature_update(self) -> None:
+        """Drop this step's statistics of every layer, counting a skipped update for each."""
+        for state in self._states.values():
+            state.skipped_updates += 1
+            state.reset_statistics()
+            state.fired_backward = True  # skipped on purpose, not a hook problem
 
     def solver_for(self, name: str) -> KFACSolver:
         """The solver of layer ``name``."""

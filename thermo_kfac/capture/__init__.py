@@ -19,8 +19,11 @@ from thermo_kfac.capture.adapters import (
     add_tap,
     check_attention,
     conv_padding,
+    flavour_for,
+    flavour_rules,
     linear_map,
     make_adapter,
+    tap_hooks,
 )
 from thermo_kfac.capture.hooks import (
     batch_size_of,
@@ -51,9 +54,12 @@ __all__ = [
     "check_attention",
     "compile_skip",
     "conv_padding",
+    "flavour_for",
+    "flavour_rules",
     "is_skipped",
     "linear_map",
     "make_adapter",
     "register_capture",
     "remove_handles",
+    "tap_hooks",
 ]

@@ -23,6 +23,7 @@ parameter used as a linear map through :func:`linear_map` (:class:`LinearMapAdap
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hw_models.validation import check_choice
 from thermo_kfac.fisher import KFAC_APPROXIMATIONS
 
 
@@ -342,6 +344,18 @@ def add_tap(weight: torch.Tensor, callback: Callable[[torch.Tensor, torch.Tensor
     return TapHandle(weight, callback)
 
 
+def tap_hooks(weight: torch.Tensor, stand_in: LinearMap, pre_hook: Callable[..., None],
+              forward_hook: Callable[..., None]) -> TapHandle:
+    """Run a pair of module capture hooks (:func:`thermo_kfac.capture.capture_hooks`) on every
+    :func:`linear_map` call with ``weight``, as if ``stand_in`` (whose ``training`` flag gates
+    them) were the module called."""
+    def tap(x: torch.Tensor, out: torch.Tensor) -> None:
+        pre_hook(stand_in, (x,))
+        forward_hook(stand_in, (x,), out)
+
+    return add_tap(weight, tap)
+
+
 def linear_map(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (``x`` of shape ``(N, R, d_in)`` or ``(N, d_in)``) that
     K-FAC can see: use it in a forward for a parameter registered with
@@ -456,6 +470,27 @@ ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
 EXTRA_ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
     nn.Embedding: EmbeddingAdapter,
 }
+
+
+def flavour_rules(approx_per_layer: dict[str, str] | None) -> list[tuple[re.Pattern[str], str]]:
+    """Compile ``{regex: flavour}`` (K-FAC flavour per layer name; clear errors on bad input)."""
+    rules = []
+    for pattern, flavour in (approx_per_layer or {}).items():
+        check_choice(f"approx_per_layer[{pattern!r}]", flavour, KFAC_APPROXIMATIONS)
+        try:
+            rules.append((re.compile(pattern), flavour))
+        except re.error as err:
+            raise ValueError(f"approx_per_layer pattern {pattern!r} is not a valid regular "
+                             f"expression: {err}") from None
+    return rules
+
+
+def flavour_for(rules: list[tuple[re.Pattern[str], str]], name: str, default: str) -> str:
+    """The flavour of the first rule whose pattern is found in ``name`` (``re.search``), else ``default``."""
+    for pattern, flavour in rules:
+        if pattern.search(name):
+            return flavour
+    return default
 
 
 def make_adapter(name: str, module: nn.Module, approx: str = "expand",
