@@ -166,8 +166,11 @@ class SINGD(torch.optim.Optimizer):
         layer.K = K.compose(layer.m_K.scale(-beta1).add_identity(1.0))
         layer.C = C.compose(layer.m_C.scale(-beta1).add_identity(1.0))
 
-    def preconditioned_gradient(self, layer: _Layer) -> torch.Tensor | None:
-        """``C C^T [grad W | grad b] K K^T`` in the preconditioner dtype (``None`` without grad)."""
+    def preconditioned_gradient(self, layer: str | _Layer) -> torch.Tensor | None:
+        """``C C^T [grad W | grad b] K K^T`` of a layer (by name) in the preconditioner dtype
+        (``None`` without grad)."""
+        if isinstance(layer, str):
+            layer = self._layer_named(layer)
         w, b = layer.module.weight, layer.module.bias
         if w.grad is None:
             return None
@@ -238,11 +241,15 @@ class SINGD(torch.optim.Optimizer):
 
     def factor_roots(self, name: str) -> tuple[Structure, Structure]:
         """``(K, C)`` of the layer called ``name``."""
+        layer = self._layer_named(name)
+        if layer.K is None:
+            self._init_layer(layer)
+        return layer.K, layer.C
+
+    def _layer_named(self, name: str) -> _Layer:
         for layer in self._layers:
             if layer.name == name:
-                if layer.K is None:
-                    self._init_layer(layer)
-                return layer.K, layer.C
+                return layer
         raise ValueError(f"no preconditioned layer named {name!r}; layers: {self.layers}")
 
     def state_dict(self) -> dict[str, Any]:
