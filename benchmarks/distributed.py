@@ -35,6 +35,7 @@ from torch import nn
 
 from thermo_kfac import KFACPreconditioner
 from thermo_kfac import distributed as kd
+from thermo_kfac.experiments import launch
 from thermo_kfac.experiments.placement import simulate
 from thermo_kfac.models import AutoEncoder
 
@@ -65,7 +66,7 @@ def _make(mode: str, config: dict, seed: int = 0):
                                      distributed=kd.DistributedConfig(**MODES[mode]))
     g = torch.Generator().manual_seed(seed)
     x_global = torch.rand(batch, config["input"], generator=g)
-    x, _ = kd.shard(x_global, x_global)
+    x, _ = launch.shard(x_global, x_global)
 
     def step() -> None:
         opt.zero_grad(set_to_none=False)
@@ -132,8 +133,8 @@ def main() -> None:
     world = 2
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "result.json")
-        mp.start_processes(_worker, args=(world, kd.free_port(), out, config), nprocs=world, join=True,
-                           start_method=kd.child_start_method())
+        mp.start_processes(_worker, args=(world, launch.free_port(), out, config), nprocs=world, join=True,
+                           start_method=launch.child_start_method())
         with open(out) as fh:
             measured = json.load(fh)
 
@@ -167,7 +168,7 @@ def main() -> None:
         "benchmark": "distributed",
         "quick": args.quick,
         "world_size": world,
-        "backend": f"gloo (CPU), {kd.child_start_method()}-started processes, 1 thread each",
+        "backend": f"gloo (CPU), {launch.child_start_method()}-started processes, 1 thread each",
         "config": config,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "torch": torch.__version__},

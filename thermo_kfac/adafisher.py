@@ -34,8 +34,15 @@ import torch
 from torch import nn
 
 from hw_models.validation import check_number, check_positive
-from thermo_kfac._layer_hooks import batch_size_of, candidate_modules, compile_skip, register_paired
-from thermo_kfac.capture import LayerAdapter, make_adapter
+from thermo_kfac.capture import (
+    LayerAdapter,
+    batch_size_of,
+    candidate_modules,
+    compile_skip,
+    make_adapter,
+    register_capture,
+    remove_handles,
+)
 
 NORM_LAYERS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MINMAX_EPS = 1e-12
@@ -210,7 +217,8 @@ class AdaFisher(torch.optim.Optimizer):
                 dt, dev = _stat_dtype(weight), weight.device
                 block = _KronBlock(name, adapter, torch.ones(adapter.d_in, dtype=dt, device=dev),
                                    torch.ones(adapter.d_out, dtype=dt, device=dev))
-            block.handles = register_paired(module, self._capture_step, self._make_hook(block))
+            block.handles = register_capture(module, self._capture_step,
+                                             on_output_grad=self._make_hook(block))
             self._blocks[name] = block
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -382,9 +390,7 @@ class AdaFisher(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model."""
         for block in self._blocks.values():
-            for handle in block.handles:
-                handle.remove()
-            block.handles.clear()
+            remove_handles(block.handles)
 
     def __repr__(self) -> str:
         return (f"AdaFisher(layers={len(self._blocks)}, lr={self.defaults['lr']}, "

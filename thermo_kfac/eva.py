@@ -25,8 +25,15 @@ import torch
 from torch import nn
 
 from hw_models.validation import check_number, check_positive
-from thermo_kfac._layer_hooks import batch_size_of, candidate_modules, compile_skip, register_paired
-from thermo_kfac.capture import LayerAdapter, make_adapter
+from thermo_kfac.capture import (
+    LayerAdapter,
+    batch_size_of,
+    candidate_modules,
+    compile_skip,
+    make_adapter,
+    register_capture,
+    remove_handles,
+)
 
 
 def eva_precondition(grad: torch.Tensor, a_bar: torch.Tensor, g_bar: torch.Tensor,
@@ -123,7 +130,8 @@ class Eva(torch.optim.Optimizer):
             if adapter is None:
                 continue
             layer = _Layer(name, adapter)
-            layer.handles = register_paired(module, self._capture_step, self._make_hook(layer))
+            layer.handles = register_capture(module, self._capture_step,
+                                             on_output_grad=self._make_hook(layer))
             self._layers[name] = layer
         if not self._layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition (after skip)")
@@ -294,9 +302,7 @@ class Eva(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model."""
         for layer in self._layers.values():
-            for handle in layer.handles:
-                handle.remove()
-            layer.handles.clear()
+            remove_handles(layer.handles)
 
     def __repr__(self) -> str:
         return (f"Eva(layers={len(self._layers)}, lr={self.defaults['lr']}, damping={self.damping}, "

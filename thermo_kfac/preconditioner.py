@@ -1,6 +1,4 @@
-"""K-FAC preconditioner that works with any ``torch.optim`` optimizer.
-
-Usage::
+"""K-FAC preconditioner that works with any ``torch.optim`` optimizer::
 
     precond = KFACPreconditioner(model, loss="cross_entropy", optimizer=opt)
     for x, y in loader:
@@ -15,17 +13,15 @@ Each registered layer keeps exponential moving averages of its Kronecker factors
 bias column last) and ``G`` (output gradients), so that the curvature block of the row-major
 flattened ``[W | b]`` is ``kron(G, A)``. Every ``inverse_update_every`` steps its solver is
 prepared from the damped factors; every step the gradient matrix ``V`` is replaced by
-``(G + lam_G I)^-1 V (A + lam_A I)^-1`` (optionally KL-clipped).
+``(G + lam_G I)^-1 V (A + lam_A I)^-1`` (optionally KL-clipped). The per-layer state is the
+public :class:`thermo_kfac.layers.LayerTable` (``precond.layer_table``).
 """
 
 from __future__ import annotations
 
-import math
-import re
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,55 +29,35 @@ from torch import nn
 
 from hw_models.cost import KFACSchedule
 from hw_models.validation import check_choice, check_number, check_positive
-from thermo_kfac import distributed as _dist
 from thermo_kfac.capture import (
-    KFAC_APPROXIMATIONS,
     AttentionCapture,
     LayerAdapter,
     LinearMapAdapter,
-    add_tap,
+    candidate_modules,
+    capture_hooks,
     check_attention,
+    compile_skip,
+    flavour_for,
+    flavour_rules,
     make_adapter,
+    remove_handles,
+    tap_hooks,
 )
-from thermo_kfac.curvature import (
+from thermo_kfac.distributed import DistributedKFAC, check_resume, resolve, unwrap
+from thermo_kfac.fisher import (
     FISHER_TYPES,
+    KFAC_APPROXIMATIONS,
     LOSSES,
     REDUCTIONS,
-    hessian_sqrt_columns,
-    loss_scale,
-    mc_loss,
+    FisherWeights,
+    kl_clip_scale,
 )
+from thermo_kfac.layers import LayerState, LayerTable, PreconditionedGradient, StepHooks
 from thermo_kfac.policy import HardwarePricer, LayerAssignment, SolverPolicy, SolverSpec, is_analog
 from thermo_kfac.solvers.base import Damping, KFACSolver, solver_factory
 from thermo_kfac.solvers.kronecker_svd import CURVATURES, curvature_solver_factory
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
-
-
-@dataclass
-class _LayerState:
-    """Everything the preconditioner tracks for one registered layer."""
-
-    adapter: LayerAdapter
-    solver: KFACSolver
-    A: torch.Tensor | None = None
-    G: torch.Tensor | None = None
-    # statistics of the current step, accumulated by the hooks
-    a_sum: torch.Tensor | None = None
-    a_rows: int = 0
-    g_sum: torch.Tensor | None = None
-    # raw rows of the current step, kept only for solvers with uses_batch_statistics
-    a_batch: list[torch.Tensor] = field(default_factory=list)
-    g_batch: list[torch.Tensor] = field(default_factory=list)
-    fired_forward: bool = False
-    fired_backward: bool = False
-    skipped_updates: int = 0
-    fallback: KFACSolver | None = None  # prepared lazily, on the first fallback after a factor update
-    fallbacks: int = 0
-    prepare_failed: bool = False  # the last prepare() raised: the fallback serves until the next one
-    last_fallback_step: int = -1
-    prepare_warned: bool = False
-    handles: list[Any] = field(default_factory=list)
 
 
 class KFACPreconditioner:
@@ -209,6 +185,10 @@ class KFACPreconditioner:
         self.mc_samples = check_positive("mc_samples", mc_samples, integer=True)
         self.seed = check_number("seed", seed, integer=True)
         self.solver_spec = solver
+        # the update periods and precision, as the cost model takes them
+        self._schedule = KFACSchedule(factor_every=self.factor_update_every,
+                                      inverse_every=self.inverse_update_every,
+                                      precision="fp64" if self.factor_dtype == torch.float64 else "fp32")
         self.curvature = check_choice("curvature", curvature, CURVATURES)
         # Kronecker-SVD curvatures bring their own solver for every layer; the policy then only
         # prices the layers (as digital).
@@ -233,56 +213,38 @@ class KFACPreconditioner:
             if fallback_solver is None:
                 raise ValueError("fallback_residual_tol needs a fallback_solver (e.g. 'eigh')")
         self.fallback_residual_tol = fallback_residual_tol
-        skip = [skip] if isinstance(skip, str) else list(skip)
-        try:
-            self._skip = [re.compile(pattern) for pattern in skip]
-        except re.error as err:
-            raise ValueError(f"skip={skip!r} contains an invalid regular expression: {err}") from None
+        self._skip = compile_skip(skip)
 
         self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
-        self._approx_rules: list[tuple[re.Pattern[str], str]] = []
-        for pattern, flavour in (approx_per_layer or {}).items():
-            check_choice(f"approx_per_layer[{pattern!r}]", flavour, KFAC_APPROXIMATIONS)
-            try:
-                self._approx_rules.append((re.compile(pattern), flavour))
-            except re.error as err:
-                raise ValueError(f"approx_per_layer pattern {pattern!r} is not a valid regular "
-                                 f"expression: {err}") from None
+        self._approx_rules = flavour_rules(approx_per_layer)
         self._attention: list[AttentionCapture] = []
 
         self.model = model
         self.steps = 0
         self._generator: torch.Generator | None = None
-        self._output_shape: torch.Size | None = None
-        self._capturing_extra = False  # inside accumulate_curvature's own backward passes
-        self._g_weight = 1.0
+        self._fisher = FisherWeights(self.loss, self.reduction, self.fisher_type, self.mc_samples)
         self.last_report: dict[str, Any] = {}
-        self._layers: dict[str, _LayerState] = {}
-        self._register(_dist.unwrap(model))  # DDP: layer names without the "module." prefix
+        self._layers = LayerTable()
+        self._hooks = StepHooks()  # single process until the distributed glue replaces it
+        self._register(unwrap(model))  # DDP: layer names without the "module." prefix
         for map_name, spec in (linear_maps or {}).items():
             weight, bias = spec if isinstance(spec, tuple) else (spec, None)
             self.register_linear_map(map_name, weight, bias)
-        self._batch_solvers = any(s.solver.uses_batch_statistics for s in self._layers.values())
         if not self._layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition "
                              "(after applying skip)")
-        config = _dist.resolve(distributed)
-        self._dist = None if config is None else _dist.DistributedKFAC(self, config)
+        config = resolve(distributed)
+        if config is not None:
+            self._hooks = DistributedKFAC(self, config)
 
     # ------------------------------------------------------------------ registration and hooks
     def _register(self, model: nn.Module) -> None:
-        attention_children = set()
-        for name, module in model.named_modules():
-            if isinstance(module, nn.MultiheadAttention) and self._skipped(name, module):
-                # MHA calls its projections' weights functionally, so their hooks never fire.
-                attention_children.update(f"{name}.{child}" if name else child
-                                          for child, _ in module.named_modules() if child)
-            elif isinstance(module, nn.MultiheadAttention):
+        modules = list(candidate_modules(model, self._skip, patched_attention=True))
+        for name, module in modules:
+            if isinstance(module, nn.MultiheadAttention):
                 check_attention(name, module)  # before any hook or patch is installed
         owners: dict[int, str] = {}  # id(weight) -> registered layer using it (weight tying)
-        for name, module in model.named_modules():
-            if name in attention_children or self._skipped(name, module):
-                continue
+        for name, module in modules:
             if isinstance(module, nn.MultiheadAttention):
                 # Registered modules: the explicit forward routes in_proj through linear_map and
                 # out_proj through its module call (registered below as a Linear).
@@ -296,32 +258,33 @@ class KFACPreconditioner:
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
                 continue
-            adapter = make_adapter(name, module, self._approx_for(name), extra=True)
+            adapter = make_adapter(name, module, flavour_for(self._approx_rules, name, self.kfac_approx),
+                                   extra=True)
             if adapter is None:
                 continue
             tied = owners.get(id(weight))
             if tied is not None:
-                state = self._tied_state(tied, name, adapter)  # shares the first layer's factors
+                state = self._layers.tied_state(tied, name, adapter)  # shares the first layer's factors
             else:
-                state = _LayerState(adapter=adapter, solver=self._assign(name, module, adapter))
-                state.solver.layer_index = len(self._layers)
-                self._layers[name] = state
+                state = self._new_state(name, module, adapter)
                 owners[id(weight)] = name
-            state.handles.append(module.register_forward_pre_hook(self._make_input_hook(state)))
-            state.handles.append(module.register_forward_hook(self._make_output_hook(state)))
-        self._root_handle = model.register_forward_hook(self._record_output)
-        self._pricer = HardwarePricer(self.policy, self._schedule())
+            pre_hook, forward_hook = self._capture_hooks(state)
+            state.handles.append(module.register_forward_pre_hook(pre_hook))
+            state.handles.append(module.register_forward_hook(forward_hook))
+        self._root_handle = model.register_forward_hook(self._fisher.record_output)
+        self._pricer = HardwarePricer(self.policy, self._schedule)
 
-    def _schedule(self) -> KFACSchedule:
-        """The update periods and precision, as the cost model takes them."""
-        return KFACSchedule(factor_every=self.factor_update_every, inverse_every=self.inverse_update_every,
-                            precision="fp64" if self.factor_dtype == torch.float64 else "fp32")
+    def _new_state(self, name: str, module: Any, adapter: LayerAdapter) -> LayerState:
+        state = LayerState(adapter=adapter, solver=self._assign(name, module, adapter))
+        state.solver.layer_index = len(self._layers)
+        self._layers.add(name, state)
+        return state
 
     def _assign(self, name: str, module: nn.Module, adapter: LayerAdapter) -> KFACSolver:
         """The layer's solver, chosen by the solver policy (one factory per distinct spec)."""
         assignment = self.policy.assign(name, type(module).__name__, adapter.d_in, adapter.d_out,
                                         has_bias=adapter.has_bias, default=self._default_spec,
-                                        schedule=self._schedule())
+                                        schedule=self._schedule)
         self._assignments[name] = assignment
         spec = assignment.spec
         key = spec.text if spec.solver is None else f"object:{id(spec.solver)}"
@@ -329,37 +292,6 @@ class KFACPreconditioner:
             self._factories[key] = assignment.spec.factory()
         self._layer_factories[name] = self._curvature_factory or self._factories[key]
         return self._layer_factories[name]()
-
-    def _make_solver(self, name: str | None = None) -> KFACSolver:
-        """A fresh solver for layer ``name`` as assigned (None: the default solver)."""
-        if name is not None:
-            return self._layer_factories[name]()
-        return (self._curvature_factory or self._default_spec.factory())()
-
-    def _approx_for(self, name: str) -> str:
-        for pattern, flavour in self._approx_rules:
-            if pattern.search(name):
-                return flavour
-        return self.kfac_approx
-
-    def _tied_state(self, first: str, name: str, adapter: LayerAdapter) -> _LayerState:
-        """The state of ``first`` when layer ``name`` uses the same weight in the same way (same
-        module type, shapes and bias): both calls are positions of one weight-sharing layer, so
-        their statistics go into the same factors. Any other tie is refused."""
-        state = self._layers.get(first)
-        other = None if state is None else state.adapter
-        same = (other is not None and type(other) is type(adapter)
-                and other.weight is adapter.weight and other.bias is adapter.bias
-                and type(other.module) is type(adapter.module)
-                and other.approx == adapter.approx)
-        if state is None or not same:
-            raise ValueError(
-                f"K-FAC: layers {first!r} and {name!r} share the parameter {name}.weight (weight "
-                "tying) but use it differently (module type, orientation, bias or K-FAC flavour), "
-                "so no Kronecker factorization covers both uses. Fix: skip=[" + repr(name) + "] "
-                f"(or {first!r}) to precondition the weight with the other layer's factors only, "
-                "or skip both to leave it to the optimizer")
-        return state
 
     def register_linear_map(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
                             *, module: nn.Module | None = None, approx: str | None = None) -> None:
@@ -375,94 +307,33 @@ class KFACPreconditioner:
             raise ValueError(f"a layer named {name!r} is already registered; choose another name")
         if self.steps:
             raise ValueError("register_linear_map must be called before the first step()")
-        for other, st in self._layers.items():
-            if any(p is weight for p in st.adapter.parameters()):
-                raise ValueError(f"K-FAC: parameter of linear map {name!r} is already registered "
-                                 f"as (part of) layer {other!r}; register it once, or add "
-                                 f"skip=[{other!r}]")
-        flavour = self._approx_for(name) if approx is None else approx
+        other = self._layers.owner_of(weight)
+        if other is not None:
+            raise ValueError(f"K-FAC: parameter of linear map {name!r} is already registered "
+                             f"as (part of) layer {other!r}; register it once, or add skip=[{other!r}]")
+        flavour = flavour_for(self._approx_rules, name, self.kfac_approx) if approx is None else approx
         adapter = LinearMapAdapter(name, weight, bias, module=module, approx=flavour)
-        state = _LayerState(adapter=adapter, solver=self._assign(name, adapter.module, adapter))
-        state.solver.layer_index = len(self._layers)
-        input_hook, output_hook = self._make_input_hook(state), self._make_output_hook(state)
-
-        def tap(x: torch.Tensor, out: torch.Tensor) -> None:
-            input_hook(adapter.module, (x,))  # a LinearMap: its owner's training flag
-            output_hook(adapter.module, (x,), out)
-
-        state.handles.append(add_tap(weight, tap))
-        self._layers[name] = state
-        self._batch_solvers = any(s.solver.uses_batch_statistics for s in self._layers.values())
-
-    def _skipped(self, name: str, module: nn.Module) -> bool:
-        cls = type(module).__name__
-        return any(p.search(name) or p.search(cls) for p in self._skip)
-
-    def _record_output(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
-            self._output_shape = output.shape
+        state = self._new_state(name, adapter.module, adapter)
+        # adapter.module is a LinearMap: its owner's training flag gates the capture
+        state.handles.append(tap_hooks(weight, adapter.module, *self._capture_hooks(state)))
 
     def _capture_step(self) -> bool:
         return self.steps % self.factor_update_every == 0
 
-    def _captures(self, state: _LayerState) -> bool:
-        """Whether the hooks of this layer record anything in the current step."""
-        return self._capture_step() or state.solver.uses_batch_statistics
+    def _capture_hooks(self, state: LayerState):
+        """The shared capture hooks (:mod:`thermo_kfac.capture.hooks`) feeding ``state``."""
+        def on_input(a: torch.Tensor) -> None:
+            state.add_inputs(a, self.factor_dtype, self._capture_step())
 
-    def _make_input_hook(self, state: _LayerState):
-        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            if not (torch.is_grad_enabled() and module.training and self._captures(state)):
-                return
-            a = inputs[0].detach()
-            # Factors are computed in factor_dtype, never in an autocast dtype.
-            with torch.autocast(a.device.type, enabled=False):
-                if state.solver.uses_batch_statistics:
-                    state.a_batch.append(state.adapter.input_rows(a).to(self.factor_dtype))
-                if self._capture_step():
-                    # rows^T rows and the row count (N R for expand, N for reduce)
-                    if a.is_floating_point():
-                        a = a.to(self.factor_dtype)
-                    contribution, n_rows = state.adapter.input_statistic(a)
-                    contribution = contribution.to(self.factor_dtype)
-                    state.a_sum = contribution if state.a_sum is None else state.a_sum + contribution
-                    state.a_rows += n_rows
-            state.fired_forward = True
+        def on_output_grad(_: torch.Tensor, g: torch.Tensor) -> None:
+            weight = self._fisher.weight()  # None: a backward that this Fisher type ignores
+            if weight is not None:
+                state.add_output_grads(g, weight, self.factor_dtype, self._capture_step())
 
-        return hook
+        def active() -> bool:
+            return self._capture_step() or state.solver.uses_batch_statistics
 
-    def _make_output_hook(self, state: _LayerState):
-        def grad_hook(g: torch.Tensor) -> None:
-            if self.fisher_type != "empirical" and not self._capturing_extra:
-                return  # the user's backward; mc/type2 statistics come from accumulate_curvature
-            if self.fisher_type == "empirical" and self._capturing_extra:
-                return
-            weight = self._g_weight if self._capturing_extra else self._empirical_weight()
-            with torch.autocast(g.device.type, enabled=False):
-                rows = state.adapter.output_rows(g.detach()).to(self.factor_dtype)
-                if state.solver.uses_batch_statistics:
-                    state.g_batch.append(rows * math.sqrt(weight))
-                if self._capture_step():
-                    contribution = (rows.T @ rows) * weight
-                    state.g_sum = contribution if state.g_sum is None else state.g_sum + contribution
-            state.fired_backward = True
-
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if not (torch.is_grad_enabled() and module.training and self._captures(state)):
-                return
-            # A tensor hook on the output (rather than a module backward hook) sees the gradient
-            # of the layer's own output even when an in-place activation follows it.
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(grad_hook)
-
-        return hook
-
-    def _empirical_weight(self) -> float:
-        if self._output_shape is None:
-            raise RuntimeError(
-                "cannot scale the empirical Fisher: the model's forward did not return a tensor. "
-                "Call precond.accumulate_curvature(outputs) with the tensor the loss is computed "
-                "from before loss.backward()")
-        return 1.0 / loss_scale(self.loss, self.reduction, self._output_shape)
+        return capture_hooks(active, on_input, on_output_grad)
 
     # ------------------------------------------------------------------------------ public API
     @property
@@ -470,9 +341,14 @@ class KFACPreconditioner:
         """Qualified names of the registered layers."""
         return list(self._layers)
 
+    @property
+    def layer_table(self) -> LayerTable:
+        """The per-layer state; what others may use of it: :mod:`thermo_kfac.layers`."""
+        return self._layers
+
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{layer name: (A, G)}`` of the layers whose factors have been computed."""
-        return {name: (s.A, s.G) for name, s in self._layers.items() if s.A is not None}
+        return self._layers.factors()
 
     def assignment(self) -> dict[str, str]:
         """``{layer name: solver name}`` as chosen by the solver policy."""
@@ -484,11 +360,25 @@ class KFACPreconditioner:
 
     def fallbacks(self) -> dict[str, int]:
         """Steps per layer whose preconditioned gradient came from the fallback solver."""
-        return {name: s.fallbacks for name, s in self._layers.items()}
+        return self._layers.fallbacks()
 
     def skipped_updates(self) -> dict[str, int]:
         """Number of factor updates skipped per layer because of NaN/Inf statistics."""
-        return {name: s.skipped_updates for name, s in self._layers.items()}
+        return self._layers.skipped_updates()
+
+    def new_solver(self, name: str | None = None) -> KFACSolver:
+        """A fresh, unprepared solver for layer ``name`` as assigned (None: the default solver)."""
+        if name is not None:
+            return self._layer_factories[name]()
+        return (self._curvature_factory or self._default_spec.factory())()
+
+    def rng_state(self) -> torch.Tensor | None:
+        """State of the generator that draws Monte-Carlo labels (None before its first use)."""
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore :meth:`rng_state` (the generator is created on the layers' device if needed)."""
+        self._get_generator(self._layers.device).set_state(state)
 
     def accumulate_curvature(self, outputs: torch.Tensor) -> None:
         """Compute the curvature statistics from ``outputs`` (the tensor the loss is computed from).
@@ -501,9 +391,9 @@ class KFACPreconditioner:
         """
         if not isinstance(outputs, torch.Tensor):
             raise ValueError(f"outputs must be a tensor, got {type(outputs).__name__}")
-        if not (self._capture_step() or self._batch_solvers):
+        if not (self._capture_step() or self._layers.uses_batch_statistics):
             return
-        self._output_shape = outputs.shape
+        self._fisher.output_shape = outputs.shape
         if self.fisher_type == "empirical":
             return
         if not outputs.requires_grad:
@@ -514,78 +404,51 @@ class KFACPreconditioner:
             # so _update_factors skips (and counts) the update for every layer.
             warnings.warn("K-FAC: non-finite model outputs; curvature update skipped, training "
                           "continues (see skipped_updates())", RuntimeWarning, stacklevel=2)
-            for state in self._layers.values():
-                state.skipped_updates += 1
-                self._reset_statistics(state)
-                state.fired_backward = True  # skipped on purpose, not a hook problem
+            self._layers.skip_curvature_update()
             return
-        scale = loss_scale(self.loss, self.reduction, outputs.shape)
         params = [p for s in self._layers.values() for p in s.adapter.parameters()]
-        self._capturing_extra = True
-        try:
-            if self.fisher_type == "mc":
-                generator = self._get_generator(outputs.device)
-                self._g_weight = 1.0 / self.mc_samples
-                for _ in range(self.mc_samples):
-                    sampled = math.sqrt(scale) * mc_loss(self.loss, outputs, generator)
-                    torch.autograd.grad(sampled, params, retain_graph=True, allow_unused=True)
-            else:
-                self._g_weight = 1.0
-                for column in hessian_sqrt_columns(self.loss, outputs):
-                    torch.autograd.grad(outputs, params, grad_outputs=math.sqrt(scale) * column,
-                                        retain_graph=True, allow_unused=True)
-        finally:
-            self._capturing_extra = False
+        mc = self.fisher_type == "mc"
+        self._fisher.backpropagate(outputs, params, self._get_generator(outputs.device) if mc else None)
 
     def step(self) -> None:
         """Update factors/solvers when due and precondition the registered layers' gradients."""
         start = time.perf_counter()
         factor_update = self._capture_step()
         inverse_update = self.steps % self.inverse_update_every == 0
-        if self._dist is not None:
-            self._dist.begin_step(self)
+        self._hooks.begin_step(self)
         if factor_update:
             self._pricer.observe_rows({name: s.a_rows for name, s in self._layers.items()})
             self._update_factors()
-            if self._dist is not None:
-                self._dist.factors_updated(self, inverse_update)
+            self._hooks.factors_updated(self, inverse_update)
             if self.steps == 0:
-                self._check_fired()
+                self._layers.check_fired(
+                    "call precond.accumulate_curvature(outputs) before loss.backward()"
+                    if self.fisher_type != "empirical" else "call loss.backward() before step()")
         reports: dict[str, Any] = {}
         if inverse_update:
-            if self._dist is not None:
-                self._dist.before_inverse_update(self)
+            self._hooks.before_inverse_update(self)
             for name, state in self._layers.items():
-                if self._dist is not None and not self._dist.owns(name):
-                    continue  # another rank solves this layer
-                if state.A is not None and state.G is not None:
+                if self._hooks.owns(name) and state.has_factors:  # owns: not another rank's
                     self._prepare_solver(name, state)
                     if state.solver.last_report is not None:
                         reports[f"{name}/prepare"] = state.solver.last_report
-            if self._dist is not None:
-                self._dist.after_inverse_update(self)
-        preconditioned = (self._precondition(reports) if self._dist is None
-                          else self._dist.precondition(self, reports))
+            self._hooks.after_inverse_update(self)
+        preconditioned = self._hooks.precondition(self, reports)
         kl_scale = self._apply(preconditioned)
         self.steps += 1
         times = [r.hardware_time_s for r in reports.values() if r.hardware_time_s is not None]
         energies = [r.energy_j for r in reports.values() if r.energy_j is not None]
         digital_s, hybrid_s = self._predicted_times(reports)
         self.last_report = {
-            "step": self.steps,
-            "factor_update": factor_update,
-            "inverse_update": inverse_update,
-            "kl_scale": kl_scale,
-            "hardware_time_s": sum(times) if times else None,
-            "fallbacks": sum(s.fallbacks for s in self._layers.values()),
-            "energy_j": sum(energies) if energies else None,
-            "solver_reports": reports,
-            "predicted_digital_s": digital_s,
-            "predicted_hybrid_s": hybrid_s,
-            "wall_time_s": time.perf_counter() - start,
+            "step": self.steps, "factor_update": factor_update, "inverse_update": inverse_update,
+            "kl_scale": kl_scale, "hardware_time_s": sum(times) if times else None,
+            "fallbacks": sum(self.fallbacks().values()), "energy_j": sum(energies) if energies else None,
+            "solver_reports": reports, "predicted_digital_s": digital_s,
+            "predicted_hybrid_s": hybrid_s, "wall_time_s": time.perf_counter() - start,
         }
-        if self._dist is not None:
-            self.last_report["distributed"] = self._dist.report()
+        extra = self._hooks.report()
+        if extra is not None:
+            self.last_report["distributed"] = extra
 
     def _predicted_times(self, reports: dict[str, Any]) -> tuple[float, float]:
         """Predicted curvature seconds per step, all-digital and hybrid (see HardwarePricer)."""
@@ -605,142 +468,82 @@ class KFACPreconditioner:
         if self._generator is None:
             self._generator = torch.Generator(device=device)
             # ranks see different examples, so each draws its own labels
-            self._generator.manual_seed(self.seed + (self._dist.rank if self._dist is not None else 0))
+            self._generator.manual_seed(self.seed + self._hooks.rank)
         return self._generator
 
     def _update_factors(self) -> None:
-        decay = self.factor_decay
         for name, state in self._layers.items():
-            if state.a_sum is None or state.g_sum is None or state.a_rows == 0:
-                self._reset_statistics(state)
-                continue
-            A_new = state.a_sum / state.a_rows
-            G_new = state.g_sum
-            # NaN/Inf propagate through a sum: one cheap reduction per factor instead of an
-            # elementwise mask.
-            if not bool(torch.isfinite(A_new.sum() + G_new.sum())):
-                state.skipped_updates += 1
+            if not state.update_factors(self.factor_decay):
                 # No running count in the message, so Python's filter shows it once per layer;
                 # skipped_updates() has the counts.
                 warnings.warn(f"K-FAC: non-finite curvature statistics in layer {name!r}; factor "
                               "update skipped, training continues (see skipped_updates())",
                               RuntimeWarning, stacklevel=3)
-            elif state.A is None or decay == 0.0:
-                state.A, state.G = A_new, G_new
-            else:
-                state.A.lerp_(A_new, 1 - decay)  # decay * A + (1 - decay) * A_new, one pass
-                state.G.lerp_(G_new, 1 - decay)
-            self._reset_statistics(state)
 
-    @staticmethod
-    def _reset_statistics(state: _LayerState) -> None:
-        state.a_sum = state.g_sum = None
-        state.a_rows = 0
-
-    def _check_fired(self) -> None:
-        silent = [n for n, s in self._layers.items() if not (s.fired_forward and s.fired_backward)]
-        if silent:
-            detail = ", ".join(
-                f"{n!r} ({'no forward' if not self._layers[n].fired_forward else 'no backward'})"
-                for n in silent)
-            hint = ("call precond.accumulate_curvature(outputs) before loss.backward()"
-                    if self.fisher_type != "empirical" else "call loss.backward() before step()")
-            raise RuntimeError(
-                f"K-FAC: the hooks of registered layer(s) {detail} never fired during the first "
-                f"step. If a layer is unused or applied functionally, exclude it with "
-                f"skip=[...]; otherwise {hint}. Registered layers: {self.layers}")
-
-    def _prepare_solver(self, name: str, state: _LayerState) -> None:
-        state.fallback = None  # stale: re-prepared from the new factors if it is needed again
-        try:
-            state.solver.prepare(state.A, state.G, self.damping)
-            state.prepare_failed = False
-        except (RuntimeError, torch.linalg.LinAlgError, ValueError) as err:
-            # ValueError: e.g. an analog device that cannot represent the factor (not positive
-            # definite after quantization); the fallback solver serves until the next prepare.
-            state.skipped_updates += 1
-            state.prepare_failed = self._make_fallback is not None
+    def _prepare_solver(self, name: str, state: LayerState) -> None:
+        err = state.prepare(self.damping, can_fall_back=self._make_fallback is not None)
+        if err is not None and not state.prepare_warned:
+            state.prepare_warned = True
             then = ("using the fallback solver until the next inverse update (counted in "
                     "fallbacks(); warned once per layer)" if state.prepare_failed
                     else "keeping the previous preconditioner")
-            if not state.prepare_warned:
-                state.prepare_warned = True
-                warnings.warn(f"K-FAC: solver {type(state.solver).__name__} failed on layer {name!r} "
-                              f"({err}); {then}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"K-FAC: solver {type(state.solver).__name__} failed on layer {name!r} "
+                          f"({err}); {then}", RuntimeWarning, stacklevel=3)
 
-    def _precondition(self, reports: dict[str, Any], names: set[str] | None = None
-                      ) -> list[tuple[_LayerState, torch.Tensor, torch.Tensor]]:
-        """``[(layer state, raw gradient matrix, preconditioned matrix)]`` for ready layers
-        (only those in ``names`` if given)."""
+    def precondition_layers(self, reports: dict[str, Any], names: set[str] | None = None
+                            ) -> list[PreconditionedGradient]:
+        """Precondition the gradients of the ready layers (only those in ``names`` if given),
+        in layer order, without writing ``.grad``: ``[(layer state, raw gradient matrix,
+        preconditioned matrix)]``. Solver reports are added to ``reports``; the fallback solver
+        serves unusable results as in :meth:`step`."""
         out = []
         for name, state in self._layers.items():
             if names is not None and name not in names:
                 continue
             if state.solver.uses_batch_statistics:
-                a_batch, g_batch = state.a_batch, state.g_batch
-                state.a_batch, state.g_batch = [], []
-                if a_batch and g_batch:
-                    a_rows = torch.cat(a_batch)
-                    state.solver.observe_batch(a_rows / math.sqrt(a_rows.shape[0]), torch.cat(g_batch))
+                state.observe_batch()
             grad = state.adapter.grad_matrix()
-            if grad is not None and state.prepare_failed:
-                rhs = grad.to(self.factor_dtype)
-                out.append((state, grad, self._fall_back(name, state, rhs, warn=False).to(grad.dtype)))
-                continue
-            if grad is None or not state.solver.ready:
+            if grad is None or not (state.prepare_failed or state.solver.ready):
                 continue
             rhs = grad.to(self.factor_dtype)
-            result = state.solver.apply(rhs)
-            if state.solver.last_report is not None:
-                reports[f"{name}/apply"] = state.solver.last_report
-            if self._make_fallback is not None and not self._acceptable(state, rhs, result):
-                result = self._fall_back(name, state, rhs)
-            out.append((state, grad, result.to(grad.dtype)))
+            if state.prepare_failed:
+                result = self._fall_back(name, state, rhs, warn=False)
+            else:
+                result = state.solver.apply(rhs)
+                if state.solver.last_report is not None:
+                    reports[f"{name}/apply"] = state.solver.last_report
+                if self._make_fallback is not None and not self._acceptable(state, rhs, result):
+                    result = self._fall_back(name, state, rhs)
+            out.append(PreconditionedGradient(state, grad, result.to(grad.dtype)))
         return out
 
-    def _acceptable(self, state: _LayerState, rhs: torch.Tensor, result: torch.Tensor) -> bool:
+    def _acceptable(self, state: LayerState, rhs: torch.Tensor, result: torch.Tensor) -> bool:
         if not bool(torch.isfinite(result.sum())):
             return False
-        if self.fallback_residual_tol is None or state.A is None or state.G is None:
+        if self.fallback_residual_tol is None or not state.has_factors:
             return True
-        lam_a, lam_g = self.damping.split(state.A, state.G)
-        left = state.G @ result + lam_g * result
-        residual = left @ state.A + lam_a * left
-        error = float((residual - rhs).norm() / rhs.norm().clamp_min(1e-30))
-        return error <= self.fallback_residual_tol
+        return state.relative_residual(rhs, result, self.damping) <= self.fallback_residual_tol
 
-    def _fall_back(self, name: str, state: _LayerState, rhs: torch.Tensor, warn: bool = True
+    def _fall_back(self, name: str, state: LayerState, rhs: torch.Tensor, warn: bool = True
                    ) -> torch.Tensor:
         if state.fallbacks == 0 and warn:
             warnings.warn(f"K-FAC: solver {type(state.solver).__name__} gave an unusable result on "
                           f"layer {name!r}; using the fallback solver (counted in fallbacks(); "
-                          "warned once per layer)", RuntimeWarning, stacklevel=4)
-        state.fallbacks += 1
-        state.last_fallback_step = self.steps
-        if state.fallback is None:
-            assert self._make_fallback is not None and state.A is not None and state.G is not None
-            state.fallback = self._make_fallback()
-            state.fallback.prepare(state.A, state.G, self.damping)
-        return state.fallback.apply(rhs)
+                          "warned once per layer)", RuntimeWarning, stacklevel=5)
+        assert self._make_fallback is not None
+        return state.apply_fallback(rhs, self._make_fallback, self.damping, self.steps)
 
-    def _apply(self, preconditioned: list[tuple[_LayerState, torch.Tensor, torch.Tensor]]) -> float:
+    def _apply(self, preconditioned: list[PreconditionedGradient]) -> float:
         scale = 1.0
         if self.kl_clip is not None and preconditioned:
-            lrs = self._learning_rates()
-            # one host sync for all layers: sum_l lr_l^2 <U_l, grad_l>
-            vg = float(torch.stack([
-                (update * grad).sum() * lrs.get(state.adapter.weight, 0.0) ** 2
-                for state, grad, update in preconditioned]).sum())
-            if vg > 0:
-                scale = min(1.0, math.sqrt(self.kl_clip / vg))
+            assert self.optimizer is not None
+            lrs = {p: float(group["lr"]) for group in self.optimizer.param_groups
+                   for p in group["params"]}
+            scale = kl_clip_scale([(update, grad, lrs.get(state.adapter.weight, 0.0))
+                                   for state, grad, update in preconditioned], self.kl_clip)
         for state, _, update in preconditioned:
             state.adapter.set_grad(update if scale == 1.0 else update * scale)
         return scale
-
-    def _learning_rates(self) -> dict[torch.Tensor, float]:
-        assert self.optimizer is not None
-        return {p: float(group["lr"]) for group in self.optimizer.param_groups
-                for p in group["params"]}
 
     # --------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -748,32 +551,21 @@ class KFACPreconditioner:
 
         Distributed: a collective (call it on every rank); every rank gets the full state.
         """
-        if self._dist is not None:
-            self._dist.prepare_state_dict(self)
+        self._hooks.prepare_state_dict(self)
         state = {
             "steps": self.steps,
             "assignment": self.assignment(),
-            "layers": {
-                name: {"A": s.A, "G": s.G, "solver": s.solver.state_dict(),
-                       "skipped_updates": s.skipped_updates, "fallbacks": s.fallbacks,
-                       "prepare_failed": s.prepare_failed,
-                       "fallback": None if s.fallback is None else s.fallback.state_dict()}
-                for name, s in self._layers.items()
-            },
-            "generator": None if self._generator is None else self._generator.get_state(),
-            "output_shape": None if self._output_shape is None else tuple(self._output_shape),
+            "layers": {name: s.state_dict() for name, s in self._layers.items()},
+            "generator": self.rng_state(),
+            "output_shape": None if self._fisher.output_shape is None else tuple(self._fisher.output_shape),
         }
-        if self._dist is not None:
-            self._dist.finish_state_dict(self, state)
+        self._hooks.finish_state_dict(self, state)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the layers must match the registered ones."""
-        _dist.check_resume(state, 1 if self._dist is None else self._dist.world_size)
-        saved = set(state["layers"])
-        if saved != set(self._layers):
-            raise ValueError(f"state_dict layers {sorted(saved)} do not match the registered "
-                             f"layers {sorted(self._layers)}")
+        check_resume(state, self._hooks.world_size)
+        self._layers.check_names(state["layers"])
         saved_assignment = state.get("assignment") or {}
         differ = {n: (solver, self._assignments[n].solver) for n, solver in saved_assignment.items()
                   if n in self._assignments and self._assignments[n].solver != solver}
@@ -783,32 +575,17 @@ class KFACPreconditioner:
                              "preconditioner with the same solver/solver_map to resume")
         self.steps = int(state["steps"])
         for name, layer_state in state["layers"].items():
-            s = self._layers[name]
-            s.A, s.G = _clone(layer_state["A"]), _clone(layer_state["G"])
-            s.solver.load_state_dict({k: _clone(v) for k, v in layer_state["solver"].items()})
-            s.skipped_updates = int(layer_state["skipped_updates"])
-            s.fallbacks = int(layer_state.get("fallbacks", 0))
-            s.prepare_failed = bool(layer_state.get("prepare_failed", False))
-            s.fallback = None
-            if layer_state.get("fallback") and self._make_fallback is not None:
-                s.fallback = self._make_fallback()
-                s.fallback.load_state_dict({k: _clone(v) for k, v in layer_state["fallback"].items()})
-            # A resumed run has already passed its first step.
-            s.fired_forward = s.fired_backward = True
+            self._layers[name].load_state_dict(layer_state, self._make_fallback)
         if state.get("generator") is not None:
-            device = next(iter(self._layers.values())).adapter.weight.device
-            self._get_generator(device).set_state(state["generator"])
+            self.set_rng_state(state["generator"])
         shape = state.get("output_shape")
-        self._output_shape = None if shape is None else torch.Size(shape)
-        if self._dist is not None:
-            self._dist.after_load(self, state)
+        self._fisher.output_shape = None if shape is None else torch.Size(shape)
+        self._hooks.after_load(self, state)
 
     def remove_hooks(self) -> None:
         """Detach all hooks from the model (the preconditioner is unusable afterwards)."""
         for s in self._layers.values():
-            for handle in s.handles:
-                handle.remove()
-            s.handles.clear()
+            remove_handles(s.handles)
         for capture in self._attention:
             capture.remove()
         self._attention.clear()
@@ -820,6 +597,3 @@ class KFACPreconditioner:
                 f"solver={self.solver_spec!r}, factor_update_every={self.factor_update_every}, "
                 f"inverse_update_every={self.inverse_update_every})")
 
-
-def _clone(value: Any) -> Any:
-    return value.clone() if isinstance(value, torch.Tensor) else value

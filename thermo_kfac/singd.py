@@ -16,8 +16,8 @@ in bfloat16/float16 (``dtype``) with every operation in that precision. With ``a
 tracks K-FAC with the damping inside the EMA, ``S <- (1 - beta1) S + beta1 (U + lambda I)``, to first
 order in ``beta1``. Parameters outside ``nn.Linear`` layers get plain SGD with momentum.
 
-Capture uses the optimizer's own forward pre-hooks and output-gradient hooks, active in training
-mode on steps where the preconditioner is updated. ``Conv2d`` layers are not supported (treated as
+Capture uses the shared hooks of :mod:`thermo_kfac.capture` (inputs and output gradients), active
+in training mode on steps where the preconditioner is updated. ``Conv2d`` layers are not supported (treated as
 other parameters).
 """
 
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from hw_models.validation import check_number, check_positive
+from thermo_kfac.capture import register_capture, remove_handles
 from thermo_kfac.structures import Structure, get_structure
 
 
@@ -97,8 +98,7 @@ class SINGD(torch.optim.Optimizer):
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and module.weight.requires_grad:
                 layer = _Layer(name, module)
-                layer.handles = [module.register_forward_pre_hook(self._pre_hook(layer)),
-                                 module.register_forward_hook(self._out_hook(layer))]
+                layer.handles = register_capture(module, self._capturing, *self._stores(layer))
                 self._layers.append(layer)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -108,22 +108,19 @@ class SINGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ capture
-    def _capturing(self, module: nn.Module) -> bool:
-        return module.training and torch.is_grad_enabled() and self.steps % self.T == 0
+    def _capturing(self) -> bool:
+        return self.steps % self.T == 0
 
-    def _pre_hook(self, layer: _Layer):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            if self._capturing(module):
-                layer.a = inputs[0].detach()
-        return hook
+    @staticmethod
+    def _stores(layer: _Layer):
+        """Callbacks of the shared capture hooks: keep the step's input and output gradient."""
+        def store_input(a: torch.Tensor) -> None:
+            layer.a = a
 
-    def _out_hook(self, layer: _Layer):
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if self._capturing(module) and output.requires_grad:
-                def store(grad: torch.Tensor) -> None:
-                    layer.g = grad.detach()
-                output.register_hook(store)
-        return hook
+        def store_grad(_: torch.Tensor, g: torch.Tensor) -> None:
+            layer.g = g
+
+        return store_input, store_grad
 
     # ------------------------------------------------------------------ helpers
     def _pdtype(self, layer: _Layer) -> torch.dtype:
@@ -169,8 +166,11 @@ class SINGD(torch.optim.Optimizer):
         layer.K = K.compose(layer.m_K.scale(-beta1).add_identity(1.0))
         layer.C = C.compose(layer.m_C.scale(-beta1).add_identity(1.0))
 
-    def preconditioned_gradient(self, layer: _Layer) -> torch.Tensor | None:
-        """``C C^T [grad W | grad b] K K^T`` in the preconditioner dtype (``None`` without grad)."""
+    def preconditioned_gradient(self, layer: str | _Layer) -> torch.Tensor | None:
+        """``C C^T [grad W | grad b] K K^T`` of a layer (by name) in the preconditioner dtype
+        (``None`` without grad)."""
+        if isinstance(layer, str):
+            layer = self._layer_named(layer)
         w, b = layer.module.weight, layer.module.bias
         if w.grad is None:
             return None
@@ -241,11 +241,15 @@ class SINGD(torch.optim.Optimizer):
 
     def factor_roots(self, name: str) -> tuple[Structure, Structure]:
         """``(K, C)`` of the layer called ``name``."""
+        layer = self._layer_named(name)
+        if layer.K is None:
+            self._init_layer(layer)
+        return layer.K, layer.C
+
+    def _layer_named(self, name: str) -> _Layer:
         for layer in self._layers:
             if layer.name == name:
-                if layer.K is None:
-                    self._init_layer(layer)
-                return layer.K, layer.C
+                return layer
         raise ValueError(f"no preconditioned layer named {name!r}; layers: {self.layers}")
 
     def state_dict(self) -> dict[str, Any]:
@@ -273,6 +277,4 @@ class SINGD(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model."""
         for layer in self._layers:
-            for h in layer.handles:
-                h.remove()
-            layer.handles = []
+            remove_handles(layer.handles)

@@ -26,6 +26,7 @@ from torch import nn
 
 from thermo_kfac import KFACPreconditioner
 from thermo_kfac import distributed as kd
+from thermo_kfac.experiments import launch
 
 STEPS = 5
 BATCH = 16
@@ -82,7 +83,7 @@ def _train(scenario: dict[str, Any], steps: int, *, start: dict[str, Any] | None
     xs, ys = _batches(steps)
     saved = None
     for step in range(first, steps):
-        x, y = kd.shard(xs[step], ys[step])
+        x, y = launch.shard(xs[step], ys[step])
         opt.zero_grad()
         out = trained(x)
         if fisher_type != "empirical":
@@ -144,8 +145,8 @@ def _spawn(world: int, folder: Path, resume: Path | None = None) -> dict[str, An
     out = folder / f"world{world}.pt"
     # fork where safe: the children inherit the imported torch (a fresh interpreter spends seconds
     # importing torch._dynamo for torch.optim); CUDA builds must spawn (child_start_method)
-    args = (world, kd.free_port(), str(out), None if resume is None else str(resume))
-    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method=kd.child_start_method())
+    args = (world, launch.free_port(), str(out), None if resume is None else str(resume))
+    mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method=launch.child_start_method())
     return torch.load(out, weights_only=False)
 
 

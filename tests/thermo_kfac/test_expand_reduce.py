@@ -134,7 +134,7 @@ def test_approx_per_layer_overrides_the_global_flavour():
     x = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(8), dtype=DT)
     mixed = KFACPreconditioner(model, loss="mse", factor_decay=0.0, factor_dtype=DT,
                                kfac_approx="expand", approx_per_layer={r"^2$": "reduce"})
-    assert [s.adapter.approx for s in mixed._layers.values()] == ["expand", "expand", "reduce"]
+    assert [s.adapter.approx for s in mixed.layer_table.values()] == ["expand", "expand", "reduce"]
     out = model(x)
     F.mse_loss(out, torch.zeros_like(out)).backward()
     mixed.step()

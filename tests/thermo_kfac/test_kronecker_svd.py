@@ -394,7 +394,7 @@ def test_conv_layers_train_with_per_row_kronecker_svd() -> None:
             opt.step()
             losses.append(float(loss.detach()))
         assert losses[-1] < 0.6 * losses[0], (curvature, losses[0], losses[-1])
-        assert pre._layers["0"].solver.terms[0][0].shape == (10, 10)
+        assert pre.layer_table["0"].solver.terms[0][0].shape == (10, 10)
 
 
 def test_degenerate_layers_single_output_and_nonfinite_rows() -> None:

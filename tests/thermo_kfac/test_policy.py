@@ -59,8 +59,8 @@ def test_rules_match_name_or_type_first_match_wins_and_default_covers_the_rest()
     details = {a.layer: a for a in precond.assignment_details()}
     assert details["fc2"].reason == r"rule 'fc\\d'" and details["head"].reason == "default"
     assert details["conv"].factor_sizes == (10, 2) and details["fc1"].factor_sizes == (33, 8)
-    assert type(precond._layers["fc1"].solver).__name__ == "ThermodynamicSolver"
-    assert isinstance(precond._layers["conv"].solver, EighSolver)
+    assert type(precond.layer_table["fc1"].solver).__name__ == "ThermodynamicSolver"
+    assert isinstance(precond.layer_table["conv"].solver, EighSolver)
     # "Linear" as a type matches every linear layer in full, but not a layer merely named like it
     policy = SolverPolicy(rules={"Line": "cholesky"})
     assert policy.match("fc1", "Linear") is None and policy.match("Linear_1", "Conv2d") is not None
@@ -79,7 +79,7 @@ def test_size_rule_sends_layers_that_fit_the_device_to_the_analog_solver():
     # the board has 32 cells: conv (10, 2) and fc1 (33, 8)? 33 > 32 stays digital; head (41, 5) too
     assert precond.assignment() == {"conv": "thermo", "fc1": "eigh", "fc2": "eigh", "head": "eigh"}
     # the analog solver got the rule's options and prices on the policy's presets
-    solver = precond._layers["conv"].solver
+    solver = precond.layer_table["conv"].solver
     assert solver.config.integrator == "analytic" and solver.device.name == "board"
 
 
@@ -162,7 +162,7 @@ def test_assignment_survives_state_dict_round_trip_and_mismatch_is_refused():
     clone = KFACPreconditioner(model, solver_map=solver_map, inverse_update_every=2)
     clone.load_state_dict(state)
     assert clone.assignment() == state["assignment"]
-    assert torch.equal(clone._layers["fc1"].solver.A_inv, precond._layers["fc1"].solver.A_inv)
+    assert torch.equal(clone.layer_table["fc1"].solver.A_inv, precond.layer_table["fc1"].solver.A_inv)
     other = KFACPreconditioner(model, inverse_update_every=2)
     with pytest.raises(ValueError, match="'fc1': saved 'thermo', now 'eigh'"):
         other.load_state_dict(state)

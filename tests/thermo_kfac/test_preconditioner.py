@@ -243,7 +243,7 @@ def test_solver_reports_are_aggregated():
     # prepare reports: 7e-3 (A of layer 0 is 6+1) + 9e-3 (8+1); apply: 2 layers x 1e-6
     assert precond.last_report["hardware_time_s"] == pytest.approx(16e-3 + 2e-6)
     assert precond.last_report["energy_j"] == pytest.approx(2.0)
-    assert isinstance(precond._layers["0"].solver, KFACSolver)
+    assert isinstance(precond.layer_table["0"].solver, KFACSolver)
 
 
 def test_multihead_attention_projections_are_registered_unless_skipped():
@@ -387,3 +387,82 @@ def test_residual_check_catches_a_wrong_but_finite_result():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="fallback_residual_tol needs a fallback_solver"):
         KFACPreconditioner(_mlp(), fallback_solver=None, fallback_residual_tol=1e-3)
+
+
+# ------------------------------------------------------------------ the public per-layer seam
+def test_layer_table_is_the_preconditioners_state_and_precondition_layers_matches_step():
+    model = _mlp()
+    precond = KFACPreconditioner(model, damping=0.1, inverse_update_every=1)
+    table = precond.layer_table
+    assert list(table) == precond.layers == ["0", "2"]
+    x, y = _batch()
+    F.cross_entropy(model(x), y).backward()
+    precond.step()
+    # the table's factors are the preconditioner's, by identity
+    for name, (A, G) in precond.factors().items():
+        assert table[name].A is A and table[name].G is G
+    assert table.factor_tensors() == [t for name in table for t in precond.factors()[name]]
+    # precondition_layers on the same gradients gives what step() wrote into .grad
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    raw = {n: table[n].adapter.grad_matrix().clone() for n in table}
+    results = precond.precondition_layers({})
+    assert [r.state for r in results] == [table["0"], table["2"]]
+    for name, r in zip(table, results, strict=True):
+        assert torch.equal(r.grad, raw[name])
+        A, G = table[name].A, table[name].G
+        lam = math.sqrt(0.1)  # damping split evenly between the factors (pi_damping=False)
+        ref = torch.linalg.solve(G + lam * torch.eye(len(G)),
+                                 torch.linalg.solve(A + lam * torch.eye(len(A)), raw[name].T).T)
+        torch.testing.assert_close(r.result, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(KeyError, match="no registered layer named 'x'"):
+        table["x"]
+
+
+def test_replace_solver_keeps_layer_index_and_new_solver_is_unprepared():
+    model = _mlp()
+    precond = KFACPreconditioner(model, solver="cholesky", inverse_update_every=1)
+    table = precond.layer_table
+    index = table.solver_for("2").layer_index
+    fresh = precond.new_solver("2")
+    assert type(fresh) is type(table.solver_for("2")) and not fresh.ready
+    table.replace_solver("2", fresh)
+    assert table.solver_for("2") is fresh and fresh.layer_index == index == 1
+    assert table["2"].fallback is None
+
+
+def test_rng_state_round_trip_reproduces_mc_labels():
+    model = _mlp()
+    precond = KFACPreconditioner(model, fisher_type="mc", seed=5)
+    assert precond.rng_state() is None  # created on first use
+    x, _ = _batch()
+    precond.accumulate_curvature(model(x))
+    saved = precond.rng_state()
+    precond.accumulate_curvature(model(x))
+    after = precond.rng_state()
+    precond.set_rng_state(saved)
+    precond.accumulate_curvature(model(x))
+    assert torch.equal(precond.rng_state(), after) and not torch.equal(saved, after)
+
+
+def test_core_modules_use_no_private_names_of_other_modules():
+    """The seam rule: no ``from x import _y`` and no ``obj._attr`` on another object in the
+    preconditioner, its layer table, capture, fisher, distributed and the other optimizers."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "thermo_kfac"
+    files = [root / f for f in ("preconditioner.py", "layers.py", "fisher.py", "adafisher.py",
+                                "eva.py", "singd.py")]
+    files += sorted((root / "capture").glob("*.py")) + sorted((root / "distributed").glob("*.py"))
+    offences = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                offences += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names
+                             if a.name.startswith("_")]
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                  and not node.attr.startswith("__")
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                offences.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    assert offences == []

@@ -48,7 +48,7 @@ def _ikfac_vs_kfac(beta1, steps=40, lam=0.1):
     KKt, CCt = K.to_dense() @ K.to_dense().T, C.to_dense() @ C.to_dense().T
     ref_A, ref_G = torch.linalg.inv(S_A), torch.linalg.inv(S_G)
     nat_ref = ref_G @ grad @ ref_A
-    nat = opt.preconditioned_gradient(opt._layers[0])
+    nat = opt.preconditioned_gradient(opt.layers[0])
 
     def rel(x, r):
         return float((x - r).norm() / r.norm())

@@ -305,7 +305,7 @@ def test_curvature_spec_key_reaches_the_preconditioner_and_refuses_a_solver_map(
     spec = parse_optimizer_spec("kfac:curvature=deflation")
     _, precond = build_optimizer(spec, model, resolve_options(spec), "cross_entropy")
     assert precond.curvature == "deflation"
-    assert all(isinstance(precond._layers[n].solver, KroneckerSVDSolver) for n in precond.layers)
+    assert all(isinstance(precond.layer_table[n].solver, KroneckerSVDSolver) for n in precond.layers)
     spec = parse_optimizer_spec("kfac:curvature=kpsvd,solver_map=0=eigh")
     with pytest.raises(ValueError, match="solver_map cannot be combined with curvature='kpsvd'"):
         build_optimizer(spec, model, resolve_options(spec), "cross_entropy")
@@ -330,7 +330,7 @@ def test_writing_plots_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path):
 
 def test_kfac_option_choices_are_the_library_constants():
     from thermo_kfac.capture import KFAC_APPROXIMATIONS
-    from thermo_kfac.curvature import FISHER_TYPES
+    from thermo_kfac.fisher import FISHER_TYPES
     from thermo_kfac.preconditioner import FACTOR_DTYPES
     from thermo_kfac.solvers.kronecker_svd import CURVATURES
 

@@ -3,7 +3,7 @@
 A spec is ``name[:key=value,key=value]``, e.g. ``adam:lr=3e-3`` or
 ``kfac:solver=cholesky,damping=0.1``. For ``kfac``, keys that are neither K-FAC nor base-optimizer
 options are passed to the solver as ``solver_options`` (validated by the solver). The choices of
-the K-FAC options come from the library (:mod:`thermo_kfac.curvature`, :mod:`thermo_kfac.capture`,
+the K-FAC options come from the library (:mod:`thermo_kfac.fisher`, :mod:`thermo_kfac.capture`,
 :mod:`thermo_kfac.solvers.kronecker_svd`, :mod:`thermo_kfac.preconditioner`), so they cannot drift.
 """
 
@@ -19,7 +19,7 @@ import torch
 from hw_models.devices import DIGITAL_PRESETS, THERMO_PRESETS
 from hw_models.validation import check_choice, check_number
 from thermo_kfac.capture import KFAC_APPROXIMATIONS
-from thermo_kfac.curvature import FISHER_TYPES, LOSSES
+from thermo_kfac.fisher import FISHER_TYPES, LOSSES
 from thermo_kfac.policy import parse_value
 from thermo_kfac.preconditioner import FACTOR_DTYPES as _PRECONDITIONER_DTYPES
 from thermo_kfac.solvers.kronecker_svd import CURVATURES

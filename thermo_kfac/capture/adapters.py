@@ -9,7 +9,7 @@ locations), the adapter yields
 * ``grad_matrix()``: ``[W.grad | b.grad]`` as ``(d_out, d_in [+1])``, and ``set_grad`` to write it back,
 
 so that the expand-style statistics are ``A = rows^T rows / (N R)`` and ``G ~ sum rows^T rows``
-(see :mod:`thermo_kfac.curvature` for the scaling of G).
+(see :mod:`thermo_kfac.fisher` for the scaling of G).
 
 K-FAC flavours for weight sharing (Eschenhagen et al., NeurIPS 2023): an adapter's ``approx`` is
 ``"expand"`` (every position is a row: ``A = sum_{n,r} a a^T / (N R)``, ``G = sum_{n,r} g g^T``)
@@ -23,6 +23,7 @@ parameter used as a linear map through :func:`linear_map` (:class:`LinearMapAdap
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Callable
 
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KFAC_APPROXIMATIONS = ("expand", "reduce")
+from hw_models.validation import check_choice
+from thermo_kfac.fisher import KFAC_APPROXIMATIONS
 
 
 class LayerAdapter:
@@ -173,7 +175,7 @@ class Conv2dAdapter(LayerAdapter):
         # Padding is applied explicitly so that 'same', asymmetric and non-zero padding modes
         # produce exactly the patches the convolution saw.
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        a = F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
+        a = F.pad(a, conv_padding(m), mode=mode)
         if self.approx == "reduce":
             # The mean over output positions of the unfolded patches, computed without
             # unfolding: each input pixel counts as often as the patches containing it, which is
@@ -209,6 +211,23 @@ class Conv2dAdapter(LayerAdapter):
         if g.dim() == 3:
             g = g.unsqueeze(0)
         return self._rows(g.flatten(2).transpose(1, 2), "sum")
+
+
+def conv_padding(m: nn.Conv2d) -> list[int]:
+    """The ``F.pad`` amounts (last dim first, left then right) of a convolution's padding: the
+    explicit padding of each side, or for ``"same"`` the split ``total // 2`` left, the rest right
+    with ``total = dilation (kernel - 1)``, as torch's convolution applies it."""
+    pads: list[int] = []
+    for dim in reversed(range(len(m.kernel_size))):
+        if m.padding == "valid":
+            left = right = 0
+        elif m.padding == "same":
+            total = m.dilation[dim] * (m.kernel_size[dim] - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = int(m.padding[dim])
+        pads += [left, right]
+    return pads
 
 
 class EmbeddingAdapter(LayerAdapter):
@@ -325,6 +344,18 @@ def add_tap(weight: torch.Tensor, callback: Callable[[torch.Tensor, torch.Tensor
     return TapHandle(weight, callback)
 
 
+def tap_hooks(weight: torch.Tensor, stand_in: LinearMap, pre_hook: Callable[..., None],
+              forward_hook: Callable[..., None]) -> TapHandle:
+    """Run a pair of module capture hooks (:func:`thermo_kfac.capture.capture_hooks`) on every
+    :func:`linear_map` call with ``weight``, as if ``stand_in`` (whose ``training`` flag gates
+    them) were the module called."""
+    def tap(x: torch.Tensor, out: torch.Tensor) -> None:
+        pre_hook(stand_in, (x,))
+        forward_hook(stand_in, (x,), out)
+
+    return add_tap(weight, tap)
+
+
 def linear_map(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (``x`` of shape ``(N, R, d_in)`` or ``(N, d_in)``) that
     K-FAC can see: use it in a forward for a parameter registered with
@@ -341,7 +372,7 @@ def linear_map(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def check_attention(name: str, mha: nn.MultiheadAttention) -> None:
     """Raise a clear error for the MultiheadAttention configurations the capture does not cover."""
     unsupported = []
-    if not mha._qkv_same_embed_dim:
+    if mha.kdim != mha.embed_dim or mha.vdim != mha.embed_dim or mha.in_proj_weight is None:
         unsupported.append("kdim/vdim different from embed_dim (separate q/k/v weights)")
     if mha.bias_k is not None:
         unsupported.append("add_bias_kv=True")
@@ -439,6 +470,27 @@ ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
 EXTRA_ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
     nn.Embedding: EmbeddingAdapter,
 }
+
+
+def flavour_rules(approx_per_layer: dict[str, str] | None) -> list[tuple[re.Pattern[str], str]]:
+    """Compile ``{regex: flavour}`` (K-FAC flavour per layer name; clear errors on bad input)."""
+    rules = []
+    for pattern, flavour in (approx_per_layer or {}).items():
+        check_choice(f"approx_per_layer[{pattern!r}]", flavour, KFAC_APPROXIMATIONS)
+        try:
+            rules.append((re.compile(pattern), flavour))
+        except re.error as err:
+            raise ValueError(f"approx_per_layer pattern {pattern!r} is not a valid regular "
+                             f"expression: {err}") from None
+    return rules
+
+
+def flavour_for(rules: list[tuple[re.Pattern[str], str]], name: str, default: str) -> str:
+    """The flavour of the first rule whose pattern is found in ``name`` (``re.search``), else ``default``."""
+    for pattern, flavour in rules:
+        if pattern.search(name):
+            return flavour
+    return default
 
 
 def make_adapter(name: str, module: nn.Module, approx: str = "expand",

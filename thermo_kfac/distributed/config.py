@@ -1,0 +1,111 @@
+"""Configuration of distributed K-FAC and the process-group queries it needs.
+
+A :class:`DistributedConfig` is passed to ``KFACPreconditioner(distributed=config)``; there is no
+mutable process-wide default (``distributed="auto"`` always means ``DistributedConfig()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from hw_models.devices import digital_device, thermo_device
+from hw_models.validation import check_choice, check_number, check_positive
+
+PLACEMENT_MODES = ("comm_opt", "mem_opt")
+ASSIGNMENT_RULES = ("balanced", "round_robin")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """How K-FAC spreads its work over the ranks of a process group (module docs).
+
+    Args:
+        placement: ``"comm_opt"`` (owners broadcast solver states) or ``"mem_opt"`` (owners
+            broadcast preconditioned gradients).
+        assignment: ``"balanced"`` (LPT on predicted solve times) or ``"round_robin"``.
+        analog_units_per_rank: thermodynamic solver units attached to each rank, priced as extra
+            machines by the cost model (the code that runs is the configured solver).
+        defer_factor_reduction: all-reduce the factors only on inverse-update steps.
+        average_gradients: average all parameter gradients across ranks in ``step()``; ``None``
+            means "unless the model is wrapped in DistributedDataParallel".
+        bucket_mb: size of one fused all-reduce/broadcast buffer, in MiB.
+        digital, thermo: cost-model presets pricing a solve (``hw_models.devices``).
+        kappa, eps: condition number and accuracy assumed for analog solve times.
+        group: the process group (``None``: the default group).
+    """
+
+    placement: str = "comm_opt"
+    assignment: str = "balanced"
+    analog_units_per_rank: int = 0
+    defer_factor_reduction: bool = False
+    average_gradients: bool | None = None
+    bucket_mb: float = 25.0
+    digital: str = "h100"
+    thermo: str = "chip"
+    kappa: float = 100.0
+    eps: float = 0.1
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        check_choice("placement", self.placement, PLACEMENT_MODES)
+        check_choice("assignment", self.assignment, ASSIGNMENT_RULES)
+        check_positive("analog_units_per_rank", self.analog_units_per_rank, integer=True, allow_zero=True)
+        for name in ("defer_factor_reduction",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.average_gradients is not None and not isinstance(self.average_gradients, bool):
+            raise ValueError(f"average_gradients={self.average_gradients!r} must be True, False or None")
+        check_positive("bucket_mb", self.bucket_mb)
+        digital_device(self.digital)
+        thermo_device(self.thermo)
+        check_number("kappa", self.kappa, low=1.0)
+        check_number("eps", self.eps, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is initialized."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and without a process group): the rank that prints and writes results."""
+    return rank() == 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel``/``DataParallel`` (so names lack ``module.``)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def resolve(setting: Any) -> DistributedConfig | None:
+    """The config of ``KFACPreconditioner(distributed=setting)``.
+
+    ``"auto"``: ``DistributedConfig()`` inside an initialized process group of more than one
+    rank, else None (single process). ``True``: ``DistributedConfig()``; a
+    :class:`DistributedConfig`: itself (both need an initialized process group). ``False`` /
+    ``None``: None. There is no process-wide default: another config is passed explicitly.
+    """
+    if setting is False or setting is None:
+        return None
+    if setting == "auto":
+        return DistributedConfig() if is_distributed() else None
+    if setting is True or isinstance(setting, DistributedConfig):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed K-FAC needs an initialized process group: call "
+                             "torch.distributed.init_process_group(...) first (or pass distributed=False)")
+        return DistributedConfig() if setting is True else setting
+    raise ValueError(f"distributed={setting!r} must be 'auto', True, False or a DistributedConfig")

@@ -1,0 +1,212 @@
+"""The K-FAC glue of distributed training: :class:`DistributedKFAC` takes part in a
+preconditioner's step (:class:`thermo_kfac.layers.StepHooks`) to reduce the factors, place the
+solves on owner ranks and share solver states or preconditioned gradients (package docs)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from thermo_kfac.distributed.communication import Communicator, PendingReduction
+from thermo_kfac.distributed.config import DistributedConfig
+from thermo_kfac.distributed.placement import assign_layers, layer_solve_tasks
+from thermo_kfac.layers import PreconditionedGradient, StepHooks
+from thermo_kfac.solvers.base import digital_method_of
+
+if TYPE_CHECKING:
+    from thermo_kfac.preconditioner import KFACPreconditioner
+
+
+def _describe_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A solver state's picklable description: tensors by shape and dtype, other values as such."""
+    return {key: ("tensor", tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor)
+            else ("value", value) for key, value in state.items()}
+
+
+class DistributedKFAC(StepHooks):
+    """The distributed side of one :class:`~thermo_kfac.KFACPreconditioner` (module docs): its
+    :class:`~thermo_kfac.layers.StepHooks`, working on ``precond.layer_table`` and the
+    preconditioner's public methods only."""
+
+    def __init__(self, precond: KFACPreconditioner, config: DistributedConfig) -> None:
+        self.config = config
+        self.comm = Communicator(config.group, config.bucket_mb)
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        layers = precond.layer_table
+        batch_solvers = [n for n, s in layers.items() if s.solver.uses_batch_statistics]
+        if batch_solvers and self.world_size > 1:
+            raise ValueError(f"solver {type(layers[batch_solvers[0]].solver).__name__} works from the "
+                             "current batch's rows (uses_batch_statistics), which distributed K-FAC does "
+                             "not gather across ranks; choose a factor-based solver (eigh, cholesky, cg, "
+                             "rsvd, sre, thermo) or distributed=False")
+        wrapped = isinstance(precond.model, nn.parallel.DistributedDataParallel)
+        average = config.average_gradients
+        self.average_gradients = (not wrapped) if average is None else average
+        self.tasks = layer_solve_tasks(
+            [(name, s.adapter.d_in, s.adapter.d_out) for name, s in layers.items()],
+            digital=config.digital, thermo=config.thermo, method=digital_method_of(precond.solver_spec),
+            kappa=config.kappa, eps=config.eps)
+        self.placement = assign_layers(self.tasks, self.world_size, rule=config.assignment,
+                                       analog_units_per_rank=config.analog_units_per_rank)
+        self.owned = set(self.placement.layers_of(self.rank))
+        self._pending: PendingReduction | None = None
+        self._dirty = False  # local factors changed since the last reduction
+        self._ready: set[str] = set()  # layers whose owner holds a prepared solver (mem_opt)
+
+    # -------------------------------------------------------------------- step hooks
+    def owns(self, name: str) -> bool:
+        return name in self.owned
+
+    def begin_step(self, precond: KFACPreconditioner) -> None:
+        """Finish a pending factor reduction; average gradients if DDP did not."""
+        self.wait()
+        if self.average_gradients:
+            grads = [p.grad for p in precond.model.parameters() if p.grad is not None]
+            if grads:
+                self.comm.allreduce_mean(grads, "gradients")
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+
+    def factors_updated(self, precond: KFACPreconditioner, inverse_update: bool) -> None:
+        """After a factor update: launch the (asynchronous) all-reduce unless it is deferred."""
+        self._dirty = True
+        if not self.config.defer_factor_reduction or inverse_update:
+            self.reduce_factors(precond, async_op=not inverse_update)
+
+    def reduce_factors(self, precond: KFACPreconditioner, *, async_op: bool = False) -> None:
+        self.wait()
+        if not self._dirty:
+            return
+        mats = precond.layer_table.factor_tensors()
+        if mats:
+            self._pending = self.comm.allreduce_mean(mats, "factors", symmetric=True, async_op=True)
+        self._dirty = False
+        if not async_op:
+            self.wait()
+
+    def before_inverse_update(self, precond: KFACPreconditioner) -> None:
+        self.reduce_factors(precond)
+
+    def after_inverse_update(self, precond: KFACPreconditioner) -> None:
+        """Share what the owners prepared: solver states (comm_opt) or readiness (mem_opt)."""
+        precond.layer_table.drop_fallbacks()  # stale on every rank, owner or not
+        if self.config.placement == "comm_opt":
+            self.share_solver_states(precond)
+        else:
+            flags = self.comm.all_gather_object(
+                {n: precond.layer_table.solver_for(n).ready for n in self.owned}, "metadata")
+            self._ready = {n for flag in flags for n, ready in flag.items() if ready}
+
+    def share_solver_states(self, precond: KFACPreconditioner, names: set[str] | None = None) -> None:
+        """Every rank loads the owners' solver states (``names``: restricted to these layers)."""
+        table = precond.layer_table
+        own_states: dict[str, dict[str, Any]] = {}
+        mine = {}
+        for n in self.owned:
+            if names is None or n in names:
+                own_states[n] = table.solver_for(n).state_dict()
+                mine[n] = _describe_state(own_states[n])
+        metas = self.comm.all_gather_object(mine, "metadata")
+        for src, owned_meta in enumerate(metas):
+            buffers: list[torch.Tensor] = []
+            received: dict[str, dict[str, Any]] = {}
+            for n in [n for n in table if n in owned_meta]:
+                device = table[n].device
+                state: dict[str, Any] = {}
+                for key, desc in owned_meta[n].items():
+                    if desc[0] == "tensor":
+                        t = (own_states[n][key] if src == self.rank
+                             else torch.empty(desc[1], dtype=desc[2], device=device))
+                        buffers.append(t)
+                        state[key] = t
+                    else:
+                        state[key] = desc[1]
+                received[n] = state
+            self.comm.broadcast(buffers, src, "solver_state")
+            if src != self.rank:
+                for n, state in received.items():
+                    if state:
+                        table.solver_for(n).load_state_dict(state)
+
+    def precondition(self, precond: KFACPreconditioner, reports: dict[str, Any]
+                     ) -> list[PreconditionedGradient]:
+        """comm_opt: every rank preconditions every layer. mem_opt: owners precondition their
+        layers and broadcast the results."""
+        if self.config.placement == "comm_opt":
+            return precond.precondition_layers(reports)
+        computed = {id(item.state): item
+                    for item in precond.precondition_layers(reports, names=self.owned)}
+        table = precond.layer_table
+        by_name: dict[str, PreconditionedGradient] = {}
+        for src in range(self.world_size):
+            buffers = []
+            for n in self.placement.layers_of(src):
+                state = table[n]
+                if n not in self._ready:
+                    continue
+                grad = state.adapter.grad_matrix()
+                if grad is None:
+                    continue
+                if src == self.rank:
+                    _, grad, result = computed[id(state)]
+                else:
+                    result = torch.empty_like(grad)
+                buffers.append(result)
+                by_name[n] = PreconditionedGradient(state, grad, result)
+            self.comm.broadcast(buffers, src, "preconditioned_gradients")
+        return [by_name[n] for n in table if n in by_name]
+
+    # -------------------------------------------------------------------------- state
+    def prepare_state_dict(self, precond: KFACPreconditioner) -> None:
+        """Before ``state_dict``: global factors on every rank, owners' solver states everywhere."""
+        if self.config.defer_factor_reduction:
+            self._dirty = True  # local factors: reduce them now (exact: the EMA is linear)
+        self.reduce_factors(precond)
+        if self.config.placement == "mem_opt":
+            self.share_solver_states(precond)
+
+    def finish_state_dict(self, precond: KFACPreconditioner, state: dict[str, Any]) -> None:
+        generators = self.comm.all_gather_object(precond.rng_state(), "metadata")
+        state["distributed"] = {
+            "world_size": self.world_size, "placement": self.config.placement,
+            "generators": generators if any(g is not None for g in generators) else None,
+        }
+        if self.config.placement == "mem_opt":
+            self._drop_foreign_states(precond)
+
+    def after_load(self, precond: KFACPreconditioner, state: dict[str, Any]) -> None:
+        self._pending, self._dirty = None, False
+        generators = (state.get("distributed") or {}).get("generators")
+        if generators is not None and generators[self.rank] is not None:
+            precond.set_rng_state(generators[self.rank])
+        self._ready = {n for n, s in precond.layer_table.items() if s.solver.ready}
+        if self.config.placement == "mem_opt":
+            self._drop_foreign_states(precond)
+
+    def _drop_foreign_states(self, precond: KFACPreconditioner) -> None:
+        for name in precond.layer_table:
+            if name not in self.owned:
+                precond.layer_table.replace_solver(name, precond.new_solver(name))
+
+    def report(self) -> dict[str, Any]:
+        """Communication so far and the placement, for ``precond.last_report``."""
+        return {"bytes": dict(self.comm.bytes), "collectives": dict(self.comm.collectives),
+                "owned_layers": sorted(self.owned), "makespan_s": self.placement.makespan_s}
+
+
+def check_resume(state: dict[str, Any], world_size: int) -> None:
+    """Raise if a checkpoint cannot continue at ``world_size``: only per-rank Monte-Carlo label
+    streams (``fisher_type="mc"``) tie a K-FAC state to the world size it was saved at."""
+    saved = state.get("distributed") or {}
+    generators = saved.get("generators")
+    if generators is not None and len(generators) != world_size:
+        raise ValueError(
+            f"this K-FAC checkpoint was saved at world size {len(generators)} with per-rank "
+            f"Monte-Carlo label streams (fisher_type='mc'); they cannot continue at world size "
+            f"{world_size}. Resume at world size {len(generators)}, or delete "
+            "state['distributed']['generators'] to start fresh streams (seed + rank)")
