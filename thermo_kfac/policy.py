@@ -30,7 +30,6 @@ over the preconditioner's ``factor_update_every`` / ``inverse_update_every``.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from hw_models.cost import (
     thermo_layer_cost,
 )
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
+from hw_models.units import format_seconds
 from hw_models.validation import check_choice, check_number
 from thermo_kfac.solvers.base import (
     KFACSolver,
@@ -310,8 +310,8 @@ class SolverPolicy:
             return LayerAssignment(name, module_type, sizes, digital, reason)
         pick, label = (analog, chosen.text) if thermo_s < digital_s else (digital, digital.text)
         relation = "<" if thermo_s < digital_s else ">="
-        reason = (f"{source}, auto: {analog.name} {_fmt_s(thermo_s)} {relation} "
-                  f"{digital.name} {_fmt_s(digital_s)} per step")
+        reason = (f"{source}, auto: {analog.name} {format_seconds(thermo_s)} {relation} "
+                  f"{digital.name} {format_seconds(digital_s)} per step")
         return LayerAssignment(name, module_type, sizes, pick, reason, label)
 
     def layer_costs(self, analog: SolverSpec, digital: SolverSpec, sizes: tuple[int, int],
@@ -354,18 +354,6 @@ class SolverPolicy:
 def _with_method(schedule: KFACSchedule, method: str) -> KFACSchedule:
     return KFACSchedule(factor_every=schedule.factor_every, inverse_every=schedule.inverse_every,
                         digital_method=method, precision=schedule.precision)
-
-
-def _fmt_s(seconds: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
-
-
-def format_seconds(seconds: float | None) -> str:
-    """Human-readable seconds (``"3.2 us"``); ``"-"`` for None."""
-    return "-" if seconds is None or not math.isfinite(seconds) else _fmt_s(seconds)
 
 
 def parse_solver_map(text: str) -> list[tuple[str, Any]]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from hw_models.units import format_seconds
 from thermo_kfac.policy import parse_value
 
 __all__ = ["atomic_write", "float_list", "format_seconds", "int_list", "jsonable", "kv_list", "text_table",
@@ -79,17 +80,6 @@ def text_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]], align: str
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
-
-
-def format_seconds(seconds: float | None) -> str:
-    """Seconds with a readable unit and three significant digits (``"3.2 us"``, ``"12.5 ms"``);
-    ``"-"`` for None or a non-finite value."""
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if abs(seconds) >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
 
 
 # ------------------------------------------------------------------------ CLI list parsers
