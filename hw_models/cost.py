@@ -1,63 +1,56 @@
-"""Latency and energy of K-FAC's curvature work on digital and thermodynamic hardware.
+"""K-FAC's curvature work per layer and per training step on digital and thermodynamic hardware.
 
-Cheap, pure functions of ``(n_in, n_out, batch, kappa, eps, bits, devices)`` that a solver or a
-solver policy can call every training step. Every function returns a :class:`Cost`: seconds and
-joules *per training step* (periodic work is amortized), with a per-component breakdown.
+The step model: pure functions of ``(n_in, n_out, batch, spectra or kappa, eps or window, devices)``
+returning a :class:`~hw_models.pricing.Cost` (seconds and joules *per training step*; periodic work
+amortized) with a per-component breakdown. Every analog job and digital decomposition inside is
+priced by :mod:`hw_models.pricing` (the one implementation); this module only composes them.
 
 Digital K-FAC, per layer (factors ``A``: ``n_a = n_in + bias``, ``G``: ``n_g = n_out``; ``R``
 positions per example, so ``rows = batch * R`` rows of statistics):
 
 - factor accumulation every ``factor_every`` steps: two GEMMs, ``2 rows n_a^2`` and ``2 rows n_g^2``;
 - decomposition every ``inverse_every`` steps: ``eigh`` (or Cholesky, or explicit inverse) of both
-  factors, timed by the device's :class:`~hw_models.devices.OpModel`;
+  factors;
 - preconditioning every step: ``G^-1 V A^-1``, four GEMMs with eigenvectors, two with inverses or
-  Cholesky factors (two triangular solves cost one GEMM).
+  Cholesky factors.
 
-Thermodynamic K-FAC, per layer: factor accumulation stays digital; the linear algebra moves to the
-analog device. Each analog job costs (time in units of tau = RC):
+Thermodynamic K-FAC, per layer: factor accumulation stays digital. Method ``"inverse"`` (the seed
+paper's method 1) inverts both damped factors by sampling every ``inverse_every`` steps and leaves
+two host GEMMs per step; method ``"solve"`` (method 2) solves ``(G + lam) X = V`` (``n_a`` columns)
+then ``(A + lam) Y^T = X^T`` (``n_g`` columns) every step. Each analog job's time and accuracy come
+from :func:`hw_models.pricing.price`: the window for the target ``eps`` (or a fixed window, with the
+accuracy reported) from the finite-time error law of :mod:`hw_models.langevin.error_model`, for
+the layer's factor spectra (measured :class:`~hw_models.pricing.SpectrumSummary`, or the geometric
+model at the scenario's ``kappa``).
 
-- transfer: ``n(n+1)/2`` couplings at ``dac_bits`` over the link (plus right-hand sides);
-- programming: ``n`` rows at ``program_row_s`` each;
-- settling (burn-in): ``kappa ln(1/eps)`` tau, the time for ``exp(-A t)`` to shrink the initial
-  error ``||x0 - x*|| = ||x*||`` (cold start) by ``eps`` when ``lambda_max(A) = 1``;
-- averaging: the error laws of thermo.md 2.1 [D], with ``lambda_max(A) = 1`` so ``A^-1 <= kappa``:
-
-  * solve ``A x = b``: ``E||xbar - x*||^2 = 2 tr(A^-2) / (beta t) <= 2 n kappa^2 kappa0 / t``
-    with ``kappa0 = 1/beta`` in units of ``||x*||^2``. Asking for ``eps`` relative error gives
-    ``t_avg = 2 kappa0 n kappa^2 / eps^2`` tau (= ``n kappa^2 / eps^2`` tau at kappa0 = 0.5);
-  * inverse by sampling ``beta <x x^T>``: the slowest mode decorrelates in ``kappa`` tau, so
-    ``N_eff = t / kappa``; a Gaussian sample covariance has relative Frobenius error
-    ``sqrt((tr(S)^2 + tr(S^2)) / (N ||S||_F^2)) <= sqrt((n + 1)/N)``, hence
-    ``t_avg = (n + 1) kappa / eps^2`` tau, independent of the noise level;
-- read-out: results at ``adc_bits`` over the link (or, for a device without on-chip accumulators,
-  every covariance sample, one per ``kappa`` tau, plus the host's outer products).
-
-Method ``"inverse"`` (the paper's method 1) inverts ``A`` and ``G`` every ``inverse_every`` steps
-and leaves two GEMMs per step on the host. Method ``"solve"`` (method 2) solves
-``(G + lam) X = V`` (``n_a`` right-hand sides) then ``(A + lam) Y^T = X^T`` (``n_g`` right-hand
-sides) every step: ``O(n^2 kappa^2)`` per layer. Columns and sampling chains spread over the
-device's ``units``. Transfers do not overlap analog work, and digital and analog work do not
-overlap each other (both conservative).
-
-Systems larger than the device's ``cells`` follow its ``oversize`` policy: ``"refuse"`` raises
-:class:`ThermoCapacityError` (the step model then keeps that layer digital), ``"block"`` prices
-``ceil(n/cells)`` independent diagonal blocks, a block-diagonal approximation flagged by
-``info["approximate"]``.
-
-``info["error_floor"]`` is the first-order error that ``dac_bits``-bit couplings alone cause,
-``kappa * ||dA||_2`` with random rounding of step ``2^(1-bits)`` on a ``[-1, 1]`` scale
-(``||dA||_2 ~ 2 sqrt(n) * step/sqrt(12)``): targets below it are not reachable by averaging longer.
+Breakdown components on the analog side are ``transfer``, ``programming``, ``burn_in``,
+``averaging`` and ``readout`` (:data:`ANALOG_COMPONENTS`); ``factor_accumulation`` and
+``preconditioning`` run on the host. Systems larger than the device follow the oversize rule of
+:func:`hw_models.pricing.fit_blocks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hw_models.devices import PRECISIONS, DigitalDevice, ThermoDevice
+from hw_models.langevin import error_model
+from hw_models.pricing import (
+    AnalogJob,
+    Cost,
+    Price,
+    SpectrumSummary,
+    ThermoCapacityError,
+    gemm_time,
+    price,
+    price_digital,
+    price_program,
+)
 from hw_models.validation import check_choice, check_number, check_positive
 
 THERMO_METHODS = ("inverse", "solve", "best")
@@ -66,10 +59,6 @@ SWEEP_AXES = ("width", "kappa", "bits", "bandwidth")
 
 #: Bytes moved per parameter by one fused Adam update in fp32: read p, g, m, v; write p, m, v.
 ADAM_BYTES_PER_PARAM = 28.0
-
-
-class ThermoCapacityError(ValueError):
-    """A system does not fit the thermodynamic device and its ``oversize`` policy is ``"refuse"``."""
 
 
 @dataclass(frozen=True)
@@ -86,22 +75,6 @@ class KFACSchedule:
         check_positive("inverse_every", self.inverse_every, integer=True)
         check_choice("digital_method", self.digital_method, DIGITAL_METHODS)
         check_choice("precision", self.precision, PRECISIONS)
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Seconds and joules per training step, with per-component breakdowns and notes."""
-
-    seconds: float
-    joules: float
-    breakdown_s: dict[str, float] = field(default_factory=dict)
-    breakdown_j: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return {"seconds": self.seconds, "joules": self.joules, "breakdown_s": dict(self.breakdown_s),
-                "breakdown_j": dict(self.breakdown_j), "info": dict(self.info)}
 
 
 class _Ledger:
@@ -126,13 +99,6 @@ class _Ledger:
 # --------------------------------------------------------------------------------------------
 # Digital primitives
 # --------------------------------------------------------------------------------------------
-
-
-def gemm_time(m: float, k: float, n: float, device: DigitalDevice, precision: str = "fp32") -> float:
-    """Seconds for an ``(m x k) @ (k x n)`` product; efficiency is taken at ``min(m, k, n)``."""
-    for name, value in (("m", m), ("k", k), ("n", n)):
-        check_positive(name, value)
-    return device.gemm.time(2.0 * m * k * n, min(m, k, n), device.peak(precision))
 
 
 def digital_op_time(op: str, n: float, device: DigitalDevice, precision: str = "fp32") -> float:
@@ -170,7 +136,8 @@ def digital_layer_cost(n_in: int, n_out: int, batch: int, *, device: DigitalDevi
     ledger = _Ledger()
     _factor_accumulation(ledger, n_a, n_g, rows, device, schedule)
     method, prec = schedule.digital_method, schedule.precision
-    decomposition = device.op_time(method, n_a, prec) + device.op_time(method, n_g, prec)
+    decomposition = (price_digital(method, n_a, device=device, precision=prec).seconds
+                     + price_digital(method, n_g, device=device, precision=prec).seconds)
     ledger.add("decomposition", decomposition, decomposition * device.power_w, 1.0 / schedule.inverse_every)
     pair = gemm_time(n_g, n_g, n_a, device, prec) + gemm_time(n_g, n_a, n_a, device, prec)
     apply = pair * (2 if method == "eigh" else 1)
@@ -179,7 +146,7 @@ def digital_layer_cost(n_in: int, n_out: int, batch: int, *, device: DigitalDevi
 
 
 # --------------------------------------------------------------------------------------------
-# Thermodynamic primitives
+# Thermodynamic primitives: thin callers of hw_models.pricing (the one implementation)
 # --------------------------------------------------------------------------------------------
 
 
@@ -190,202 +157,104 @@ def _check_accuracy(kappa: float, eps: float, bits: int | None) -> None:
         check_number("bits", bits, low=1, high=32, integer=True)
 
 
-def _blocks(n: int, device: ThermoDevice) -> tuple[int, int]:
-    """``(number of blocks, block size)`` for a system of size ``n`` under the oversize policy."""
-    if n <= device.cells:
-        return 1, n
-    if device.oversize == "refuse":
-        raise ThermoCapacityError(
-            f"a system of size n={n} exceeds the {device.cells} cells of thermodynamic device "
-            f"{device.name!r} (oversize='refuse'); valid choices: use a device with more cells, "
-            f"or oversize='block' (block-diagonal approximation)")
-    count = math.ceil(n / device.cells)
-    return count, math.ceil(n / count)
-
-
 def error_floor(n: int, kappa: float, bits: int) -> float:
-    """Relative error that ``bits``-bit couplings alone cause in a size-``n`` solve (module docs)."""
+    """Relative error that ``bits``-bit couplings alone cause in a size-``n`` solve, for the
+    geometric model spectrum of condition number ``kappa``
+    (:func:`hw_models.langevin.error_model.static_solve_error`'s coupling term)."""
     check_positive("n", n, integer=True)
     check_number("kappa", kappa, low=1.0)
-    check_number("bits", bits, low=1, high=32, integer=True)
-    return kappa * math.sqrt(n / 3.0) * 2.0 ** (1 - bits)
+    check_number("bits", bits, low=2, high=32, integer=True)
+    lam, w = SpectrumSummary.from_kappa(n, kappa).normalized_modes()
+    return error_model.static_solve_error(lam, weights=w, solution_norm2=1.0, coupling_bits=bits)
 
 
-def settling_time_tau(kappa: float, eps: float) -> float:
-    """Burn-in, in units of tau: ``kappa ln(1/eps)``."""
-    _check_accuracy(kappa, eps, None)
-    return kappa * math.log(1.0 / eps)
-
-
-def solve_averaging_time_tau(n: int, kappa: float, eps: float, kappa0: float) -> float:
-    """Averaging time of one solve, in tau: ``2 kappa0 n kappa^2 / eps^2`` (module docs)."""
-    check_positive("n", n, integer=True)
-    _check_accuracy(kappa, eps, None)
-    check_positive("kappa0", kappa0)
-    return 2.0 * kappa0 * n * kappa**2 / eps**2
-
-
-def inverse_averaging_time_tau(n: int, kappa: float, eps: float) -> float:
-    """Sampling time of one inverse, in tau: ``(n + 1) kappa / eps^2`` (module docs)."""
-    check_positive("n", n, integer=True)
-    _check_accuracy(kappa, eps, None)
-    return (n + 1.0) * kappa / eps**2
-
-
-def _io_joules(device: ThermoDevice, values: float, bits: int) -> float:
-    """Energy to move ``values`` numbers of ``bits`` over the link and through a converter."""
-    return values * bits * device.io_energy_per_bit_j + values * device.converter_fom_j * 2.0**bits
-
-
-def _load_couplings(ledger: _Ledger, device: ThermoDevice, blocks: int, size: int, dac: int) -> float:
-    """Add the transfer and programming of ``blocks`` blocks of ``size x size`` symmetric couplings;
-    return the number of coupling values sent."""
-    couplings = blocks * size * (size + 1) / 2.0
-    bits_in = couplings * dac
-    ledger.add("transfer", device.link_latency_s + bits_in / device.io_bandwidth_bps,
-               _io_joules(device, couplings, dac))
-    ledger.add("programming", math.ceil(blocks / device.units) * size * device.program_row_s)
-    return couplings
-
-
-def _active_power(device: ThermoDevice, size: int) -> float:
-    """Power drawn by one running block of ``size`` cells and its couplings."""
-    return size * device.power_per_cell_w + size * (size + 1) / 2.0 * device.power_per_coupling_w
-
-
-def _parallel(jobs: int, units: int) -> tuple[int, float]:
-    """``(sequential rounds, speed-up of each job's averaging)`` for ``jobs`` on ``units``.
-
-    More units than jobs run extra independent chains of the same job (their averages combine).
-    """
-    if jobs >= units:
-        return math.ceil(jobs / units), 1.0
-    return 1, float(units // jobs)
+def _spectrum(n: int, kappa: float, spectrum: SpectrumSummary | None) -> SpectrumSummary:
+    return spectrum if spectrum is not None else SpectrumSummary.from_kappa(n, kappa)
 
 
 def thermo_solve_cost(n: int, n_rhs: int, *, kappa: float, eps: float, device: ThermoDevice,
                       bits: int | None = None, resident: bool = False,
-                      settle_tau: float | None = None, average_tau: float | None = None) -> Cost:
-    """Solve ``A X = B`` for ``n_rhs`` right-hand sides of size ``n`` on the analog device.
+                      settle_tau: float | None = None, average_tau: float | None = None,
+                      spectrum: SpectrumSummary | None = None, start: str = "zero") -> Price:
+    """Solve ``P X = B`` for ``n_rhs`` columns on the analog device (:func:`hw_models.pricing.price`).
 
-    ``resident=True`` means the couplings are already programmed (no transfer or programming).
-    The columns run one per unit at a time, each needing its own settling and averaging.
-    ``settle_tau``/``average_tau`` (tau, per column) replace the laws' settling and averaging
-    times when the run's times are known (e.g. from a simulation).
+    Without ``average_tau`` the window (and, unless ``settle_tau`` is given, the burn-in) is the
+    one the error law needs for ``eps``; with it, that window is priced and ``eps`` only sets the
+    ``reachable`` flag. ``spectrum`` replaces the geometric model spectrum of condition ``kappa``.
     """
-    check_positive("n", n, integer=True)
-    check_positive("n_rhs", n_rhs, integer=True)
     _check_accuracy(kappa, eps, bits)
-    dac = bits or device.dac_bits
-    adc = bits or device.adc_bits
-    blocks, size = _blocks(n, device)
-    bw, tau = device.io_bandwidth_bps, device.tau_s
-    ledger = _Ledger()
-    if not resident:
-        _load_couplings(ledger, device, blocks, size, dac)
-    rhs_values = float(n) * n_rhs
-    ledger.add("transfer", device.link_latency_s + rhs_values * dac / bw, _io_joules(device, rhs_values, dac))
-    jobs = blocks * n_rhs
-    rounds, chains = _parallel(jobs, device.units)
-    if settle_tau is not None:
-        check_positive("settle_tau", settle_tau, allow_zero=True)
-    if average_tau is not None:
-        check_positive("average_tau", average_tau, allow_zero=True)
-    settle = (settling_time_tau(kappa, eps) if settle_tau is None else settle_tau) * tau
-    average = (solve_averaging_time_tau(size, kappa, eps, device.noise_kappa0) if average_tau is None
-               else average_tau) * tau
-    power = _active_power(device, size)
-    ledger.add("settling", rounds * settle, jobs * chains * settle * power)
-    ledger.add("averaging", rounds * average / chains, jobs * average * power)
-    ledger.add("readout", device.link_latency_s + rhs_values * adc / bw, _io_joules(device, rhs_values, adc))
-    floor = error_floor(size, kappa, dac)
-    return ledger.cost(device=device.name, op="solve", blocks=blocks, block_size=size,
-                       approximate=blocks > 1, rounds=rounds, error_floor=floor, reachable=eps >= floor)
+    job = AnalogJob("solve", n, n_rhs, spectrum=_spectrum(n, kappa, spectrum),
+                    window_tau=average_tau, target_eps=None if average_tau is not None else eps,
+                    burn_in_tau=settle_tau, bits=bits, resident=resident, start=start)
+    return price(job, device)
 
 
-def thermo_program_cost(n: int, *, device: ThermoDevice, bits: int | None = None) -> Cost:
-    """Transfer and programming of an ``n x n`` symmetric matrix's couplings (no solve).
-
-    What a solver that keeps the couplings resident between right-hand sides pays once per
-    matrix; its solves are then priced with ``thermo_solve_cost(..., resident=True)``.
-    """
-    check_positive("n", n, integer=True)
-    if bits is not None:
-        check_number("bits", bits, low=1, high=32, integer=True)
-    blocks, size = _blocks(n, device)
-    ledger = _Ledger()
-    _load_couplings(ledger, device, blocks, size, bits or device.dac_bits)
-    return ledger.cost(device=device.name, op="program", blocks=blocks, block_size=size)
+def thermo_program_cost(n: int, *, device: ThermoDevice, bits: int | None = None) -> Price:
+    """Transfer and programming of an ``n x n`` matrix's couplings (see pricing.price_program)."""
+    return price_program(n, device, bits=bits)
 
 
 def thermo_inverse_cost(n: int, *, kappa: float, eps: float, device: ThermoDevice,
-                        bits: int | None = None, host: DigitalDevice | None = None) -> Cost:
-    """Invert an ``n x n`` SPD matrix by sampling ``beta <x x^T>`` on the analog device.
+                        bits: int | None = None, host: DigitalDevice | None = None,
+                        spectrum: SpectrumSummary | None = None,
+                        average_tau: float | None = None, settle_tau: float | None = None) -> Price:
+    """Invert an ``n x n`` SPD matrix by sampling on the analog device (:func:`hw_models.pricing.price`).
 
-    Without on-chip accumulators every sample (one per ``kappa`` tau) streams to the host, which
-    forms the outer products; ``host`` then prices that work (required in that case).
+    Without on-chip accumulators every sample streams to the host, which forms the outer
+    products; ``host`` then prices that work (required in that case).
     """
-    check_positive("n", n, integer=True)
     _check_accuracy(kappa, eps, bits)
-    dac = bits or device.dac_bits
-    adc = bits or device.adc_bits
-    blocks, size = _blocks(n, device)
-    bw, tau = device.io_bandwidth_bps, device.tau_s
-    ledger = _Ledger()
-    couplings = _load_couplings(ledger, device, blocks, size, dac)
-    rounds, chains = _parallel(blocks, device.units)
-    settle = settling_time_tau(kappa, eps) * tau
-    average_work = inverse_averaging_time_tau(size, kappa, eps) * tau  # unit-seconds per block
-    power = _active_power(device, size)
-    ledger.add("settling", rounds * settle, blocks * chains * settle * power)
-    ledger.add("averaging", rounds * average_work / chains, blocks * average_work * power)
-    samples = (size + 1.0) / eps**2  # per block: N_eff samples, one per kappa tau
-    if device.onchip_accumulators:
-        out_values = couplings
-        macs = blocks * samples * size * (size + 1) / 2.0
-        ledger.add("averaging", 0.0, macs * device.mac_energy_j)
-        ledger.add("readout", device.link_latency_s + out_values * adc / bw,
-                   _io_joules(device, out_values, adc))
-    else:
-        if host is None:
-            raise ValueError(f"thermodynamic device {device.name!r} has no on-chip accumulators, so "
-                             "inversion needs host=<DigitalDevice> to price the host's outer products")
-        out_values = blocks * samples * size
-        host_s = blocks * gemm_time(size, samples, size, host)
-        ledger.add("readout", device.link_latency_s + out_values * adc / bw + host_s,
-                   _io_joules(device, out_values, adc) + host_s * host.power_w)
-    floor = error_floor(size, kappa, dac)
-    return ledger.cost(device=device.name, op="inverse", blocks=blocks, block_size=size,
-                       approximate=blocks > 1, rounds=rounds, error_floor=floor, reachable=eps >= floor)
+    job = AnalogJob("inverse", n, spectrum=_spectrum(n, kappa, spectrum), window_tau=average_tau,
+                    target_eps=None if average_tau is not None else eps, burn_in_tau=settle_tau,
+                    bits=bits)
+    return price(job, device, host)
+
+
+#: Breakdown components of a thermodynamic layer cost that run on the analog device (the rest
+#: -- factor accumulation, preconditioning GEMMs -- runs on the host).
+ANALOG_COMPONENTS = ("transfer", "programming", "burn_in", "averaging", "readout")
 
 
 def thermo_layer_cost(n_in: int, n_out: int, batch: int, *, kappa: float, eps: float,
                       device: ThermoDevice, host: DigitalDevice, bits: int | None = None,
                       method: str = "inverse", positions: float = 1.0, bias: bool = True,
-                      schedule: KFACSchedule | None = None, resident: bool = False) -> Cost:
+                      schedule: KFACSchedule | None = None, resident: bool = False,
+                      spectra: tuple[SpectrumSummary, SpectrumSummary] | None = None,
+                      window_tau: float | None = None, burn_in_tau: float | None = None,
+                      start: str = "zero") -> Cost:
     """Per-step K-FAC curvature work of one layer with the linear algebra on the analog device.
 
     ``method``: ``"inverse"`` (invert both factors every ``inverse_every`` steps, two host GEMMs
     per step), ``"solve"`` (two matrix-right-hand-side solves every step) or ``"best"`` (the
     cheaper of the two). ``resident`` (solve only): the factors stay programmed between inverse
-    updates, so their transfer and programming are amortized. Raises :class:`ThermoCapacityError`
-    when a factor exceeds the device and its policy is ``"refuse"``.
+    updates, so their transfer and programming are amortized. ``spectra``: the damped factors'
+    ``(A, G)`` spectra (default: the geometric model at ``kappa``). ``window_tau``: a fixed
+    averaging window per job (its accuracy is reported in ``info["predicted_rel_error"]``) instead
+    of the target ``eps``; ``burn_in_tau`` a fixed burn-in; ``start`` the solves' warm start.
+    Raises :class:`ThermoCapacityError` when a factor exceeds the device and its policy is
+    ``"refuse"``.
     """
     check_choice("method", method, THERMO_METHODS)
     schedule = schedule or KFACSchedule()
     _check_accuracy(kappa, eps, bits)
+    options = dict(kappa=kappa, eps=eps, device=device, host=host, bits=bits, positions=positions,
+                   bias=bias, schedule=schedule, resident=resident, spectra=spectra,
+                   window_tau=window_tau, burn_in_tau=burn_in_tau, start=start)
     if method == "best":
-        options = [thermo_layer_cost(n_in, n_out, batch, kappa=kappa, eps=eps, device=device, host=host,
-                                     bits=bits, method=m, positions=positions, bias=bias,
-                                     schedule=schedule, resident=resident) for m in ("inverse", "solve")]
-        return min(options, key=lambda c: c.seconds)
+        costs = [thermo_layer_cost(n_in, n_out, batch, method=m, **options)  # type: ignore[arg-type]
+                 for m in ("inverse", "solve")]
+        return min(costs, key=lambda c: c.seconds)
     n_a, n_g, rows = _layer_dims(n_in, n_out, batch, positions, bias)
+    spec_a, spec_g = spectra if spectra is not None else (SpectrumSummary.from_kappa(n_a, kappa),
+                                                          SpectrumSummary.from_kappa(n_g, kappa))
     ledger = _Ledger()
     _factor_accumulation(ledger, n_a, n_g, rows, host, schedule)
-    parts: list[Cost]
+    target = None if window_tau is not None else eps
+    parts: list[Price]
     if method == "inverse":
-        parts = [thermo_inverse_cost(n, kappa=kappa, eps=eps, device=device, bits=bits, host=host)
-                 for n in (n_a, n_g)]
+        parts = [price(AnalogJob("inverse", n, spectrum=spec, window_tau=window_tau, target_eps=target,
+                                 burn_in_tau=burn_in_tau, bits=bits), device, host)
+                 for n, spec in ((n_a, spec_a), (n_g, spec_g))]
         for part in parts:
             ledger.merge(part, 1.0 / schedule.inverse_every)
         apply = (gemm_time(n_g, n_g, n_a, host, schedule.precision)
@@ -393,11 +262,12 @@ def thermo_layer_cost(n_in: int, n_out: int, batch: int, *, kappa: float, eps: f
         ledger.add("preconditioning", apply, apply * host.power_w)
     else:
         parts = []
-        for n, n_rhs in ((n_g, n_a), (n_a, n_g)):
-            fresh = thermo_solve_cost(n, n_rhs, kappa=kappa, eps=eps, device=device, bits=bits)
+        for n, n_rhs, spec in ((n_g, n_a, spec_g), (n_a, n_g, spec_a)):
+            job = AnalogJob("solve", n, n_rhs, spectrum=spec, window_tau=window_tau, target_eps=target,
+                            burn_in_tau=burn_in_tau, bits=bits, start=start)
+            fresh = price(job, device)
             if resident:
-                kept = thermo_solve_cost(n, n_rhs, kappa=kappa, eps=eps, device=device, bits=bits,
-                                         resident=True)
+                kept = price(job.replace(resident=True), device)
                 ledger.merge(kept)
                 for key in fresh.breakdown_s:
                     extra_s = fresh.breakdown_s[key] - kept.breakdown_s.get(key, 0.0)
@@ -406,10 +276,14 @@ def thermo_layer_cost(n_in: int, n_out: int, batch: int, *, kappa: float, eps: f
             else:
                 ledger.merge(fresh)
             parts.append(fresh)
+    errors = [p.predicted_rel_error or 0.0 for p in parts]
     return ledger.cost(device=device.name, host=host.name, method=method, factor_sizes=(n_a, n_g),
                        approximate=any(p.info["approximate"] for p in parts),
                        error_floor=max(p.info["error_floor"] for p in parts),
-                       reachable=all(p.info["reachable"] for p in parts))
+                       reachable=all(p.info["reachable"] for p in parts),
+                       predicted_rel_error=max(errors),
+                       kappa_measured=(spec_a.kappa, spec_g.kappa),
+                       window_tau=[p.window_tau for p in parts], burn_in_tau=[p.burn_in_tau for p in parts])
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +298,14 @@ class Scenario:
     ``nongemm_factor`` scales the GEMM-model time of forward+backward to account for everything
     that is not a layer GEMM (norms, activations, softmax, data movement); 1.5 means a third of
     the pass is non-GEMM work [assumption].
+
+    Analog schedule: ``analog_time`` (tau) fixes every job's averaging window (TNGD's ``t = k tau``;
+    the accuracy is then reported from the law, not assumed) instead of the target ``eps``;
+    ``burn_in`` fixes the burn-in; ``start`` is the solves' warm start. ``overlap``: the analog
+    work of step t runs while step t+1 computes (the step takes the longer of the two);
+    ``devices``: thermodynamic devices sharing the layers (the paper's "many solvers").
+    Spectra: each factor gets the ``spectrum_shape`` model spectrum at condition number
+    ``kappa_of(n)`` (a callable of the factor size, e.g. fitted to a run's trace) or ``kappa``.
     """
 
     digital: DigitalDevice
@@ -435,6 +317,13 @@ class Scenario:
     schedule: KFACSchedule = KFACSchedule()
     nongemm_factor: float = 1.5
     resident: bool = False
+    analog_time: float | None = None
+    burn_in: float | None = None
+    start: str = "zero"
+    overlap: bool = False
+    devices: int = 1
+    spectrum_shape: str = "geometric"
+    kappa_of: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.digital, DigitalDevice):
@@ -444,6 +333,15 @@ class Scenario:
         _check_accuracy(self.kappa, self.eps, self.bits)
         check_choice("method", self.method, THERMO_METHODS)
         check_number("nongemm_factor", self.nongemm_factor, low=1.0)
+        if self.analog_time is not None:
+            check_positive("analog_time", self.analog_time)
+        if self.burn_in is not None:
+            check_positive("burn_in", self.burn_in, allow_zero=True)
+        check_choice("start", self.start, ("zero", "gradient", "previous", "stationary"))
+        check_positive("devices", self.devices, integer=True)
+        check_choice("spectrum_shape", self.spectrum_shape, ("geometric", "worst"))
+        if self.kappa_of is not None and not callable(self.kappa_of):
+            raise ValueError(f"kappa_of={self.kappa_of!r} must be a callable of the factor size")
 
     def replace(self, **changes: Any) -> Scenario:
         """A copy with some fields changed (validated again)."""
@@ -455,7 +353,16 @@ class Scenario:
                 "eps": self.eps, "bits": self.bits, "method": self.method,
                 "factor_every": self.schedule.factor_every, "inverse_every": self.schedule.inverse_every,
                 "digital_method": self.schedule.digital_method, "precision": self.schedule.precision,
-                "nongemm_factor": self.nongemm_factor, "resident": self.resident}
+                "nongemm_factor": self.nongemm_factor, "resident": self.resident,
+                "analog_time": self.analog_time, "burn_in": self.burn_in, "start": self.start,
+                "overlap": self.overlap, "devices": self.devices,
+                "spectrum_shape": self.spectrum_shape,
+                "kappa_of": getattr(self.kappa_of, "description", None) if self.kappa_of else None}
+
+    def factor_spectrum(self, n: int) -> SpectrumSummary:
+        """The model spectrum of a size-``n`` damped factor under this scenario."""
+        kappa = float(self.kappa_of(n)) if self.kappa_of is not None else self.kappa
+        return SpectrumSummary.from_kappa(n, max(kappa, 1.0), shape=self.spectrum_shape)
 
 
 @dataclass(frozen=True)
@@ -488,14 +395,31 @@ class LayerComparison:
         """Thermodynamic time where the layer fits, digital time where it does not."""
         return self.thermo.seconds if self.thermo else self.digital.seconds
 
+    @property
+    def analog_seconds(self) -> float:
+        """The part of the thermodynamic cost that occupies the analog device (0 if it does not fit)."""
+        if self.thermo is None:
+            return 0.0
+        return sum(self.thermo.breakdown_s.get(k, 0.0) for k in ANALOG_COMPONENTS)
+
+    @property
+    def host_seconds(self) -> float:
+        """The part of the thermodynamic cost that stays on the digital host."""
+        return (self.thermo.seconds - self.analog_seconds) if self.thermo else self.digital.seconds
+
 
 @dataclass(frozen=True)
 class StepCost:
     """A whole training step: Adam, digital K-FAC and thermodynamic K-FAC (hybrid and thermo-only).
 
-    ``thermo_kfac_s`` puts each layer on whichever side is cheaper (the hybrid machine a
-    cost-aware solver policy builds); ``thermo_only_kfac_s`` puts every layer that fits on the
-    analog device.
+    Host time ``D = adam + sum(host parts of analog layers) + sum(digital layers)``; analog time
+    ``A`` = the makespan of the analog layers over ``devices`` (``max(largest, total/devices)``).
+    Without ``overlap`` the step takes ``D + A``; with it ``max(D, A)`` (the analog work of step
+    t runs during step t+1). ``thermo_kfac_s`` is the hybrid a cost-aware policy builds (layers
+    moved to the analog side greedily while the step gets shorter; without overlap and with one
+    device that is each layer on its cheaper side); ``thermo_only_kfac_s`` puts every layer that
+    fits on the analog device. The *update-only* figures leave forward+backward out (how the seed
+    paper profiles the K-FAC update).
     """
 
     workload: str
@@ -504,6 +428,40 @@ class StepCost:
     optimizer_s: float
     layers: tuple[LayerComparison, ...]
     power_w: float
+    overlap: bool = False
+    devices: int = 1
+
+    def _total(self, on_thermo: Sequence[bool]) -> float:
+        host = self.adam_s
+        analog = []
+        for layer, analog_side in zip(self.layers, on_thermo, strict=True):
+            if analog_side:
+                host += layer.host_seconds
+                analog.append(layer.analog_seconds)
+            else:
+                host += layer.digital.seconds
+        busy = max(max(analog, default=0.0), sum(analog) / self.devices)
+        return max(host, busy) if self.overlap else host + busy
+
+    @functools.cached_property
+    def assignment(self) -> tuple[bool, ...]:
+        """Which layers the hybrid runs on the analog device (greedy, see the class docs)."""
+        chosen = [False] * len(self.layers)
+        best = self._total(chosen)
+        while True:
+            move, move_total = None, best
+            for i, layer in enumerate(self.layers):
+                if chosen[i] or layer.thermo is None:
+                    continue
+                chosen[i] = True
+                total = self._total(chosen)
+                chosen[i] = False
+                if total < move_total * (1 - 1e-12):
+                    move, move_total = i, total
+            if move is None:
+                return tuple(chosen)
+            chosen[move] = True
+            best = move_total
 
     @property
     def adam_s(self) -> float:
@@ -515,11 +473,11 @@ class StepCost:
 
     @property
     def thermo_kfac_s(self) -> float:
-        return self.adam_s + sum(layer.hybrid_seconds for layer in self.layers)
+        return self._total(self.assignment)
 
     @property
     def thermo_only_kfac_s(self) -> float:
-        return self.adam_s + sum(layer.thermo_or_digital_seconds for layer in self.layers)
+        return self._total([layer.thermo is not None for layer in self.layers])
 
     @property
     def speedup_vs_digital_kfac(self) -> float:
@@ -536,9 +494,22 @@ class StepCost:
     @property
     def thermo_kfac_j(self) -> float:
         total = self.adam_j
-        for layer in self.layers:
-            total += layer.thermo.joules if layer.cheaper == "thermo" else layer.digital.joules
+        for layer, analog_side in zip(self.layers, self.assignment, strict=True):
+            total += layer.thermo.joules if analog_side and layer.thermo else layer.digital.joules
         return total
+
+    def update_only(self) -> dict[str, float]:
+        """Optimizer-update-only times (forward+backward excluded) and their ratios."""
+        adam = self.optimizer_s
+        digital = self.digital_kfac_s - self.fwd_bwd_s
+        thermo = self.thermo_kfac_s - self.fwd_bwd_s
+        only = self.thermo_only_kfac_s - self.fwd_bwd_s
+        return {"adam_update_s": adam, "digital_kfac_update_s": digital, "thermo_kfac_update_s": thermo,
+                "thermo_only_kfac_update_s": only,
+                "update_speedup_vs_digital_kfac": digital / thermo if thermo > 0 else math.inf,
+                "update_speedup_thermo_only": digital / only if only > 0 else math.inf,
+                "digital_update_overhead_vs_adam": digital / adam,
+                "thermo_update_overhead_vs_adam": thermo / adam}
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers (seconds, joules, ratios) as a JSON-ready dict."""
@@ -551,9 +522,10 @@ class StepCost:
             "digital_overhead_vs_adam": self.digital_kfac_s / self.adam_s,
             "thermo_overhead_vs_adam": self.thermo_kfac_s / self.adam_s,
             "adam_j": self.adam_j, "digital_kfac_j": self.digital_kfac_j, "thermo_kfac_j": self.thermo_kfac_j,
-            "layers_on_thermo": sum(layer.cheaper == "thermo" for layer in self.layers),
+            "layers_on_thermo": sum(self.assignment),
             "layers_not_fitting": sum(layer.thermo is None for layer in self.layers),
-            "layers": len(self.layers),
+            "layers": len(self.layers), "overlap": self.overlap, "devices": self.devices,
+            **self.update_only(),
         }
 
 
@@ -569,10 +541,13 @@ def compare_layer(layer: Any, batch: int, scenario: Scenario) -> LayerComparison
     digital = digital_layer_cost(d_in, d_out, batch, device=scenario.digital, positions=positions,
                                  bias=bias, schedule=scenario.schedule)
     try:
+        n_a = d_in + int(bias)
+        spectra = (scenario.factor_spectrum(n_a), scenario.factor_spectrum(d_out))
         thermo: Cost | None = thermo_layer_cost(
             d_in, d_out, batch, kappa=scenario.kappa, eps=scenario.eps, device=scenario.thermo,
             host=scenario.digital, bits=scenario.bits, method=scenario.method, positions=positions,
-            bias=bias, schedule=scenario.schedule, resident=scenario.resident)
+            bias=bias, schedule=scenario.schedule, resident=scenario.resident, spectra=spectra,
+            window_tau=scenario.analog_time, burn_in_tau=scenario.burn_in, start=scenario.start)
         note = ""
     except ThermoCapacityError:
         thermo = None
@@ -608,7 +583,7 @@ def step_cost(workload: Any, scenario: Scenario) -> StepCost:
     device = scenario.digital
     optimizer = device.launch_latency_s + ADAM_BYTES_PER_PARAM * params / device.mem_bandwidth
     return StepCost(workload.name, workload.batch, forward_backward_time(workload, scenario), optimizer,
-                    layers, device.power_w)
+                    layers, device.power_w, overlap=scenario.overlap, devices=scenario.devices)
 
 
 def break_even_kappa(workload: Any, scenario: Scenario, *, low: float = 1.0,
