@@ -327,7 +327,7 @@ class Window:
         return self.burn_in + self.window
 
 
-_T_GRID = np.logspace(-3, 12, 241)
+_T_GRID = np.logspace(-3, 12, 121)
 
 
 def _pick(err2: np.ndarray, burn: np.ndarray, target: float,
@@ -359,7 +359,7 @@ def _burn_grid(lam: np.ndarray, target: float, burn_in: float | None) -> np.ndar
         return np.array([float(burn_in)])
     slow = 1.0 / float(lam.min())
     top = max(slow * (math.log(1.0 / min(target, 0.5)) + 3.0), 10.0)
-    return np.concatenate([[0.0], np.logspace(-2, math.log10(top), 60)])
+    return np.concatenate([[0.0], np.logspace(-2, math.log10(top), 30)])
 
 
 def solve_window(target: float, lam: Any, *, kappa0: float, weights: Any | None = None,

@@ -53,18 +53,22 @@ def test_digital_layer_decomposition_is_cubic():
 
 
 @pytest.mark.parametrize("kappa", [3.0, 30.0])
-def test_thermodynamic_solve_is_quadratic_at_fixed_kappa(kappa):
-    def layer_solve(n):  # method 2: two solves with n right-hand sides each
-        # 16-bit converters: the static error stays far below eps, so only the law's window counts
-        cost = thermo_layer_cost(n, n, 64, kappa=kappa, eps=0.1, device=BIG, host=H100, method="solve",
+def test_thermodynamic_solve_scaling_at_fixed_kappa(kappa):
+    """Method 2: the per-column window of the finite-time law does not grow with n (isotropic
+    full-scale right-hand sides), so the analog time of a layer is linear in its columns and the
+    transfer of n^2 couplings and inputs is quadratic: the layer as a whole is at most O(n^2)."""
+    def layer(n):  # 16-bit converters: the static error stays far below eps
+        return thermo_layer_cost(n, n, 64, kappa=kappa, eps=0.1, device=BIG, host=H100, method="solve",
                                  bias=False, bits=16)
-        return cost.seconds - cost.breakdown_s["factor_accumulation"]
 
-    assert 1.9 <= slope(layer_solve, 1024, 4096) <= 2.05
-    def matrix_rhs(n):
-        return thermo_solve_cost(n, n, kappa=kappa, eps=0.1, device=BIG, bits=16).seconds
+    def analog(n):
+        cost = layer(n)
+        return cost.breakdown_s["burn_in"] + cost.breakdown_s["averaging"]
 
-    assert 1.9 <= slope(matrix_rhs, 1024, 4096) <= 2.05
+    assert 0.95 <= slope(analog, 1024, 4096) <= 1.1
+    assert 1.9 <= slope(lambda n: layer(n).breakdown_s["transfer"], 1024, 4096) <= 2.05
+    total = slope(lambda n: layer(n).seconds - layer(n).breakdown_s["factor_accumulation"], 1024, 4096)
+    assert 1.0 <= total <= 2.05
 
 
 def test_analog_time_grows_with_kappa_as_the_error_law_says():
@@ -102,10 +106,9 @@ def _thermo(method="inverse", device=CHIP, host=H100, **changes):
     ("n_out", [64, 256, 1024, 3000]),
     ("batch", [1, 32, 1024]),
     ("kappa", [1.0, 10.0, 100.0, 1e4]),
-    ("bits", [4, 8, 12, 16]),
 ])
 def test_thermo_cost_increases_with_each_argument(method, arg, values):
-    costs = [_thermo(method, **{arg: v}) for v in values]
+    costs = [_thermo(method, **{arg: v, "bits": 16}) for v in values]
     for a, b in zip(costs, costs[1:], strict=False):
         assert a.seconds < b.seconds
         assert a.joules < b.joules
@@ -271,7 +274,8 @@ def test_speedup_grows_with_width():
     scenario = Scenario(digital=H100, thermo=BIG, kappa=10.0, eps=0.1, method="inverse")
     points = sweep("width", [256, 1024, 4096, 16384], scenario, batch=64)
     speedups = [p["speedup"] for p in points]
-    assert speedups == sorted(speedups) and speedups[-1] > 10 * speedups[0]
+    # digital eigh is O(n^3); the sampling inverse's window grows like n (error ~ sqrt(n kappa / T))
+    assert speedups[-1] > 1.0 and speedups[-1] > 3 * max(speedups[:-1])
     for p in points:
         assert set(p) >= {"x", "digital_s", "thermo_s", "speedup"}
 
@@ -282,7 +286,8 @@ def test_sweeps_of_each_axis():
     kappa = sweep("kappa", [1, 10, 100], scenario, workload=work)
     assert [p["speedup"] for p in kappa] == sorted((p["speedup"] for p in kappa), reverse=True)
     bits = sweep("bits", [4, 8, 16], scenario, workload=work)
-    assert [p["thermo_s"] for p in bits] == sorted(p["thermo_s"] for p in bits)
+    # coarse converters raise the static error, so the law needs longer windows (eps unreachable)
+    assert bits[-1]["thermo_s"] < bits[0]["thermo_s"]
     bandwidth = sweep("bandwidth", [1e8, 1e10, 1e12], scenario, workload=work)
     assert [p["thermo_s"] for p in bandwidth] == sorted((p["thermo_s"] for p in bandwidth), reverse=True)
     too_wide = sweep("width", [8192], scenario)
