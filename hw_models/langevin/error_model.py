@@ -350,7 +350,18 @@ def _pick(err2: np.ndarray, burn: np.ndarray, target: float,
             lo = mid
         if hi / lo < 1 + 1e-6:
             break
-    return float(burn[b]), float(hi), refine(float(burn[b]), hi), True
+    T = float(hi)
+    t0 = float(burn[b])
+    if b > 0:  # then the least burn-in that still meets the target at this window
+        lo_b, hi_b = float(burn[b - 1]), t0
+        for _ in range(40):
+            mid = 0.5 * (lo_b + hi_b)
+            if refine(mid, T) <= target:
+                hi_b = mid
+            else:
+                lo_b = mid
+        t0 = hi_b
+    return t0, T, refine(t0, T), True
 
 
 def _burn_grid(lam: np.ndarray, target: float, burn_in: float | None) -> np.ndarray:
