@@ -55,7 +55,7 @@ from hw_models.validation import check_choice, check_number, check_positive
 
 THERMO_METHODS = ("inverse", "solve", "best")
 DIGITAL_METHODS = ("eigh", "cholesky", "inverse")
-SWEEP_AXES = ("width", "kappa", "bits", "bandwidth")
+SWEEP_AXES = ("width", "kappa", "bits", "bandwidth", "eps", "tau", "units", "inverse_every", "precision")
 
 #: Bytes moved per parameter by one fused Adam update in fp32: read p, g, m, v; write p, m, v.
 ADAM_BYTES_PER_PARAM = 28.0
@@ -618,6 +618,16 @@ def default_sweep_values(axis: str) -> list[float]:
         return [float(10 ** (k / 2)) for k in range(0, 11)]
     if axis == "bits":
         return [float(b) for b in range(4, 17, 2)]
+    if axis == "eps":
+        return [0.01, 0.03, 0.1, 0.3]
+    if axis == "tau":
+        return [1e-9, 1e-8, 1e-7, 1e-6, 1e-5]
+    if axis == "units":
+        return [1.0, 2.0, 4.0, 16.0, 64.0]
+    if axis == "inverse_every":
+        return [1.0, 3.0, 10.0, 30.0, 100.0]
+    if axis == "precision":
+        return [float(i) for i in range(len(PRECISIONS))]
     return [float(v) for v in (1e9, 3e9, 1e10, 3e10, 1e11, 3e11, 1e12)]
 
 
@@ -626,8 +636,10 @@ def sweep(axis: str, values: Sequence[float] | None, scenario: Scenario, *, work
     """Speed-up of thermodynamic over digital K-FAC along one axis.
 
     ``width``: one square layer of width x (``batch`` rows, one position), curvature work only.
-    ``kappa`` / ``bits`` / ``bandwidth`` (bits per second): the whole step of ``workload`` if
-    given (``thermo_s`` thermo-only, plus the hybrid), else the square layer of size ``width``.
+    ``kappa`` / ``bits`` / ``bandwidth`` (bits per second) / ``eps`` / ``tau`` (seconds) /
+    ``units`` / ``inverse_every`` / ``precision`` (x = index into ``fp32, tf32, bf16, fp64``): the
+    whole step of ``workload`` if given (``thermo_s`` thermo-only, plus the hybrid), else the
+    square layer of size ``width``.
     Points where nothing fits the device have ``thermo_s`` and ``speedup`` set to None.
     """
     check_choice("sweep", axis, SWEEP_AXES)
@@ -636,7 +648,8 @@ def sweep(axis: str, values: Sequence[float] | None, scenario: Scenario, *, work
         raise ValueError("a sweep needs at least one value")
     points = []
     for x in values:
-        check_positive(axis, x)
+        if axis != "precision":
+            check_positive(axis, x)
         scen, n = scenario, width
         if axis == "width":
             n = check_positive("width", x, integer=True)
@@ -644,6 +657,20 @@ def sweep(axis: str, values: Sequence[float] | None, scenario: Scenario, *, work
             scen = scenario.replace(kappa=float(x))
         elif axis == "bits":
             scen = scenario.replace(bits=check_number("bits", x, low=1, high=32, integer=True))
+        elif axis == "eps":
+            scen = scenario.replace(eps=float(x), analog_time=None, burn_in=None)
+        elif axis == "tau":
+            scen = scenario.replace(thermo=scenario.thermo.replace(tau_s=float(x)))
+        elif axis == "units":
+            scen = scenario.replace(thermo=scenario.thermo.replace(
+                units=check_positive("units", x, integer=True)))
+        elif axis == "inverse_every":
+            scen = scenario.replace(schedule=dataclasses.replace(
+                scenario.schedule, inverse_every=check_positive("inverse_every", x, integer=True)))
+        elif axis == "precision":
+            index = check_number("precision index", x, low=0, high=len(PRECISIONS) - 1, integer=True)
+            scen = scenario.replace(schedule=dataclasses.replace(scenario.schedule,
+                                                                 precision=PRECISIONS[index]))
         else:
             scen = scenario.replace(thermo=scenario.thermo.replace(io_bandwidth_bps=float(x)))
         if axis != "width" and workload is not None:

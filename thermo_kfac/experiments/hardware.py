@@ -4,9 +4,10 @@
 :mod:`hw_models.devices` and saves it where the ``cpu`` (or ``cuda``) preset finds it.
 
 ``project`` prices one training step of a network on a digital device alone and with a
-thermodynamic co-processor (:mod:`hw_models.cost`), per layer and in total, or sweeps one
-parameter. Networks are the tables of :mod:`hw_models.workloads` or any torch model given as
-``module.path:factory``: it is built on the ``meta`` device (no weights are allocated) and a
+thermodynamic co-processor (:mod:`hw_models.cost`, priced by :mod:`hw_models.pricing`), per layer
+and in total; or sweeps one parameter, draws a 2-D break-even map, prices a run's ``trace.json``,
+or sets the seed paper's scenario beside the default one (:mod:`hw_models.projection`). Networks
+are the tables of :mod:`hw_models.workloads` or any torch model given as ``module.path:factory``: it is built on the ``meta`` device (no weights are allocated) and a
 forward pass on a meta tensor records every Linear/Conv layer's input shape.
 """
 
@@ -44,6 +45,19 @@ from hw_models.devices import (
     default_calibration_path,
     digital_device,
     thermo_device,
+)
+from hw_models.projection import (
+    DEFAULT_STEPS_RATIO,
+    MAP_KINDS,
+    PAPER_ASSUMPTIONS,
+    SCENARIOS,
+    KappaModel,
+    load_trace,
+    paper_report,
+    paper_scenario,
+    price_trace,
+    requirements,
+    speedup_map,
 )
 from hw_models.validation import check_positive
 from hw_models.workloads import WORKLOADS, LayerShape, Workload, workload
@@ -296,10 +310,14 @@ def project_json(step: StepCost, scenario: Scenario, be_kappa: float | None) -> 
             "digital_breakdown_s": dict(layer.digital.breakdown_s),
             "thermo_breakdown_s": dict(thermo.breakdown_s) if thermo else None,
             "thermo_error_floor": thermo.info.get("error_floor") if thermo else None,
+            "predicted_rel_error": thermo.info.get("predicted_rel_error") if thermo else None,
+            "kappa_measured": list(thermo.info.get("kappa_measured", ())) if thermo else None,
             "note": layer.note,
         })
     summary = step.summary()
     summary["break_even_kappa"] = be_kappa
+    for layer_doc, on in zip(layers, step.assignment, strict=True):
+        layer_doc["assigned"] = "thermo" if on else "digital"
     return {"model": step.workload, "hardware": scenario.thermo.name, "digital": scenario.digital.name,
             "batch": step.batch, "assumptions": scenario.describe(), "layers": layers, "step": summary}
 
@@ -360,9 +378,11 @@ def _plot_sweep(path: str, axis: str, points: list[dict[str, Any]], title: str) 
     bottom.set_ylabel("speed-up over digital K-FAC")
     bottom.legend(fontsize=8)
     labels = {"width": "layer width n", "kappa": "condition number kappa", "bits": "DAC/ADC bits",
-              "bandwidth": "host link bandwidth [bit/s]"}
+              "bandwidth": "host link bandwidth [bit/s]", "eps": "target relative error eps",
+              "tau": "tau [s]", "units": "solver units", "inverse_every": "inverse period [steps]",
+              "precision": "precision (fp32, tf32, bf16, fp64)"}
     bottom.set_xlabel(labels[axis])
-    if axis != "bits":
+    if axis not in ("bits", "precision"):
         bottom.set_xscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -437,25 +457,39 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
     if args.bandwidth is not None:
         check_positive("bandwidth", args.bandwidth)
         overrides["io_bandwidth_bps"] = args.bandwidth * 1e9
-    if args.noise_kappa0 is not None:
-        overrides["noise_kappa0"] = args.noise_kappa0
+    if args.kappa0 is not None:
+        overrides["kappa0"] = args.kappa0
     if args.oversize is not None:
         overrides["oversize"] = args.oversize
     thermo = thermo_device(args.hardware, **overrides)
     schedule = KFACSchedule(factor_every=args.factor_every, inverse_every=args.inverse_every,
                             digital_method=args.digital_method, precision=args.precision)
+    kappa_of = None
+    if args.spectra_from:
+        kappa_of = KappaModel.from_trace(load_trace(args.spectra_from))
     return Scenario(digital=digital, thermo=thermo, kappa=args.kappa, eps=args.eps, bits=args.bits,
                     method=args.method, schedule=schedule, nongemm_factor=args.nongemm_factor,
-                    resident=args.resident)
+                    resident=args.resident, analog_time=args.analog_time, burn_in=args.burn_in,
+                    start=args.start, overlap=args.overlap, devices=args.devices, kappa_of=kappa_of)
 
 
 def run_project(args: argparse.Namespace) -> int:
-    """``thermo-kfac project``: per-layer table and step headline, or a sweep."""
+    """``thermo-kfac project``: per-layer table and step headline, a sweep, a map, a trace, or the
+    paper's scenario beside the default one."""
     scenario = build_scenario(args)
+    if args.trace:
+        return _run_trace(args, scenario)
+    if args.map:
+        return _run_map(args, scenario)
     work = resolve_workload(args.model, batch=args.batch, input_shape=args.input_shape,
                             input_dtype=args.input_dtype)
+    if args.spectra_from:
+        print(f"spectra from {args.spectra_from}: {scenario.kappa_of.description} "
+              "(power law extrapolated to the workload's widths, exponent clamped to [0, 2])")
     if args.sweep:
         return _run_sweep(args, scenario, work)
+    if args.scenario == "paper":
+        return _run_paper(args, scenario, work)
     step = step_cost(work, scenario)
     be_kappa = break_even_kappa(work, scenario)
     print(f"{work.name}: {work.description}; {len(work.layers)} preconditioned layers, "
@@ -466,6 +500,15 @@ def run_project(args: argparse.Namespace) -> int:
           "amortized over its period, preconditioning); A/G = factor sizes; R = positions per example.")
     print()
     print(headline(step, scenario, be_kappa))
+    upd = step.update_only()
+    print(f"  optimizer update only: Adam {fmt_time(upd['adam_update_s'])}, digital K-FAC "
+          f"{fmt_time(upd['digital_kfac_update_s'])}, thermodynamic K-FAC "
+          f"{fmt_time(upd['thermo_kfac_update_s'])} "
+          f"(speed-up {fmt_ratio(upd['update_speedup_vs_digital_kfac'])})")
+    errors = [layer.thermo.info.get("predicted_rel_error") for layer, on in
+              zip(step.layers, step.assignment, strict=True) if on and layer.thermo]
+    if errors:
+        print(f"  predicted relative error of the analog layers (law): up to {max(errors):.3g}")
     doc = project_json(step, scenario, be_kappa)
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
@@ -508,6 +551,123 @@ def _run_sweep(args: argparse.Namespace, scenario: Scenario, work: Workload) -> 
         if path:
             print(f"wrote {label}: {path}")
     return 0
+
+
+def _run_paper(args: argparse.Namespace, scenario: Scenario, work: Workload) -> int:
+    """``--scenario paper``: both scenarios, the verdict, the deciding assumption, requirements."""
+    report = paper_report(work, scenario, steps_ratio=args.steps_ratio)
+    rows = []
+    for name in ("default", "paper"):
+        sc = report["scenarios"][name]
+        st, vm = sc["step"], sc["verdict_metrics"]
+        rows.append([name, fmt_time(st["adam_s"]), fmt_time(st["digital_kfac_s"]),
+                     fmt_time(st["thermo_kfac_s"]), fmt_ratio(st["speedup_vs_digital_kfac"]),
+                     fmt_ratio(vm["update_speedup_vs_digital_kfac"]),
+                     fmt_ratio(vm["time_to_result_vs_adam"]), f"{st['layers_on_thermo']}/{st['layers']}"])
+    print(f"{work.name}: default scenario ({scenario.thermo.name}, kappa {scenario.kappa:g}, eps "
+          f"{scenario.eps:g}) beside our reading of the seed paper (arXiv 2502.08603)")
+    print(table(["scenario", "Adam", "digital K-FAC", "thermo K-FAC", "step speed-up", "update speed-up",
+                 "vs Adam (time to result)", "analog"], rows))
+    print(f"(time to result vs Adam: K-FAC taking {report['steps_ratio']:g} of Adam's steps; "
+          "> 1 means faster)")
+    print("\nThe paper's assumptions as we read them (docs/hardware_model.md):")
+    print(table(["assumption", "value", "source"], [list(a) for a in PAPER_ASSUMPTIONS], "lll"))
+    print("\nEffect of setting each assumption back to the default scenario's value:")
+    eff_rows = [[e["assumption"], fmt_ratio(e["reverted_update_speedup"]) if e.get("reverted_update_speedup")
+                 else "-", fmt_ratio(e["reverted_time_to_result_vs_adam"])
+                 if e.get("reverted_time_to_result_vs_adam") else "-",
+                 f"{e['reverted_max_predicted_rel_error']:.3g}" if "reverted_max_predicted_rel_error" in e
+                 else "-", "yes" if e["decides"] else "no"]
+                for e in report["effects"]]
+    print(table(["reverted", "update speed-up", "vs Adam", "max error", "flips verdict"], eff_rows))
+    verdict = "REPRODUCED" if report["reproduced"] else "NOT reproduced"
+    deciding = ", ".join(report["deciding_assumptions"]) or "no single assumption flips it"
+    print(f"\nVerdict for {work.name}: the paper's claim (>= {report['substantial']:g}x over digital K-FAC "
+          f"on the optimizer update AND faster than Adam to a target, at per-layer error <= "
+          f"{report['accuracy_limit']:g}) is {verdict} under its assumptions.")
+    print(f"  deciding assumption(s): {deciding}; largest effect on the update speed-up: "
+          f"{report['most_influential']}; thermodynamic K-FAC beats Adam if K-FAC needs fewer than "
+          f"{report['max_steps_ratio_to_beat_adam']:.3g} of Adam's steps.")
+    if report["paper_predicted_rel_error_max"] is not None:
+        print(f"  accuracy of the paper's fixed 50 tau solves by the law: relative error up to "
+              f"{report['paper_predicted_rel_error_max']:.3g}")
+    reqs = {}
+    for name, scen in (("default", scenario), ("paper", paper_scenario(scenario, work))):
+        reqs[name] = requirements(work, scen, steps_ratio=args.steps_ratio)
+    print("\nWhat must hold (each axis alone, the rest as in the scenario) for thermodynamic K-FAC to win:")
+    req_rows = [[name, r["axis"], r["vs_digital_kfac"], r["vs_adam"]] for name in reqs for r in reqs[name]]
+    print(table(["scenario", "axis", "vs digital K-FAC (update)", "vs Adam (time to result)"], req_rows,
+                "llll"))
+    report["requirements"] = reqs
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote json: {args.json}")
+    return 0
+
+
+def _run_trace(args: argparse.Namespace, scenario: Scenario) -> int:
+    """``--trace RUN/trace.json``: price exactly the solves the run made."""
+    trace = load_trace(args.trace)
+    doc = price_trace(trace, thermo=scenario.thermo, digital=scenario.digital,
+                      digital_method=scenario.schedule.digital_method, precision=scenario.schedule.precision)
+    rows = [[r["name"], f"{r['factor_sizes'][0]}/{r['factor_sizes'][1]}", f"{r['kappa_measured']:.3g}",
+             fmt_time(r["digital_s"]), fmt_time(r["thermo_s"]) if r["thermo_s"] is not None else "too big",
+             "-" if r["predicted_rel_error"] is None else f"{r['predicted_rel_error']:.3g}",
+             "-" if r["rel_error_to_exact"] is None else f"{r['rel_error_to_exact']:.3g}"]
+            for r in doc["layers"]]
+    print(f"Trace {args.trace}: {doc['trace_steps']} steps; solver work per step on {doc['digital']} "
+          f"vs {doc['hardware']}")
+    print(table(["layer", "A/G", "kappa", "digital", "thermo", "pred. err", "run err"], rows))
+    st = doc["step"]
+    print(f"per step: digital K-FAC solver work {fmt_time(st['digital_kfac_solver_s'])}, thermodynamic "
+          f"{fmt_time(st['thermo_kfac_solver_s'])} (speed-up {fmt_ratio(st['speedup'] or 0.0)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote json: {args.json}")
+    return 0
+
+
+def _run_map(args: argparse.Namespace, scenario: Scenario) -> int:
+    """``--map width-kappa|kappa-eps``: 2-D break-even map of one square layer (CSV + PNG)."""
+    doc = speedup_map(args.map, scenario, batch=args.batch or 1024)
+    header = [f"{doc['y']}\\{doc['x']}"] + [f"{x:g}" for x in doc["xs"]]
+    rows = [[f"{y:g}"] + ["-" if v is None else fmt_ratio(v) for v in row]
+            for y, row in zip(doc["ys"], doc["speedup"], strict=True)]
+    print(f"Speed-up of one square layer's curvature work ({scenario.thermo.name} vs "
+          f"{scenario.digital.name}); > 1: thermodynamic wins, '-': does not fit")
+    print(table(header, rows))
+    if args.csv:
+        _write_csv(args.csv, [doc["y"] + "/" + doc["x"]] + doc["xs"],
+                   [[y] + row for y, row in zip(doc["ys"], doc["speedup"], strict=True)])
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    if args.plot:
+        _plot_map(args.plot, doc)
+    for label, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):
+        if path:
+            print(f"wrote {label}: {path}")
+    return 0
+
+
+def _plot_map(path: str, doc: dict[str, Any]) -> None:
+    from thermo_kfac.experiments._plotting import agg_pyplot
+
+    plt = agg_pyplot()
+    grid = [[math.nan if v is None else math.log10(v) for v in row] for row in doc["speedup"]]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    image = ax.imshow(grid, origin="lower", cmap="RdBu", vmin=-2, vmax=2, aspect="auto")
+    ax.set_xticks(range(len(doc["xs"])), [f"{x:g}" for x in doc["xs"]])
+    ax.set_yticks(range(len(doc["ys"])), [f"{y:g}" for y in doc["ys"]])
+    ax.set_xlabel(doc["x"])
+    ax.set_ylabel(doc["y"])
+    finite = [[v for v in row] for row in grid]
+    if any(not math.isnan(v) for row in finite for v in row):
+        ax.contour(finite, levels=[0.0], colors="k", linewidths=1.0)
+    fig.colorbar(image, ax=ax, label="log10 speed-up (thermodynamic over digital)")
+    ax.set_title(f"break-even map {doc['map']} (black: speed-up 1)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def register(subparsers: Any) -> None:
@@ -574,8 +734,9 @@ def register(subparsers: Any) -> None:
     proj.add_argument("--units", type=int, default=None, help="override: solver units in parallel")
     proj.add_argument("--tau", type=float, default=None, help="override: tau = RC in seconds")
     proj.add_argument("--bandwidth", type=float, default=None, help="override: host link in Gb/s")
-    proj.add_argument("--noise-kappa0", type=float, default=None,
-                      help="override: solve noise 1/beta relative to ||x*||^2 (0.5 = n kappa^2/eps^2 law)")
+    proj.add_argument("--kappa0", type=float, default=None,
+                      help="override: thermal noise 1/beta in the simulator's convention (lambda_max-"
+                           "normalised matrix, full-scale inputs)")
     proj.add_argument("--oversize", choices=OVERSIZE_POLICIES, default=None,
                       help="override: factors larger than the cells are refused (stay digital) or "
                            "split into diagonal blocks (an approximation)")
@@ -590,9 +751,32 @@ def register(subparsers: Any) -> None:
     proj.add_argument("--nongemm-factor", type=float, default=1.5,
                       help="forward+backward time / its GEMM time (norms, activations, data movement)")
     proj.add_argument("--sweep", choices=SWEEP_AXES, default=None,
-                      help="sweep one axis instead (width: one square layer; others: the model's step)")
+                      help="sweep one axis instead (width: one square layer; others: the model's step; "
+                           "precision values are indices into fp32,tf32,bf16,fp64)")
     proj.add_argument("--values", type=_floats, default=None, metavar="X,X,...",
                       help="sweep values (bandwidth in bit/s); default: a log grid per axis")
+    proj.add_argument("--analog-time", type=float, default=None, metavar="K",
+                      help="price a fixed averaging window of K tau per analog job (accuracy reported "
+                           "from the error law) instead of the window --eps needs")
+    proj.add_argument("--burn-in", type=float, default=None, metavar="T",
+                      help="fixed burn-in in tau (default: chosen with --eps, 0 with --analog-time)")
+    proj.add_argument("--start", choices=["zero", "gradient", "previous", "stationary"], default="zero",
+                      help="warm start of the analog solves")
+    proj.add_argument("--overlap", action="store_true",
+                      help="analog solves of step t run while step t+1 computes (step = max of both)")
+    proj.add_argument("--devices", type=int, default=1,
+                      help="thermodynamic devices sharing the layers (their analog work runs in parallel)")
+    proj.add_argument("--scenario", choices=SCENARIOS, default="default",
+                      help="paper: our reading of the seed paper's assumptions, beside the default "
+                           "scenario, with a verdict and a requirements table")
+    proj.add_argument("--steps-ratio", type=float, default=DEFAULT_STEPS_RATIO,
+                      help="K-FAC's steps to a target / Adam's (time-to-result comparison with Adam)")
+    proj.add_argument("--trace", default=None, metavar="RUN/trace.json",
+                      help="price exactly the solves listed in a training run's trace file")
+    proj.add_argument("--spectra-from", default=None, metavar="RUN/trace.json",
+                      help="apply the measured kappa-vs-width of a trace to --model (power-law fit)")
+    proj.add_argument("--map", choices=MAP_KINDS, default=None,
+                      help="2-D break-even map of one square layer (with --csv / --plot / --json)")
     proj.add_argument("--all-layers", action="store_true", help="one table row per layer (no grouping)")
     proj.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     proj.add_argument("--csv", default=None, metavar="PATH",
