@@ -99,7 +99,8 @@ def test_resident_reload_copies_and_units():
     job = AnalogJob("solve", 200, 8, spectrum=spec, window_tau=50.0)
     fresh, kept = price(job, "chip"), price(job.replace(resident=True), "chip")
     assert "programming" not in kept.breakdown_s and kept.seconds < fresh.seconds
-    assert price(job.replace(reload_state=True), "chip").breakdown_s["transfer"] > fresh.breakdown_s["transfer"]
+    reloaded = price(job.replace(reload_state=True), "chip")
+    assert reloaded.breakdown_s["transfer"] > fresh.breakdown_s["transfer"]
     two = price(job.replace(copies=2), "chip")
     assert two.analog_time_tau == pytest.approx(2 * fresh.analog_time_tau)
     assert two.error["variance"] == pytest.approx(fresh.error["variance"] / math.sqrt(2), rel=1e-6)

@@ -7,8 +7,9 @@
 thermodynamic co-processor (:mod:`hw_models.cost`, priced by :mod:`hw_models.pricing`), per layer
 and in total; or sweeps one parameter, draws a 2-D break-even map, prices a run's ``trace.json``,
 or sets the seed paper's scenario beside the default one (:mod:`hw_models.projection`). Networks
-are the tables of :mod:`hw_models.workloads` or any torch model given as ``module.path:factory``: it is built on the ``meta`` device (no weights are allocated) and a
-forward pass on a meta tensor records every Linear/Conv layer's input shape.
+are the tables of :mod:`hw_models.workloads` or any torch model given as ``module.path:factory``:
+it is built on the ``meta`` device (no weights are allocated) and a forward pass on a meta tensor
+records every Linear/Conv layer's input shape.
 """
 
 from __future__ import annotations
