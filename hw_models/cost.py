@@ -600,7 +600,7 @@ def break_even_kappa(workload: Any, scenario: Scenario, *, low: float = 1.0,
     if gain(high) >= 0:
         return high
     lo, hi = math.log(low), math.log(high)
-    for _ in range(40):
+    for _ in range(20):  # 2^-20 of ln(1e8): kappa to 2e-5 relative
         mid = 0.5 * (lo + hi)
         if gain(math.exp(mid)) >= 0:
             lo = mid
