@@ -432,14 +432,14 @@ class StepCost:
     devices: int = 1
 
     def _total(self, on_thermo: Sequence[bool]) -> float:
-        host = self.adam_s
-        analog = []
+        parts, analog = [], []
         for layer, analog_side in zip(self.layers, on_thermo, strict=True):
             if analog_side:
-                host += layer.host_seconds
+                parts.append(layer.host_seconds)
                 analog.append(layer.analog_seconds)
             else:
-                host += layer.digital.seconds
+                parts.append(layer.digital.seconds)
+        host = self.adam_s + sum(parts)  # summed as digital_kfac_s is: all-digital equals it exactly
         busy = max(max(analog, default=0.0), sum(analog) / self.devices)
         return max(host, busy) if self.overlap else host + busy
 
