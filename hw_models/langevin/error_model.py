@@ -57,8 +57,8 @@ found on a log grid and refined by bisection (``eps`` decreases in both).
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
