@@ -52,6 +52,7 @@ def _measure(A, lam, Q, b, config):
     return float(sq.mean()), float(sq.std(ddof=1) / math.sqrt(DRAWS)), law
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("integrator", ["analytic", "exact"])
 def test_law_matches_simulated_solves_on_20_spectra(integrator):
     rng = np.random.default_rng(7)
