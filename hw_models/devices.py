@@ -23,9 +23,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hw_models.noise import NoiseConfig
 from hw_models.validation import check_choice, check_number, check_positive
+
+if TYPE_CHECKING:
+    from hw_models.langevin.config import AnalogConfig
 
 OPS = ("gemm", "cholesky", "eigh", "inverse")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
@@ -326,9 +330,18 @@ class ThermoDevice:
     - ``program_row_s``: time to program one row of couplings once its values are on chip (rows
       are written one after another, the columns of a row in parallel).
     - ``units``: independent solver units working in parallel (each ``cells`` big).
-    - ``noise_kappa0``: noise variance 1/beta relative to ``||x*||^2`` during a solve (the TLA
-      normalisation, unit-norm solution); the solve's averaging time is ``2*kappa0*n*kappa^2/eps^2``
-      tau (see :mod:`hw_models.cost`). 0.5 gives exactly the ``n kappa^2 / eps^2`` law.
+    - ``kappa0``: thermal noise level ``1/beta`` of a solve in the SIMULATOR's convention (one
+      convention for simulator and pricing, docs/hardware_model.md section 3):
+      ``dx = -(P x - b) dt + sqrt(2 kappa0) dW`` with ``P`` the lambda_max-normalised programmed
+      matrix and ``b`` in DAC full-scale units. Inversion by sampling tunes its noise source
+      separately (see :mod:`hw_models.pricing`).
+    - ``coupling_bits``: resolution of the programmed couplings (``dac_bits`` is the right-hand
+      side DAC, ``adc_bits`` the read-out ADC).
+    - ``state_range``: ``|x_i|`` at which the state integrators saturate, in full-scale units (the
+      pricing scales inputs down so that ``x*`` stays inside it).
+    - ``coupling_range``: largest programmable ``|P_ij|`` in lambda_max-normalised units.
+    - ``mismatch``: relative std of the static per-cell coupling error (fixed pattern per device).
+    - ``read_noise``: std of the ADC read noise, full-scale units.
     - ``power_per_cell_w`` / ``power_per_coupling_w``: analog power while a unit runs.
     - ``io_energy_per_bit_j``: link energy; ``converter_fom_j``: Walden figure of merit of the
       DACs/ADCs, energy per conversion = ``fom * 2**bits``; ``mac_energy_j``: one on-chip
@@ -350,7 +363,7 @@ class ThermoDevice:
     link_latency_s: float
     program_row_s: float
     units: int
-    noise_kappa0: float
+    kappa0: float
     power_per_cell_w: float
     power_per_coupling_w: float
     io_energy_per_bit_j: float
@@ -359,6 +372,11 @@ class ThermoDevice:
     onchip_accumulators: bool
     oversize: str = "refuse"
     description: str = ""
+    coupling_bits: int = 12
+    state_range: float = 8.0
+    coupling_range: float = 1.0
+    mismatch: float = 0.0
+    read_noise: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive("cells", self.cells, integer=True)
@@ -370,7 +388,12 @@ class ThermoDevice:
                      "io_energy_per_bit_j", "converter_fom_j", "mac_energy_j"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_positive("units", self.units, integer=True)
-        check_positive("noise_kappa0", self.noise_kappa0)
+        check_positive("kappa0", self.kappa0)
+        check_number("coupling_bits", self.coupling_bits, low=2, high=32, integer=True)
+        check_positive("state_range", self.state_range)
+        check_positive("coupling_range", self.coupling_range)
+        check_positive("mismatch", self.mismatch, allow_zero=True)
+        check_positive("read_noise", self.read_noise, allow_zero=True)
         if not isinstance(self.onchip_accumulators, bool):
             raise ValueError(f"onchip_accumulators={self.onchip_accumulators!r} must be True or False")
         check_choice("oversize", self.oversize, OVERSIZE_POLICIES)
@@ -382,6 +405,40 @@ class ThermoDevice:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
         return dataclasses.asdict(self)
+
+    def noise_config(self, *, ideal: bool = False, **changes: Any) -> NoiseConfig:
+        """THE mapping from this preset to the simulator's non-idealities.
+
+        Couplings at ``coupling_bits`` over the fixed range ``coupling_range`` (the programmed
+        matrix is lambda_max-normalised), right-hand sides at ``dac_bits`` over the full scale 1,
+        read-out at ``adc_bits`` over ``state_range`` plus ``read_noise``, proportional
+        ``mismatch``. ``ideal=True`` switches all of them off (thermal noise stays: it is
+        ``kappa0`` of :meth:`analog_config`). ``changes`` override single NoiseConfig fields.
+        """
+        if ideal:
+            return NoiseConfig(**changes)
+        fields: dict[str, Any] = {
+            "coupling_bits": self.coupling_bits, "input_bits": self.dac_bits,
+            "output_bits": self.adc_bits, "coupling_range": self.coupling_range,
+            "input_range": 1.0, "output_range": self.state_range,
+            "mismatch_std": self.mismatch or None, "mismatch_kind": "proportional",
+            "read_noise": self.read_noise or None,
+        }
+        fields.update(changes)
+        return NoiseConfig(**fields)
+
+    def analog_config(self, *, ideal: bool = False, **window: Any) -> AnalogConfig:
+        """The simulator settings of this preset: ``kappa0`` and :meth:`noise_config`.
+
+        ``window`` sets the remaining :class:`~hw_models.langevin.AnalogConfig` fields
+        (``analog_time``, ``burn_in``, ``integrator``, ``seed``...); the default integrator is
+        ``"analytic"``. Times are in tau of the lambda_max-normalised matrix.
+        """
+        from hw_models.langevin.config import AnalogConfig
+
+        window.setdefault("integrator", "analytic")
+        window.setdefault("kappa0", self.kappa0)
+        return AnalogConfig(noise=self.noise_config(ideal=ideal), **window)
 
 
 def _board() -> ThermoDevice:
@@ -397,7 +454,12 @@ def _board() -> ThermoDevice:
     - host link 1 Gb/s effective (USB 3 / FPGA bridge), 50 us per transfer round trip,
       100 pJ/bit;
     - couplings programmed over SPI at 10 us per row;
-    - noise kappa0 = 0.5 (TLA regime, see :class:`ThermoDevice`);
+    - kappa0 = 1e-2 in the simulator's convention [assumed: discrete op-amp integrators and
+      noise sources; the simulator's default, TNGD's "noise below 0.01 is negligible" level];
+    - coupling_bits 12 (switched-capacitor / digital-potentiometer couplings) [assumed];
+      coupling_range 1.0 (convention);
+    - state_range 10 full-scale units (+-10 V integrator swing for a 1 V DAC full scale) [assumed];
+    - mismatch 1e-3 (0.1 % parts after one calibration) [assumed]; read_noise 1e-4 [assumed];
     - 50 mW per cell (op-amps and noise source), 1 mW per coupling;
     - no on-chip accumulators: every sample of an inversion streams to the host (the FPGA or
       host does the outer products at 10 pJ per MAC);
@@ -405,10 +467,11 @@ def _board() -> ThermoDevice:
     """
     return ThermoDevice(
         name="board", cells=32, tau_s=10e-6, dac_bits=12, adc_bits=12, io_bandwidth_bps=1e9,
-        link_latency_s=50e-6, program_row_s=10e-6, units=1, noise_kappa0=0.5,
+        link_latency_s=50e-6, program_row_s=10e-6, units=1, kappa0=1e-2,
         power_per_cell_w=0.05, power_per_coupling_w=1e-3, io_energy_per_bit_j=100e-12,
         converter_fom_j=1e-12, mac_energy_j=10e-12, onchip_accumulators=False, oversize="refuse",
         description="near-term PCB board, 32 cells (SPU prototype scaled up)",
+        coupling_bits=12, state_range=10.0, coupling_range=1.0, mismatch=1e-3, read_noise=1e-4,
     )
 
 
@@ -419,15 +482,19 @@ def _tngd() -> ThermoDevice:
     16-bit precision, 50 Gb/s digital transfer, R = 1 kOhm and C = 1 nF so tau = RC = 1 us. The
     paper gives no cell count, programming time or power, so we assume: 4096 cells, one unit,
     no separate programming time (TNGD counts transfer only), 1 us link latency (PCIe-class),
-    the same power and converter figures as :func:`_chip`, on-chip accumulators, kappa0 = 0.5,
-    oversize refuse.
+    the same power and converter figures as :func:`_chip`, on-chip accumulators, oversize refuse.
+    Noise and converters: kappa0 = 1e-3 (the smallest thermal noise TNGD simulates, Fig. 7; its
+    effect was negligible below 1e-2) [source: TNGD, in the simulator's convention as TNGD's eq. 15
+    uses it]; coupling_bits 16 (TNGD's 16-bit precision) [source]; state_range 8 [assumed];
+    mismatch 0 and read_noise 0 (TNGD's timing model has neither) [source: absent there].
     """
     return ThermoDevice(
         name="tngd", cells=4096, tau_s=1e-6, dac_bits=16, adc_bits=16, io_bandwidth_bps=50e9,
-        link_latency_s=1e-6, program_row_s=0.0, units=1, noise_kappa0=0.5,
+        link_latency_s=1e-6, program_row_s=0.0, units=1, kappa0=1e-3,
         power_per_cell_w=1e-3, power_per_coupling_w=1e-6, io_energy_per_bit_j=5e-12,
         converter_fom_j=50e-15, mac_energy_j=1e-12, onchip_accumulators=True, oversize="refuse",
         description="TNGD timing model (16 bit, 50 Gb/s, tau = 1 us), 4096 cells",
+        coupling_bits=16, state_range=8.0, coupling_range=1.0, mismatch=0.0, read_noise=0.0,
     )
 
 
@@ -443,7 +510,13 @@ def _chip() -> ThermoDevice:
       ADC performance survey: mainstream SAR designs sit at tens of fJ/step) [recalled];
     - host link 400 Gb/s (PCIe 5.0 x16 is about 512 Gb/s raw), 1 us latency, 5 pJ/bit (SerDes);
     - one row of couplings programmed per 100 ns (per-column DACs settle in about one tau);
-    - noise kappa0 = 0.5 (TLA regime);
+    - kappa0 = 1e-4 in the simulator's convention [assumed: kT/C of a 10 pF integrator at 300 K
+      is 4e-10 V^2, i.e. 4e-10 at a 1 V full scale; amplifier and noise-source floors are taken
+      as 1 % rms of full scale at lambda = 1];
+    - coupling_bits 10 (on-chip capacitor/conductance DACs) [assumed]; coupling_range 1.0;
+    - state_range 8 full-scale units [assumed];
+    - mismatch 2e-3 (on-chip capacitor matching after trimming) [assumed]; read_noise 2e-4
+      (about one LSB of a 12-bit ADC over +-1) [assumed];
     - 1 mW per cell (integrator, noise source, share of converters), 1 uW per coupling (tens of
       mV across tens of kOhm);
     - on-chip covariance accumulators at 1 pJ per 16-bit MAC (Horowitz, ISSCC 2014, 45 nm:
@@ -452,10 +525,11 @@ def _chip() -> ThermoDevice:
     """
     return ThermoDevice(
         name="chip", cells=4096, tau_s=100e-9, dac_bits=12, adc_bits=12, io_bandwidth_bps=400e9,
-        link_latency_s=1e-6, program_row_s=100e-9, units=4, noise_kappa0=0.5,
+        link_latency_s=1e-6, program_row_s=100e-9, units=4, kappa0=1e-4,
         power_per_cell_w=1e-3, power_per_coupling_w=1e-6, io_energy_per_bit_j=5e-12,
         converter_fom_j=50e-15, mac_energy_j=1e-12, onchip_accumulators=True, oversize="refuse",
         description="projected integrated chip, 4 units x 4096 cells, tau = 100 ns",
+        coupling_bits=10, state_range=8.0, coupling_range=1.0, mismatch=2e-3, read_noise=2e-4,
     )
 
 

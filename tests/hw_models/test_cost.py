@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from hw_models.cost import (
@@ -15,9 +14,6 @@ from hw_models.cost import (
     break_even_kappa,
     digital_layer_cost,
     gemm_time,
-    inverse_averaging_time_tau,
-    settling_time_tau,
-    solve_averaging_time_tau,
     step_cost,
     sweep,
     thermo_inverse_cost,
@@ -56,93 +52,39 @@ def test_digital_layer_decomposition_is_cubic():
 
 
 @pytest.mark.parametrize("kappa", [3.0, 30.0])
-def test_thermodynamic_solve_is_quadratic_at_fixed_kappa(kappa):
-    def layer_solve(n):  # method 2: two solves with n right-hand sides each
-        cost = thermo_layer_cost(n, n, 64, kappa=kappa, eps=0.1, device=BIG, host=H100, method="solve",
-                                 bias=False)
-        return cost.seconds - cost.breakdown_s["factor_accumulation"]
+def test_thermodynamic_solve_scaling_at_fixed_kappa(kappa):
+    """Method 2: the per-column window of the finite-time law does not grow with n (isotropic
+    full-scale right-hand sides), so the analog time of a layer is linear in its columns and the
+    transfer of n^2 couplings and inputs is quadratic: the layer as a whole is at most O(n^2)."""
+    def layer(n):  # 16-bit converters: the static error stays far below eps
+        return thermo_layer_cost(n, n, 64, kappa=kappa, eps=0.1, device=BIG, host=H100, method="solve",
+                                 bias=False, bits=16)
 
-    assert 1.9 <= slope(layer_solve, 1024, 4096) <= 2.05
-    def matrix_rhs(n):
-        return thermo_solve_cost(n, n, kappa=kappa, eps=0.1, device=BIG).seconds
+    def analog(n):
+        cost = layer(n)
+        return cost.breakdown_s["burn_in"] + cost.breakdown_s["averaging"]
 
-    assert 1.9 <= slope(matrix_rhs, 1024, 4096) <= 2.05
+    assert 0.95 <= slope(analog, 1024, 4096) <= 1.1
+    assert 1.9 <= slope(lambda n: layer(n).breakdown_s["transfer"], 1024, 4096) <= 2.05
+    total = slope(lambda n: layer(n).seconds - layer(n).breakdown_s["factor_accumulation"], 1024, 4096)
+    assert 1.0 <= total <= 2.05
 
 
-def test_solve_is_kappa_squared_and_inverse_kappa_linear():
+def test_analog_time_grows_with_kappa_as_the_error_law_says():
+    """The windows come from the finite-time law (tests/hw_models/test_error_model.py checks the law
+    against simulation): a worse-conditioned factor needs more analog time for the same eps."""
     def solve(k):
-        return thermo_solve_cost(2000, 2000, kappa=k, eps=0.1, device=BIG).breakdown_s["averaging"]
+        c = thermo_solve_cost(500, 1, kappa=k, eps=0.1, device=BIG, bits=16)
+        return c.window_tau + c.burn_in_tau
 
     def inverse(k):
-        return thermo_inverse_cost(2000, kappa=k, eps=0.1, device=BIG).breakdown_s["averaging"]
+        return thermo_inverse_cost(500, kappa=k, eps=0.1, device=BIG, bits=16).window_tau
 
-    assert slope(solve, 10, 100) == pytest.approx(2.0, abs=1e-9)
-    assert slope(inverse, 10, 100) == pytest.approx(1.0, abs=1e-9)
-
-
-def test_averaging_laws_from_thermo_md():
-    # 2.1 [D]: solve t ~ 2 tr(A^-2)/(beta eps^2) <= 2 n kappa^2 kappa0 / eps^2, inverse t ~ (n+1) kappa/eps^2
-    assert solve_averaging_time_tau(100, 10.0, 0.1, kappa0=0.5) == pytest.approx(100 * 10.0**2 / 0.1**2)
-    assert inverse_averaging_time_tau(100, 10.0, 0.1) == pytest.approx(101 * 10.0 / 0.01)
-    assert settling_time_tau(10.0, math.exp(-2)) == pytest.approx(20.0)
-
-
-# ------------------------------------------------- the error laws, checked by simulating the OU process
-
-
-def _ou_exact_step(eigvals: np.ndarray, dt: float):
-    decay = np.exp(-eigvals * dt)
-    return decay, np.sqrt((1.0 - decay**2) / eigvals)
-
-
-def test_solve_error_law_holds_for_the_ou_process():
-    """Time-averaged OU mean (beta = 1/kappa0, x* of unit norm): relative error close to eps."""
-    rng = np.random.default_rng(0)
-    n, kappa, eps, kappa0 = 4, 5.0, 0.3, 0.5
-    # tight case of tr(A^-2) <= n kappa^2: all eigenvalues at 1/kappa but one at 1 (lambda_max = 1)
-    lam = np.array([1.0] + [1.0 / kappa] * (n - 1))
-    x_star = np.ones(n) / math.sqrt(n)
-    t_avg = solve_averaging_time_tau(n, kappa, eps, kappa0)
-    dt = 0.05
-    steps = int(t_avg / dt)
-    decay, spread = _ou_exact_step(lam, dt)
-    trials = 400
-    x = np.tile(x_star, (trials, 1))  # start in equilibrium: this checks the averaging term only
-    x = x + np.sqrt(kappa0 / lam) * rng.standard_normal((trials, n))
-    total = np.zeros_like(x)
-    for _ in range(steps):  # eigenbasis of A (diagonal): exact transitions, noise variance kappa0/lam
-        x = x_star + decay * (x - x_star) + math.sqrt(kappa0) * spread * rng.standard_normal((trials, n))
-        total += x
-    rms_error = math.sqrt(np.mean(np.sum((total / steps - x_star) ** 2, axis=1)))
-    assert 0.7 * eps <= rms_error <= 1.15 * eps
-
-
-def test_inverse_error_law_holds_for_the_ou_process():
-    """Sample covariance over (n+1) kappa / eps^2 tau: relative Frobenius error at most about eps."""
-    rng = np.random.default_rng(1)
-    n, kappa, eps = 4, 10.0, 0.3
-    lam = np.array([1.0] + [1.0 / kappa] * (n - 1))  # the slow modes dominate the error
-    sigma = np.diag(1.0 / lam)  # beta = 1: covariance A^-1
-    t_avg = inverse_averaging_time_tau(n, kappa, eps)
-    dt = 0.1
-    steps = int(t_avg / dt)
-    decay, spread = _ou_exact_step(lam, dt)
-    trials = 300
-    x = rng.standard_normal((trials, n)) / np.sqrt(lam)
-    acc = np.zeros((trials, n, n))
-    for _ in range(steps):
-        x = decay * x + spread * rng.standard_normal((trials, n))
-        acc += x[:, :, None] * x[:, None, :]
-    err = np.linalg.norm(acc / steps - sigma, axis=(1, 2)) / np.linalg.norm(sigma)
-    rms = math.sqrt(np.mean(err**2))
-    assert 0.4 * eps <= rms <= 1.1 * eps
-
-
-def test_settling_removes_a_cold_start_to_eps():
-    kappa, eps = 50.0, 0.01
-    t0 = settling_time_tau(kappa, eps)
-    lam_min = 1.0 / kappa
-    assert math.exp(-lam_min * t0) == pytest.approx(eps)
+    assert solve(10) < solve(100) < solve(1000)
+    assert inverse(10) < inverse(100) < inverse(1000)
+    # the inverse's window reaches eps by the law it was chosen from
+    price = thermo_inverse_cost(500, kappa=100.0, eps=0.1, device=BIG, bits=16)
+    assert price.predicted_rel_error == pytest.approx(0.1, rel=0.02)
 
 
 # ------------------------------------------------------------------------------------ monotonicity
@@ -163,10 +105,9 @@ def _thermo(method="inverse", device=CHIP, host=H100, **changes):
     ("n_out", [64, 256, 1024, 3000]),
     ("batch", [1, 32, 1024]),
     ("kappa", [1.0, 10.0, 100.0, 1e4]),
-    ("bits", [4, 8, 12, 16]),
 ])
 def test_thermo_cost_increases_with_each_argument(method, arg, values):
-    costs = [_thermo(method, **{arg: v}) for v in values]
+    costs = [_thermo(method, **{arg: v, "bits": 16}) for v in values]
     for a, b in zip(costs, costs[1:], strict=False):
         assert a.seconds < b.seconds
         assert a.joules < b.joules
@@ -212,7 +153,7 @@ def test_cost_breakdown_adds_up():
         assert cost.joules == pytest.approx(sum(cost.breakdown_j.values()))
         assert all(v >= 0 for v in cost.breakdown_s.values())
     solve = _thermo("solve")
-    assert {"transfer", "programming", "settling", "averaging", "readout"} <= set(solve.breakdown_s)
+    assert {"transfer", "programming", "burn_in", "averaging", "readout"} <= set(solve.breakdown_s)
 
 
 def test_best_method_is_the_cheaper_one():
@@ -332,7 +273,8 @@ def test_speedup_grows_with_width():
     scenario = Scenario(digital=H100, thermo=BIG, kappa=10.0, eps=0.1, method="inverse")
     points = sweep("width", [256, 1024, 4096, 16384], scenario, batch=64)
     speedups = [p["speedup"] for p in points]
-    assert speedups == sorted(speedups) and speedups[-1] > 10 * speedups[0]
+    # digital eigh is O(n^3); the sampling inverse's window grows like n (error ~ sqrt(n kappa / T))
+    assert speedups[-1] > 1.0 and speedups[-1] > 3 * max(speedups[:-1])
     for p in points:
         assert set(p) >= {"x", "digital_s", "thermo_s", "speedup"}
 
@@ -343,7 +285,8 @@ def test_sweeps_of_each_axis():
     kappa = sweep("kappa", [1, 10, 100], scenario, workload=work)
     assert [p["speedup"] for p in kappa] == sorted((p["speedup"] for p in kappa), reverse=True)
     bits = sweep("bits", [4, 8, 16], scenario, workload=work)
-    assert [p["thermo_s"] for p in bits] == sorted(p["thermo_s"] for p in bits)
+    # coarse converters raise the static error, so the law needs longer windows (eps unreachable)
+    assert bits[-1]["thermo_s"] < bits[0]["thermo_s"]
     bandwidth = sweep("bandwidth", [1e8, 1e10, 1e12], scenario, workload=work)
     assert [p["thermo_s"] for p in bandwidth] == sorted((p["thermo_s"] for p in bandwidth), reverse=True)
     too_wide = sweep("width", [8192], scenario)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +264,53 @@ def test_full_cli_registers_the_commands(tmp_path, capsys):
     assert json.loads(out.read_text())["model"] == "gnn-molpcba"
     assert cli.main(["project", "--hardware", "nope"]) == 2
     assert "'chip'" in capsys.readouterr().err
+
+
+TRACE = Path(__file__).resolve().parents[1] / "hw_models" / "data" / "trace_small.json"
+
+
+def test_project_trace_json(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    code, text, _ = run(["project", "--trace", str(TRACE), "--hardware", "chip", "--digital", "a100",
+                         "--json", str(out)], capsys)
+    assert code == 0 and "too big" in text
+    doc = json.loads(out.read_text())
+    rows = {r["name"]: r for r in doc["layers"]}
+    assert rows["fc2"]["thermo_s"] is None and rows["fc1"]["thermo_s"] > 0
+    assert {"kappa_measured", "digital_s", "thermo_s"} <= set(rows["fc1"])
+    assert doc["digital"] == "a100" and doc["step"]["layers_too_big"] == 1
+
+
+def test_project_paper_scenario_states_the_verdict(tmp_path, capsys):
+    out = tmp_path / "paper.json"
+    code, text, _ = run(["project", "--model", "mnist-ae", "--scenario", "paper", "--json", str(out)], capsys)
+    assert code == 0
+    assert "Verdict for mnist-ae" in text and ("REPRODUCED" in text or "NOT reproduced" in text)
+    assert "deciding assumption" in text and "What must hold" in text
+    doc = json.loads(out.read_text())
+    assert set(doc["scenarios"]) == {"default", "paper"} and doc["requirements"]["paper"]
+
+
+def test_project_map_and_fixed_analog_time(tmp_path, capsys):
+    csv_path, png = tmp_path / "m.csv", tmp_path / "m.png"
+    code, _, _ = run(["project", "--map", "kappa-eps", "--batch", "64", "--csv", str(csv_path),
+                      "--plot", str(png)], capsys)
+    assert code == 0 and png.stat().st_size > 0
+    assert len(csv_path.read_text().splitlines()) == 5  # header + 4 eps rows
+    out = tmp_path / "fixed.json"
+    code, text, _ = run(["project", "--model", "mnist-ae", "--analog-time", "20", "--overlap",
+                         "--method", "solve", "--json", str(out)], capsys)
+    assert code == 0 and "optimizer update only" in text
+    doc = json.loads(out.read_text())
+    assert doc["assumptions"]["analog_time"] == 20.0 and doc["step"]["overlap"] is True
+    assert all(layer["predicted_rel_error"] > 0 for layer in doc["layers"] if layer["thermo_s"])
+
+
+def test_project_spectra_from_trace(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    code, text, _ = run(["project", "--model", "mnist-ae", "--spectra-from", str(TRACE), "--json", str(out)],
+                        capsys)
+    assert code == 0 and "kappa(n) =" in text
+    doc = json.loads(out.read_text())
+    assert "kappa(n)" in doc["assumptions"]["kappa_of"]
+    assert all(layer["kappa_measured"] for layer in doc["layers"] if layer["thermo_s"])

@@ -86,9 +86,9 @@ def test_size_rule_sends_layers_that_fit_the_device_to_the_analog_solver():
 def test_auto_agrees_with_the_cost_model_numbers():
     schedule = KFACSchedule(factor_every=1, inverse_every=10)
     kappa, eps = 10.0, 0.1
-    model = _Net(widths=(6, 8, 200, 5))
-    # method "inverse": the thermo solver's default "solve" is priced by the n kappa^2/eps^2
-    # averaging law and never wins at these sizes, so this case would not exercise both outcomes
+    model = _Net(widths=(6, 8, 600, 5))
+    # method "inverse": its sampling window grows like n kappa / eps^2 (the error law), so the
+    # 6->8 layer goes analog and the 600-wide factors stay digital: both outcomes are exercised
     policy = SolverPolicy(kappa=kappa, eps=eps, hardware="chip", digital="h100",
                           analog="thermo:method=inverse")
     precond = KFACPreconditioner(model, solver="auto", inverse_update_every=10, solver_map=policy)

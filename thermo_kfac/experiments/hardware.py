@@ -4,22 +4,22 @@
 :mod:`hw_models.devices` and saves it where the ``cpu`` (or ``cuda``) preset finds it.
 
 ``project`` prices one training step of a network on a digital device alone and with a
-thermodynamic co-processor (:mod:`hw_models.cost`), per layer and in total, or sweeps one
-parameter. Networks are the tables of :mod:`hw_models.workloads` or any torch model given as
-``module.path:factory``: it is built on the ``meta`` device (no weights are allocated) and a
-forward pass on a meta tensor records every Linear/Conv layer's input shape.
+thermodynamic co-processor (:mod:`hw_models.cost`, priced by :mod:`hw_models.pricing`), per layer
+and in total; or sweeps one parameter, draws a 2-D break-even map, prices a run's ``trace.json``,
+or sets the seed paper's scenario beside the default one (:mod:`hw_models.projection`). Networks
+are the tables of :mod:`hw_models.workloads` or any torch model given as ``module.path:factory``:
+it is built on the ``meta`` device (no weights are allocated) and a forward pass on a meta tensor
+records every Linear/Conv layer's input shape.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import math
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from hw_models.calibration import calibrate, save_calibration
@@ -28,9 +28,7 @@ from hw_models.cost import (
     SWEEP_AXES,
     THERMO_METHODS,
     KFACSchedule,
-    LayerComparison,
     Scenario,
-    StepCost,
     break_even_kappa,
     step_cost,
     sweep,
@@ -45,9 +43,33 @@ from hw_models.devices import (
     digital_device,
     thermo_device,
 )
+from hw_models.projection import (
+    DEFAULT_STEPS_RATIO,
+    MAP_KINDS,
+    PAPER_ASSUMPTIONS,
+    SCENARIOS,
+    KappaModel,
+    load_trace,
+    paper_report,
+    paper_scenario,
+    price_trace,
+    requirements,
+    speedup_map,
+)
 from hw_models.validation import check_positive
 from hw_models.workloads import WORKLOADS, LayerShape, Workload, workload
-from thermo_kfac.experiments._io import float_list, format_seconds, int_list, text_table
+from thermo_kfac.experiments._io import atomic_write, float_list, format_seconds, int_list, text_table
+from thermo_kfac.experiments.project_report import (
+    LAYER_HEADERS,
+    fmt_ratio,
+    headline,
+    layer_rows,
+    plot_map,
+    plot_project,
+    plot_sweep,
+    project_json,
+    write_csv,
+)
 
 # Earlier names of the shared formatters (notebooks and scripts import them from here).
 fmt_time = format_seconds
@@ -172,184 +194,6 @@ def resolve_workload(spec: str, *, batch: int | None = None, input_shape: Sequen
 # --------------------------------------------------------------------------------------------
 
 
-def fmt_ratio(value: float) -> str:
-    """A speed-up or overhead factor: two decimals, or three significant digits when tiny."""
-    return f"{value:.2f}x" if value >= 0.01 else f"{value:.3g}x"
-
-
-def _group_name(name: str) -> str:
-    """``blocks.3.mlp.fc1`` -> ``blocks.*.mlp.fc1``: index segments become ``*``."""
-    parts = name.split(".")
-    out = []
-    for p in parts:
-        if p.isdigit():
-            out.append("*")
-        elif p.startswith("step") and p[4:].isdigit():
-            out.append("step*")
-        else:
-            out.append(p)
-    return ".".join(out)
-
-
-def layer_groups(step: StepCost, group: bool = True) -> list[tuple[str, int, LayerComparison]]:
-    """``(name, count, representative)`` per table row; identical layers merge when ``group``."""
-    groups: dict[tuple[Any, ...], list[Any]] = {}
-    for layer in step.layers:
-        name = _group_name(layer.name) if group else layer.name
-        key = (name, layer.n_in, layer.n_out, round(layer.positions, 6), layer.bias)
-        if key in groups:
-            groups[key][1] += 1
-        else:
-            groups[key] = [name, 1, layer]
-    return [(name, count, layer) for name, count, layer in groups.values()]
-
-
-def layer_rows(step: StepCost, group: bool = True) -> list[list[Any]]:
-    """Rows of the per-layer table (see :data:`LAYER_HEADERS`).
-
-    ``stats`` is the factor accumulation both sides pay; ``solver d/t`` compares what differs
-    (digital decomposition + preconditioning vs the analog work and its host-side products).
-    """
-    rows = []
-    for name, count, layer in layer_groups(step, group):
-        n_a, n_g = layer.n_in + int(layer.bias), layer.n_out
-        thermo = layer.thermo
-        stats = layer.digital.breakdown_s.get("factor_accumulation", 0.0)
-        ratio = "-"
-        if thermo is not None:
-            solver_d = layer.digital.seconds - stats
-            solver_t = thermo.seconds - thermo.breakdown_s.get("factor_accumulation", 0.0)
-            ratio = f"{solver_d / solver_t:.3g}x" if solver_t > 0 else "-"
-        rows.append([name, f"x{count}", f"{layer.n_in}->{layer.n_out}", f"{n_a}/{n_g}",
-                     f"{layer.positions:g}", format_seconds(stats), format_seconds(layer.digital.seconds),
-                     format_seconds(thermo.seconds if thermo else None),
-                     thermo.info.get("method", "-") if thermo else "too big", ratio, layer.cheaper])
-    return rows
-
-
-LAYER_HEADERS = ["layer", "n", "d_in->d_out", "A/G", "R", "stats", "digital", "thermo", "method",
-                 "solver d/t", "cheaper"]
-
-
-def headline(step: StepCost, scenario: Scenario, be_kappa: float | None) -> str:
-    """The step summary printed under the table."""
-    s = step.summary()
-    th, sched = scenario.thermo, scenario.schedule
-    bits = scenario.bits or th.dac_bits
-    too_big = f", {s['layers_not_fitting']} too big for it" if s["layers_not_fitting"] else ""
-    lines = [
-        f"Per training step of {step.workload}, batch {step.batch}:",
-        f"  digital {scenario.digital.name} ({sched.precision}, {sched.digital_method} every "
-        f"{sched.inverse_every} steps); thermodynamic {th.name} ({th.units} x {th.cells} cells, "
-        f"tau {format_seconds(th.tau_s)}, {bits} bit, {th.io_bandwidth_bps / 1e9:g} Gb/s);",
-        f"  kappa {scenario.kappa:g}, eps {scenario.eps:g}, method {scenario.method}",
-        f"  Adam                      {format_seconds(s['adam_s']):>10}   "
-        f"(forward+backward {format_seconds(s['fwd_bwd_s'])})",
-        f"  digital K-FAC             {format_seconds(s['digital_kfac_s']):>10}   "
-        f"{fmt_ratio(s['digital_overhead_vs_adam'])} Adam",
-        f"  thermodynamic K-FAC       {format_seconds(s['thermo_kfac_s']):>10}   "
-        f"{fmt_ratio(s['thermo_overhead_vs_adam'])} Adam; {s['layers_on_thermo']}/{s['layers']} layers "
-        f"on the analog device{too_big}",
-        f"  speed-up vs digital K-FAC {fmt_ratio(s['speedup_vs_digital_kfac']):>10}   (every layer that "
-        f"fits on the analog device: {fmt_ratio(s['speedup_thermo_only'])})",
-    ]
-    if be_kappa is None:
-        lines.append("  break-even kappa: none (thermodynamic K-FAC is slower even at kappa = 1)")
-    else:
-        lines.append(f"  break-even kappa: {be_kappa:.3g} (all-thermodynamic K-FAC is faster below it)")
-    lines.append(f"  energy per step: Adam {s['adam_j']:.3g} J, digital K-FAC {s['digital_kfac_j']:.3g} J, "
-                 f"thermodynamic K-FAC {s['thermo_kfac_j']:.3g} J")
-    return "\n".join(lines)
-
-
-def project_json(step: StepCost, scenario: Scenario, be_kappa: float | None) -> dict[str, Any]:
-    """The ``--json`` document of ``project`` (schema in docs/hardware_model.md)."""
-    layers = []
-    for layer in step.layers:
-        thermo = layer.thermo
-        layers.append({
-            "name": layer.name, "n_in": layer.n_in, "n_out": layer.n_out,
-            "digital_s": layer.digital.seconds, "thermo_s": thermo.seconds if thermo else None,
-            "cheaper": layer.cheaper, "kind": layer.kind, "positions": layer.positions, "bias": layer.bias,
-            "factor_sizes": [layer.n_in + int(layer.bias), layer.n_out],
-            "method": thermo.info.get("method") if thermo else None,
-            "digital_j": layer.digital.joules, "thermo_j": thermo.joules if thermo else None,
-            "digital_breakdown_s": dict(layer.digital.breakdown_s),
-            "thermo_breakdown_s": dict(thermo.breakdown_s) if thermo else None,
-            "thermo_error_floor": thermo.info.get("error_floor") if thermo else None,
-            "note": layer.note,
-        })
-    summary = step.summary()
-    summary["break_even_kappa"] = be_kappa
-    return {"model": step.workload, "hardware": scenario.thermo.name, "digital": scenario.digital.name,
-            "batch": step.batch, "assumptions": scenario.describe(), "layers": layers, "step": summary}
-
-
-def _write_csv(path: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(headers)
-        writer.writerows(rows)
-
-
-def _plot_project(path: str, step: StepCost, scenario: Scenario) -> None:
-    from thermo_kfac.experiments._plotting import agg_pyplot
-
-    plt = agg_pyplot()  # files only: matplotlib's backend and pyplot are left alone
-
-    groups = layer_groups(step)
-    names = [f"{name} x{count}" if count > 1 else name for name, count, _ in groups]
-    digital = [layer.digital.seconds for _, _, layer in groups]
-    thermo = [layer.thermo.seconds if layer.thermo else float("nan") for _, _, layer in groups]
-    height = max(3.0, 0.28 * len(names) + 1.5)
-    fig, ax = plt.subplots(figsize=(9, height))
-    y = range(len(names))
-    ax.barh([i - 0.2 for i in y], digital, height=0.4, label=f"digital ({scenario.digital.name})")
-    ax.barh([i + 0.2 for i in y], thermo, height=0.4, label=f"thermodynamic ({scenario.thermo.name})")
-    ax.set_yticks(list(y), names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("K-FAC curvature time per training step per layer [s]")
-    ax.set_title(f"{step.workload}: speed-up {fmt_ratio(step.speedup_vs_digital_kfac)} "
-                 f"(kappa {scenario.kappa:g}, eps {scenario.eps:g})", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_sweep(path: str, axis: str, points: list[dict[str, Any]], title: str) -> None:
-    from thermo_kfac.experiments._plotting import agg_pyplot
-
-    plt = agg_pyplot()  # files only: matplotlib's backend and pyplot are left alone
-
-    xs = [p["x"] for p in points]
-    nan = float("nan")
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
-    top.plot(xs, [p["digital_s"] for p in points], "o-", label="digital K-FAC")
-    top.plot(xs, [p["thermo_s"] if p["thermo_s"] is not None else nan for p in points], "s-",
-             label="thermodynamic K-FAC")
-    top.set_yscale("log")
-    top.set_ylabel("time [s]")
-    top.legend(fontsize=8)
-    top.set_title(title, fontsize=10)
-    bottom.plot(xs, [p["speedup"] if p["speedup"] is not None else nan for p in points], "o-",
-                label="thermodynamic only")
-    bottom.plot(xs, [p["hybrid_speedup"] for p in points], "--", label="hybrid (cheaper side per layer)")
-    bottom.axhline(1.0, color="grey", lw=0.8)
-    bottom.set_yscale("log")
-    bottom.set_ylabel("speed-up over digital K-FAC")
-    bottom.legend(fontsize=8)
-    labels = {"width": "layer width n", "kappa": "condition number kappa", "bits": "DAC/ADC bits",
-              "bandwidth": "host link bandwidth [bit/s]"}
-    bottom.set_xlabel(labels[axis])
-    if axis != "bits":
-        bottom.set_xscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
@@ -388,7 +232,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         path = save_calibration(result, args.out)
         print(f"\nsaved to {path}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        atomic_write(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -405,25 +249,39 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
     if args.bandwidth is not None:
         check_positive("bandwidth", args.bandwidth)
         overrides["io_bandwidth_bps"] = args.bandwidth * 1e9
-    if args.noise_kappa0 is not None:
-        overrides["noise_kappa0"] = args.noise_kappa0
+    if args.kappa0 is not None:
+        overrides["kappa0"] = args.kappa0
     if args.oversize is not None:
         overrides["oversize"] = args.oversize
     thermo = thermo_device(args.hardware, **overrides)
     schedule = KFACSchedule(factor_every=args.factor_every, inverse_every=args.inverse_every,
                             digital_method=args.digital_method, precision=args.precision)
+    kappa_of = None
+    if args.spectra_from:
+        kappa_of = KappaModel.from_trace(load_trace(args.spectra_from))
     return Scenario(digital=digital, thermo=thermo, kappa=args.kappa, eps=args.eps, bits=args.bits,
                     method=args.method, schedule=schedule, nongemm_factor=args.nongemm_factor,
-                    resident=args.resident)
+                    resident=args.resident, analog_time=args.analog_time, burn_in=args.burn_in,
+                    start=args.start, overlap=args.overlap, devices=args.devices, kappa_of=kappa_of)
 
 
 def run_project(args: argparse.Namespace) -> int:
-    """``thermo-kfac project``: per-layer table and step headline, or a sweep."""
+    """``thermo-kfac project``: per-layer table and step headline, a sweep, a map, a trace, or the
+    paper's scenario beside the default one."""
     scenario = build_scenario(args)
+    if args.trace:
+        return _run_trace(args, scenario)
+    if args.map:
+        return _run_map(args, scenario)
     work = resolve_workload(args.model, batch=args.batch, input_shape=args.input_shape,
                             input_dtype=args.input_dtype)
+    if args.spectra_from:
+        print(f"spectra from {args.spectra_from}: {scenario.kappa_of.description} "
+              "(power law extrapolated to the workload's widths, exponent clamped to [0, 2])")
     if args.sweep:
         return _run_sweep(args, scenario, work)
+    if args.scenario == "paper":
+        return _run_paper(args, scenario, work)
     step = step_cost(work, scenario)
     be_kappa = break_even_kappa(work, scenario)
     print(f"{work.name}: {work.description}; {len(work.layers)} preconditioned layers, "
@@ -434,15 +292,24 @@ def run_project(args: argparse.Namespace) -> int:
           "amortized over its period, preconditioning); A/G = factor sizes; R = positions per example.")
     print()
     print(headline(step, scenario, be_kappa))
+    upd = step.update_only()
+    print(f"  optimizer update only: Adam {fmt_time(upd['adam_update_s'])}, digital K-FAC "
+          f"{fmt_time(upd['digital_kfac_update_s'])}, thermodynamic K-FAC "
+          f"{fmt_time(upd['thermo_kfac_update_s'])} "
+          f"(speed-up {fmt_ratio(upd['update_speedup_vs_digital_kfac'])})")
+    errors = [layer.thermo.info.get("predicted_rel_error") for layer, on in
+              zip(step.layers, step.assignment, strict=True) if on and layer.thermo]
+    if errors:
+        print(f"  predicted relative error of the analog layers (law): up to {max(errors):.3g}")
     doc = project_json(step, scenario, be_kappa)
     if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        atomic_write(args.json, json.dumps(doc, indent=2) + "\n")
     if args.csv:
         cols = ["name", "kind", "n_in", "n_out", "positions", "bias", "digital_s", "thermo_s", "cheaper",
                 "method", "digital_j", "thermo_j", "note"]
-        _write_csv(args.csv, cols, [[row[c] for c in cols] for row in doc["layers"]])
+        write_csv(args.csv, cols, [[row[c] for c in cols] for row in doc["layers"]])
     if args.plot:
-        _plot_project(args.plot, step, scenario)
+        plot_project(args.plot, step, scenario)
     for label, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):
         if path:
             print(f"wrote {label}: {path}")
@@ -464,14 +331,110 @@ def _run_sweep(args: argparse.Namespace, scenario: Scenario, work: Workload) -> 
            "digital": scenario.digital.name, "scope": scope, "batch": work.batch,
            "assumptions": scenario.describe(), "points": points}
     if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        atomic_write(args.json, json.dumps(doc, indent=2) + "\n")
     if args.csv:
         cols = ["x", "digital_s", "thermo_s", "speedup", "hybrid_s", "hybrid_speedup"]
-        _write_csv(args.csv, cols, [[p[c] for c in cols] for p in points])
+        write_csv(args.csv, cols, [[p[c] for c in cols] for p in points])
     if args.plot:
         title = (f"{what}\n{scenario.digital.name} vs {scenario.thermo.name}, kappa {scenario.kappa:g}, "
                  f"eps {scenario.eps:g}")
-        _plot_sweep(args.plot, args.sweep, points, title)
+        plot_sweep(args.plot, args.sweep, points, title)
+    for label, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):
+        if path:
+            print(f"wrote {label}: {path}")
+    return 0
+
+
+def _run_paper(args: argparse.Namespace, scenario: Scenario, work: Workload) -> int:
+    """``--scenario paper``: both scenarios, the verdict, the deciding assumption, requirements."""
+    report = paper_report(work, scenario, steps_ratio=args.steps_ratio)
+    rows = []
+    for name in ("default", "paper"):
+        sc = report["scenarios"][name]
+        st, vm = sc["step"], sc["verdict_metrics"]
+        rows.append([name, fmt_time(st["adam_s"]), fmt_time(st["digital_kfac_s"]),
+                     fmt_time(st["thermo_kfac_s"]), fmt_ratio(st["speedup_vs_digital_kfac"]),
+                     fmt_ratio(vm["update_speedup_vs_digital_kfac"]),
+                     fmt_ratio(vm["time_to_result_vs_adam"]), f"{st['layers_on_thermo']}/{st['layers']}"])
+    print(f"{work.name}: default scenario ({scenario.thermo.name}, kappa {scenario.kappa:g}, eps "
+          f"{scenario.eps:g}) beside our reading of the seed paper (arXiv 2502.08603)")
+    print(table(["scenario", "Adam", "digital K-FAC", "thermo K-FAC", "step speed-up", "update speed-up",
+                 "vs Adam (time to result)", "analog"], rows))
+    print(f"(time to result vs Adam: K-FAC taking {report['steps_ratio']:g} of Adam's steps; "
+          "> 1 means faster)")
+    print("\nThe paper's assumptions as we read them (docs/hardware_model.md):")
+    print(table(["assumption", "value", "source"], [list(a) for a in PAPER_ASSUMPTIONS], "lll"))
+    print("\nEffect of setting each assumption back to the default scenario's value:")
+    eff_rows = [[e["assumption"], fmt_ratio(e["reverted_update_speedup"]) if e.get("reverted_update_speedup")
+                 else "-", fmt_ratio(e["reverted_time_to_result_vs_adam"])
+                 if e.get("reverted_time_to_result_vs_adam") else "-",
+                 f"{e['reverted_max_predicted_rel_error']:.3g}" if "reverted_max_predicted_rel_error" in e
+                 else "-", "yes" if e["decides"] else "no"]
+                for e in report["effects"]]
+    print(table(["reverted", "update speed-up", "vs Adam", "max error", "flips verdict"], eff_rows))
+    verdict = "REPRODUCED" if report["reproduced"] else "NOT reproduced"
+    deciding = ", ".join(report["deciding_assumptions"]) or "no single assumption flips it"
+    print(f"\nVerdict for {work.name}: the paper's claim (>= {report['substantial']:g}x over digital K-FAC "
+          f"on the optimizer update AND faster than Adam to a target, at per-layer error <= "
+          f"{report['accuracy_limit']:g}) is {verdict} under its assumptions.")
+    print(f"  deciding assumption(s): {deciding}; largest effect on the update speed-up: "
+          f"{report['most_influential']}; thermodynamic K-FAC beats Adam if K-FAC needs fewer than "
+          f"{report['max_steps_ratio_to_beat_adam']:.3g} of Adam's steps.")
+    if report["paper_predicted_rel_error_max"] is not None:
+        print(f"  accuracy of the paper's fixed 50 tau solves by the law: relative error up to "
+              f"{report['paper_predicted_rel_error_max']:.3g}")
+    reqs = {}
+    for name, scen in (("default", scenario), ("paper", paper_scenario(scenario, work))):
+        reqs[name] = requirements(work, scen, steps_ratio=args.steps_ratio)
+    print("\nWhat must hold (each axis alone, the rest as in the scenario) for thermodynamic K-FAC to win:")
+    req_rows = [[name, r["axis"], r["vs_digital_kfac"], r["vs_adam"]] for name in reqs for r in reqs[name]]
+    print(table(["scenario", "axis", "vs digital K-FAC (update)", "vs Adam (time to result)"], req_rows,
+                "llll"))
+    report["requirements"] = reqs
+    if args.json:
+        atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote json: {args.json}")
+    return 0
+
+
+def _run_trace(args: argparse.Namespace, scenario: Scenario) -> int:
+    """``--trace RUN/trace.json``: price exactly the solves the run made."""
+    trace = load_trace(args.trace)
+    doc = price_trace(trace, thermo=scenario.thermo, digital=scenario.digital,
+                      digital_method=scenario.schedule.digital_method, precision=scenario.schedule.precision)
+    rows = [[r["name"], f"{r['factor_sizes'][0]}/{r['factor_sizes'][1]}", f"{r['kappa_measured']:.3g}",
+             fmt_time(r["digital_s"]), fmt_time(r["thermo_s"]) if r["thermo_s"] is not None else "too big",
+             "-" if r["predicted_rel_error"] is None else f"{r['predicted_rel_error']:.3g}",
+             "-" if r["rel_error_to_exact"] is None else f"{r['rel_error_to_exact']:.3g}"]
+            for r in doc["layers"]]
+    print(f"Trace {args.trace}: {doc['trace_steps']} steps; solver work per step on {doc['digital']} "
+          f"vs {doc['hardware']}")
+    print(table(["layer", "A/G", "kappa", "digital", "thermo", "pred. err", "run err"], rows))
+    st = doc["step"]
+    print(f"per step: digital K-FAC solver work {fmt_time(st['digital_kfac_solver_s'])}, thermodynamic "
+          f"{fmt_time(st['thermo_kfac_solver_s'])} (speed-up {fmt_ratio(st['speedup'] or 0.0)})")
+    if args.json:
+        atomic_write(args.json, json.dumps(doc, indent=2) + "\n")
+        print(f"wrote json: {args.json}")
+    return 0
+
+
+def _run_map(args: argparse.Namespace, scenario: Scenario) -> int:
+    """``--map width-kappa|kappa-eps``: 2-D break-even map of one square layer (CSV + PNG)."""
+    doc = speedup_map(args.map, scenario, batch=args.batch or 1024)
+    header = [f"{doc['y']}\\{doc['x']}"] + [f"{x:g}" for x in doc["xs"]]
+    rows = [[f"{y:g}"] + ["-" if v is None else fmt_ratio(v) for v in row]
+            for y, row in zip(doc["ys"], doc["speedup"], strict=True)]
+    print(f"Speed-up of one square layer's curvature work ({scenario.thermo.name} vs "
+          f"{scenario.digital.name}); > 1: thermodynamic wins, '-': does not fit")
+    print(table(header, rows))
+    if args.csv:
+        write_csv(args.csv, [doc["y"] + "/" + doc["x"]] + doc["xs"],
+                   [[y] + row for y, row in zip(doc["ys"], doc["speedup"], strict=True)])
+    if args.json:
+        atomic_write(args.json, json.dumps(doc, indent=2) + "\n")
+    if args.plot:
+        plot_map(args.plot, doc)
     for label, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):
         if path:
             print(f"wrote {label}: {path}")
@@ -542,8 +505,9 @@ def register(subparsers: Any) -> None:
     proj.add_argument("--units", type=int, default=None, help="override: solver units in parallel")
     proj.add_argument("--tau", type=float, default=None, help="override: tau = RC in seconds")
     proj.add_argument("--bandwidth", type=float, default=None, help="override: host link in Gb/s")
-    proj.add_argument("--noise-kappa0", type=float, default=None,
-                      help="override: solve noise 1/beta relative to ||x*||^2 (0.5 = n kappa^2/eps^2 law)")
+    proj.add_argument("--kappa0", type=float, default=None,
+                      help="override: thermal noise 1/beta in the simulator's convention (lambda_max-"
+                           "normalised matrix, full-scale inputs)")
     proj.add_argument("--oversize", choices=OVERSIZE_POLICIES, default=None,
                       help="override: factors larger than the cells are refused (stay digital) or "
                            "split into diagonal blocks (an approximation)")
@@ -558,9 +522,32 @@ def register(subparsers: Any) -> None:
     proj.add_argument("--nongemm-factor", type=float, default=1.5,
                       help="forward+backward time / its GEMM time (norms, activations, data movement)")
     proj.add_argument("--sweep", choices=SWEEP_AXES, default=None,
-                      help="sweep one axis instead (width: one square layer; others: the model's step)")
+                      help="sweep one axis instead (width: one square layer; others: the model's step; "
+                           "precision values are indices into fp32,tf32,bf16,fp64)")
     proj.add_argument("--values", type=float_list, default=None, metavar="X,X,...",
                       help="sweep values (bandwidth in bit/s); default: a log grid per axis")
+    proj.add_argument("--analog-time", type=float, default=None, metavar="K",
+                      help="price a fixed averaging window of K tau per analog job (accuracy reported "
+                           "from the error law) instead of the window --eps needs")
+    proj.add_argument("--burn-in", type=float, default=None, metavar="T",
+                      help="fixed burn-in in tau (default: chosen with --eps, 0 with --analog-time)")
+    proj.add_argument("--start", choices=["zero", "gradient", "previous", "stationary"], default="zero",
+                      help="warm start of the analog solves")
+    proj.add_argument("--overlap", action="store_true",
+                      help="analog solves of step t run while step t+1 computes (step = max of both)")
+    proj.add_argument("--devices", type=int, default=1,
+                      help="thermodynamic devices sharing the layers (their analog work runs in parallel)")
+    proj.add_argument("--scenario", choices=SCENARIOS, default="default",
+                      help="paper: our reading of the seed paper's assumptions, beside the default "
+                           "scenario, with a verdict and a requirements table")
+    proj.add_argument("--steps-ratio", type=float, default=DEFAULT_STEPS_RATIO,
+                      help="K-FAC's steps to a target / Adam's (time-to-result comparison with Adam)")
+    proj.add_argument("--trace", default=None, metavar="RUN/trace.json",
+                      help="price exactly the solves listed in a training run's trace file")
+    proj.add_argument("--spectra-from", default=None, metavar="RUN/trace.json",
+                      help="apply the measured kappa-vs-width of a trace to --model (power-law fit)")
+    proj.add_argument("--map", choices=MAP_KINDS, default=None,
+                      help="2-D break-even map of one square layer (with --csv / --plot / --json)")
     proj.add_argument("--all-layers", action="store_true", help="one table row per layer (no grouping)")
     proj.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     proj.add_argument("--csv", default=None, metavar="PATH",

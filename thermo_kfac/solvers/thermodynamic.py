@@ -427,7 +427,7 @@ class ThermodynamicSolver(KFACSolver):
         if op == "inverse":
             eps = math.sqrt((n + 1.0) * kappa / window)
         else:
-            eps = math.sqrt(2.0 * self.device.noise_kappa0 * n * kappa**2 / window)
+            eps = math.sqrt(2.0 * self.device.kappa0 * n * kappa**2 / window)
         eps = min(max(eps, 1e-6), 0.999)
         if op == "inverse":
             return thermo_inverse_cost(n, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
