@@ -1,0 +1,208 @@
+"""Dask ``distributed``: a LocalCluster, a running scheduler, or a dask-jobqueue SLURM cluster."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from thermo_kfac.experiments.executors.base import (
+    CLUSTER_EXTRA,
+    THREAD_ENV_VARS,
+    Executor,
+    ProgressBar,
+    Task,
+    TaskResult,
+    apply_worker_settings,
+    default_threads,
+    error_text,
+    pack,
+    unpack,
+)
+
+
+def _dask_call(payload: bytes, threads: int | None, device: str) -> Any:
+    """Run a task on a Dask worker after applying its thread/GPU settings there."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    if threads is None:  # a cluster started elsewhere: share this host's cores among its slots
+        threads = default_threads(worker.state.nthreads)
+    apply_worker_settings(threads, device, _worker_number(worker.name))
+    fn, kwargs = unpack(payload)
+    return fn(**kwargs)
+
+
+def _worker_number(name: Any) -> int:
+    """LocalCluster workers are named 0..n-1; others (``SLURMCluster-3``): the trailing number."""
+    if isinstance(name, int):
+        return name
+    match = re.search(r"(\d+)$", str(name))
+    return int(match.group(1)) if match else 0
+
+
+class DaskExecutor(Executor):
+    """Tasks on a Dask ``distributed`` cluster through ``client`` (use :func:`make_executor`).
+
+    Worker deaths: a LocalCluster started here is configured so that the scheduler gives up on a
+    task at the first death of its worker (``allowed-failures`` 0) and hands a one-thread
+    worker one task at a time (``worker-saturation`` 1.0), so the retry count is this class's
+    alone and a death charges only the task that caused it. An external scheduler keeps its own
+    settings (Dask's default retries a task whose worker died 3 times before this class's retry).
+    """
+
+    name = "dask"
+
+    def __init__(self, client: Any, *, workers: int, threads: int | None, device: str = "cpu",
+                 retries: int = 1, owned: list[Any] | None = None, label: str = "dask",
+                 max_in_flight: int | None = None, resources: dict[str, float] | None = None) -> None:
+        super().__init__(workers, threads, device, retries)
+        self.client = client
+        self.owned = owned or []  # cluster objects started here, closed by close()
+        self.name = label
+        # Tasks submitted at a time: a LocalCluster's task slots; None (clusters that grow or
+        # start late, e.g. SLURM jobs waiting in the queue): all at once, the scheduler queues.
+        self.max_in_flight = max_in_flight
+        self.resources = resources  # worker resources each task needs (Dask's ``resources=``)
+
+    def _run(self, tasks: list[Task], bar: ProgressBar) -> Iterator[TaskResult]:
+        from distributed import as_completed
+
+        run_id = uuid.uuid4().hex[:8]
+        payloads = [pack(t) for t in tasks]
+        meta: dict[Any, tuple[int, int]] = {}
+        waiting = [(i, 1) for i in range(len(tasks))]
+        waiting.reverse()  # pop() from the end: submitted in the given order
+
+        def submit(index: int, attempt: int) -> Any:
+            # Same key prefix for every task: one task group on the scheduler's dashboard.
+            key = f"thermo-kfac-task-{run_id}-{index}-try{attempt}"
+            future = self.client.submit(_dask_call, payloads[index], self.threads, self.device,
+                                        key=key, pure=False, retries=0, resources=self.resources)
+            meta[future] = (index, attempt)
+            return future
+
+        # On a LocalCluster at most one task per worker slot is submitted at a time: the scheduler
+        # would otherwise queue several on one worker, and its death would charge them all.
+        limit = self.max_in_flight or len(tasks)
+        completed = as_completed()
+        try:
+            while waiting or meta:
+                while waiting and len(meta) < limit:
+                    completed.add(submit(*waiting.pop()))
+                bar.update(running=min(len(meta), max(1, self.workers)))
+                future = next(completed)
+                index, attempt = meta.pop(future)
+                if future.status == "finished":
+                    result = TaskResult(tasks[index].key, index, future.result(), None, attempt)
+                else:
+                    err = future.exception() if future.status == "error" else None
+                    if attempt <= self.retries:
+                        waiting.append((index, attempt + 1))  # next in line
+                        future.release()
+                        continue
+                    result = TaskResult(tasks[index].key, index, None, _dask_error(err), attempt)
+                future.release()
+                bar.update(finished=result, running=min(len(meta), max(1, self.workers)))
+                yield result
+        finally:
+            for future in list(meta):
+                future.cancel()
+
+    def close(self) -> None:
+        # A cluster started here logs its shutdown at INFO level: keep the terminal clean.
+        handlers = [h for h in logging.getLogger("distributed").handlers
+                    if isinstance(h, logging.StreamHandler)]
+        levels = [h.level for h in handlers]
+        for handler in handlers if self.owned else []:
+            handler.setLevel(logging.CRITICAL)
+        try:
+            if self.client is not None:
+                self.client.close()
+                self.client = None
+            for cluster in self.owned:
+                cluster.close()
+            self.owned = []
+        finally:
+            for handler, level in zip(handlers, levels, strict=True):
+                handler.setLevel(level)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)[:60]
+
+
+def _dask_error(err: BaseException | None) -> str:
+    if err is None:
+        return "task did not finish (cancelled)"
+    if type(err).__name__ == "KilledWorker":
+        return "worker process died while running the task (KilledWorker)"
+    return error_text(err)
+
+
+def local_cluster_executor(workers: int, threads: int | None = None, device: str = "cpu",
+                           retries: int = 1) -> DaskExecutor:
+    """A Dask ``LocalCluster`` of ``workers`` processes, one task at a time each."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    threads = threads if threads is not None else default_threads(workers)
+    env = dict.fromkeys(THREAD_ENV_VARS, str(threads))
+    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0,
+                          "distributed.scheduler.allowed-failures": 0}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, env=env, silence_logs=50,
+                               # no dashboard; its HTTP server (health checks) on a free port
+                               scheduler_kwargs={"allowed_failures": 0, "dashboard_address": ":0"})
+    client = Client(cluster)
+    return DaskExecutor(client, workers=workers, threads=threads, device=device, retries=retries,
+                        owned=[cluster], label="dask LocalCluster", max_in_flight=workers)
+
+
+TASK_RESOURCE = "thermo_kfac_task"  # a worker resource: one task at a time on a SLURM job's worker
+
+
+def slurm_cluster(threads: int | None = None, **options: Any) -> tuple[Any, int]:
+    """A ``dask_jobqueue.SLURMCluster`` (not yet scaled) whose jobs run one worker that takes one
+    task at a time with all of the job's cores; returns it and the threads a task uses.
+
+    Queue, account, memory, walltime and extra ``#SBATCH`` lines come from ``options`` or Dask's
+    configuration (``~/.config/dask/jobqueue.yaml`` section ``jobqueue.slurm``, or environment
+    variables such as ``DASK_JOBQUEUE__SLURM__MEMORY=8GB``); ``threads`` sets the job's cores."""
+    try:
+        import dask
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ValueError("--cluster slurm needs dask-jobqueue: " + CLUSTER_EXTRA
+                         + " (or pip install dask-jobqueue)") from None
+    if threads is not None:
+        options["cores"] = threads
+    options.setdefault("processes", 1)
+    # Dask runs `cores` tasks at once on a worker; the resource limits it to one, which then
+    # gets every core of the job.
+    options["worker_extra_args"] = list(options.get("worker_extra_args") or []) + [
+        "--resources", f"{TASK_RESOURCE}=1"]
+    try:
+        cluster = SLURMCluster(**options)
+    except ValueError as err:  # e.g. no memory/cores given and none configured
+        detail = " ".join(str(err).split())  # one line
+        raise ValueError(f"cannot configure the SLURM cluster: {detail} (set jobqueue.slurm options "
+                         "in ~/.config/dask/jobqueue.yaml or DASK_JOBQUEUE__SLURM__* variables; "
+                         "see docs/noise_study.md)") from None
+    cores = options.get("cores") or dask.config.get("jobqueue.slurm.cores")
+    return cluster, max(1, int(cores) // int(options["processes"]))
+
+
+def slurm_executor(jobs: int | None = None, threads: int | None = None, device: str = "cpu",
+                   retries: int = 1, **options: Any) -> DaskExecutor:
+    """:func:`slurm_cluster` scaled to ``jobs`` SLURM jobs (default 1), as an executor."""
+    from distributed import Client
+
+    cluster, task_threads = slurm_cluster(threads, **options)
+    jobs = jobs or 1
+    cluster.scale(jobs=jobs)
+    client = Client(cluster)
+    return DaskExecutor(client, workers=jobs, threads=task_threads, device=device, retries=retries,
+                        owned=[cluster], label="dask SLURMCluster", resources={TASK_RESOURCE: 1})

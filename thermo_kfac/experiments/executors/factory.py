@@ -1,0 +1,123 @@
+"""Choosing an executor: :func:`make_executor` and the ``--workers``/``--cluster`` flags."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from thermo_kfac.experiments.executors.base import CLUSTER_EXTRA, Executor, SerialExecutor
+from thermo_kfac.experiments.executors.dask_cluster import (
+    DaskExecutor,
+    local_cluster_executor,
+    slurm_executor,
+)
+from thermo_kfac.experiments.executors.pool import ProcessPoolExecutor
+
+BACKENDS = ("auto", "serial", "processes", "dask")
+
+
+def dask_available() -> bool:
+    """Whether ``dask.distributed`` can be imported (the ``[cluster]`` extra)."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_workers(workers: Any) -> int | None:
+    if workers is None:
+        return None
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} must be a positive integer")
+    return workers
+
+
+def _check_threads(threads: Any) -> int | None:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r} must be a positive integer")
+    return threads
+
+
+def make_executor(workers: int | None = None, cluster: str | None = None, *,
+                  threads: int | None = None, device: str = "cpu", backend: str = "auto",
+                  retries: int = 1) -> Executor:
+    """The executor for ``--workers``/``--cluster``.
+
+    - neither (or ``workers=1``): :class:`SerialExecutor` (``threads`` as given).
+    - ``workers=N``: a Dask LocalCluster when Dask is installed (``backend="auto"``/``"dask"``),
+      else a local process pool (``backend="processes"`` forces it).
+    - ``cluster="tcp://host:port"`` (any Dask scheduler address): that cluster's workers.
+    - ``cluster="slurm"``: a dask-jobqueue SLURMCluster of ``workers`` jobs (default 1).
+
+    ``threads``: threads per worker (default: cores // workers locally, cores // task slots on
+    a remote worker); ``device="cuda"``: worker i on GPU i mod count.
+    """
+    workers = _check_workers(workers)
+    threads = _check_threads(threads)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+    if cluster is not None:
+        cluster = str(cluster).strip()
+        if not cluster:
+            raise ValueError("cluster='' is empty; give a scheduler address such as "
+                             "tcp://host:8786, or 'slurm'")
+        if backend in ("serial", "processes"):
+            raise ValueError(f"cluster={cluster!r} needs backend 'dask' or 'auto', not {backend!r}")
+        if not dask_available():
+            raise ValueError(f"--cluster {cluster} needs Dask distributed: {CLUSTER_EXTRA}")
+        if cluster.lower() == "slurm":
+            return slurm_executor(workers, threads, device, retries)
+        if workers is not None:
+            raise ValueError(f"--workers {workers} does not apply to --cluster {cluster}: the "
+                             "scheduler's workers run the tasks (start more workers there)")
+        if "://" not in cluster and not re.fullmatch(r"[\w.\-]+:\d+", cluster):
+            raise ValueError(f"--cluster {cluster!r} is not a scheduler address like "
+                             "tcp://host:8786 (or host:8786), nor 'slurm'")
+        from distributed import Client
+
+        try:
+            client = Client(cluster, timeout="20s")
+        except (OSError, TimeoutError) as err:
+            raise ValueError(f"cannot connect to the Dask scheduler at {cluster!r}: {err}") from None
+        slots = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+        return DaskExecutor(client, workers=max(1, slots), threads=threads, device=device,
+                            retries=retries, label=f"dask scheduler {cluster}")
+    if backend == "serial" or (workers in (None, 1) and backend == "auto"):
+        return SerialExecutor(threads, device, retries)
+    workers = workers or 1
+    if backend == "processes" or (backend == "auto" and not dask_available()):
+        return ProcessPoolExecutor(workers, threads, device, retries)
+    if not dask_available():
+        raise ValueError(f"backend='dask' needs Dask distributed: {CLUSTER_EXTRA}")
+    return local_cluster_executor(workers, threads, device, retries)
+
+
+# --------------------------------------------------------------------------------- CLI
+def add_arguments(parser: Any) -> None:
+    """Add ``--workers`` and ``--cluster`` to a sub-command's parser."""
+    group = parser.add_argument_group("parallel execution")
+    group.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="run the independent runs in N worker processes on this machine (a Dask "
+                            "LocalCluster when dask is installed, else a process pool; default: one "
+                            "after the other in this process); threads per worker: --threads if the "
+                            "command has it, else cores // N")
+    group.add_argument("--cluster", default=None, metavar="ADDRESS",
+                       help="submit the runs to a running Dask scheduler (tcp://host:8786), or "
+                            "'slurm' for a dask-jobqueue SLURM cluster of --workers jobs; needs "
+                            + CLUSTER_EXTRA)
+
+
+def from_args(args: Any, *, device: str = "cpu") -> Executor:
+    """The executor selected by ``--workers``/``--cluster`` (and ``--threads`` when present)."""
+    workers = getattr(args, "workers", None)
+    if workers is not None and (isinstance(workers, bool) or workers < 1):
+        raise ValueError(f"--workers={workers} must be a positive integer")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads={threads} must be a positive integer")
+    if workers in (None, 1) and getattr(args, "cluster", None) is None:
+        threads = None  # serial: the command sets --threads itself, as before
+    return make_executor(workers, getattr(args, "cluster", None), threads=threads, device=device)
