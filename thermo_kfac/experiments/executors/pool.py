@@ -49,7 +49,7 @@ class ProcessPoolExecutor(Executor):
                  retries: int = 1) -> None:
         super().__init__(workers, threads if threads is not None else default_threads(workers),
                          device, retries)
-        from thermo_kfac.distributed import child_start_method
+        from thermo_kfac.experiments.launch import child_start_method
 
         self.context = multiprocessing.get_context(child_start_method())
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
