@@ -330,6 +330,7 @@ def test_noise_study_resumes_on_the_cluster_after_a_killed_driver(local_cluster,
 
 def test_a_failed_study_task_is_recorded_and_retried_by_the_next_run(tmp_path, monkeypatch, one_thread):
     from thermo_kfac.experiments import noise_study as ns
+    from thermo_kfac.experiments.noise_study import study as study_module  # where noise_study looks it up
 
     real = ns.study_task
     calls = []
@@ -340,7 +341,7 @@ def test_a_failed_study_task_is_recorded_and_retried_by_the_next_run(tmp_path, m
             raise MemoryError("worker ran out of memory (injected)")
         return real(**kwargs)
 
-    monkeypatch.setattr(ns, "study_task", flaky)
+    monkeypatch.setattr(study_module, "study_task", flaky)
     study = ns.noise_study("digits", "mlp", {"bits": [6, 8]}, references=["adam"], out=tmp_path, **STUDY)
     by_label = {r["label"]: r for r in study["rows"]}
     assert calls.count({"bits": 6}) == 2  # tried twice
@@ -349,7 +350,7 @@ def test_a_failed_study_task_is_recorded_and_retried_by_the_next_run(tmp_path, m
     assert by_label["thermo bits=6"]["final_train_loss"] is None
     assert by_label["thermo bits=8"]["error"] is None and by_label["adam"]["error"] is None
     assert "1 failed" in ns.format_table(study)
-    monkeypatch.setattr(ns, "study_task", real)
+    monkeypatch.setattr(study_module, "study_task", real)
     rerun = []
     again = ns.noise_study("digits", "mlp", {"bits": [6, 8]}, references=["adam"], out=tmp_path,
                            on_row=lambda r: rerun.append(r["label"]), **STUDY)

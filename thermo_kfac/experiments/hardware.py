@@ -30,6 +30,7 @@ from hw_models.cost import (
     KFACSchedule,
     Scenario,
     break_even_kappa,
+    default_sweep_values,
     step_cost,
     sweep,
 )
@@ -58,6 +59,7 @@ from hw_models.projection import (
 )
 from hw_models.validation import check_positive
 from hw_models.workloads import WORKLOADS, LayerShape, Workload, workload
+from thermo_kfac.experiments import executors
 from thermo_kfac.experiments._io import atomic_write, float_list, format_seconds, int_list, text_table
 from thermo_kfac.experiments.project_report import (
     LAYER_HEADERS,
@@ -269,6 +271,8 @@ def run_project(args: argparse.Namespace) -> int:
     """``thermo-kfac project``: per-layer table and step headline, a sweep, a map, a trace, or the
     paper's scenario beside the default one."""
     scenario = build_scenario(args)
+    if not args.sweep and (getattr(args, "workers", None) or getattr(args, "cluster", None)):
+        raise ValueError("--workers/--cluster apply to --sweep only (one task per sweep point)")
     if args.trace:
         return _run_trace(args, scenario)
     if args.map:
@@ -316,8 +320,18 @@ def run_project(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_point(axis: str, x: float, scenario: Scenario, workload: Workload, batch: int) -> dict[str, Any]:
+    """One point of :func:`hw_models.cost.sweep` (an executor task: top level, picklable by name)."""
+    return sweep(axis, [x], scenario, workload=workload, batch=batch)[0]
+
+
 def _run_sweep(args: argparse.Namespace, scenario: Scenario, work: Workload) -> int:
-    points = sweep(args.sweep, args.values, scenario, workload=work, batch=work.batch)
+    with executors.from_args(args) as executor:  # --workers/--cluster: one task per point
+        points = sweep(args.sweep, args.values, scenario, workload=work, batch=work.batch) \
+            if not executor.parallel else executors.run_all(executor, [executors.Task(
+                f"{args.sweep}={x:g}", sweep_point, dict(axis=args.sweep, x=x, scenario=scenario,
+                                                          workload=work, batch=work.batch))
+                for x in (args.values or default_sweep_values(args.sweep))])
     scope = "layer" if args.sweep == "width" else "step"
     what = (f"one square layer, batch {work.batch}, curvature work only" if scope == "layer"
             else f"{work.name} training step, batch {work.batch}")
@@ -553,6 +567,7 @@ def register(subparsers: Any) -> None:
     proj.add_argument("--csv", default=None, metavar="PATH",
                       help="write per-layer rows (or sweep points) as CSV")
     proj.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot")
+    executors.add_arguments(proj)  # --sweep points as parallel tasks
     proj.set_defaults(func=run_project)
 
 

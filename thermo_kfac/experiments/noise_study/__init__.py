@@ -23,11 +23,12 @@ from thermo_kfac.experiments.noise_study.study import (
     noise_study,
     parse_sweep,
     row_key,
+    study_task,
     sweep_keys,
 )
 
 __all__ = [
     "DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "METRICS", "STUDY_EVAL_POINTS",
     "STUDY_METHOD", "StudyRun", "format_table", "noise_study", "parse_sweep", "point_label", "register",
-    "row_key", "summarize", "sweep_keys", "write_plots"
+    "row_key", "study_task", "summarize", "sweep_keys", "write_plots"
 ]

@@ -10,6 +10,7 @@ import torch
 
 from hw_models.validation import check_positive
 from thermo_kfac.data import DATASETS
+from thermo_kfac.experiments import executors
 from thermo_kfac.experiments._io import kv_list, widths_list
 from thermo_kfac.experiments.noise_study.outputs import format_table
 from thermo_kfac.experiments.noise_study.study import (
@@ -36,12 +37,13 @@ def _cli(args: argparse.Namespace) -> int:
     dataset_options: dict[str, Any] = {}
     if args.max_train is not None:
         dataset_options["max_train"] = check_positive("--max-train", args.max_train, integer=True)
-    study = noise_study(args.dataset, args.model, args.sweep, optimizer=args.optimizer,
-                        references=args.references, steps=args.steps, epochs=args.epochs,
-                        batch_size=args.batch_size, seeds=args.seeds, seed=args.seed,
-                        model_options=model_options, dataset_options=dataset_options,
-                        eval_every=args.eval_every, out=args.out, overwrite=args.overwrite,
-                        progress=not args.no_progress, device=args.device)
+    with executors.from_args(args, device=args.device) as executor:
+        study = noise_study(args.dataset, args.model, args.sweep, optimizer=args.optimizer,
+                            references=args.references, steps=args.steps, epochs=args.epochs,
+                            batch_size=args.batch_size, seeds=args.seeds, seed=args.seed,
+                            model_options=model_options, dataset_options=dataset_options,
+                            eval_every=args.eval_every, out=args.out, overwrite=args.overwrite,
+                            progress=not args.no_progress, device=args.device, executor=executor)
     print(format_table(study))
     if args.out:
         print(f"wrote {Path(args.out) / 'results.csv'}, study.json and plots "
@@ -96,7 +98,9 @@ def register(subparsers: Any) -> None:
                              "kept and skipped")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard a study in --out whose config differs (default: refuse)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (per worker with --workers/--cluster)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    executors.add_arguments(parser)
     parser.set_defaults(func=_cli)

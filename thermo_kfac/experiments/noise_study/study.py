@@ -23,6 +23,12 @@ Resume: after each run, ``study.json`` and then ``results.csv`` are rewritten at
 study into the same folder skips rows whose key (config hash, method, point, seed) is present; a
 folder holding a study with a different ``config`` is refused unless ``overwrite=True``. The grid
 (sweep values and seeds) may grow between runs: rows are keyed individually.
+
+Parallel: every (method, point, seed) row is an independent task (:func:`study_task`) run by an
+:class:`~thermo_kfac.experiments.executors.Executor` (``--workers N``, ``--cluster ADDRESS``);
+only this process writes the files, and rows are kept in the serial run's order. A task that
+fails twice (it raised, or its worker died) is recorded as a row with its ``error`` and
+``task_failed`` set in ``study.json``; a rerun runs such rows again.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import inspect
 import itertools
 import json
 import math
-import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +50,7 @@ from hw_models.noise import NoiseConfig
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.data import DATASETS, load_dataset
 from thermo_kfac.experiments._io import jsonable
+from thermo_kfac.experiments.executors import Executor, SerialExecutor, Task
 from thermo_kfac.experiments.noise_study.outputs import (
     ROW_COLUMNS_TAIL,
     STUDY_METHOD,
@@ -70,7 +76,7 @@ from thermo_kfac.policy import parse_value
 from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
 
 __all__ = ["DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "STUDY_EVAL_POINTS", "StudyRun",
-           "noise_study", "parse_sweep", "row_key", "sweep_keys"]
+           "noise_study", "parse_sweep", "row_key", "study_task", "sweep_keys"]
 
 FORMAT_VERSION = 1
 DEFAULT_OPTIMIZER = "kfac:solver=thermo"
@@ -173,7 +179,8 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
                 dataset_options: dict[str, Any] | None = None, eval_every: int | None = None,
                 out: str | Path | None = None, overwrite: bool = False, progress: bool = False,
                 plots: bool = True, device: str = "cpu",
-                on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                on_row: Callable[[dict[str, Any]], None] | None = None,
+                executor: Executor | None = None) -> dict[str, Any]:
     """Run (or resume) a noise-robustness study; return ``study.json``'s content.
 
     Args:
@@ -190,6 +197,8 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
         out: folder for ``results.csv``, ``study.json`` and plots; rows already there are kept
             and skipped. ``overwrite``: discard a study with a different config instead of refusing.
         on_row: called with each new row after it has been written (a hook for logging).
+        executor: runs the rows (default: :class:`SerialExecutor`, one after the other here);
+            see :func:`thermo_kfac.experiments.executors.make_executor`.
     """
     grid = _check_sweeps(sweeps)
     seeds = check_positive("seeds", seeds, integer=True)
@@ -276,29 +285,33 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
                              "grid": {"sweeps": all_values, "seeds": all_seeds}, "rows": rows}
 
     pending = [j for j in jobs if row_key(config_id, j[0], j[1], j[2]) not in done]
-    data_cache: dict[int, Any] = {}
-    bar = _bar(len(jobs), len(jobs) - len(pending), progress)
+    # A serial study's tasks run here: let them use the data loaded above.
+    _DATA[_data_key(dataset, task, seed, dataset_options, str(torch_device))] = data0.to(torch_device)
+    tasks = [Task(row_key(config_id, method, point, run_seed), study_task, dict(
+        dataset=dataset, task=task, dataset_options=dataset_options, model=model,
+        model_options=model_options, spec=spec, method=method, point=point, seed=run_seed, loss=loss,
+        steps=steps, batch_size=batch_size, eval_every=eval_every, device=str(torch_device), grid=grid,
+        config_id=config_id)) for method, point, run_seed, spec in pending]
+    # Rows in the order of a serial run of this grid (rows of other grids in the folder first),
+    # whichever finishes first and whichever finished before a kill.
+    order = {row_key(config_id, *job[:3]): i for i, job in enumerate(jobs)}
+    results = (executor or SerialExecutor()).map(tasks, progress=progress, desc="noise-study",
+                                                 initial=len(jobs) - len(pending))
     try:
-        for method, point, run_seed, spec in pending:
-            if bar is not None:
-                bar.set_postfix_str(f"{method} {point_label(point)} seed {run_seed}".strip(), refresh=True)
-            if run_seed not in data_cache:
-                data = data0 if run_seed == seed else load_dataset(dataset, task=task, seed=run_seed,
-                                                                   **dataset_options)
-                data_cache[run_seed] = data.to(torch_device)
-            row = _train_row(data_cache[run_seed], model, model_options, spec, method, point, run_seed,
-                             loss=loss, steps=steps, batch_size=batch_size, eval_every=eval_every,
-                             device=torch_device, grid=grid, config_id=config_id)
+        for result in results:
+            method, point, run_seed, spec = pending[result.index]
+            row = result.value if result.ok else _failed_row(
+                spec, method, point, run_seed, grid, config_id,
+                f"task failed ({result.attempts} attempts): {result.error}")
             rows.append(row)
+            rows.sort(key=lambda r: order.get(r["key"], -1))
             if out_dir is not None:
                 write_rows(out_dir, study, grid)
-            if bar is not None:
-                bar.update(1)
             if on_row is not None:
                 on_row(row)
     finally:
-        if bar is not None:
-            bar.close()
+        results.close()  # an interrupted study cancels the tasks not yet started
+        _DATA.clear()
     study["summary"] = summarize(rows, list(grid))
     if out_dir is not None:
         if plots:
@@ -307,13 +320,44 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
     return study
 
 
-def _bar(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+_DATA: dict[str, Any] = {}  # datasets loaded in this process (driver or worker), by _data_key
+_DATA_KEEP = 4
 
-    return tqdm(total=total, initial=initial, desc="noise-study", unit="run", file=sys.stderr,
-                dynamic_ncols=True)
+
+def _data_key(dataset: str, task: str | None, seed: int, options: dict[str, Any], device: str) -> str:
+    return json.dumps([dataset, task, seed, jsonable(options), device], sort_keys=True, default=str)
+
+
+def study_task(*, dataset: str, task: str | None, dataset_options: dict[str, Any], model: str,
+               model_options: dict[str, Any], spec: OptimizerSpec, method: str, point: dict[str, Any],
+               seed: int, loss: str, steps: int, batch_size: int, eval_every: int, device: str,
+               grid: dict[str, list[Any]], config_id: str) -> dict[str, Any]:
+    """One row of a study, run wherever the executor puts it (top level: picklable by name).
+
+    Seeds itself from ``seed`` (initialization, data split and order, the solver's noise), so the
+    row does not depend on the worker or on the other rows."""
+    key = _data_key(dataset, task, seed, dataset_options, device)
+    if key not in _DATA:
+        if len(_DATA) >= _DATA_KEEP:  # a worker keeps the last few (one per seed, typically)
+            del _DATA[next(iter(_DATA))]
+        data = load_dataset(dataset, task=task, seed=seed, **dataset_options)
+        _DATA[key] = data.to(torch.device(device))
+    return _train_row(_DATA[key], model, model_options, spec, method, point, seed, loss=loss,
+                      steps=steps, batch_size=batch_size, eval_every=eval_every,
+                      device=torch.device(device), grid=grid, config_id=config_id)
+
+
+def _failed_row(spec: OptimizerSpec, method: str, point: dict[str, Any], seed: int,
+                grid: dict[str, list[Any]], config_id: str, error: str) -> dict[str, Any]:
+    """The row of a task that did not return one; ``task_failed`` makes a rerun retry it."""
+    row: dict[str, Any] = {
+        "method": method, "label": spec.label if method != STUDY_METHOD else
+        f"{STUDY_METHOD} {point_label(point)}", "optimizer": spec.label, "seed": seed,
+        **{k: point.get(k) for k in grid}}
+    row.update({c: None for c in ROW_COLUMNS_TAIL if c not in row})
+    row.update(steps=0, diverged=False, fallbacks=0, error=error, key=row_key(config_id, method, point, seed),
+               point=point, options=resolve_options(spec), curve=[], task_failed=True)
+    return jsonable(row)
 
 
 def _train_row(data: Any, model: str, model_options: dict[str, Any], spec: OptimizerSpec, method: str,
@@ -401,11 +445,12 @@ def _load_existing(out: Path, config: dict[str, Any], overwrite: bool,
         detail = "; ".join(f"{k}: {old_config.get(k)!r} there, {config.get(k)!r} now" for k in differ)
         raise ValueError(f"{str(out)!r} holds a noise study with a different config ({detail}); use "
                          "another --out, or --overwrite to discard it")
-    # A key seen twice (should not happen) is kept once, the first time.
+    # A key seen twice (should not happen) is kept once, the first time. Rows of tasks that
+    # failed (raised or lost their worker twice) are dropped, so that this run retries them.
     seen: set[str] = set()
     rows = []
     for row in old_rows:
-        if row.get("key") not in seen:
+        if row.get("key") not in seen and not row.get("task_failed"):
             seen.add(row.get("key"))
             rows.append(row)
     return rows, old.get("created", created)

@@ -17,7 +17,7 @@ so that load changes on a shared machine hit all alike.
 """
 
 from thermo_kfac.experiments.training.cli import add_common_arguments, register
-from thermo_kfac.experiments.training.experiment import compare, train, unique_labels
+from thermo_kfac.experiments.training.experiment import compare, compare_task, train, unique_labels
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import (
     BASE_OPTIMIZERS,
@@ -60,7 +60,8 @@ __all__ = [
     "BASE_OPTIMIZERS", "CSV_COLUMNS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS", "EVAL_POINTS",
     "FACTOR_DTYPES", "FISHER_TYPES", "KFAC_ADAM_LR", "LOSSES", "MAX_EVAL_EXAMPLES", "OPTIMIZERS",
     "OPTIMIZER_DEFAULTS", "OPTIONS", "TASK_LOSSES", "WARMUP_STEPS", "Option", "OptimizerSpec",
-    "TrainingRun", "add_common_arguments", "build_optimizer", "check_option", "compare", "evaluate",
+    "TrainingRun", "add_common_arguments", "build_optimizer", "check_option", "compare", "compare_task",
+    "evaluate",
     "format_table", "loss_function", "metrics_csv", "parse_optimizer_spec", "register", "render_plots",
     "resolve_options", "solver_option_hint", "time_to_target", "train", "train_interleaved",
     "unique_labels", "write_results"

@@ -17,7 +17,9 @@ import torch
 from hw_models.devices import DIGITAL_PRESETS, THERMO_PRESETS
 from thermo_kfac.data import DATASETS
 from thermo_kfac.distributed import is_main_process
+from thermo_kfac.experiments import executors
 from thermo_kfac.experiments._io import kv_list, widths_list
+from thermo_kfac.experiments.executors import Executor
 from thermo_kfac.experiments.launch import add_arguments, config_from_args, launch_cli
 from thermo_kfac.experiments.training.experiment import compare, train
 from thermo_kfac.experiments.training.options import (
@@ -186,7 +188,8 @@ def _experiment_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 print_assignment=True, distributed=config_from_args(args))
 
 
-def _run_cli(args: argparse.Namespace, optimizers: list[str], command: str) -> int:
+def _run_cli(args: argparse.Namespace, optimizers: list[str], command: str,
+             executor: Executor | None = None) -> int:
     kwargs = _experiment_kwargs(args)
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
@@ -196,7 +199,7 @@ def _run_cli(args: argparse.Namespace, optimizers: list[str], command: str) -> i
         if command == "train":
             results = train(args.dataset, args.model, optimizers[0], **kwargs)
         else:
-            results = compare(args.dataset, args.model, optimizers, **kwargs)
+            results = compare(args.dataset, args.model, optimizers, executor=executor, **kwargs)
     except ImportError as err:  # optional extras (torchvision): one clean line, like ValueError
         raise ValueError(str(err)) from None
     if not is_main_process():
@@ -214,7 +217,8 @@ def _train_cli(args: argparse.Namespace) -> int:
 
 
 def _compare_cli(args: argparse.Namespace) -> int:
-    return _run_cli(args, list(args.optimizers), "compare")
+    with executors.from_args(args, device=args.device) as executor:  # --workers/--cluster
+        return _run_cli(args, list(args.optimizers), "compare", executor=executor)
 
 
 _SPEC_HELP = ("optimizer spec name[:key=value,...]; name: sgd, adam, kfac, adafisher, eva; keys: "
@@ -246,4 +250,5 @@ def register(subparsers: Any) -> None:
                                 help=_SPEC_HELP + " (default: adam kfac); the first run sets the "
                                      "default target loss")
     add_common_arguments(compare_parser)
+    executors.add_arguments(compare_parser)  # one optimizer per task
     compare_parser.set_defaults(func=_compare_cli)

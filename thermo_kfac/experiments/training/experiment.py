@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,7 +37,10 @@ from thermo_kfac.experiments.training.outputs import time_to_target, write_resul
 from thermo_kfac.experiments.training.run import TrainingRun, train_interleaved
 from thermo_kfac.models import available_models, build_model
 
-__all__ = ["compare", "train"]
+if TYPE_CHECKING:
+    from thermo_kfac.experiments.executors import Executor
+
+__all__ = ["compare", "compare_task", "train"]
 
 
 def compare(dataset: str | Dataset = "digits", model: str = "mlp",
@@ -48,7 +51,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             eval_every: int | None = None, target_loss: float | None = None,
             target_from_first: bool = True, out: str | Path | None = None, progress: bool = False,
             device: str = "cpu", command: str = "compare", print_assignment: bool = False,
-            distributed: DistributedConfig | None = None) -> dict[str, Any]:
+            distributed: DistributedConfig | None = None,
+            executor: Executor | None = None) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` once per optimizer spec, from the same start on the same batches.
 
     Args:
@@ -74,6 +78,9 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
         print_assignment: print each K-FAC run's solver per layer before training.
         distributed: how K-FAC spreads its work inside a process group (``train --placement``
             ...); None: the preconditioner's default.
+        executor: a parallel :class:`thermo_kfac.experiments.executors.Executor` runs each
+            optimizer as a task (same results as serial; wall times then measured under the
+            load of the other runs, not interleaved). None or a serial executor: interleaved here.
 
     Returns:
         ``{"command", "config", "seed", "target_loss", "target_source", "runs": [...]}``.
@@ -135,19 +142,35 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
                 raise ValueError(f"optimizer {spec.label!r}: {err}{solver_option_hint(spec)}") from None
         else:
             build_model(model, data, **model_options)
+    parallel = executor is not None and executor.parallel
+    if parallel and distributed is not None:
+        raise ValueError("a parallel executor (--workers/--cluster) runs each optimizer in its own "
+                         "process; it cannot be combined with distributed K-FAC (a process group)")
     data = data.to(torch_device)
 
     labels = unique_labels([s.label for s in specs])
-    runners = [
-        TrainingRun(data, model, model_options,
-                    OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options,
-                    loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
-                    device=torch_device, distributed=distributed)
-        for spec, options, label in zip(specs, resolved, labels, strict=True)]
-    if print_assignment and is_main_process():
-        _print_assignments(runners)
-    train_interleaved(runners, progress and is_main_process())
-    runs = [runner.result() for runner in runners]
+    if parallel:  # one task per optimizer; a task loads a named dataset itself
+        from thermo_kfac.experiments.executors import Task, run_all
+
+        source = dataset if isinstance(dataset, Dataset) else (
+            dataset, "autoencoder" if model == "autoencoder" else None, dataset_options or {})
+        tasks = [Task(label, compare_task, dict(
+            data=source, model=model, model_options=model_options,
+            spec=OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options=options,
+            loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
+            device=str(torch_device))) for spec, options, label in zip(specs, resolved, labels, strict=True)]
+        runs = run_all(executor, tasks, progress=progress, desc=command)
+    else:
+        runners = [
+            TrainingRun(data, model, model_options,
+                        OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options,
+                        loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
+                        device=torch_device, distributed=distributed)
+            for spec, options, label in zip(specs, resolved, labels, strict=True)]
+        if print_assignment and is_main_process():
+            _print_assignments(runners)
+        train_interleaved(runners, progress and is_main_process())
+        runs = [runner.result() for runner in runners]
     target_source = "given"
     if target_loss is None and target_from_first:
         target_loss = runs[0]["final_train_loss"]
@@ -167,13 +190,35 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             "optimizers": [s.label for s in specs], "overrides": overrides, "device": str(torch_device),
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
             "world_size": world_size(),
-            "wall_time_note": "training steps only; evaluation excluded",
+            "wall_time_note": "training steps only; evaluation excluded" + (
+                f"; runs in parallel ({executor.describe()}), each timed under the others' load"
+                if parallel else ""),
         },
         "runs": runs,
     }
     if out is not None and is_main_process():  # one writer
         write_results(results, out)
     return results
+
+
+def compare_task(*, data: Dataset | tuple[str, str | None, dict[str, Any]], model: str,
+                 model_options: dict[str, Any], spec: OptimizerSpec, options: dict[str, Any], loss: str,
+                 steps: int, batch_size: int, seed: int, eval_every: int, device: str) -> dict[str, Any]:
+    """One optimizer's run of :func:`compare` as an executor task (top level: picklable by name).
+
+    ``data``: a :class:`Dataset`, or ``(name, task, dataset_options)`` loaded here with ``seed``
+    (as :func:`compare` loads it). Returns the run's entry of ``results["runs"]``."""
+    torch_device = torch.device(device)
+    if not isinstance(data, Dataset):
+        name, task, dataset_options = data
+        data = load_dataset(name, task=task, seed=seed, **dataset_options)
+    run = TrainingRun(data.to(torch_device), model, model_options, spec, options, loss=loss, steps=steps,
+                      batch_size=batch_size, seed=seed, eval_every=eval_every, device=torch_device)
+    try:
+        run.run()
+        return run.result()
+    finally:
+        run.close()
 
 
 def train(dataset: str | Dataset = "digits", model: str = "mlp", optimizer: str | OptimizerSpec = "kfac",
