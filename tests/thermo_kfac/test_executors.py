@@ -390,6 +390,13 @@ def test_project_sweep_with_workers_gives_the_serial_points(tmp_path, monkeypatc
     assert pool == serial and [p["x"] for p in pool["points"]] == [10, 100, 1000]
 
 
+def test_project_refuses_workers_without_a_sweep(capsys):
+    from thermo_kfac import cli
+
+    assert cli.main(["project", "--model", "resnet50", "--workers", "2"]) == 2
+    assert "--workers/--cluster apply to --sweep only" in capsys.readouterr().err
+
+
 def test_cli_flags_select_the_executor(monkeypatch, capsys):
     from thermo_kfac import cli
 
