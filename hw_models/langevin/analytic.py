@@ -1,0 +1,118 @@
+"""The analytic integrator's draw, shared by the general simulator and the cached fast path of a
+programmed matrix (one code path: the two agree bitwise when they use the same random draws).
+
+Per eigenmode the time average after a burn-in is Gaussian with the mean weight ``w`` and variance
+of :func:`hw_models.langevin.laws.od_time_average`; the state at the end of the run is drawn
+jointly with it (:func:`hw_models.langevin.laws.od_end_state`), so a caller can continue the
+next run from the device's own end state.
+
+**Rails.** With ``NoiseConfig.state_range`` the state saturates at ``+-R``, which the Gaussian law
+does not model. Before drawing, :func:`draw` bounds every coordinate of the trajectory:
+the mean path is ``x* + Q exp(-Lambda t) d`` (``d = Q^T x0 - u*``), so
+``|x_i(t)| <= |x*_i| + (|Q| |d|)_i`` for all ``t``; the thermal excursion is bounded by
+``RAIL_SIGMAS`` stationary standard deviations ``sqrt(kappa0 (P^-1)_ii)``. When the bound exceeds
+``R`` the law is not valid and :func:`draw` returns ``None``: the caller then runs the clipping
+``"exact"`` integrator instead (``range_fallback`` in the diagnostics). Callers that want the fast
+law keep the bound below the rails by scaling their input (the thermodynamic solver does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hw_models.langevin import laws
+
+#: Thermal standard deviations added to the mean-path bound in the rail check.
+RAIL_SIGMAS = 4.0
+
+
+@dataclass(frozen=True)
+class Law:
+    """Per-mode coefficients of one (matrix, burn-in, window, kappa0) setting, as tensors
+    ``(K, n, 1)`` (``K`` = systems x copies), and what the rail check needs."""
+
+    lam: torch.Tensor
+    w: torch.Tensor
+    sd: torch.Tensor
+    decay: torch.Tensor  # end state: E[u(s)] = decay u0
+    gain: torch.Tensor  # Cov[ubar, u(s)] / Var[ubar]
+    end_sd: torch.Tensor  # conditional std of u(s) given ubar
+    var_sum: float  # per-system sum of the mode variances (mean over copies)
+    coord_sd: torch.Tensor | None  # (K, n, 1) stationary std per coordinate (with rails only)
+    abs_q: torch.Tensor | None  # |Q| (with rails only)
+
+
+def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, kappa0: float,
+             rails: bool) -> Law:
+    """The :class:`Law` of the programmed spectrum ``lam`` ``(K, n)`` with eigenvectors ``Q``."""
+    w, var = laws.od_time_average(lam, burn_in, window, kappa0)
+    decay, var_end, cov = laws.od_end_state(lam, burn_in, window, kappa0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(var > 0, cov / var, 0.0)
+    end_sd = np.sqrt(np.maximum(var_end - gain * cov, 0.0))
+    opts = {"dtype": Q.dtype, "device": Q.device}
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(x, **opts).unsqueeze(-1)
+
+    coord_sd = abs_q = None
+    if rails:
+        # stationary variance of coordinate i: kappa0 (P^-1)_ii = kappa0 sum_k Q_ik^2 / lam_k
+        coord_sd = torch.sqrt(kappa0 * ((Q * Q) @ t(1.0 / lam)))
+        abs_q = Q.abs()
+    return Law(lam=t(lam), w=t(w), sd=t(np.sqrt(var)), decay=t(decay), gain=t(gain),
+               end_sd=t(end_sd), var_sum=float(np.mean(np.sum(var, axis=1))), coord_sd=coord_sd,
+               abs_q=abs_q)
+
+
+@dataclass
+class Draw:
+    """One analytic draw: the time averages and (if asked) end states, ``(K, n, m)`` in x-space,
+    and the bias of the mean path in the eigenbasis (``w d``) for the error prediction."""
+
+    mean: torch.Tensor
+    eigen: torch.Tensor  # the time averages in the eigenbasis
+    end: torch.Tensor | None
+    bias2: torch.Tensor  # (K,) squared norm of E[xbar] - x*
+    xstar2: torch.Tensor  # (K,) squared norm of x* (of the loaded input)
+
+
+def draw(law: Law, Q: torch.Tensor, B_hw: torch.Tensor, normal: Callable[[tuple[int, ...]],
+         torch.Tensor], *, x0: torch.Tensor | None = None, x0_eigen: torch.Tensor | None = None,
+         x0_rhs_scale: float | None = None, want_end: bool = False,
+         state_range: float | None = None) -> Draw | None:
+    """Draw the time average (and end state) for the loaded inputs ``B_hw`` ``(K, n, m)``.
+
+    The start is ``x0`` (``(K, n, m)``, x-space), or ``x0_eigen`` (eigenbasis), or
+    ``x0_rhs_scale * B_hw``, or 0. ``normal(shape)`` draws the thermal noise (the end state's
+    conditional noise second). Returns ``None`` when ``state_range`` may be exceeded (module docs).
+    """
+    Qt = Q.transpose(1, 2)
+    QtB = Qt @ B_hw
+    ustar = QtB / law.lam
+    if x0_eigen is not None:
+        d = x0_eigen.to(ustar.dtype) - ustar
+    elif x0_rhs_scale is not None:
+        d = QtB.mul_(x0_rhs_scale).sub_(ustar)
+    elif x0 is not None and bool(x0.count_nonzero()):
+        d = (Qt @ x0).sub_(ustar)
+    else:
+        d = -ustar
+    if state_range is not None:
+        assert law.abs_q is not None and law.coord_sd is not None
+        bound = (Q @ ustar).abs_().add_(law.abs_q @ d.abs()).add_(RAIL_SIGMAS * law.coord_sd)
+        if float(bound.amax()) > state_range:
+            return None
+    bias = law.w * d
+    noise = law.sd * normal(tuple(ustar.shape))
+    U = ustar + bias + noise
+    end = None
+    if want_end:
+        U_end = ustar + law.decay * d + law.gain * noise + law.end_sd * normal(tuple(ustar.shape))
+        end = Q @ U_end
+    return Draw(mean=Q @ U, eigen=U, end=end, bias2=bias.square().sum(dim=(1, 2)),
+                xstar2=ustar.square().sum(dim=(1, 2)))
