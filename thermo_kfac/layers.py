@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from thermo_kfac.capture import LayerAdapter
-from thermo_kfac.solvers.base import Damping, KFACSolver
+from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure
 
-# errors of a solver's prepare() that leave training running: linear algebra failures, and
-# ValueError, e.g. an analog device that cannot represent the factor (not positive definite
-# after quantization)
-PREPARE_ERRORS = (RuntimeError, torch.linalg.LinAlgError, ValueError)
+# errors of a solver's prepare() that leave training running: the protocol's SolverFailure (a
+# RuntimeError: an analog device that cannot represent the factor), and the linear algebra
+# failures and ValueErrors a digital solver may raise
+PREPARE_ERRORS = (SolverFailure, RuntimeError, torch.linalg.LinAlgError, ValueError)
 
 if TYPE_CHECKING:
     from thermo_kfac.preconditioner import KFACPreconditioner

@@ -54,7 +54,7 @@ from thermo_kfac.fisher import (
 )
 from thermo_kfac.layers import LayerState, LayerTable, PreconditionedGradient, StepHooks
 from thermo_kfac.policy import HardwarePricer, LayerAssignment, SolverPolicy, SolverSpec, is_analog
-from thermo_kfac.solvers.base import Damping, KFACSolver, solver_factory
+from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure, solver_factory
 from thermo_kfac.solvers.kronecker_svd import CURVATURES, curvature_solver_factory
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -508,10 +508,21 @@ class KFACPreconditioner:
             rhs = grad.to(self.factor_dtype)
             if state.prepare_failed:
                 result = self._fall_back(name, state, rhs, warn=False)
+                served = False
             else:
-                result = state.solver.apply(rhs)
+                served = True
+                try:
+                    result = state.solver.apply(rhs)
+                except SolverFailure as err:  # the protocol's one failure channel
+                    if self._make_fallback is None:
+                        raise
+                    result = self._fall_back(name, state, rhs, reason=str(err))
+                    served = False
+            if served:
                 if state.solver.last_report is not None:
                     reports[f"{name}/apply"] = state.solver.last_report
+                # a guard, not a channel: any solver's non-finite (or, with
+                # fallback_residual_tol, inaccurate) output is served by the fallback too
                 if self._make_fallback is not None and not self._acceptable(state, rhs, result):
                     result = self._fall_back(name, state, rhs)
             out.append(PreconditionedGradient(state, grad, result.to(grad.dtype)))
@@ -524,11 +535,12 @@ class KFACPreconditioner:
             return True
         return state.relative_residual(rhs, result, self.damping) <= self.fallback_residual_tol
 
-    def _fall_back(self, name: str, state: LayerState, rhs: torch.Tensor, warn: bool = True
-                   ) -> torch.Tensor:
+    def _fall_back(self, name: str, state: LayerState, rhs: torch.Tensor, warn: bool = True,
+                   reason: str | None = None) -> torch.Tensor:
         if state.fallbacks == 0 and warn:
+            why = f" ({reason})" if reason else ""
             warnings.warn(f"K-FAC: solver {type(state.solver).__name__} gave an unusable result on "
-                          f"layer {name!r}; using the fallback solver (counted in fallbacks(); "
+                          f"layer {name!r}{why}; using the fallback solver (counted in fallbacks(); "
                           "warned once per layer)", RuntimeWarning, stacklevel=5)
         assert self._make_fallback is not None
         return state.apply_fallback(rhs, self._make_fallback, self.damping, self.steps)

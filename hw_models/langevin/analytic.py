@@ -7,13 +7,15 @@ jointly with it (:func:`hw_models.langevin.laws.od_end_state`), so a caller can 
 next run from the device's own end state.
 
 **Rails.** With ``NoiseConfig.state_range`` the state saturates at ``+-R``, which the Gaussian law
-does not model. Before drawing, :func:`draw` bounds every coordinate of the trajectory:
-the mean path is ``x* + Q exp(-Lambda t) d`` (``d = Q^T x0 - u*``), so
-``|x_i(t)| <= |x*_i| + (|Q| |d|)_i`` for all ``t``; the thermal excursion is bounded by
-``RAIL_SIGMAS`` stationary standard deviations ``sqrt(kappa0 (P^-1)_ii)``. When the bound exceeds
-``R`` the law is not valid and :func:`draw` returns ``None``: the caller then runs the clipping
-``"exact"`` integrator instead (``range_fallback`` in the diagnostics). Callers that want the fast
-law keep the bound below the rails by scaling their input (the thermodynamic solver does).
+does not model. Before drawing, :func:`draw` checks the trajectory: the mean path
+``x* + Q exp(-Lambda t) d`` (``d = Q^T x0 - u*``) at ``t = 0`` and :data:`RAIL_TIMES` (a
+geometric grid up to the run's end) plus ``RAIL_SIGMAS`` stationary standard deviations
+``sqrt(kappa0 (P^-1)_ii)`` per coordinate. When that reaches ``R`` the law is not valid and
+:func:`draw` returns ``None``: the caller then runs the clipping ``"exact"`` integrator instead
+(``range_fallback`` in the diagnostics). The check is a screen, not a proof: an excursion between
+grid points, or a thermal one beyond 4 sigma, is not caught (a thermal excursion that brief moves
+the time average by little). Callers that want the fast law keep the state well inside the rails
+by scaling their input (the thermodynamic solver does).
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ import torch
 
 from hw_models.langevin import laws
 
-#: Thermal standard deviations added to the mean-path bound in the rail check.
+#: Thermal standard deviations added to the mean path in the rail check.
 RAIL_SIGMAS = 4.0
+#: Times (tau) at which the rail check samples the mean path (besides 0; capped at the run's
+#: end): the slowest and fastest modes' excursions peak between 1/lambda_max = 1 and the end.
+RAIL_TIMES = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class Law:
     end_sd: torch.Tensor  # conditional std of u(s) given ubar
     var_sum: float  # per-system sum of the mode variances (mean over copies)
     coord_sd: torch.Tensor | None  # (K, n, 1) stationary std per coordinate (with rails only)
-    abs_q: torch.Tensor | None  # |Q| (with rails only)
+    rail_times: tuple[float, ...] = ()  # where the rail check samples the mean path
 
 
 def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, kappa0: float,
@@ -59,14 +64,30 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(x, **opts).unsqueeze(-1)
 
-    coord_sd = abs_q = None
+    coord_sd = None
+    times: tuple[float, ...] = ()
     if rails:
         # stationary variance of coordinate i: kappa0 (P^-1)_ii = kappa0 sum_k Q_ik^2 / lam_k
         coord_sd = torch.sqrt(kappa0 * ((Q * Q) @ t(1.0 / lam)))
-        abs_q = Q.abs()
+        end = burn_in + window
+        times = tuple(sorted({0.0, *(min(v, end) for v in RAIL_TIMES)}))
     return Law(lam=t(lam), w=t(w), sd=t(np.sqrt(var)), decay=t(decay), gain=t(gain),
                end_sd=t(end_sd), var_sum=float(np.mean(np.sum(var, axis=1))), coord_sd=coord_sd,
-               abs_q=abs_q)
+               rail_times=times)
+
+
+def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor,
+                 state_range: float) -> bool:
+    """Whether the run stays inside ``+-state_range`` (module docs): the mean path
+    ``x* + Q exp(-Lambda t) d`` at the check times :data:`RAIL_TIMES` (scaled to the run's end)
+    plus ``RAIL_SIGMAS`` stationary standard deviations per coordinate."""
+    assert law.coord_sd is not None
+    margin = RAIL_SIGMAS * law.coord_sd
+    for t in law.rail_times:
+        path = ustar + torch.exp(-law.lam * t) * d
+        if float(((Q @ path).abs_() + margin).amax()) > state_range:
+            return False
+    return True
 
 
 @dataclass
@@ -79,6 +100,8 @@ class Draw:
     end: torch.Tensor | None
     bias2: torch.Tensor  # (K,) squared norm of E[xbar] - x*
     xstar2: torch.Tensor  # (K,) squared norm of x* (of the loaded input)
+    resid2: torch.Tensor  # (K,) expected squared residual ||P xbar - b||^2 (bias and variance)
+    b2: torch.Tensor  # (K,) squared norm of the loaded input
 
 
 def draw(law: Law, Q: torch.Tensor, B_hw: torch.Tensor, normal: Callable[[tuple[int, ...]],
@@ -102,11 +125,8 @@ def draw(law: Law, Q: torch.Tensor, B_hw: torch.Tensor, normal: Callable[[tuple[
         d = (Qt @ x0).sub_(ustar)
     else:
         d = -ustar
-    if state_range is not None:
-        assert law.abs_q is not None and law.coord_sd is not None
-        bound = (Q @ ustar).abs_().add_(law.abs_q @ d.abs()).add_(RAIL_SIGMAS * law.coord_sd)
-        if float(bound.amax()) > state_range:
-            return None
+    if state_range is not None and not within_rails(law, Q, ustar, d, state_range):
+        return None
     bias = law.w * d
     noise = law.sd * normal(tuple(ustar.shape))
     U = ustar + bias + noise
@@ -114,5 +134,9 @@ def draw(law: Law, Q: torch.Tensor, B_hw: torch.Tensor, normal: Callable[[tuple[
     if want_end:
         U_end = ustar + law.decay * d + law.gain * noise + law.end_sd * normal(tuple(ustar.shape))
         end = Q @ U_end
+    m = ustar.shape[-1]
+    lam2 = law.lam.square()
+    resid2 = (lam2 * bias.square()).sum(dim=(1, 2)) + m * (lam2 * law.sd.square()).sum(dim=(1, 2))
     return Draw(mean=Q @ U, eigen=U, end=end, bias2=bias.square().sum(dim=(1, 2)),
-                xstar2=ustar.square().sum(dim=(1, 2)))
+                xstar2=ustar.square().sum(dim=(1, 2)), resid2=resid2,
+                b2=(ustar * law.lam).square().sum(dim=(1, 2)))

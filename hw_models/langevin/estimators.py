@@ -347,8 +347,11 @@ def _predicted(drawn: analytic.Draw, var_sum: float, copies: int) -> dict[str, n
     var = np.full(k, m * var_sum / copies)
     ref = np.maximum(ref, 1e-300)
     bias, std = np.sqrt(bias2 / ref), np.sqrt(var / ref)
+    resid2 = diagnostics.copy_mean(drawn.resid2.double().cpu().numpy(), k, copies)
+    b2 = np.maximum(diagnostics.copy_mean(drawn.b2.double().cpu().numpy(), k, copies), 1e-300)
     return {"predicted_bias": bias, "predicted_variance": std,
-            "predicted_rel_error": np.hypot(bias, std)}
+            "predicted_rel_error": np.hypot(bias, std), "predicted_residual": np.sqrt(resid2 / b2),
+            "solution_norm2": ref / max(m, 1)}
 
 
 def _solve_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | None,
