@@ -16,6 +16,7 @@ from hw_models.langevin import analytic, diagnostics, laws, schedule
 from hw_models.langevin.backends import draw_seed, make_streams
 from hw_models.langevin.config import AnalogConfig, as_config, compute_device
 from hw_models.langevin.problem import Array, Problem, check_finite, prepare
+from hw_models.validation import check_choice
 from hw_models.langevin.programmed import (
     ProgrammedMatrix,
     Spectrum,
@@ -155,8 +156,8 @@ def solve(A: Array | ProgrammedMatrix, B: Array, config: AnalogConfig | None = N
 def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | None = None,
                      x0: Array | None = None, *, seed: int | None = None,
                      x0_eigen: torch.Tensor | None = None, x0_rhs_scale: float | None = None,
-                     rhs_absmax: torch.Tensor | None = None, end_state: bool = False
-                     ) -> AnalogResult:
+                     rhs_absmax: torch.Tensor | None = None, end_state: bool = False,
+                     path: str = "auto") -> AnalogResult:
     """Estimate ``A^-1 B`` on the matrix ``prog`` programmed by :func:`program`.
 
     The couplings, their clip counts and the programmed spectrum come from ``prog``; only the
@@ -183,13 +184,16 @@ def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | No
             caller has it (e.g. it scaled the columns to full scale): the analytic path's DAC then
             skips its range scan. A hint; other paths ignore it.
         end_state: also return the state at the end of the run (see :func:`solve`).
+        path: ``"auto"`` (the fast path where it applies) or ``"general"`` (always the general
+            simulator: for validating one against the other).
 
     Returns:
         :class:`AnalogResult` with ``x`` shaped like ``B`` (and ``state`` on the analytic path).
     """
     cfg = as_config(config)
     prog.check_config(cfg)
-    if _fast_path(prog, B, x0, cfg):
+    check_choice("path", path, ("auto", "general"))
+    if path == "auto" and _fast_path(prog, B, x0, cfg):
         seed = draw_seed(cfg.seed) if seed is None else int(seed)
         res = _solve_analytic(prog, B, x0, cfg, seed, x0_eigen=x0_eigen, x0_rhs_scale=x0_rhs_scale,
                               rhs_absmax=rhs_absmax, end_state=end_state)
