@@ -9,8 +9,9 @@ next run from the device's own end state.
 **Rails.** With ``NoiseConfig.state_range`` the state saturates at ``+-R``, which the Gaussian law
 does not model. Before drawing, :func:`draw` checks the trajectory: the mean path
 ``x* + Q exp(-Lambda t) d`` (``d = Q^T x0 - u*``) at ``t = 0`` and :data:`RAIL_TIMES` (a
-geometric grid up to the run's end) plus ``RAIL_SIGMAS`` stationary standard deviations
-``sqrt(kappa0 (P^-1)_ii)`` per coordinate. When that reaches ``R`` the law is not valid and
+geometric grid up to the run's end) plus ``RAIL_SIGMAS`` standard deviations per coordinate
+(the largest over the run, at its end:
+``sum_k Q_ik^2 kappa0/lam_k (1 - exp(-2 lam_k s))``). When that reaches ``R`` the law is not valid and
 :func:`draw` returns ``None``: the caller then runs the clipping ``"exact"`` integrator instead
 (``range_fallback`` in the diagnostics). The check is a screen, not a proof: an excursion between
 grid points, or a thermal one beyond 4 sigma, is not caught (a thermal excursion that brief moves
@@ -47,7 +48,7 @@ class Law:
     gain: torch.Tensor  # Cov[ubar, u(s)] / Var[ubar]
     end_sd: torch.Tensor  # conditional std of u(s) given ubar
     var_sum: float  # per-system sum of the mode variances (mean over copies)
-    coord_sd: torch.Tensor | None  # (K, n, 1) stationary std per coordinate (with rails only)
+    coord_sd: torch.Tensor | None  # (K, n, 1) largest std per coordinate over the run (rails)
     rail_times: tuple[float, ...] = ()  # where the rail check samples the mean path
 
 
@@ -67,8 +68,9 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
     coord_sd = None
     times: tuple[float, ...] = ()
     if rails:
-        # stationary variance of coordinate i: kappa0 (P^-1)_ii = kappa0 sum_k Q_ik^2 / lam_k
-        coord_sd = torch.sqrt(kappa0 * ((Q * Q) @ t(1.0 / lam)))
+        # the state's variance grows monotonically from a given start, so its largest value over
+        # the run is the end's: sum_k Q_ik^2 kappa0/lam_k (1 - exp(-2 lam_k s)) for coordinate i
+        coord_sd = torch.sqrt((Q * Q) @ t(var_end))
         end = burn_in + window
         times = tuple(sorted({0.0, *(min(v, end) for v in RAIL_TIMES)}))
     return Law(lam=t(lam), w=t(w), sd=t(np.sqrt(var)), decay=t(decay), gain=t(gain),
@@ -80,7 +82,7 @@ def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor
                  state_range: float) -> bool:
     """Whether the run stays inside ``+-state_range`` (module docs): the mean path
     ``x* + Q exp(-Lambda t) d`` at the check times :data:`RAIL_TIMES` (scaled to the run's end)
-    plus ``RAIL_SIGMAS`` stationary standard deviations per coordinate."""
+    plus ``RAIL_SIGMAS`` standard deviations per coordinate (their largest over the run)."""
     assert law.coord_sd is not None
     margin = RAIL_SIGMAS * law.coord_sd
     for t in law.rail_times:

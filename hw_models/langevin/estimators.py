@@ -16,7 +16,6 @@ from hw_models.langevin import analytic, diagnostics, laws, schedule
 from hw_models.langevin.backends import draw_seed, make_streams
 from hw_models.langevin.config import AnalogConfig, as_config, compute_device
 from hw_models.langevin.problem import Array, Problem, check_finite, prepare
-from hw_models.validation import check_choice
 from hw_models.langevin.programmed import (
     ProgrammedMatrix,
     Spectrum,
@@ -24,6 +23,7 @@ from hw_models.langevin.programmed import (
     program,
     program_couplings,
 )
+from hw_models.validation import check_choice
 
 # ``program`` and ``ProgrammedMatrix`` live in :mod:`hw_models.langevin.programmed`; they stay
 # importable from here, where they were defined before the package was split.

@@ -424,7 +424,8 @@ class ThermodynamicSolver(KFACSolver):
         run: dict[str, Any] = {"input_scale": scale, "snr_lost_db": -20.0 * math.log10(scale),
                                "bits_lost_to_ranging": -math.log2(scale), "reloaded_values": 0,
                                "saturated_fraction": 0.0, "range_fallback": False,
-                               "predicted_rel_error": None, "predicted_residual": None}
+                               "predicted_rel_error": None, "predicted_residual": None,
+                               "zero_started_columns": 0}
         if self.analog_time == 0 and self.noise.output_bits is None and not self.noise.read_noise:
             start_x = B if self.warm_start == "gradient" else x0
             return None, torch.zeros_like(B) if start_x is None else start_x.clone(), run
@@ -439,7 +440,17 @@ class ThermodynamicSolver(KFACSolver):
         else:
             rhs_scale = None
             if self.warm_start == "previous" and x0n is not None:
-                x0n, run["reloaded_values"] = self._reload(f, x0n)
+                rails = self.noise.state_range
+                if rails is not None:
+                    # a previous solution that lies beyond the range target in this call's units
+                    # (its column's input scale changed a lot) is no useful start: such columns
+                    # start from 0 instead of being re-sent (counted)
+                    far = abs_max(x0n, (0,)).squeeze(0) > RANGE_TARGET * rails
+                    run["zero_started_columns"] = int(far.sum())
+                    x0n = torch.where(far, 0.0, x0n)
+                else:
+                    far = torch.zeros(x0n.shape[1], dtype=torch.bool, device=x0n.device)
+                x0n, run["reloaded_values"] = self._reload(f, x0n, ~far)
             elif self.warm_start == "gradient" and f.d is None:
                 rhs_scale, x0n = f.c, None  # x0n = c Rn: the loaded input itself, no product
             res = solve_programmed(prog, Rn, cfg, x0n, seed=self._next_seed(), x0_rhs_scale=rhs_scale,
@@ -471,18 +482,20 @@ class ThermodynamicSolver(KFACSolver):
             peak = rms * math.sqrt(float((lam**-2.0).mean())) * math.sqrt(2.0 * math.log(2.0 * max(n, 2)))
         return min(1.0, RANGE_TARGET * rails / peak) if peak > 0 else 1.0
 
-    def _reload(self, f: _Factor, x0n: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _reload(self, f: _Factor, x0n: torch.Tensor, resend: torch.Tensor
+                ) -> tuple[torch.Tensor, int]:
         """The "previous" start as the device has it: the columns whose end state a unit still
-        holds continue from it; every other column is re-sent by the host through the DAC
-        (quantized over the rails). Returns the start and the number of values re-sent."""
+        holds continue from it; every other column in ``resend`` is re-sent by the host through
+        the DAC (quantized over the rails), the rest start from 0. Returns the start and the
+        number of values re-sent."""
         gen = torch.Generator(device=x0n.device).manual_seed(self._next_seed())
         start, _ = load_state(x0n, self.noise, generator=gen)
-        reloaded = start.numel()
+        resend = resend.clone()
         if f.held is not None and f.held_cols is not None and f.held.shape[0] == start.shape[0] \
                 and int(f.held_cols.max()) < start.shape[1]:
             start[:, f.held_cols] = f.held.to(start.dtype)
-            reloaded -= f.held.numel()
-        return start, reloaded
+            resend[f.held_cols] = False
+        return start, int(resend.sum()) * start.shape[0]
 
     def _hold(self, f: _Factor, end: torch.Tensor) -> None:
         """Keep the end states of the last round of columns: one per unit (the device runs the
