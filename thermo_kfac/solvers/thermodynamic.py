@@ -1,8 +1,11 @@
 """Thermodynamic K-FAC solver: the damped Kronecker factors handled by the simulated analog device.
 
 ``ThermodynamicSolver`` (registered as ``"thermo"``) runs each layer's linear algebra on the
-Langevin simulator of :mod:`hw_models` and reports what the modelled hardware would cost. The
-full guide (options, scaling, error laws, reports) is ``docs/thermodynamic_kfac.md``.
+Langevin simulator of :mod:`hw_models` and reports what the modelled hardware would cost. By
+default it simulates the device preset it is priced on (``device``: converters, rails, mismatch,
+read noise, ``kappa0`` from :meth:`hw_models.ThermoDevice.noise_config`); ``ideal=True`` gives
+the idealised device. The full guide (options, scaling, ranging, warm starts, error laws,
+reports, failures) is ``docs/thermodynamic_kfac.md``.
 
 - ``method="solve"`` (default; "Method 2" of the seed paper): :meth:`prepare` programs the two
   damped factors into the device once (:func:`hw_models.langevin.program`: coupling quantization
@@ -16,17 +19,20 @@ full guide (options, scaling, error laws, reports) is ``docs/thermodynamic_kfac.
 
 **Scaling** (all digital, ``O(n^2)`` per factor and ``O(n m)`` per right-hand side, priced in the
 report as host work). Each damped factor ``M`` is symmetrised, optionally Jacobi-scaled
-(``jacobi=True``: ``D M D`` with ``D = diag(M)^-1/2``) and divided by ``c``, an estimate of its
-largest eigenvalue by ``power_iterations`` steps of the power method, so the programmed matrix
-``P`` has ``lambda_max ~ 1`` and ``analog_time`` counts relaxation times of the fastest mode (the
-slowest mode relaxes in ``kappa`` tau). Every right-hand-side column is divided by its abs-max
-``r_j``, so it enters the device at the DAC's full scale (what the converter's range management
-does) and the thermal noise ``kappa0`` is measured against a unit signal. The device returns
-``Y ~ P^-1 B_n`` and the result is mapped back as ``M^-1 B = D Y diag(r) / c``. Warm starts are
-converted into these device units.
+(``jacobi=True``: ``D M D`` with ``D = diag(M)^-1/2``) and divided by ``c``, an upper estimate of
+its largest eigenvalue (:func:`lambda_max_estimate`: Lanczos from a random start), so the
+programmed matrix ``P`` has ``lambda_max <= ~1`` (couplings inside ``coupling_range``) and
+``analog_time`` counts relaxation times of the fastest mode (the slowest mode relaxes in
+``kappa`` tau). Every right-hand-side column is divided by its abs-max ``r_j`` (the DAC's full
+scale) and multiplied by the input scale ``s <= 1`` that keeps the state inside the rails
+(:meth:`ThermodynamicSolver._solve`). The device returns ``Y ~ P^-1 B_n`` and the result is
+mapped back as ``M^-1 B = D Y diag(r / s) / c``. Warm starts are converted into these device
+units.
 
-**Warm start** (method ``solve``): ``"previous"`` starts each solve from the previous call's
-solution (the device is not reset between calls), ``"gradient"`` from the right-hand side itself
+**Warm start** (method ``solve``): ``"previous"`` continues from where the device is: the end
+states its units hold (one per unit) for those columns, the host's previous read-out re-sent
+through the DAC for the others (counted in ``reloaded_values``), ``"gradient"`` from the
+right-hand side itself
 (TNGD, Donatella et al. 2024, eq. 19: ``analog_time=0`` returns the gradient unchanged -- SGD -- and
 ``analog_time -> infinity`` the natural gradient), ``"zero"`` from 0. ``analog_time=0`` runs no
 dynamics: the initial state is read out through the ADC model.
@@ -37,7 +43,9 @@ charged in ``prepare``, solves with resident couplings in ``apply``) and, in ``i
 per-layer accuracy: ``relative_residual`` ``||(G+lam_G) X (A+lam_A) - grad|| / ||grad||``, the
 programmed condition numbers, the simulator's predicted thermal error and systematic (coupling and
 DAC) error, clip counts, seeds; with ``track_exact=True`` also ``cosine_to_exact`` and
-``rel_error_to_exact`` against the exact damped solve computed digitally. Solves are priced with
+``rel_error_to_exact`` against the exact damped solve computed digitally; the ranging, rails,
+programmed spectrum and predicted error (with bias) keys of ``docs/thermodynamic_kfac.md``.
+Failures raise :class:`~thermo_kfac.solvers.base.SolverFailure`. Solves are priced with
 the simulated burn-in and averaging times per column (times the mitigation copies); for an inverse
 the cost model's target accuracy ``eps`` is chosen so that its sampling time equals the simulated
 one (``eps = sqrt((n + 1) kappa / T)``, clamped to ``[1e-6, 0.999]``).
@@ -46,18 +54,30 @@ one (``eps = sqrt((n + 1) kappa / T)``, clamped to ``[1e-6, 0.999]``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hw_models.cost import Cost, gemm_time, thermo_inverse_cost, thermo_program_cost, thermo_solve_cost
 from hw_models.devices import digital_device, thermo_device
-from hw_models.langevin import AnalogConfig, ProgrammedMatrix, error_model, program, solve_programmed
+from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program, solve_programmed
 from hw_models.langevin import inverse as analog_inverse
-from hw_models.noise import NoiseConfig, abs_max, load_state, read_out
+from hw_models.noise import NoiseConfig, abs_max, read_out
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure, SolverReport, register_solver
+from thermo_kfac.solvers.thermo_device import (
+    LAMBDA_SAFETY,
+    RANGE_TARGET,
+    DeviceFactor,
+    combined,
+    hold_end_states,
+    input_scale,
+    lambda_max_estimate,
+    predicted_error,
+    reload_start,
+)
+
+__all__ = ["LAMBDA_SAFETY", "ThermodynamicSolver", "lambda_max_estimate"]
 
 METHODS = ("inverse", "solve")
 INTEGRATORS = ("euler", "exact", "analytic", "sde")
@@ -65,34 +85,6 @@ WARM_STARTS = ("previous", "gradient", "zero")
 _NOISE_FIELDS = ("coupling_bits", "input_bits", "output_bits", "rounding", "mismatch_std",
                  "mismatch_kind", "read_noise", "mitigation_copies", "coupling_range",
                  "input_range", "output_range", "device_seed", "state_range", "unit", "cell_offset")
-#: lambda_max estimate: Lanczos' top Ritz value plus its residual bound, times this safety factor
-LAMBDA_SAFETY = 1.01
-#: the solver aims the largest state value at this fraction of state_range (input ranging), and
-#: trusts the previous call's peak up to this margin
-RANGE_TARGET = 0.5
-RANGE_MARGIN = 1.5
-
-
-@dataclass
-class _Factor:
-    """One damped factor as the device sees it: ``M = c D^-1 P D^-1`` (``D = diag(d)``)."""
-
-    M: torch.Tensor  # damped, symmetrised factor (for residuals and the exact reference)
-    P: torch.Tensor  # programmed (scaled) matrix
-    c: float  # lambda_max estimate of D M D
-    d: torch.Tensor | None  # Jacobi scaling vector diag(M)^-1/2, or None
-    seed: int  # seed of the programming (stochastic rounding)
-    prog: ProgrammedMatrix | None = None  # cached device state; rebuilt from (P, seed) on resume
-    chol: torch.Tensor | None = None  # Cholesky factor of M (track_exact)
-    held: torch.Tensor | None = None  # end states the device units hold (device units, (n, h))
-    held_cols: torch.Tensor | None = None  # and which right-hand-side columns they belong to
-    peak: float | None = None  # last read-out peak |y| per unit input scale (input ranging)
-    scale: float = 1.0  # last input scale s
-
-    def state(self) -> dict[str, Any]:
-        return {"M": self.M, "P": self.P, "c": self.c, "d": self.d, "seed": self.seed,
-                "held": self.held, "held_cols": self.held_cols, "peak": self.peak,
-                "scale": self.scale}
 
 
 @register_solver
@@ -203,7 +195,7 @@ class ThermodynamicSolver(KFACSolver):
         self.calls = 0
         self.A_inv: torch.Tensor | None = None  # method "inverse"
         self.G_inv: torch.Tensor | None = None
-        self.factors: dict[str, _Factor] = {}  # method "solve": "A" and "G"
+        self.factors: dict[str, DeviceFactor] = {}  # method "solve": "A" and "G"
         self.X_prev: torch.Tensor | None = None  # warm starts: the host's read-out, host units
         self.Y_prev: torch.Tensor | None = None
         self._configs: dict[str, AnalogConfig] = {}  # per factor: its placement on the device
@@ -295,8 +287,8 @@ class ThermodynamicSolver(KFACSolver):
         for key in run_g:
             info[key] = [run_g[key], run_a[key]]
         info.update(self._programming_info(self.factors))
-        info["predicted_error"] = _combined(info["predicted_rel_error"])
-        info["predicted_relative_residual"] = _combined(info["predicted_residual"])
+        info["predicted_error"] = combined(info["predicted_rel_error"])
+        info["predicted_relative_residual"] = combined(info["predicted_residual"])
         info.update(self._accuracy(grad, X, info["predicted_relative_residual"]))
         self.last_report = _report(costs, info)
         return X
@@ -315,7 +307,7 @@ class ThermodynamicSolver(KFACSolver):
         state = dict(state)
         factors = state.pop("factors", None)
         if factors is not None:  # programmed lazily from (P, seed): bit-identical to the original
-            self.factors = {k: _Factor(**v) for k, v in factors.items()}
+            self.factors = {k: DeviceFactor(**v) for k, v in factors.items()}
         super().load_state_dict(state)
 
     def converters(self) -> dict[str, Any]:
@@ -369,7 +361,7 @@ class ThermodynamicSolver(KFACSolver):
         self.calls += 1
         return seed
 
-    def _factor(self, F: torch.Tensor, lam: float) -> _Factor:
+    def _factor(self, F: torch.Tensor, lam: float) -> DeviceFactor:
         """Damp, symmetrise and scale one factor (module docs, "Scaling")."""
         n = F.shape[0]
         M = 0.5 * (F + F.T) + lam * torch.eye(n, dtype=F.dtype, device=F.device)
@@ -382,14 +374,14 @@ class ThermodynamicSolver(KFACSolver):
             S = d[:, None] * M * d[None, :]
         seed = self._next_seed()
         c = lambda_max_estimate(S, self.power_iterations, seed)
-        return _Factor(M=M, P=S / c, c=c, d=d, seed=seed)
+        return DeviceFactor(M=M, P=S / c, c=c, d=d, seed=seed)
 
-    def _program(self, f: _Factor, key: str) -> ProgrammedMatrix:
+    def _program(self, f: DeviceFactor, key: str) -> ProgrammedMatrix:
         if f.prog is None:
             f.prog = program(f.P, self._placed(key).replace(seed=f.seed))
         return f.prog
 
-    def _programming_info(self, factors: dict[str, _Factor]) -> dict[str, Any]:
+    def _programming_info(self, factors: dict[str, DeviceFactor]) -> dict[str, Any]:
         """``programmed_lambda_max`` and ``max_coupling`` per factor ``[G, A]``, and the
         converters simulated."""
         out: dict[str, Any] = {"programmed_lambda_max": [], "max_coupling": []}
@@ -401,7 +393,7 @@ class ThermodynamicSolver(KFACSolver):
         out["converters"] = self.converters()
         return out
 
-    def _solve(self, f: _Factor, key: str, B: torch.Tensor, x0: torch.Tensor | None):
+    def _solve(self, f: DeviceFactor, key: str, B: torch.Tensor, x0: torch.Tensor | None):
         """``M^-1 B`` (columns of B) on the device; ``(result, X, ranging info)``.
 
         Each column is divided by its abs-max ``r_j`` (the DAC full scale) and multiplied by the
@@ -470,61 +462,19 @@ class ThermodynamicSolver(KFACSolver):
         X = Yn.mul_(r_eff / f.c) if res is not None else Yn * (r_eff / f.c)
         return res, (X if f.d is None else f.d[:, None] * X), run
 
-    def _input_scale(self, f: _Factor, prog: ProgrammedMatrix, n: int) -> float:
-        rails = self.noise.state_range
-        if rails is None:
-            return 1.0
-        if f.peak is not None:
-            peak = RANGE_MARGIN * f.peak
-        else:  # before any read-out: the Gaussian estimate of the solution's peak
-            lam = prog.eigenvalues[0]
-            rms = error_model.full_scale_rms(n)
-            peak = rms * math.sqrt(float((lam**-2.0).mean())) * math.sqrt(2.0 * math.log(2.0 * max(n, 2)))
-        return min(1.0, RANGE_TARGET * rails / peak) if peak > 0 else 1.0
+    def _input_scale(self, f: DeviceFactor, prog: ProgrammedMatrix, n: int) -> float:
+        return input_scale(f, prog.eigenvalues[0], n, self.noise.state_range)
 
-    def _reload(self, f: _Factor, x0n: torch.Tensor, resend: torch.Tensor
+    def _reload(self, f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor
                 ) -> tuple[torch.Tensor, int]:
-        """The "previous" start as the device has it: the columns whose end state a unit still
-        holds continue from it; every other column in ``resend`` is re-sent by the host through
-        the DAC (quantized over the rails), the rest start from 0. Returns the start and the
-        number of values re-sent."""
-        gen = torch.Generator(device=x0n.device).manual_seed(self._next_seed())
-        start, _ = load_state(x0n, self.noise, generator=gen)
-        resend = resend.clone()
-        if f.held is not None and f.held_cols is not None and f.held.shape[0] == start.shape[0] \
-                and int(f.held_cols.max()) < start.shape[1]:
-            start[:, f.held_cols] = f.held.to(start.dtype)
-            resend[f.held_cols] = False
-        return start, int(resend.sum()) * start.shape[0]
+        return reload_start(f, x0n, resend, self.noise, self._next_seed())
 
-    def _hold(self, f: _Factor, end: torch.Tensor) -> None:
-        """Keep the end states of the last round of columns: one per unit (the device runs the
-        held columns first in the next call, then the rest in order)."""
-        m = end.shape[1]
-        held = [] if f.held_cols is None else [int(j) for j in f.held_cols if int(j) < m]
-        rest = [j for j in range(m) if j not in set(held)]
-        order = held + rest
-        last = torch.tensor(order[-min(self.device.units, m):], dtype=torch.long, device=end.device)
-        f.held_cols, f.held = last, end[:, last].clone()
+    def _hold(self, f: DeviceFactor, end: torch.Tensor) -> None:
+        hold_end_states(f, end, self.device.units)
 
     def _predicted_error(self, prog: ProgrammedMatrix, dg: dict[str, Any]
                          ) -> tuple[float | None, float | None]:
-        """Predicted relative error and relative residual of this solve: the simulator's bias and
-        variance (exact for this input and start) and, added in quadrature, the static
-        converter/device error of the one error law (:func:`error_model.static_solve_error`)."""
-        thermal = dg.get("predicted_rel_error")
-        if thermal is None:
-            return None, None
-        lam = prog.eigenvalues[0]
-        top = max(1.0, float(lam.max()))  # the law is stated for lambda_max <= 1
-        ref = float(dg.get("solution_norm2") or 0.0) or 1.0
-        n = self.noise
-        static = error_model.static_solve_error(
-            lam / top, solution_norm2=ref, input_bits=n.input_bits, coupling_bits=n.coupling_bits,
-            output_bits=n.output_bits, mismatch=n.mismatch_std or 0.0, read_noise=n.read_noise or 0.0,
-            coupling_range=n.coupling_range or 1.0, output_range=n.output_range or 1.0,
-            input_range=n.input_range or 1.0)
-        return math.hypot(float(thermal), static), math.hypot(float(dg["predicted_residual"]), static)
+        return predicted_error(prog.eigenvalues[0], dg, self.noise)
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor,
                   predicted: float | None) -> dict[str, Any]:
@@ -610,58 +560,6 @@ class ThermodynamicSolver(KFACSolver):
         return thermo_solve_cost(n, n_rhs, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
                                  resident=resident, settle_tau=self.config.burn_in * copies,
                                  average_tau=window * copies)
-
-
-def lambda_max_estimate(S: torch.Tensor, iterations: int, seed: int = 0) -> float:
-    """Upper estimate of the largest eigenvalue of the symmetric PSD ``S`` (at least tiny).
-
-    Lanczos (full reorthogonalisation, ``min(iterations, n)`` steps) from a RANDOM start (seeded):
-    a fixed start such as the all-ones vector can be an exact eigenvector of a small eigenvalue
-    (cross-entropy output layers have ``G 1 = 0``), which would return that eigenvalue. The top
-    Ritz value ``theta`` never exceeds ``lambda_max``; the estimate is ``(theta + rho)`` times
-    :data:`LAMBDA_SAFETY`, ``rho = beta_k |y_k|`` the residual norm of the top Ritz pair (an
-    eigenvalue lies within ``rho`` of ``theta``; with ``n`` steps the Krylov space is complete and
-    ``rho = 0``), so the programmed matrix has ``lambda_max <= 1`` up to programming errors.
-    """
-    n = S.shape[0]
-    if n == 0:
-        return 1.0
-    k = min(int(iterations), n)
-    gen = torch.Generator(device=S.device).manual_seed(int(seed) % 2**63)
-    Sd = S.double()
-    v = torch.randn(n, generator=gen, dtype=torch.float64, device=S.device)
-    v = v / v.norm()
-    V = torch.zeros((k, n), dtype=torch.float64, device=S.device)
-    alpha: list[float] = []
-    beta: list[float] = []
-    for j in range(k):
-        V[j] = v
-        w = Sd @ v
-        a = float(v @ w)
-        alpha.append(a)
-        w = w - V[: j + 1].T @ (V[: j + 1] @ w)  # full reorthogonalisation (twice is enough)
-        w = w - V[: j + 1].T @ (V[: j + 1] @ w)
-        b = float(w.norm())
-        if not math.isfinite(b) or b <= 1e-12 * max(abs(a), 1e-300):
-            beta.append(0.0)  # invariant subspace: the Ritz values are exact eigenvalues
-            break
-        beta.append(b)
-        v = w / b
-    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-    off = torch.tensor(beta[: len(alpha) - 1], dtype=torch.float64)
-    T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    theta, Y = torch.linalg.eigh(T)
-    top = float(theta[-1])
-    rho = 0.0 if len(alpha) == n else beta[len(alpha) - 1] * abs(float(Y[-1, -1]))
-    est = top + rho
-    return est * LAMBDA_SAFETY if est > 0 and math.isfinite(est) else 1.0
-
-
-def _combined(values: list[Any]) -> float | None:
-    """The two solves' relative errors combined in quadrature (``None`` if either is unknown)."""
-    if any(v is None for v in values):
-        return None
-    return float(math.hypot(*values))
 
 
 def _float(value: Any, default: float) -> float:
