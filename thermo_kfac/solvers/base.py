@@ -148,7 +148,10 @@ class KFACSolver(ABC):
         Always ``digital_method``; an analog solver adds ``method`` (``"solve"`` or
         ``"inverse"``: how the analog device is used) and ``bits`` (converter bits, ``None`` for
         ideal converters), and may add its run settings (``analog_time``, ``burn_in``,
-        ``kappa0``, ``copies``, the ``device``/``host`` preset names).
+        ``kappa0``, ``copies``, the ``device``/``host`` preset names) and what it simulates:
+        ``ideal``, ``converters`` (the converter bits, ranges, rails, mismatch and read noise the
+        simulator runs with), ``input_scale`` and the warm-start reload (``warm_start``,
+        ``held_states``, ``reload_bits``; each call's ``reloaded_values`` are in its report).
         """
         return {"digital_method": self.digital_method}
 
