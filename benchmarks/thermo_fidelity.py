@@ -9,7 +9,7 @@ variance and static error of the one error law), the input scale and the bits/SN
 ranging, the saturated fraction and range fallbacks, and the maxima over all reports of
 ``programmed_lambda_max`` and ``max_coupling``; plus the final train loss and the fallbacks.
 
-    python benchmarks/thermo_fidelity.py [--epochs 10] [--out result.json]
+    python benchmarks/thermo_fidelity.py [--epochs 10 | --quick] [--out result.json]
 """
 
 from __future__ import annotations
@@ -76,10 +76,11 @@ def measure(epochs: float, spec_text: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=10.0)
+    parser.add_argument("--quick", action="store_true", help="1 epoch (a smoke run)")
     parser.add_argument("--spec", default="kfac:solver=thermo,track_exact=true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    out = measure(args.epochs, args.spec)
+    out = measure(1.0 if args.quick else args.epochs, args.spec)
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:
