@@ -209,3 +209,20 @@ def test_non_finite_gradient_raises_the_failure():
     solver.prepare(_spd([1.0, 0.5]), _spd([1.0, 0.3]), Damping(0.1))
     with pytest.raises(SolverFailure, match="non-finite"):
         solver.apply(torch.full((2, 2), float("nan"), dtype=torch.float64))
+
+
+def test_a_column_not_sent_returns_exactly_zero_with_ranging():
+    """A dead input feature (zero gradient column) is not sent to the device: its solution is 0,
+    also when the input scale s < 1 (before the fix it returned thermal noise / s, which the
+    slow A factor then amplified)."""
+    A = _spd([1.0, 0.3, 0.05, 0.01, 0.005], seed=2)
+    G = _spd([1.0, 0.8, 0.5], seed=3)
+    grad = torch.randn(3, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grad[:, 1] = 0.0
+    solver = ThermodynamicSolver(seed=2)
+    solver.prepare(A, G, Damping(1e-6))
+    for _ in range(3):
+        solver.apply(grad)
+    assert solver.last_report.info["input_scale"][1] < 1.0
+    Y_dead = solver.Y_prev[:, 1]
+    assert torch.equal(Y_dead, torch.zeros_like(Y_dead))

@@ -459,7 +459,8 @@ class ThermodynamicSolver(KFACSolver):
             peak = float(abs_max(Yn)) / scale
             f.peak = peak if math.isfinite(peak) and peak > 0 else f.peak
         f.scale = scale
-        X = Yn.mul_(r_eff / f.c) if res is not None else Yn * (r_eff / f.c)
+        r_out = torch.where(sent, r_eff, 0.0)  # a column not sent has the solution 0 exactly
+        X = Yn.mul_(r_out / f.c) if res is not None else Yn * (r_out / f.c)
         return res, (X if f.d is None else f.d[:, None] * X), run
 
     def _input_scale(self, f: DeviceFactor, prog: ProgrammedMatrix, n: int) -> float:
