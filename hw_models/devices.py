@@ -411,16 +411,17 @@ class ThermoDevice:
 
         Couplings at ``coupling_bits`` over the fixed range ``coupling_range`` (the programmed
         matrix is lambda_max-normalised), right-hand sides at ``dac_bits`` over the full scale 1,
-        read-out at ``adc_bits`` over ``state_range`` plus ``read_noise``, proportional
-        ``mismatch``. ``ideal=True`` switches all of them off (thermal noise stays: it is
-        ``kappa0`` of :meth:`analog_config`). ``changes`` override single NoiseConfig fields.
+        read-out at ``adc_bits`` over ``state_range`` plus ``read_noise``, the state's rails at
+        ``state_range``, proportional ``mismatch``. ``ideal=True`` switches all of them off
+        (thermal noise stays: it is ``kappa0`` of :meth:`analog_config`). ``changes`` override
+        single NoiseConfig fields.
         """
         if ideal:
             return NoiseConfig(**changes)
         fields: dict[str, Any] = {
             "coupling_bits": self.coupling_bits, "input_bits": self.dac_bits,
             "output_bits": self.adc_bits, "coupling_range": self.coupling_range,
-            "input_range": 1.0, "output_range": self.state_range,
+            "input_range": 1.0, "output_range": self.state_range, "state_range": self.state_range,
             "mismatch_std": self.mismatch or None, "mismatch_kind": "proportional",
             "read_noise": self.read_noise or None,
         }

@@ -7,13 +7,19 @@ The simulator (:mod:`hw_models.langevin`) applies these, in this order, to one s
    of each matrix by default, or a fixed ``coupling_range`` (values beyond it are clipped and
    counted);
 2. **mismatch / programming error**: each programmed coupling is off by a static Gaussian error,
-   ``absolute`` (``A + std*eps``) or ``proportional`` (``A * (1 + std*eps)``). ``eps`` is drawn
-   from ``device_seed`` alone, so one simulated device keeps its errors across calls. A coupling
-   joins two cells, so ``eps`` is symmetric and a symmetric ``A`` stays symmetric;
+   ``absolute`` (``A + std*eps``) or ``proportional`` (``A * (1 + std*eps)``). ``eps`` is one
+   fixed pattern per physical cell pair of the device ``device_seed``: the value of the coupling
+   between cells ``i`` and ``j`` of unit ``u`` is a hash of ``(device_seed, u, i, j)``
+   (:func:`mismatch_pattern`), so a matrix placed at ``cell_offset`` of ``unit`` sees the block
+   ``[offset:offset+n, offset:offset+n]`` of that unit's pattern: two matrices on different units
+   (or offsets) differ, the same cells give the same error. A coupling joins two cells, so ``eps``
+   is symmetric and a symmetric ``A`` stays symmetric;
 3. **input DAC**: each right-hand-side column is quantized to ``input_bits`` over its abs-max (or
-   ``input_range``);
+   ``input_range``); a state re-sent to the device (a warm start reloaded by the host) goes
+   through the same DAC over ``state_range`` (:func:`load_state`);
 4. **thermal noise** ``kappa0 = 1/beta`` drives the dynamics (it is ``AnalogConfig.kappa0``;
-   :func:`thermal_kappa0` converts a temperature and capacitance into it);
+   :func:`thermal_kappa0` converts a temperature and capacitance into it); the state saturates at
+   ``+-state_range`` (the integrators' rails; the simulator clips it);
 5. **read-out**: Gaussian ``read_noise`` then an ``output_bits`` ADC per read-out vector;
 6. **rounding-ensemble mitigation** (Aifer et al., arXiv:2401.16231): ``mitigation_copies``
    independently (stochastically) rounded instances of the problem are solved and their
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hw_models.validation import check_choice, check_number, check_positive
@@ -53,6 +60,9 @@ class NoiseConfig:
         coupling_range, input_range, output_range: fixed converter ranges (> 0); ``None`` means
             abs-max range management (the range follows the data, nothing clips).
         device_seed: seed of the simulated device's static mismatch pattern.
+        state_range: ``|x_i|`` at which the state saturates (the rails, > 0); ``None``: no rails.
+        unit, cell_offset: where the matrix is placed on the device (which solver unit, first
+            cell): selects the block of the device's mismatch pattern (>= 0).
     """
 
     coupling_bits: int | None = None
@@ -67,6 +77,9 @@ class NoiseConfig:
     input_range: float | None = None
     output_range: float | None = None
     device_seed: int = 0
+    state_range: float | None = None
+    unit: int = 0
+    cell_offset: int = 0
 
     def __post_init__(self) -> None:
         for name in ("coupling_bits", "input_bits", "output_bits"):
@@ -79,12 +92,13 @@ class NoiseConfig:
             value = getattr(self, name)
             if value is not None:
                 check_positive(name, value, allow_zero=True)
-        for name in ("coupling_range", "input_range", "output_range"):
+        for name in ("coupling_range", "input_range", "output_range", "state_range"):
             value = getattr(self, name)
             if value is not None:
                 check_positive(name, value)
         check_number("mitigation_copies", self.mitigation_copies, low=1, integer=True)
-        check_number("device_seed", self.device_seed, low=0, integer=True)
+        for name in ("device_seed", "unit", "cell_offset"):
+            check_number(name, getattr(self, name), low=0, integer=True)
         quantized = self.coupling_bits is not None or self.input_bits is not None
         if self.mitigation_copies > 1 and quantized and self.rounding != "stochastic":
             raise ValueError(
@@ -183,23 +197,54 @@ def quantize_couplings(A: torch.Tensor, bits: int, *, rounding: str = "nearest",
     return Quantized(values=values, step=result.step, n_clipped=n_clipped)
 
 
-def mismatch_pattern(shape: tuple[int, ...], device_seed: int, *, symmetric: bool = True,
-                     dtype: torch.dtype = torch.float64,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard-normal static error pattern of the simulated device ``device_seed``.
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
-    Drawn on the CPU in float64 from ``device_seed`` only, so every backend, device and call sees
-    the same pattern; with ``symmetric`` the lower triangle mirrors the upper one.
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (a bijection of uint64 with good avalanche): a counter-based stream."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def mismatch_pattern(shape: tuple[int, ...], device_seed: int, *, symmetric: bool = True,
+                     dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                     unit: int = 0, cell_offset: int = 0) -> torch.Tensor:
+    """Standard-normal static error pattern of the cells of the simulated device ``device_seed``.
+
+    ``shape`` is ``(..., n, n)``: system ``s`` of a stack sits on unit ``unit + s``, its cells
+    ``cell_offset .. cell_offset + n - 1``. The entry for cells ``(i, j)`` of unit ``u`` is a
+    counter-based hash of ``(device_seed, u, i, j)`` turned into a normal (Box-Muller), so it does
+    not depend on the matrix size or on other matrices: the pattern of an ``n x n`` matrix at
+    offset ``o`` is the block ``[o:o+n, o:o+n]`` of a larger one. With ``symmetric`` the entry of
+    ``(i, j)`` and ``(j, i)`` is the same (one coupling per cell pair). Computed on the CPU in
+    float64, so every backend and device sees the same pattern.
     """
-    gen = torch.Generator().manual_seed(int(device_seed))
-    eps = torch.randn(shape, generator=gen, dtype=torch.float64)
+    *lead, rows, cols = (int(v) for v in shape)
+    k = int(np.prod(lead)) if lead else 1
+    i = np.arange(rows, dtype=np.uint64)[:, None] + np.uint64(cell_offset)
+    j = np.arange(cols, dtype=np.uint64)[None, :] + np.uint64(cell_offset)
     if symmetric:
-        eps = torch.triu(eps) + torch.triu(eps, diagonal=1).transpose(-1, -2)
-    return eps.to(dtype=dtype, device=device)
+        i, j = np.minimum(i, j), np.maximum(i, j)
+    units = np.arange(k, dtype=np.uint64)[:, None, None] + np.uint64(unit)
+    # one 64-bit key per (device, unit, i, j): fields of 16/24/24 bits (up to 16M cells per unit)
+    with np.errstate(over="ignore"):
+        key = _mix64(np.uint64(device_seed) * np.uint64(0x9E3779B97F4A7C15) + units)
+        key = key ^ ((i << np.uint64(24)) | j)
+        h1 = _mix64(key)
+        h2 = _mix64(h1 + np.uint64(0x9E3779B97F4A7C15))
+    # 53-bit uniforms in (0, 1]: u1 never 0, so the logarithm is finite
+    u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0**53
+    u2 = (h2 >> np.uint64(11)).astype(np.float64) / 2.0**53
+    eps = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    eps = eps.reshape(*lead, rows, cols) if lead else eps[0]
+    return torch.from_numpy(np.array(eps, dtype=np.float64)).to(dtype=dtype, device=device)
 
 
 def apply_mismatch(A: torch.Tensor, std: float, kind: str = "proportional", *, device_seed: int = 0,
-                   symmetric: bool | None = None) -> torch.Tensor:
+                   symmetric: bool | None = None, unit: int = 0,
+                   cell_offset: int = 0) -> torch.Tensor:
     """Return ``A`` with the device's static coupling errors: ``A + std*eps`` or ``A*(1+std*eps)``.
 
     ``symmetric=None`` keeps a symmetric ``A`` symmetric (one error per coupling pair).
@@ -209,7 +254,7 @@ def apply_mismatch(A: torch.Tensor, std: float, kind: str = "proportional", *, d
     if symmetric is None:
         symmetric = bool(torch.equal(A, A.transpose(-1, -2)))
     eps = mismatch_pattern(tuple(A.shape), device_seed, symmetric=symmetric, dtype=A.dtype,
-                           device=A.device)
+                           device=A.device, unit=unit, cell_offset=cell_offset)
     if kind == "absolute":
         return A + std * eps
     return A * (1.0 + std * eps)
@@ -232,10 +277,12 @@ def program_couplings(A: torch.Tensor, config: NoiseConfig, *, copies: int = 1,
         info["clipped"] = q.n_clipped
         info["step"] = q.step.reshape(-1)[: A.shape[0]]
     if config.mismatch_std:
-        # one device per system: the pattern is indexed by system, shared by all copies
+        # the cells the matrix is placed on (system s of a stack on unit config.unit + s), shared
+        # by all copies
         symmetric = bool(torch.equal(A, A.transpose(-1, -2)))
         eps = mismatch_pattern(tuple(A.shape), config.device_seed, symmetric=symmetric,
-                               dtype=A.dtype, device=A.device)
+                               dtype=A.dtype, device=A.device, unit=config.unit,
+                               cell_offset=config.cell_offset)
         eps = eps.repeat(copies, 1, 1) if copies > 1 else eps
         if config.mismatch_kind == "absolute":
             A_rep = A_rep + config.mismatch_std * eps
@@ -258,6 +305,20 @@ def load_inputs(B: torch.Tensor, config: NoiseConfig, *, copies: int = 1,
         return B_rep, 0
     q = quantize(B_rep, config.input_bits, rounding=config.rounding, bound=config.input_range,
                  dims=(-2,), generator=generator, span=col_absmax)
+    return q.values, q.n_clipped
+
+
+def load_state(X: torch.Tensor, config: NoiseConfig, *,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """A state re-sent to the device (a host-side warm start): the ``input_bits`` DAC over
+    ``+-state_range`` (ideal without either). Returns ``(values, clipped)``."""
+    if config.input_bits is None:
+        if config.state_range is None:
+            return X, 0
+        clipped = int((X.abs() > config.state_range).sum())
+        return X.clamp(-config.state_range, config.state_range), clipped
+    q = quantize(X, config.input_bits, rounding=config.rounding, bound=config.state_range,
+                 dims=(-2,), generator=generator)
     return q.values, q.n_clipped
 
 

@@ -24,6 +24,7 @@ code path.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -31,12 +32,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from thermo_kfac.capture import LayerAdapter
-from thermo_kfac.solvers.base import Damping, KFACSolver
+from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure
 
-# errors of a solver's prepare() that leave training running: linear algebra failures, and
-# ValueError, e.g. an analog device that cannot represent the factor (not positive definite
-# after quantization)
-PREPARE_ERRORS = (RuntimeError, torch.linalg.LinAlgError, ValueError)
+# errors of a solver's prepare() that leave training running: the protocol's SolverFailure (a
+# RuntimeError: an analog device that cannot represent the factor), and the linear algebra
+# failures and ValueErrors a digital solver may raise
+PREPARE_ERRORS = (SolverFailure, RuntimeError, torch.linalg.LinAlgError, ValueError)
 
 if TYPE_CHECKING:
     from thermo_kfac.preconditioner import KFACPreconditioner
@@ -177,6 +178,19 @@ class LayerState:
         left = self.G @ result + lam_g * result
         residual = left @ self.A + lam_a * left
         return float((residual - rhs).norm() / rhs.norm().clamp_min(1e-30))
+
+    def fall_back(self, name: str, rhs: torch.Tensor, make_fallback: Callable[[], KFACSolver] | None,
+                  damping: Damping, step: int, *, warn: bool = True,
+                  reason: str | None = None) -> torch.Tensor:
+        """:meth:`apply_fallback`, warning (once per layer, with the failure's ``reason``) that the
+        solver's result was unusable."""
+        if self.fallbacks == 0 and warn:
+            why = f" ({reason})" if reason else ""
+            warnings.warn(f"K-FAC: solver {type(self.solver).__name__} gave an unusable result on "
+                          f"layer {name!r}{why}; using the fallback solver (counted in fallbacks(); "
+                          "warned once per layer)", RuntimeWarning, stacklevel=7)
+        assert make_fallback is not None, "no fallback solver configured"
+        return self.apply_fallback(rhs, make_fallback, damping, step)
 
     def apply_fallback(self, rhs: torch.Tensor, make_fallback: Callable[[], KFACSolver],
                        damping: Damping, step: int) -> torch.Tensor:

@@ -54,7 +54,7 @@ from thermo_kfac.fisher import (
 )
 from thermo_kfac.layers import LayerState, LayerTable, PreconditionedGradient, StepHooks
 from thermo_kfac.policy import HardwarePricer, LayerAssignment, SolverPolicy, SolverSpec, is_analog
-from thermo_kfac.solvers.base import Damping, KFACSolver, solver_factory
+from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure, solver_factory
 from thermo_kfac.solvers.kronecker_svd import CURVATURES, curvature_solver_factory
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
@@ -506,32 +506,32 @@ class KFACPreconditioner:
             if grad is None or not (state.prepare_failed or state.solver.ready):
                 continue
             rhs = grad.to(self.factor_dtype)
-            if state.prepare_failed:
-                result = self._fall_back(name, state, rhs, warn=False)
-            else:
-                result = state.solver.apply(rhs)
-                if state.solver.last_report is not None:
-                    reports[f"{name}/apply"] = state.solver.last_report
-                if self._make_fallback is not None and not self._acceptable(state, rhs, result):
-                    result = self._fall_back(name, state, rhs)
+            result = self._serve(name, state, rhs, reports)
             out.append(PreconditionedGradient(state, grad, result.to(grad.dtype)))
         return out
 
-    def _acceptable(self, state: LayerState, rhs: torch.Tensor, result: torch.Tensor) -> bool:
-        if not bool(torch.isfinite(result.sum())):
-            return False
-        if self.fallback_residual_tol is None or not state.has_factors:
-            return True
-        return state.relative_residual(rhs, result, self.damping) <= self.fallback_residual_tol
+    def _serve(self, name: str, state: LayerState, rhs: torch.Tensor, reports: dict) -> torch.Tensor:
+        """The layer's result; the fallback serves a failed prepare, a ``SolverFailure`` from apply
+        (the one failure channel) and, as a guard, non-finite or too inaccurate results."""
+        if state.prepare_failed:
+            return self._fall_back(name, state, rhs, warn=False)
+        try:
+            result = state.solver.apply(rhs)
+        except SolverFailure as err:
+            if self._make_fallback is None:
+                raise
+            return self._fall_back(name, state, rhs, reason=str(err))
+        if state.solver.last_report is not None:
+            reports[f"{name}/apply"] = state.solver.last_report
+        tol = self.fallback_residual_tol
+        bad = not bool(torch.isfinite(result.sum())) or (tol is not None and state.has_factors and (
+            state.relative_residual(rhs, result, self.damping) > tol))
+        if bad and self._make_fallback is not None:
+            return self._fall_back(name, state, rhs)
+        return result
 
-    def _fall_back(self, name: str, state: LayerState, rhs: torch.Tensor, warn: bool = True
-                   ) -> torch.Tensor:
-        if state.fallbacks == 0 and warn:
-            warnings.warn(f"K-FAC: solver {type(state.solver).__name__} gave an unusable result on "
-                          f"layer {name!r}; using the fallback solver (counted in fallbacks(); "
-                          "warned once per layer)", RuntimeWarning, stacklevel=5)
-        assert self._make_fallback is not None
-        return state.apply_fallback(rhs, self._make_fallback, self.damping, self.steps)
+    def _fall_back(self, name: str, state: LayerState, rhs: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return state.fall_back(name, rhs, self._make_fallback, self.damping, self.steps, **kw)
 
     def _apply(self, preconditioned: list[PreconditionedGradient]) -> float:
         scale = 1.0

@@ -28,10 +28,15 @@ class TorchBackend:
     def normal(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, dtype=like.dtype, device=like.device)
 
-    def euler_mean(self, A, B, X0, **kw) -> torch.Tensor:
+    def euler_mean(self, A, B, X0, **kw) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         from hw_models.langevin import torch_backend
 
         return torch_backend.euler_mean(A, B, X0, generator=self.generator, **kw)
+
+    def eig_mean_clipped(self, coef, Q, ustar, U0, **kw) -> tuple[torch.Tensor, torch.Tensor, int]:
+        from hw_models.langevin import torch_backend
+
+        return torch_backend.eig_mean_clipped(coef, Q, ustar, U0, generator=self.generator, **kw)
 
     def euler_second_moment(self, A, x0, **kw) -> tuple[torch.Tensor, int]:
         from hw_models.langevin import torch_backend
@@ -107,9 +112,24 @@ class NumbaBackend:
         return (float(readout.read_noise or 0.0), levels, float(readout.output_range or 0.0),
                 readout.rounding == "stochastic")
 
+    def _torch(self) -> TorchBackend:
+        """The torch kernels on a stream of this backend's key (for what the numba kernels lack:
+        the rails and the end state)."""
+        return TorchBackend(self.key * 1_000_003 + self.calls + 1, torch.device("cpu"))
+
+    def eig_mean_clipped(self, coef, Q, ustar, U0, **kw) -> tuple[torch.Tensor, torch.Tensor, int]:
+        self.calls += 1
+        return self._torch().eig_mean_clipped(coef, Q, ustar, U0, **kw)
+
     def euler_mean(self, A, B, X0, *, dt, kappa0, n_burn, n_avg, underdamped, mass,
-                   friction) -> torch.Tensor:
+                   friction, state_range=None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         import numba
+
+        if state_range is not None:  # the numba kernel has no rails: the torch kernel has
+            self.calls += 1
+            return self._torch().euler_mean(A, B, X0, dt=dt, kappa0=kappa0, n_burn=n_burn,
+                                            n_avg=n_avg, underdamped=underdamped, mass=mass,
+                                            friction=friction, state_range=state_range)
 
         k, n, m = B.shape
         sigma = math.sqrt(2.0 * kappa0 * dt * (friction if underdamped else 1.0))
@@ -125,7 +145,7 @@ class NumbaBackend:
             self.nb.euler_mean(At, Bt, X0t, dt, sigma, 1.0 - dt * friction / mass, dt / mass,
                                underdamped, n_burn, n_avg, block, self._streams(k * m),
                                *self._tables(), out)
-        return torch.from_numpy(out.transpose(0, 2, 1).copy())
+        return torch.from_numpy(out.transpose(0, 2, 1).copy()), None, 0
 
     def euler_second_moment(self, A, x0, *, dt, kappa0, n_burn, n_avg, underdamped, mass,
                             friction, readout) -> tuple[torch.Tensor, int]:

@@ -71,16 +71,28 @@ def relative_input_error(B_hw: torch.Tensor, B: torch.Tensor, k: int, copies: in
     return per_system(copy_mean((num / den).cpu().numpy(), k, copies), batched)
 
 
+def rails(state_range: float | None, saturated: int, samples: int, fallback: bool,
+          integrator: str) -> dict[str, Any]:
+    """The rail keys: ``state_range``, ``saturated_fraction`` (clipped state values over all
+    simulated state values), ``range_fallback`` (the analytic law was replaced by the clipping
+    integrator) and ``integrator_used``."""
+    return {"state_range": state_range,
+            "saturated_fraction": float(saturated) / max(int(samples), 1),
+            "range_fallback": bool(fallback), "integrator_used": integrator}
+
+
 def assemble(head: dict[str, Any], *, clipped: tuple[int, int, int], coupling_step: Any = None,
              target: dict[str, Any] | None = None, dt: float | None, n_steps: int, burn_in: float,
-             window: float, laws: dict[str, Any], target_error: float | None = None,
+             window: float, laws: dict[str, Any], rails: dict[str, Any] | None = None,
+             target_error: float | None = None,
              coupling_error: float | None = None, input_error: Any = None,
              systematic_error: Any = None) -> dict[str, Any]:
     """Assemble the diagnostics of a solve or an inverse in the documented key order.
 
     ``head`` from :func:`header`; ``laws`` from :func:`solve_laws` (an inverse: :func:`spectral`
     and its own predictions); ``clipped`` the (couplings, inputs, outputs) clip counts;
-    ``target`` the ``required_analog_time``/``target_met`` pair of a ``target_error`` run.
+    ``target`` the ``required_analog_time``/``target_met`` pair of a ``target_error`` run;
+    ``rails`` from :func:`rails` (solves).
     Optional keys appear only when given: ``coupling_step``, ``target_error``,
     ``coupling_error`` (a programmed matrix), ``input_error`` (DAC quantization on a programmed
     matrix), ``systematic_error`` (the general path with a non-ideal device).
@@ -93,6 +105,8 @@ def assemble(head: dict[str, Any], *, clipped: tuple[int, int, int], coupling_st
         d.update(target)
     d.update(dt=dt, n_steps=n_steps, burn_in=burn_in, averaging_time=window)
     d.update(laws)
+    if rails is not None:
+        d.update(rails)
     if target_error is not None:
         d["target_error"] = target_error
     if coupling_error is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from hw_models import noise as hw_noise
-from hw_models.langevin import diagnostics, laws, schedule
+from hw_models.langevin import analytic, diagnostics, laws, schedule
 from hw_models.langevin.backends import draw_seed, make_streams
 from hw_models.langevin.config import AnalogConfig, as_config, compute_device
 from hw_models.langevin.problem import Array, Problem, check_finite, prepare
@@ -23,6 +23,7 @@ from hw_models.langevin.programmed import (
     program,
     program_couplings,
 )
+from hw_models.validation import check_choice
 
 # ``program`` and ``ProgrammedMatrix`` live in :mod:`hw_models.langevin.programmed`; they stay
 # importable from here, where they were defined before the package was split.
@@ -43,6 +44,9 @@ class AnalogResult:
         state: for a solve of a :class:`ProgrammedMatrix` on the analytic fast path, the
             estimate before read-out in the eigenbasis of the programmed matrix, ``(copies, n, m)``
             (pass it back as ``x0_eigen`` to continue from it); ``None`` otherwise.
+        end_state: with ``end_state=True``, the device state (before read-out) at the end of the
+            run, shaped like ``x`` (copies averaged); ``None`` otherwise, and for the numba
+            kernels and the rail-free exact integrator, which keep none.
     """
 
     x: Array
@@ -50,6 +54,7 @@ class AnalogResult:
     n_samples: int
     diagnostics: dict[str, Any]
     state: torch.Tensor | None = None
+    end_state: Array | None = None
 
 
 class _Run:
@@ -118,7 +123,7 @@ def _symmetry_reason(cfg: AnalogConfig, estimator: str) -> tuple[bool, str]:
 def solve(A: Array | ProgrammedMatrix, B: Array, config: AnalogConfig | None = None,
           x0: Array | None = None, *, seed: int | None = None,
           x0_eigen: torch.Tensor | None = None, x0_rhs_scale: float | None = None,
-          rhs_absmax: torch.Tensor | None = None) -> AnalogResult:
+          rhs_absmax: torch.Tensor | None = None, end_state: bool = False) -> AnalogResult:
     """Estimate ``A^-1 B`` as the time average of the simulated device after a burn-in.
 
     Args:
@@ -132,23 +137,27 @@ def solve(A: Array | ProgrammedMatrix, B: Array, config: AnalogConfig | None = N
         seed: overrides ``config.seed`` (cheaper than ``config.replace(seed=...)`` per call).
         x0_eigen, x0_rhs_scale, rhs_absmax: warm starts and a hint for a
             :class:`ProgrammedMatrix`; see :func:`solve_programmed`.
+        end_state: also return the device state at the end of the run (``end_state`` of the
+            result), from which a following run can continue.
 
     Returns:
         :class:`AnalogResult` with ``x`` shaped like ``B``.
     """
     if isinstance(A, ProgrammedMatrix):
         return solve_programmed(A, B, config, x0, seed=seed, x0_eigen=x0_eigen,
-                                x0_rhs_scale=x0_rhs_scale, rhs_absmax=rhs_absmax)
+                                x0_rhs_scale=x0_rhs_scale, rhs_absmax=rhs_absmax,
+                                end_state=end_state)
     if x0_eigen is not None or x0_rhs_scale is not None:
         raise ValueError("x0_eigen/x0_rhs_scale start from a programmed device state: they need "
                          "a ProgrammedMatrix (hw_models.langevin.program); give x0 instead")
-    return _solve_general(A, B, as_config(config), x0, seed, None)
+    return _solve_general(A, B, as_config(config), x0, seed, None, end_state)
 
 
 def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | None = None,
                      x0: Array | None = None, *, seed: int | None = None,
                      x0_eigen: torch.Tensor | None = None, x0_rhs_scale: float | None = None,
-                     rhs_absmax: torch.Tensor | None = None) -> AnalogResult:
+                     rhs_absmax: torch.Tensor | None = None, end_state: bool = False,
+                     path: str = "auto") -> AnalogResult:
     """Estimate ``A^-1 B`` on the matrix ``prog`` programmed by :func:`program`.
 
     The couplings, their clip counts and the programmed spectrum come from ``prog``; only the
@@ -156,7 +165,9 @@ def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | No
     overdamped, the torch backend, an ``(n, m)`` torch ``B`` in ``prog``'s dtype and device, no
     ``target_error``) runs a cached analytic path costing a few ``O(n^2 m)`` products; every other
     call runs the general simulator. Both model the same device and return the same diagnostics
-    keys; without thermal noise they agree to rounding.
+    keys; both draw the analytic law with one function (:mod:`hw_models.langevin.analytic`), so
+    with the same seed they agree bitwise. When the rails (``noise.state_range``) may be reached
+    the analytic law does not hold and either path runs the clipping ``"exact"`` integrator.
 
     Args:
         prog: the programmed matrix; ``config.noise`` must have its coupling settings.
@@ -172,15 +183,22 @@ def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | No
         rhs_absmax: the exact per-column abs-max of an ``(n, m)`` ``B``, shape ``(m,)``, when the
             caller has it (e.g. it scaled the columns to full scale): the analytic path's DAC then
             skips its range scan. A hint; other paths ignore it.
+        end_state: also return the state at the end of the run (see :func:`solve`).
+        path: ``"auto"`` (the fast path where it applies) or ``"general"`` (always the general
+            simulator: for validating one against the other).
 
     Returns:
         :class:`AnalogResult` with ``x`` shaped like ``B`` (and ``state`` on the analytic path).
     """
     cfg = as_config(config)
     prog.check_config(cfg)
-    if _fast_path(prog, B, x0, cfg):
-        return _solve_analytic(prog, B, x0, cfg, draw_seed(cfg.seed) if seed is None else int(seed),
-                               x0_eigen=x0_eigen, x0_rhs_scale=x0_rhs_scale, rhs_absmax=rhs_absmax)
+    check_choice("path", path, ("auto", "general"))
+    if path == "auto" and _fast_path(prog, B, x0, cfg):
+        seed = draw_seed(cfg.seed) if seed is None else int(seed)
+        res = _solve_analytic(prog, B, x0, cfg, seed, x0_eigen=x0_eigen, x0_rhs_scale=x0_rhs_scale,
+                              rhs_absmax=rhs_absmax, end_state=end_state)
+        if res is not None:
+            return res
     if x0 is None and x0_rhs_scale is not None:
         x0 = B * x0_rhs_scale
     elif x0 is None and x0_eigen is not None:
@@ -193,7 +211,7 @@ def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | No
         X = X.reshape(tuple(B.shape))
         x0 = X if isinstance(B, torch.Tensor) else X.cpu().numpy()
     A = prog.A if prog.batched else prog.A[0]
-    return _solve_general(A, B, cfg, x0, seed, prog)
+    return _solve_general(A, B, cfg, x0, seed, prog, end_state)
 
 
 def _fast_path(prog: ProgrammedMatrix, B: Array, x0: Array | None, cfg: AnalogConfig) -> bool:
@@ -208,7 +226,7 @@ def _fast_path(prog: ProgrammedMatrix, B: Array, x0: Array | None, cfg: AnalogCo
 
 
 def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed: int | None,
-                   programmed: ProgrammedMatrix | None) -> AnalogResult:
+                   programmed: ProgrammedMatrix | None, end_state: bool = False) -> AnalogResult:
     """The general simulator: every integrator, dynamics, backend, batch and ``target_error``."""
     if seed is not None:
         cfg = cfg.replace(seed=seed)
@@ -217,7 +235,7 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
                    require_symmetric=need_sym, why=why, trusted_A=programmed is not None)
     run = _Run(cfg, prob, "solve")
     A_hw, B_hw, X0 = run.load(programmed)
-    analytic = cfg.integrator == "analytic"
+    rails = cfg.noise.state_range
     if programmed is not None:
         spec = programmed.spectrum
         if spec.Q is not None and spec.Q.dtype != B_hw.dtype:
@@ -230,24 +248,48 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
     k, c = prob.k, run.copies
     lam = spec.lam
     underdamped = cfg.dynamics == "underdamped"
-
-    if analytic:
+    integrator = cfg.integrator
+    if rails is not None and underdamped and integrator != "euler":
+        integrator = "euler"  # the rails are modelled by the Euler kernel for underdamped dynamics
+    end = None
+    saturated = 0
+    fallback = False
+    pred: dict[str, Any] = {}
+    if integrator == "analytic":
         dt, n_burn, n_avg = None, 0, 0
         burn = cfg.burn_in
-        Xbar, mode_var = _analytic_mean(run, spec, B_hw, X0, window)
-    else:
+        if underdamped:
+            Xbar, mode_var = _underdamped_mean(run, spec, B_hw, X0, window)
+        else:
+            law = _law(programmed, spec, cfg, window, rails is not None)
+            drawn = analytic.draw(law, spec.Q, B_hw, lambda shape: run.backend.normal(shape, B_hw),
+                                  x0=X0, want_end=end_state, state_range=rails)
+            if drawn is None:  # the Gaussian law would cross the rails: the clipping integrator
+                fallback = True
+                integrator = "exact"
+            else:
+                Xbar, end = drawn.mean, drawn.end
+                mode_var = laws.od_time_average(lam, burn, window, cfg.kappa0)[1]
+                pred = _predicted(drawn, law.var_sum, c)
+    if integrator != "analytic":
         dt, n_burn, n_avg = schedule.steps(cfg, window, dt0)
         burn, window = n_burn * dt, n_avg * dt
-        if cfg.integrator == "euler":
-            Xbar = run.backend.euler_mean(A_hw, B_hw, X0, dt=dt, n_burn=n_burn, n_avg=n_avg,
-                                          **schedule.dynamics_options(cfg))
-            mode_var = None
+        mode_var = None
+        if integrator == "euler":
+            Xbar, end, saturated = run.backend.euler_mean(
+                A_hw, B_hw, X0, dt=dt, n_burn=n_burn, n_avg=n_avg, state_range=rails,
+                **schedule.dynamics_options(cfg))
             if spec.symmetric and not underdamped:
                 a, s = laws.euler_ar(lam, dt, cfg.kappa0)
                 mode_var = laws.discrete_average(a, s, a**n_burn, n_avg)[1]
+        elif rails is not None:
+            Q, ustar, U0 = _eigen_rhs(spec, B_hw, X0)
+            Xbar, end, saturated = run.backend.eig_mean_clipped(
+                schedule.mode_coefficients(cfg, lam, dt), Q, ustar,
+                (-ustar if U0 is None else U0).contiguous(), n_burn=n_burn, n_avg=n_avg,
+                state_range=rails)
         else:
-            Xbar = _exact_mean(run, spec, B_hw, X0, dt, n_burn, n_avg)
-            mode_var = None
+            Xbar, end = _exact_mean(run, spec, B_hw, X0, dt, n_burn, n_avg)
             if not underdamped:
                 a, _ = laws.od_transition(lam, dt, cfg.kappa0)
                 ab, _ = laws.od_transition(lam, burn, cfg.kappa0)
@@ -271,24 +313,61 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
         den = torch.linalg.vector_norm(X_id, dim=(1, 2)).clamp_min(1e-300)
         errors["systematic_error"] = diagnostics.per_system((num / den).cpu().numpy(),
                                                              prob.batched)
-    law = diagnostics.solve_laws(
+    law_d = diagnostics.solve_laws(
         cfg, lam, symmetric=spec.symmetric, k=k, copies=c, batched=prob.batched, m=prob.m,
         window=window, mode_var_sum=None if mode_var is None else np.sum(mode_var, axis=1))
+    law_d.update({key: diagnostics.per_system(v, prob.batched) for key, v in pred.items()})
+    rails_d = diagnostics.rails(rails, saturated, (n_burn + n_avg) * int(Xbar.numel()), fallback,
+                                integrator)
     d = run.diagnostics(clipped_outputs=clipped_out, target=target, dt=dt,
-                        n_steps=n_burn + n_avg, burn_in=burn, window=window, laws=law, **errors)
+                        n_steps=n_burn + n_avg, burn_in=burn, window=window, laws=law_d,
+                        rails=rails_d, **errors)
+    end_x = None
+    if end is not None:
+        end_x = prob.restore(hw_noise.average_copies(end, c))
     return AnalogResult(x=prob.restore(X), analog_time=float((burn + window) * c),
-                        n_samples=int(n_avg), diagnostics=d)
+                        n_samples=int(n_avg), diagnostics=d, end_state=end_x)
+
+
+def _law(programmed: ProgrammedMatrix | None, spec: Spectrum, cfg: AnalogConfig, window: float,
+         rails: bool) -> analytic.Law:
+    """The analytic law of this setting (cached on a programmed matrix)."""
+    def build() -> analytic.Law:
+        return analytic.make_law(spec.lam, spec.Q, cfg.burn_in, window, cfg.kappa0, rails)
+
+    if programmed is None:
+        return build()
+    return programmed.memo(("law", float(cfg.burn_in), float(window), float(cfg.kappa0), rails),
+                           build)
+
+
+def _predicted(drawn: analytic.Draw, var_sum: float, copies: int) -> dict[str, np.ndarray]:
+    """Relative bias and variance of this very solve (exact for its input and start; copies
+    averaged: bias over copies, variance / copies), per system."""
+    k = drawn.bias2.shape[0] // copies
+    bias2 = diagnostics.copy_mean(drawn.bias2.double().cpu().numpy(), k, copies)
+    ref = diagnostics.copy_mean(drawn.xstar2.double().cpu().numpy(), k, copies)
+    m = drawn.mean.shape[-1]
+    var = np.full(k, m * var_sum / copies)
+    ref = np.maximum(ref, 1e-300)
+    bias, std = np.sqrt(bias2 / ref), np.sqrt(var / ref)
+    resid2 = diagnostics.copy_mean(drawn.resid2.double().cpu().numpy(), k, copies)
+    b2 = np.maximum(diagnostics.copy_mean(drawn.b2.double().cpu().numpy(), k, copies), 1e-300)
+    return {"predicted_bias": bias, "predicted_variance": std,
+            "predicted_rel_error": np.hypot(bias, std), "predicted_residual": np.sqrt(resid2 / b2),
+            "solution_norm2": ref / max(m, 1)}
 
 
 def _solve_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | None,
                     cfg: AnalogConfig, seed: int, x0_eigen: torch.Tensor | None = None,
-                    x0_rhs_scale: float | None = None,
-                    rhs_absmax: torch.Tensor | None = None) -> AnalogResult:
+                    x0_rhs_scale: float | None = None, rhs_absmax: torch.Tensor | None = None,
+                    end_state: bool = False) -> AnalogResult | None:
     """The analytic solve of a programmed ``(n, n)`` matrix for a torch ``(n, m)`` right-hand side.
 
-    The same model as the general path (DAC, the time average drawn from its exact Gaussian law,
-    read noise and ADC, copies averaged), with the per-matrix quantities cached on ``prog`` and
-    no per-call re-validation, so a call costs a few ``O(n^2 m)`` products.
+    The same model as the general path (DAC, :func:`analytic.draw`, read noise and ADC, copies
+    averaged) on the same two random streams, with the per-matrix quantities cached on ``prog``
+    and no per-call re-validation, so a call costs a few ``O(n^2 m)`` products. ``None`` when
+    the rails may be reached (the caller then runs the general path's clipping integrator).
     """
     # one reduction each; the detailed scan (which counts the bad entries) only on failure
     if not math.isfinite(float(B.sum())):
@@ -296,33 +375,27 @@ def _solve_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | 
     if x0 is not None and x0_eigen is None and x0_rhs_scale is None \
             and not math.isfinite(float(x0.sum())):  # x0 is only used without a hint
         check_finite("x0", x0)
+    if x0_eigen is not None and x0_eigen.shape[-2:] != B.shape:
+        raise ValueError(f"x0_eigen has shape {tuple(x0_eigen.shape)}; expected (..., "
+                         f"{B.shape[0]}, {B.shape[1]})")
     noise = cfg.noise
     c = noise.mitigation_copies
     window = float(cfg.analog_time)
-    # one generator per programmed matrix and device, reseeded: the same stream as a fresh one
-    gen = prog.generator(B.device)
-    gen.manual_seed(seed % 2**63)
+    dyn, gen = prog.streams(seed, B.device)  # the general path's two streams for this seed
     span = None if rhs_absmax is None else rhs_absmax.reshape(1, 1, -1)
     B_hw, clipped_in = hw_noise.load_inputs(B.unsqueeze(0), noise, copies=c, generator=gen,
                                             col_absmax=span)
-    lam, w, sd, _ = prog.analytic_coefficients(cfg.burn_in, window, cfg.kappa0)
     Q = prog.spectrum.Q
-    Qt = Q.transpose(1, 2)
-    QtB = Qt @ B_hw
-    U = QtB / lam  # u* = Lambda^-1 Q^T b per mode
-    if x0_rhs_scale is not None:  # mean = u* + w (s Q^T b - u*): no extra product
-        U.add_(QtB.mul_(x0_rhs_scale).sub_(U).mul_(w))
-    elif x0_eigen is not None:
-        if x0_eigen.shape[-2:] != B.shape:
-            raise ValueError(f"x0_eigen has shape {tuple(x0_eigen.shape)}; expected (..., "
-                             f"{B.shape[0]}, {B.shape[1]})")
-        U.add_((x0_eigen - U).mul_(w))
-    elif x0 is None:
-        U.mul_(1.0 - w)  # mean = u* + w (0 - u*)
-    else:
-        U.add_((Qt @ x0).sub_(U).mul_(w))  # mean = u* + w (Q^T x0 - u*)
-    U.addcmul_(sd, torch.randn(U.shape, generator=gen, dtype=U.dtype, device=U.device))
-    Xbar, clipped_out = hw_noise.read_out(Q @ U, noise, dims=(1,), generator=gen)
+    law = _law(prog, prog.spectrum, cfg, window, noise.state_range is not None)
+    X0 = None
+    if x0 is not None and x0_eigen is None and x0_rhs_scale is None:
+        X0 = x0.unsqueeze(0).repeat(c, 1, 1) if c > 1 else x0.unsqueeze(0)
+    drawn = analytic.draw(law, Q, B_hw, lambda shape: torch.randn(
+        shape, generator=dyn, dtype=B_hw.dtype, device=B_hw.device), x0=X0, x0_eigen=x0_eigen,
+        x0_rhs_scale=x0_rhs_scale, want_end=end_state, state_range=noise.state_range)
+    if drawn is None:
+        return None
+    Xbar, clipped_out = hw_noise.read_out(drawn.mean, noise, dims=(1,), generator=gen)
     X = hw_noise.average_copies(Xbar, c)[0]
     m = B.shape[1]
     k = prog.A.shape[0]
@@ -333,19 +406,22 @@ def _solve_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | 
                                       batched=False, m=m, window=window,
                                       mode_var_sum=np.sum(var, axis=1))
 
-    law = prog.memo(("solve_laws", cfg.burn_in, window, cfg.kappa0, m), spectral_laws)
+    law_d = dict(prog.memo(("solve_laws", cfg.burn_in, window, cfg.kappa0, m), spectral_laws))
+    law_d.update({key: float(v[0]) for key, v in _predicted(drawn, law.var_sum, c).items()})
     head = diagnostics.header(cfg, seed=seed, estimator="solve", device=B.device, dtype=B.dtype,
                               copies=c)
     d = diagnostics.assemble(
         head, clipped=(prog.clipped, clipped_in, clipped_out),
         coupling_step=None if prog.step is None else diagnostics.per_system(prog.step.numpy(),
                                                                              False),
-        dt=None, n_steps=0, burn_in=cfg.burn_in, window=window, laws=law,
+        dt=None, n_steps=0, burn_in=cfg.burn_in, window=window, laws=law_d,
+        rails=diagnostics.rails(noise.state_range, 0, 1, False, "analytic"),
         coupling_error=prog.coupling_error,
         input_error=None if noise.input_bits is None else diagnostics.relative_input_error(
             B_hw, B.unsqueeze(0), k, c, False))
+    end_x = None if drawn.end is None else hw_noise.average_copies(drawn.end, c)[0]
     return AnalogResult(x=X, analog_time=float((cfg.burn_in + window) * c), n_samples=0,
-                        diagnostics=d, state=U)
+                        diagnostics=d, state=drawn.eigen, end_state=end_x)
 
 
 def inverse(A: Array, config: AnalogConfig | None = None, x0: Array | None = None
@@ -433,27 +509,25 @@ def _eigen_rhs(spec: Spectrum, B_hw: torch.Tensor, X0: torch.Tensor
 
 
 def _exact_mean(run: _Run, spec: Spectrum, B_hw: torch.Tensor, X0: torch.Tensor, dt: float,
-                n_burn: int, n_avg: int) -> torch.Tensor:
+                n_burn: int, n_avg: int) -> tuple[torch.Tensor, None]:
+    """Exact transitions in the eigenbasis (no rails); the kernels keep no end state."""
     Q, ustar, U0 = _eigen_rhs(spec, B_hw, X0)
     U0 = -ustar if U0 is None else U0
     coef = schedule.mode_coefficients(run.cfg, spec.lam, dt)
     coef_b = schedule.mode_coefficients(run.cfg, spec.lam, n_burn * dt)
     Ubar = run.backend.eig_mean(coef, coef_b, U0.contiguous(), n_avg=n_avg,
                                 underdamped=run.cfg.dynamics == "underdamped")
-    return Q @ (ustar + Ubar.to(Q.device))
+    return Q @ (ustar + Ubar.to(Q.device)), None
 
 
-def _analytic_mean(run: _Run, spec: Spectrum, B_hw: torch.Tensor, X0: torch.Tensor,
-                   window: float) -> tuple[torch.Tensor, np.ndarray]:
-    """Draw the continuous-time average from its exact Gaussian law, mode by mode."""
+def _underdamped_mean(run: _Run, spec: Spectrum, B_hw: torch.Tensor, X0: torch.Tensor,
+                      window: float) -> tuple[torch.Tensor, np.ndarray]:
+    """Draw the underdamped continuous-time average from its exact Gaussian law, mode by mode."""
     cfg = run.cfg
     Q, ustar, U0 = _eigen_rhs(spec, B_hw, X0)
-    if cfg.dynamics == "overdamped":
-        w, var = laws.od_time_average(spec.lam, cfg.burn_in, window, cfg.kappa0)
-    else:
-        wv, var = laws.ud_time_average(spec.lam, cfg.burn_in, window, cfg.kappa0, cfg.mass,
-                                       cfg.friction)
-        w = wv[..., 0]  # the momentum starts at 0
+    wv, var = laws.ud_time_average(spec.lam, cfg.burn_in, window, cfg.kappa0, cfg.mass,
+                                   cfg.friction)
+    w = wv[..., 0]  # the momentum starts at 0
     opts = {"dtype": B_hw.dtype, "device": B_hw.device}
     sd_t = torch.as_tensor(np.sqrt(var), **opts).unsqueeze(-1)
     Z = run.backend.normal(tuple(ustar.shape), ustar).to(B_hw.device)

@@ -61,6 +61,25 @@ def od_time_average(lam: np.ndarray, burn_in: float, window: float,
     return w, np.maximum(var, 0.0)
 
 
+def od_end_state(lam: np.ndarray, burn_in: float, window: float,
+                 kappa0: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The state at the end ``s = t0 + T`` of a time-averaged run, jointly with the average.
+
+    Returns ``(decay, var_end, cov)``: ``E[u(s)] = decay u0`` with ``decay = exp(-lam s)``,
+    ``Var[u(s)] = kappa0 / lam (1 - exp(-2 lam s))`` and the covariance with the time average
+    ``Cov[ubar, u(s)] = kappa0 / (lam**2 T) [g - exp(-lam (s + t0)) + exp(-2 lam s)]``,
+    ``g = 1 - exp(-lam T)`` (from ``Cov[u(t), u(s)] = kappa0/lam e^{-lam(s-t)} (1 - e^{-2 lam t})``,
+    ``t <= s``, integrated over the window; derived in ``docs/simulator.md``).
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    s = burn_in + window
+    decay = np.exp(-lam * s)
+    var_end = kappa0 / lam * -np.expm1(-2.0 * lam * s)
+    g = -np.expm1(-lam * window)
+    cov = kappa0 / (lam**2 * window) * (g - np.exp(-lam * (s + burn_in)) + np.exp(-2.0 * lam * s))
+    return decay, np.maximum(var_end, 0.0), cov
+
+
 def euler_ar(lam: np.ndarray, dt: float, kappa0: float) -> tuple[np.ndarray, np.ndarray]:
     """AR(1) coefficient ``1 - lam dt`` and stationary variance of Euler-Maruyama samples."""
     lam = np.asarray(lam, dtype=np.float64)

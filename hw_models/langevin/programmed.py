@@ -18,7 +18,7 @@ from hw_models.langevin.problem import Array, prepare
 
 #: NoiseConfig fields that shape the programmed couplings (must match between program and solve).
 COUPLING_FIELDS = ("coupling_bits", "rounding", "mismatch_std", "mismatch_kind", "coupling_range",
-                   "device_seed", "mitigation_copies")
+                   "device_seed", "mitigation_copies", "unit", "cell_offset")
 
 #: Entries a ProgrammedMatrix keeps per setting before its cache is emptied (bounds memory when
 #: a caller sweeps many settings over one matrix).
@@ -172,6 +172,20 @@ class ProgrammedMatrix:
         if gen is None:
             gen = self._cache[key] = torch.Generator(device=device)
         return gen
+
+    def streams(self, seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """The two random streams of a run seeded with ``seed`` (the dynamics' and the
+        non-idealities', as :func:`hw_models.langevin.backends.make_streams` derives them), on two
+        generators kept with this matrix and reseeded (no generator made per call)."""
+        key_dyn, key_noise = np.random.SeedSequence(int(seed)).generate_state(2, dtype=np.uint64)
+        dyn = self.generator(device)
+        key = ("noise-generator", device)
+        gen = self._cache.get(key)
+        if gen is None:
+            gen = self._cache[key] = torch.Generator(device=device)
+        dyn.manual_seed(int(key_dyn) % 2**63)
+        gen.manual_seed(int(key_noise) % 2**63)
+        return dyn, gen
 
     def analytic_coefficients(self, burn_in: float, window: float, kappa0: float
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:

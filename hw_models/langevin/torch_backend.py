@@ -39,8 +39,13 @@ def _noise_sigma(kappa0: float, dt: float, underdamped: bool, friction: float) -
 
 def euler_mean(A: torch.Tensor, B: torch.Tensor, X0: torch.Tensor, *, dt: float, kappa0: float,
                n_burn: int, n_avg: int, underdamped: bool, mass: float, friction: float,
-               generator: torch.Generator) -> torch.Tensor:
-    """Time average of Euler-Maruyama samples ``t = n_burn+1 .. n_burn+n_avg``; ``(k, n, m)``."""
+               generator: torch.Generator, state_range: float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Time average of Euler-Maruyama samples ``t = n_burn+1 .. n_burn+n_avg``; ``(k, n, m)``.
+
+    Returns ``(mean, end state, clipped)``: with ``state_range`` the state is clipped to
+    ``+-state_range`` after every step (the rails) and ``clipped`` counts the clipped values.
+    """
     k, n, m = B.shape
     sigma = _noise_sigma(kappa0, dt, underdamped, friction)
     scale = sigma if sigma > 0 else 1.0
@@ -55,6 +60,8 @@ def euler_mean(A: torch.Tensor, B: torch.Tensor, X0: torch.Tensor, *, dt: float,
     S = torch.zeros_like(X)
     N = torch.empty_like(X)
     Y = torch.empty_like(X)
+    rail = None if state_range is None else state_range / scale
+    clipped = torch.zeros((), dtype=torch.int64, device=X.device)  # no per-step host sync
     if not underdamped:
         P = torch.eye(n, dtype=A.dtype, device=A.device) - dt * A
         for t in range(n_burn + n_avg):
@@ -65,6 +72,9 @@ def euler_mean(A: torch.Tensor, B: torch.Tensor, X0: torch.Tensor, *, dt: float,
                 Y.add_(N.normal_(generator=generator))
             if has_b:
                 Y.add_(C)
+            if rail is not None:
+                clipped += (Y.abs() > rail).sum()
+                Y.clamp_(-rail, rail)
             X, Y = Y, X
             if t >= n_burn:
                 S.add_(X)
@@ -79,10 +89,41 @@ def euler_mean(A: torch.Tensor, B: torch.Tensor, X0: torch.Tensor, *, dt: float,
             if has_b:
                 Pm.add_(C)
             X.add_(Pm, alpha=dt / mass)
+            if rail is not None:  # the position saturates; the momentum is not railed
+                clipped += (X.abs() > rail).sum()
+                X.clamp_(-rail, rail)
             if t >= n_burn:
                 S.add_(X)
     S.mul_(scale / n_avg)
-    return S.reshape(k, n, m)
+    return S.reshape(k, n, m), (X * scale).reshape(k, n, m), int(clipped)
+
+
+def eig_mean_clipped(coef: np.ndarray, Q: torch.Tensor, ustar: torch.Tensor, U0: torch.Tensor, *,
+                     n_burn: int, n_avg: int, state_range: float | None,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Exact overdamped transitions stepped through the burn-in and the window, the state rotated
+    to x-space and clipped to ``+-state_range`` after every step.
+
+    ``coef`` ``(k, n, 2)`` is ``(a, std)`` of one step; ``U0`` the centred start ``Q^T x0 - u*``.
+    Returns ``(mean of the x samples, end state, clipped count)`` (all ``(k, n, m)``).
+    """
+    a, s = _coef(coef, U0)
+    Qt = Q.transpose(1, 2)
+    U = U0.clone()
+    S = torch.zeros_like(U)
+    X = Q @ (ustar + U)
+    clipped = torch.zeros((), dtype=torch.int64, device=U.device)
+    for t in range(n_burn + n_avg):
+        U = torch.randn(U.shape, generator=generator, dtype=U.dtype, device=U.device).mul_(s) \
+            .addcmul_(a, U)
+        X = Q @ (ustar + U)
+        if state_range is not None:
+            clipped += (X.abs() > state_range).sum()
+            X.clamp_(-state_range, state_range)
+            U = (Qt @ X).sub_(ustar)
+        if t >= n_burn:
+            S.add_(X)
+    return S / n_avg, X, int(clipped)
 
 
 def _accumulate(S: torch.Tensor, Y: torch.Tensor, readout: NoiseConfig | None, scale: float,

@@ -49,7 +49,7 @@ def test_solve_matches_eigh_within_error_law():
     A_d, G_d = _damped(A, G, damping)
     T, kappa0 = 4000.0, 1e-6
     solver = ThermodynamicSolver(method="solve", analog_time=T, burn_in=500.0, kappa0=kappa0,
-                                 warm_start="zero", seed=3)
+                                 warm_start="zero", seed=3, ideal=True)
     solver.prepare(A, G, damping)
     out = solver.apply(grad)
     ref = _reference(A, G, grad, damping)
@@ -132,7 +132,7 @@ def test_warm_start_gradient_interpolates_sgd_to_natural_gradient():
     cosines = []
     for t in (0.0, 1.0, 5.0, 50.0):
         solver = ThermodynamicSolver(analog_time=t, burn_in=0.0, kappa0=0.0, warm_start="gradient",
-                                     track_exact=True, seed=0)
+                                     track_exact=True, seed=0, ideal=True)
         solver.prepare(A, G, damping)
         out = solver.apply(grad)
         if t == 0.0:
@@ -289,14 +289,13 @@ def test_fallback_on_injected_nan_keeps_training_finite():
 
 
 def test_unprogrammable_device_falls_back():
-    """2-bit couplings make an ill-conditioned factor indefinite: the solver reports the failure
-    and returns NaN, so the preconditioner's fallback solver takes over (counted)."""
-    with pytest.warns(RuntimeWarning):
+    """2-bit couplings make an ill-conditioned factor indefinite: prepare raises SolverFailure, so
+    the preconditioner's fallback solver serves every step (counted) and training goes on."""
+    with pytest.warns(RuntimeWarning, match="programming factor"):
         losses, precond = _train_mlp("thermo", {"coupling_bits": 2}, steps=6)
     assert all(math.isfinite(v) for v in losses)
-    reports = precond.last_report["solver_reports"]
-    failed = [k for k, r in reports.items() if k.endswith("/apply") and r.info.get("failure")]
-    assert failed and sum(precond.fallbacks().values()) >= len(failed)
+    assert sum(precond.fallbacks().values()) > 0
+    assert sum(precond.skipped_updates().values()) > 0
 
 
 @pytest.mark.parametrize("options, needle", [
@@ -332,10 +331,13 @@ def test_every_simulator_option_reaches_the_simulator():
     solver.apply(grad)
     cfg = solver.config
     assert (cfg.integrator, cfg.dynamics, cfg.friction) == ("exact", "underdamped", 2.0)
+    chip = hm.thermo_device("chip")  # the preset's ranges stay: only the given options change
     assert cfg.noise == NoiseConfig(coupling_bits=10, input_bits=9, output_bits=9,
                                     rounding="stochastic", mismatch_std=1e-3,
                                     mismatch_kind="absolute", read_noise=1e-4,
-                                    mitigation_copies=2, device_seed=4)
+                                    mitigation_copies=2, device_seed=4,
+                                    coupling_range=chip.coupling_range, input_range=1.0,
+                                    output_range=chip.state_range, state_range=chip.state_range)
     info = solver.last_report.info
     # two solves, two copies; the exact integrator rounds the times to whole steps
     assert info["analog_time"] == pytest.approx(2 * 2 * (50.0 + 10.0), rel=0.05)

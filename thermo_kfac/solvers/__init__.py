@@ -3,6 +3,7 @@
 from thermo_kfac.solvers.base import (
     Damping,
     KFACSolver,
+    SolverFailure,
     SolverReport,
     available_solvers,
     digital_method_of,
@@ -28,6 +29,7 @@ __all__ = [
     "KFACSolver",
     "KroneckerSVDSolver",
     "RandomizedSVDSolver",
+    "SolverFailure",
     "SolverReport",
     "SymmetricRandomizedEighSolver",
     "ThermodynamicSolver",

@@ -55,6 +55,18 @@ class Damping:
         return pi * gamma, gamma / pi
 
 
+class SolverFailure(RuntimeError):
+    """THE failure channel of the solver protocol: :meth:`KFACSolver.prepare` or
+    :meth:`KFACSolver.apply` raises it when the solver cannot serve the layer (an analog device
+    that cannot represent a factor, a non-finite input, a failed accuracy check).
+
+    The preconditioner always turns it into its digital fallback for that layer: from
+    ``prepare`` until the next successful prepare, from ``apply`` for that step; each step served
+    by the fallback is counted in ``fallbacks()``. A solver that raised in ``prepare`` keeps its
+    previous preparation.
+    """
+
+
 @dataclass
 class SolverReport:
     """What one solver call cost on the hardware it models.
@@ -106,11 +118,15 @@ class KFACSolver(ABC):
 
     @abstractmethod
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
-        """Factorize or otherwise precompute from the factors ``A`` (d_in) and ``G`` (d_out)."""
+        """Factorize or otherwise precompute from the factors ``A`` (d_in) and ``G`` (d_out).
+
+        Raises :class:`SolverFailure` when the solver cannot serve the layer."""
 
     @abstractmethod
     def apply(self, grad: torch.Tensor) -> torch.Tensor:
-        """Return ``(G + lam_G I)^-1 grad (A + lam_A I)^-1`` for ``grad`` of shape (d_out, d_in)."""
+        """Return ``(G + lam_G I)^-1 grad (A + lam_A I)^-1`` for ``grad`` of shape (d_out, d_in).
+
+        Raises :class:`SolverFailure` when the result would be unusable."""
 
     @property
     def ready(self) -> bool:
@@ -132,7 +148,10 @@ class KFACSolver(ABC):
         Always ``digital_method``; an analog solver adds ``method`` (``"solve"`` or
         ``"inverse"``: how the analog device is used) and ``bits`` (converter bits, ``None`` for
         ideal converters), and may add its run settings (``analog_time``, ``burn_in``,
-        ``kappa0``, ``copies``, the ``device``/``host`` preset names).
+        ``kappa0``, ``copies``, the ``device``/``host`` preset names) and what it simulates:
+        ``ideal``, ``converters`` (the converter bits, ranges, rails, mismatch and read noise the
+        simulator runs with), ``input_scale`` and the warm-start reload (``warm_start``,
+        ``held_states``, ``reload_bits``; each call's ``reloaded_values`` are in its report).
         """
         return {"digital_method": self.digital_method}
 

@@ -1,0 +1,160 @@
+"""The device side of the thermo solver: a factor as programmed (:class:`DeviceFactor`), the
+``lambda_max`` estimate of its scaling, input ranging against the rails, the end states the
+device's units hold between calls and the DAC reload of the others, and the predicted error.
+(See ``docs/thermodynamic_kfac.md``; :mod:`thermo_kfac.solvers.thermodynamic` uses these.)"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hw_models.langevin import ProgrammedMatrix, error_model
+from hw_models.noise import NoiseConfig, load_state
+
+#: lambda_max estimate: Lanczos' top Ritz value plus its residual bound, times this safety factor
+LAMBDA_SAFETY = 1.01
+#: the solver aims the largest state value at this fraction of state_range (input ranging), and
+#: trusts the previous call's peak up to this margin
+RANGE_TARGET = 0.5
+RANGE_MARGIN = 1.5
+
+
+@dataclass
+class DeviceFactor:
+    """One damped factor as the device sees it: ``M = c D^-1 P D^-1`` (``D = diag(d)``), its
+    programmed state, and what the device keeps between calls (held end states, ranging)."""
+
+    M: torch.Tensor  # damped, symmetrised factor (for residuals and the exact reference)
+    P: torch.Tensor  # programmed (scaled) matrix
+    c: float  # lambda_max estimate of D M D
+    d: torch.Tensor | None  # Jacobi scaling vector diag(M)^-1/2, or None
+    seed: int  # seed of the programming (stochastic rounding)
+    prog: ProgrammedMatrix | None = None  # cached device state; rebuilt from (P, seed) on resume
+    chol: torch.Tensor | None = None  # Cholesky factor of M (track_exact)
+    held: torch.Tensor | None = None  # end states the device units hold (device units, (n, h))
+    held_cols: torch.Tensor | None = None  # and which right-hand-side columns they belong to
+    peak: float | None = None  # last read-out peak |y| per unit input scale (input ranging)
+    scale: float = 1.0  # last input scale s
+
+    def state(self) -> dict[str, Any]:
+        return {"M": self.M, "P": self.P, "c": self.c, "d": self.d, "seed": self.seed,
+                "held": self.held, "held_cols": self.held_cols, "peak": self.peak,
+                "scale": self.scale}
+
+
+
+
+def lambda_max_estimate(S: torch.Tensor, iterations: int, seed: int = 0) -> float:
+    """Upper estimate of the largest eigenvalue of the symmetric PSD ``S`` (at least tiny).
+
+    Lanczos (full reorthogonalisation, ``min(iterations, n)`` steps) from a RANDOM start (seeded):
+    a fixed start such as the all-ones vector can be an exact eigenvector of a small eigenvalue
+    (cross-entropy output layers have ``G 1 = 0``), which would return that eigenvalue. The top
+    Ritz value ``theta`` never exceeds ``lambda_max``; the estimate is ``(theta + rho)`` times
+    :data:`LAMBDA_SAFETY`, ``rho = beta_k |y_k|`` the residual norm of the top Ritz pair (an
+    eigenvalue lies within ``rho`` of ``theta``; with ``n`` steps the Krylov space is complete and
+    ``rho = 0``), so the programmed matrix has ``lambda_max <= 1`` up to programming errors.
+    """
+    n = S.shape[0]
+    if n == 0:
+        return 1.0
+    k = min(int(iterations), n)
+    gen = torch.Generator(device=S.device).manual_seed(int(seed) % 2**63)
+    Sd = S.double()
+    v = torch.randn(n, generator=gen, dtype=torch.float64, device=S.device)
+    v = v / v.norm()
+    V = torch.zeros((k, n), dtype=torch.float64, device=S.device)
+    alpha: list[float] = []
+    beta: list[float] = []
+    for j in range(k):
+        V[j] = v
+        w = Sd @ v
+        a = float(v @ w)
+        alpha.append(a)
+        w = w - V[: j + 1].T @ (V[: j + 1] @ w)  # full reorthogonalisation (twice is enough)
+        w = w - V[: j + 1].T @ (V[: j + 1] @ w)
+        b = float(w.norm())
+        if not math.isfinite(b) or b <= 1e-12 * max(abs(a), 1e-300):
+            beta.append(0.0)  # invariant subspace: the Ritz values are exact eigenvalues
+            break
+        beta.append(b)
+        v = w / b
+    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+    off = torch.tensor(beta[: len(alpha) - 1], dtype=torch.float64)
+    T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    theta, Y = torch.linalg.eigh(T)
+    top = float(theta[-1])
+    rho = 0.0 if len(alpha) == n else beta[len(alpha) - 1] * abs(float(Y[-1, -1]))
+    est = top + rho
+    return est * LAMBDA_SAFETY if est > 0 and math.isfinite(est) else 1.0
+
+
+def combined(values: list[Any]) -> float | None:
+    """The two solves' relative errors combined in quadrature (``None`` if either is unknown)."""
+    if any(v is None for v in values):
+        return None
+    return float(math.hypot(*values))
+
+
+def input_scale(f: DeviceFactor, lam: np.ndarray, n: int, rails: float | None) -> float:
+    """The input scale ``s <= 1`` of a solve: ``RANGE_TARGET * rails / peak``, ``peak`` the last
+    read-out peak per unit input times ``RANGE_MARGIN``, or before any read-out the Gaussian
+    estimate from the programmed spectrum ``lam`` (as :func:`hw_models.pricing.input_scale`)."""
+    if rails is None:
+        return 1.0
+    if f.peak is not None:
+        peak = RANGE_MARGIN * f.peak
+    else:
+        rms = error_model.full_scale_rms(n)
+        peak = rms * math.sqrt(float((lam**-2.0).mean())) * math.sqrt(2.0 * math.log(2.0 * max(n, 2)))
+    return min(1.0, RANGE_TARGET * rails / peak) if peak > 0 else 1.0
+
+
+def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise: NoiseConfig,
+                 seed: int) -> tuple[torch.Tensor, int]:
+    """The "previous" start as the device has it: the columns whose end state a unit still holds
+    continue from it; every other column in ``resend`` is re-sent by the host through the DAC
+    (quantized over the rails, stochastic rounding drawn from ``seed``), the rest start from 0.
+    Returns the start and the number of values re-sent."""
+    gen = torch.Generator(device=x0n.device).manual_seed(int(seed))
+    start, _ = load_state(x0n, noise, generator=gen)
+    resend = resend.clone()
+    if f.held is not None and f.held_cols is not None and f.held.shape[0] == start.shape[0] \
+            and int(f.held_cols.max()) < start.shape[1]:
+        start[:, f.held_cols] = f.held.to(start.dtype)
+        resend[f.held_cols] = False
+    return start, int(resend.sum()) * start.shape[0]
+
+
+def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int) -> None:
+    """Keep the end states of the last round of columns, one per unit: the device runs the held
+    columns first in the next call, then the rest in order."""
+    m = end.shape[1]
+    held = [] if f.held_cols is None else [int(j) for j in f.held_cols if int(j) < m]
+    taken = set(held)
+    order = held + [j for j in range(m) if j not in taken]
+    last = torch.tensor(order[-min(units, m):], dtype=torch.long, device=end.device)
+    f.held_cols, f.held = last, end[:, last].clone()
+
+
+def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig
+                    ) -> tuple[float | None, float | None]:
+    """Predicted relative error and relative residual of one solve: the simulator's bias and
+    variance (exact for its input and start; diagnostics ``dg``) and, in quadrature, the static
+    converter/device error of the one error law (:func:`error_model.static_solve_error`, on the
+    programmed spectrum ``lam`` capped at 1, the law's normalisation)."""
+    thermal = dg.get("predicted_rel_error")
+    if thermal is None:
+        return None, None
+    top = max(1.0, float(lam.max()))
+    ref = float(dg.get("solution_norm2") or 0.0) or 1.0
+    static = error_model.static_solve_error(
+        lam / top, solution_norm2=ref, input_bits=n.input_bits, coupling_bits=n.coupling_bits,
+        output_bits=n.output_bits, mismatch=n.mismatch_std or 0.0, read_noise=n.read_noise or 0.0,
+        coupling_range=n.coupling_range or 1.0, output_range=n.output_range or 1.0,
+        input_range=n.input_range or 1.0)
+    return math.hypot(float(thermal), static), math.hypot(float(dg["predicted_residual"]), static)
