@@ -189,18 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=40,
                         help="K-FAC steps on the auto-encoder before saving its factors")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="synthetic factor sizes (default 256 512 1024 2048; --quick 256 512)")
     parser.add_argument("--out", type=str, default=None)
     args = parser.parse_args(argv)
     threads = os.cpu_count() or 2
     torch.set_num_threads(threads)
-    sizes = [256, 512] if args.quick else [256, 512, 1024, 2048]
+    sizes = args.sizes or ([256, 512] if args.quick else [256, 512, 1024, 2048])
     repeats = 2 if args.quick else max(5, args.repeats)
     ranks = (64, 128) if args.quick else (64, 128, 256)
     train_steps = 5 if args.quick else args.train_steps
     trained_layers = TRAINED_LAYERS[1:2] if args.quick else TRAINED_LAYERS
     report: dict[str, object] = {
         "script": "benchmarks/solvers.py" + (" --quick" if args.quick else "")
-        + (f" --train-steps {args.train_steps}" if args.train_steps != 40 and not args.quick else ""),
+        + (f" --train-steps {args.train_steps}" if args.train_steps != 40 and not args.quick else "")
+        + (" --sizes " + " ".join(map(str, args.sizes)) if args.sizes else ""),
         "machine": {"threads": threads, "torch": torch.__version__, "python": sys.version.split()[0],
                     "platform": platform.platform()},
         "inputs": {"sizes": sizes, "repeats": repeats, "dtype": "float32", "damping": DAMPING,
@@ -215,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for n in sizes:
         report["sizes"][str(n)] = bench_size(n, repeats, ranks)
-    layers, run_info = trained_factors(train_steps, trained_layers)
-    report["trained"] = {"run": run_info, "layers": {}}
+    layers, run_info = trained_factors(train_steps, trained_layers) if train_steps else ({}, {})
+    report["trained"] = {"run": run_info, "layers": {}}  # --train-steps 0: skipped
     for name, (A, G, V) in layers.items():
         entry = {"A_dim": A.shape[0], "G_dim": G.shape[0]}
         entry.update(bench_factors(A, G, V, Damping(TRAIN_DAMPING), repeats, ranks))

@@ -2,6 +2,7 @@
 
 from thermo_kfac.adafisher import AdaFisher
 from thermo_kfac.eva import Eva
+from thermo_kfac.optimizer import KFAC
 from thermo_kfac.preconditioner import KFACPreconditioner
 from thermo_kfac.singd import SINGD
 from thermo_kfac.solvers import Damping, KFACSolver, SolverReport, available_solvers, register_solver
@@ -10,6 +11,7 @@ __all__ = [
     "AdaFisher",
     "Damping",
     "Eva",
+    "KFAC",
     "KFACPreconditioner",
     "KFACSolver",
     "SINGD",

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from thermo_kfac.capture import LayerAdapter
+from thermo_kfac.gram import gram
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure
 
 # errors of a solver's prepare() that leave training running: the protocol's SolverFailure (a
@@ -124,7 +125,7 @@ class LayerState:
             if self.solver.uses_batch_statistics:
                 self.g_batch.append(rows * math.sqrt(weight))
             if factor_step:
-                contribution = (rows.T @ rows) * weight
+                contribution = gram(rows) * weight
                 self.g_sum = contribution if self.g_sum is None else self.g_sum + contribution
         self.fired_backward = True
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from hw_models.validation import check_choice
 from thermo_kfac.fisher import KFAC_APPROXIMATIONS
+from thermo_kfac.gram import gram
 
 
 class LayerAdapter:
@@ -144,6 +145,11 @@ class LinearAdapter(LayerAdapter):
     def input_rows(self, a: torch.Tensor) -> torch.Tensor:
         # mean of [a, 1] over positions is [mean a, 1]: append the ones after reducing
         return self._append_ones(self._rows(self._positions(a), "mean"))
+
+    def input_statistic(self, a: torch.Tensor) -> tuple[torch.Tensor, int]:
+        # the bias column without copying the activations; blocked symmetric product
+        rows = self._rows(self._positions(a), "mean")
+        return gram(rows, append_ones=self.has_bias), rows.shape[0]
 
     def output_rows(self, g: torch.Tensor) -> torch.Tensor:
         return self._rows(self._positions(g), "sum")

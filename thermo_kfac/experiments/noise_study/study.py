@@ -62,6 +62,7 @@ from thermo_kfac.experiments.noise_study.outputs import (
 )
 from thermo_kfac.experiments.noise_study.plots import write_plots
 from thermo_kfac.experiments.training import (
+    ADAPTIVE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
     TASK_LOSSES,
@@ -204,7 +205,7 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
     seeds = check_positive("seeds", seeds, integer=True)
     seed = check_number("seed", seed, low=0, integer=True)
     base = parse_optimizer_spec(optimizer)
-    if base.name != "kfac" or resolve_options(base).get("solver") != "thermo":
+    if base.name not in ("kfac", ADAPTIVE) or resolve_options(base).get("solver") != "thermo":
         raise ValueError(f"optimizer {optimizer!r} must be a kfac spec with solver=thermo (the swept "
                          f"keys are thermodynamic solver options), e.g. {DEFAULT_OPTIMIZER!r}")
     ref_specs = [parse_optimizer_spec(r) for r in references]

@@ -20,6 +20,7 @@ from thermo_kfac.experiments.training.cli import add_common_arguments, register
 from thermo_kfac.experiments.training.experiment import compare, compare_task, train, unique_labels
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import (
+    ADAPTIVE,
     BASE_OPTIMIZERS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
@@ -57,7 +58,7 @@ from thermo_kfac.experiments.training.run import (
 )
 
 __all__ = [
-    "BASE_OPTIMIZERS", "CSV_COLUMNS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS", "EVAL_POINTS",
+    "ADAPTIVE", "BASE_OPTIMIZERS", "CSV_COLUMNS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS", "EVAL_POINTS",
     "FACTOR_DTYPES", "FISHER_TYPES", "KFAC_ADAM_LR", "LOSSES", "MAX_EVAL_EXAMPLES", "OPTIMIZERS",
     "OPTIMIZER_DEFAULTS", "OPTIONS", "TASK_LOSSES", "WARMUP_STEPS", "Option", "OptimizerSpec",
     "TrainingRun", "add_common_arguments", "build_optimizer", "check_option", "compare", "compare_task",

@@ -22,6 +22,7 @@ from thermo_kfac.data import DATASETS, Dataset, load_dataset
 from thermo_kfac.distributed import DistributedConfig, is_main_process, world_size
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import (
+    ADAPTIVE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
     EVAL_POINTS,
@@ -134,7 +135,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
     resolved = [resolve_options(s, overrides) for s in specs]
     # Fail on bad K-FAC/solver options before any training starts.
     for spec, options in zip(specs, resolved, strict=True):
-        if spec.name == "kfac":
+        if spec.name in ("kfac", ADAPTIVE):
             probe = build_model(model, data, **model_options)
             try:
                 build_optimizer(spec, probe, options, loss, seed)

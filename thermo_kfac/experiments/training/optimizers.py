@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from thermo_kfac.distributed import DistributedConfig, is_distributed
-from thermo_kfac.experiments.training.options import FACTOR_DTYPES, OptimizerSpec
+from thermo_kfac.experiments.training.options import ADAPTIVE, FACTOR_DTYPES, OptimizerSpec
+from thermo_kfac.optimizer import build_kfac
 
 __all__ = ["build_optimizer"]
 
@@ -38,7 +39,8 @@ def _curvature_optimizer(name: str, model: nn.Module, options: dict[str, Any]) -
 def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, Any], loss: str,
                     seed: int = 0, *, distributed: DistributedConfig | None = None
                     ) -> tuple[torch.optim.Optimizer, Any]:
-    """``(torch optimizer, KFACPreconditioner or None)`` for one run with the resolved ``options``.
+    """``(torch optimizer, KFACPreconditioner or None)`` for one run with the resolved ``options``;
+    for ``kfac-adaptive`` ``(thermo_kfac.KFAC, its preconditioner)`` (a step is ``opt.train_step(x, y)``).
 
     ``distributed``: how K-FAC spreads its work when a process group of more than one rank is
     running (the CLI's ``--placement`` ...); without a group it is ignored, and None means the
@@ -46,6 +48,12 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
     """
     if spec.name in ("adafisher", "eva"):
         return _curvature_optimizer(spec.name, model, options), None
+    if spec.name == ADAPTIVE:  # thermo_kfac.KFAC: forward, backward and update in its train_step
+        values = {k: v for k, v in options.items() if k != "solver_options"}
+        kfac = build_kfac(model, loss, {**values, **options.get("solver_options", {})}, seed=seed,
+                          **({"distributed": distributed} if distributed is not None and is_distributed()
+                             else {}))
+        return kfac, kfac.preconditioner
     if spec.name != "kfac":
         return _base_optimizer(spec.name, model.parameters(), options), None
     from thermo_kfac import KFACPreconditioner

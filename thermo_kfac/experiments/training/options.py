@@ -5,6 +5,10 @@ A spec is ``name[:key=value,key=value]``, e.g. ``adam:lr=3e-3`` or
 options are passed to the solver as ``solver_options`` (validated by the solver). The choices of
 the K-FAC options come from the library (:mod:`thermo_kfac.fisher`, :mod:`thermo_kfac.capture`,
 :mod:`thermo_kfac.solvers.kronecker_svd`, :mod:`thermo_kfac.preconditioner`), so they cannot drift.
+
+``kfac-adaptive`` (:class:`thermo_kfac.KFAC`: adaptive damping, quadratic-model lr and momentum)
+has its own keys (:data:`thermo_kfac.optimizer.SPEC_OPTIONS`; any other key is a solver option),
+validated when the optimizer is built; no CLI flag applies to it.
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ from hw_models.devices import DIGITAL_PRESETS, THERMO_PRESETS
 from hw_models.validation import check_choice, check_number
 from thermo_kfac.capture import KFAC_APPROXIMATIONS
 from thermo_kfac.fisher import FISHER_TYPES, LOSSES
+from thermo_kfac.optimizer import SPEC_OPTIONS
 from thermo_kfac.policy import parse_value
 from thermo_kfac.preconditioner import FACTOR_DTYPES as _PRECONDITIONER_DTYPES
 from thermo_kfac.solvers.kronecker_svd import CURVATURES
 
-__all__ = ["BASE_OPTIMIZERS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS", "EVAL_POINTS", "FACTOR_DTYPES",
-           "FISHER_TYPES", "KFAC_ADAM_LR", "LOSSES", "OPTIMIZERS", "OPTIMIZER_DEFAULTS", "OPTIONS",
-           "TASK_LOSSES", "Option", "OptimizerSpec", "check_option", "parse_optimizer_spec",
+__all__ = ["ADAPTIVE", "BASE_OPTIMIZERS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS", "EVAL_POINTS",
+           "FACTOR_DTYPES", "FISHER_TYPES", "KFAC_ADAM_LR", "LOSSES", "OPTIMIZERS", "OPTIMIZER_DEFAULTS",
+           "OPTIONS", "TASK_LOSSES", "Option", "OptimizerSpec", "check_option", "parse_optimizer_spec",
            "resolve_options", "solver_option_hint"]
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "adafisher", "eva")
+# thermo_kfac.KFAC: its own k=v options (thermo_kfac.optimizer.SPEC_OPTIONS), not in OPTIONS.
+ADAPTIVE = "kfac-adaptive"
 BASE_OPTIMIZERS = ("sgd", "adam")
 # Losses that make sense for each task of thermo_kfac.data (a choice of the experiments).
 TASK_LOSSES = {"classification": ("cross_entropy",), "regression": ("mse",), "autoencoder": ("bce", "mse")}
@@ -195,7 +202,7 @@ def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
                          f"{', '.join(OPTIMIZERS)}")
     name, _, rest = text.strip().partition(":")
     name = name.strip().lower()
-    check_choice("optimizer", name, OPTIMIZERS)
+    check_choice("optimizer", name, OPTIMIZERS + (ADAPTIVE,))
     spec = OptimizerSpec(name, text=text.strip())
     context = f"optimizer spec {text!r}: "
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -205,6 +212,9 @@ def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
             raise ValueError(f"{context}{item!r} is not key=value")
         if key in spec.options or key in spec.solver_options:
             raise ValueError(f"{context}{key} is given twice")
+        if name == ADAPTIVE:  # validated when the optimizer is built
+            (spec.options if key in SPEC_OPTIONS else spec.solver_options)[key] = value.strip()
+            continue
         option = OPTIONS.get(key)
         if option is not None and name in option.optimizers:
             spec.options[key] = check_option(key, value.strip(), context)
@@ -219,24 +229,26 @@ def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
 
 def resolve_options(spec: OptimizerSpec, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Full option dict of a run: defaults < ``overrides`` (CLI flags) < the spec's own options."""
-    options = dict(OPTIMIZER_DEFAULTS[spec.name])
+    options = dict(OPTIMIZER_DEFAULTS.get(spec.name, {"solver": "eigh"}))  # kfac-adaptive: its own
     given = {k: v for k, v in (overrides or {}).items() if spec.name in OPTIONS[k].optimizers}
     if spec.name == "kfac" and spec.options.get("base", given.get("base", options["base"])) == "adam":
         options["lr"] = KFAC_ADAM_LR
     options.update(given)
     options.update(spec.options)
-    if spec.name == "kfac" and spec.solver_options:
+    if spec.name in ("kfac", ADAPTIVE) and spec.solver_options:
         options["solver_options"] = dict(spec.solver_options)
     return options
 
 
 def solver_option_hint(spec: OptimizerSpec) -> str:
-    """For unknown kfac keys (taken as solver options): the valid kfac keys, and close matches."""
+    """For unknown kfac (or kfac-adaptive) keys (taken as solver options): the valid keys of the
+    optimizer, and close matches."""
     if not spec.solver_options:
         return ""
-    valid = [k for k, o in OPTIONS.items() if "kfac" in o.optimizers]
+    valid = list(SPEC_OPTIONS) if spec.name == ADAPTIVE else \
+        [k for k, o in OPTIONS.items() if "kfac" in o.optimizers]
     close = {k: difflib.get_close_matches(k, valid, n=1) for k in spec.solver_options}
     guesses = [f"{k!r} -> {m[0]!r}" for k, m in close.items() if m]
     hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
-    return (f"{hint}; keys that are not kfac options ({', '.join(valid)}) are passed to the "
+    return (f"{hint}; keys that are not {spec.name} options ({', '.join(valid)}) are passed to the "
             "solver as solver_options")

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hw_models.validation import check_choice
+from thermo_kfac import KFAC
 from thermo_kfac.data import Dataset
 from thermo_kfac.distributed import DistributedConfig
 from thermo_kfac.experiments.launch import global_mean, shard, wrap_model
 from thermo_kfac.experiments.training.optimizers import build_optimizer
-from thermo_kfac.experiments.training.options import LOSSES, OptimizerSpec
+from thermo_kfac.experiments.training.options import ADAPTIVE, LOSSES, OptimizerSpec
 from thermo_kfac.models import build_model
 
 __all__ = ["MAX_EVAL_EXAMPLES", "WARMUP_STEPS", "TrainingRun", "evaluate", "loss_function",
@@ -64,10 +65,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
     return total / max(elements, 1), accuracy
 
 
-def _make_step(model: nn.Module, opt: torch.optim.Optimizer, precond: Any,
+def _make_step(model: nn.Module, opt: torch.optim.Optimizer | KFAC, precond: Any,
                fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One training step ``(x, y) -> (outputs, loss)``: the only code inside the timed region."""
+    if isinstance(opt, KFAC):  # kfac-adaptive: forward, backward and update in its own step
+        return opt.train_step
     curvature = precond is not None and precond.fisher_type != "empirical"
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +200,7 @@ class TrainingRun:
             "label": spec.label,
             "optimizer": spec.name,
             "base_optimizer": options.get("base") if spec.name == "kfac" else None,
-            "solver": options.get("solver") if spec.name == "kfac" else None,
+            "solver": options.get("solver") if spec.name in ("kfac", ADAPTIVE) else None,
             "options": dict(options),
             "steps": int(final["step"]),
             "epochs": final["step"] / self.steps_per_epoch,
