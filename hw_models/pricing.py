@@ -32,6 +32,7 @@ blocks (an approximation, flagged ``approximate``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -49,7 +50,7 @@ from hw_models.devices import (
     digital_device,
     thermo_device,
 )
-from hw_models.langevin import error_model
+from hw_models.langevin import error_model, laws
 from hw_models.validation import check_choice, check_number, check_positive
 
 ANALOG_OPS = ("solve", "inverse")
@@ -58,6 +59,21 @@ SPECTRUM_SHAPES = ("geometric", "worst", "measured")
 #: Spectra up to this size keep every eigenvalue; larger ones a quantile sketch of 64 groups.
 MAX_MODES = 256
 SKETCH_GROUPS = 64
+
+
+#: Calls of :func:`price`, :func:`price_program` and :func:`price_digital` since the last
+#: :func:`reset_pricing_calls` (benchmarks/codesign.py counts pricing calls per training step).
+_CALLS: collections.Counter[str] = collections.Counter()
+
+
+def pricing_calls() -> dict[str, int]:
+    """How often each pricing function ran since the last :func:`reset_pricing_calls`."""
+    return dict(_CALLS)
+
+
+def reset_pricing_calls() -> None:
+    """Set the pricing call counters to zero."""
+    _CALLS.clear()
 
 
 class ThermoCapacityError(ValueError):
@@ -485,6 +501,7 @@ def price(job: AnalogJob, device: ThermoDevice | str, host: DigitalDevice | str 
     """
     if not isinstance(job, AnalogJob):
         raise ValueError(f"job={job!r} must be an AnalogJob")
+    _CALLS["price"] += 1
     device = thermo_device(device)
     host_dev = digital_device(host) if host is not None else None
     blocks, size = fit_blocks(job.n, device, job.oversize)
@@ -544,6 +561,7 @@ def price_program(n: int, device: ThermoDevice | str, *, bits: int | None = None
     """Transfer and programming of an ``n x n`` symmetric matrix's couplings (no solve): what a
     solver keeping couplings resident pays once per matrix."""
     device = thermo_device(device)
+    _CALLS["price_program"] += 1
     if bits is not None:
         check_number("bits", bits, low=2, high=32, integer=True)
     blocks, size = fit_blocks(n, device, oversize)
@@ -556,6 +574,35 @@ def price_program(n: int, device: ThermoDevice | str, *, bits: int | None = None
     return Price(sum(ledger.s.values()), sum(ledger.j.values()), dict(ledger.s), dict(ledger.j),
                  {"device": device.name, "op": "program", "blocks": blocks, "block_size": size,
                   "approximate": blocks > 1})
+
+
+def solve_call_error(eigenvalues: Any, rhs: Any, x0: Any | None = None, *, window: float,
+                     burn_in: float, kappa0: float, column_scale: Any | None = None,
+                     copies: int = 1) -> float:
+    """The law's relative error of one solve whose right-hand sides are KNOWN (not the RHS model).
+
+    ``eigenvalues``: the programmed (lambda_max-normalised) matrix's ``(n,)``; ``rhs`` and ``x0``:
+    the loaded inputs and the start in its eigenbasis, ``(n, m)`` in full-scale units (``x0=None``:
+    zero start). ``column_scale``: the factor each column is multiplied by when mapped back
+    (the abs-max a column was divided by to load it at full scale), so the error is the relative
+    Frobenius error of the returned matrix: bias ``w (x0 - x*)`` and variance per column, both
+    scaled by the column's factor squared. The thermal part only (static errors: :func:`price`).
+    """
+    lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+    beta = np.asarray(rhs, dtype=np.float64).reshape(lam.size, -1)
+    check_positive("window", window)
+    check_positive("copies", copies, integer=True)
+    scale2 = (np.ones(beta.shape[1]) if column_scale is None
+              else np.asarray(column_scale, dtype=np.float64).reshape(-1) ** 2)
+    w, var = laws.od_time_average(lam, burn_in, window, kappa0)
+    xstar = beta / lam[:, None]
+    u0 = -xstar if x0 is None else np.asarray(x0, dtype=np.float64).reshape(beta.shape) - xstar
+    ref = float(np.sum(xstar**2 * scale2))
+    if ref <= 0:
+        return 0.0
+    bias2 = float(np.sum((w[:, None] * u0) ** 2 * scale2))
+    var_total = float(np.sum(var)) * float(np.sum(scale2)) / copies
+    return math.sqrt((bias2 + var_total) / ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,6 +629,7 @@ def price_digital(op: str, n: int, n_rhs: int = 1, device: DigitalDevice | str =
     check_positive("n", n, integer=True)
     check_positive("n_rhs", n_rhs, integer=True)
     check_choice("precision", precision, PRECISIONS)
+    _CALLS["price_digital"] += 1
     dev = digital_device(device)
     if op == "gemm":
         seconds = gemm_time(n, n, n_rhs, dev, precision)

@@ -32,19 +32,27 @@ solution (the device is not reset between calls), ``"gradient"`` from the right-
 dynamics: the initial state is read out through the ADC model.
 
 **Reports**: after every :meth:`prepare`/:meth:`apply`, :attr:`last_report` holds the predicted
-hardware time and energy from :mod:`hw_models.cost` on the ``device`` preset (programming is
-charged in ``prepare``, solves with resident couplings in ``apply``) and, in ``info``, the
+hardware time and energy from :mod:`hw_models.pricing` on the ``device`` preset (programming is
+charged in ``prepare``, solves with resident couplings in ``apply``), priced with the spectrum of
+the matrix actually programmed (one :class:`~hw_models.pricing.SpectrumSummary` per factor and
+prepare) and the simulated window, burn-in and start; ``info["pricing"]`` carries those spectra,
+each solve's settings and the law's ``predicted_rel_error`` (from the actual right-hand sides on
+the calls that measure accuracy, else from the RHS model). In ``info`` also the
 per-layer accuracy: ``relative_residual`` ``||(G+lam_G) X (A+lam_A) - grad|| / ||grad||``, the
 programmed condition numbers, the simulator's predicted thermal error and systematic (coupling and
 DAC) error, clip counts, seeds; with ``track_exact=True`` also ``cosine_to_exact`` and
-``rel_error_to_exact`` against the exact damped solve computed digitally. Solves are priced with
-the simulated burn-in and averaging times per column (times the mitigation copies); for an inverse
-the cost model's target accuracy ``eps`` is chosen so that its sampling time equals the simulated
-one (``eps = sqrt((n + 1) kappa / T)``, clamped to ``[1e-6, 0.999]``).
+``rel_error_to_exact`` against the exact damped solve computed digitally. An inverse is priced
+at its simulated sampling window.
+
+**Overlap** (``overlap=True``, method ``solve``): the device's solve for the gradient of step
+``t`` runs while step ``t+1`` computes, so :meth:`apply` returns the previous call's solve (the
+first call, having none, returns its own); ``info["staleness_steps"]`` says which, and with
+``track_exact`` the error to the exact solve of the CURRENT gradient measures what staleness costs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -52,7 +60,7 @@ from typing import Any
 
 import torch
 
-from hw_models.cost import Cost, gemm_time, thermo_inverse_cost, thermo_program_cost, thermo_solve_cost
+from hw_models import pricing
 from hw_models.devices import digital_device, thermo_device
 from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program, solve_programmed
 from hw_models.langevin import inverse as analog_inverse
@@ -113,6 +121,7 @@ class ThermodynamicSolver(KFACSolver):
     - ``device`` (thermodynamic cost preset, default ``"chip"``), ``host`` (digital preset for
       host-side work, default ``"h100"``), ``seed`` (combined with the layer index and a call
       counter that is kept in the state dict).
+    - ``overlap`` (default False; method ``solve``): apply the previous step's solve (module docs).
     """
 
     name = "thermo"
@@ -126,7 +135,7 @@ class ThermodynamicSolver(KFACSolver):
                  host: str = "h100", seed: int = 0, warm_start: str = "previous",
                  track_exact: bool = False, jacobi: bool = False, power_iterations: int = 20,
                  dynamics: str = "overdamped", mass: float = 1.0, friction: float = 1.0,
-                 residual_every: int = 10, **noise: Any) -> None:
+                 residual_every: int = 10, overlap: bool = False, **noise: Any) -> None:
         super().__init__()
         self.method = check_choice("method", method, METHODS)
         check_choice("integrator", integrator, INTEGRATORS)
@@ -147,10 +156,14 @@ class ThermodynamicSolver(KFACSolver):
         if self.method == "inverse" and warm_start == "gradient":
             raise ValueError("warm_start='gradient' needs method='solve' (the inverse samples a "
                              "covariance from rest; there is no right-hand side to start from)")
-        for name, value in (("track_exact", track_exact), ("jacobi", jacobi)):
+        for name, value in (("track_exact", track_exact), ("jacobi", jacobi), ("overlap", overlap)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be True or False")
         self.track_exact, self.jacobi = track_exact, jacobi
+        if overlap and self.method != "solve":
+            raise ValueError(f"overlap=True needs method='solve'; got method={self.method!r}")
+        self.overlap = overlap
+        self.X_stale: torch.Tensor | None = None  # overlap: the solve that the next apply() returns
         self.power_iterations = check_number("power_iterations", power_iterations, low=1, high=10_000,
                                              integer=True)
         self.residual_every = check_number("residual_every", residual_every, low=0, integer=True)
@@ -179,14 +192,20 @@ class ThermodynamicSolver(KFACSolver):
         self.Y_prev: torch.Tensor | None = None
         self.failure: str | None = None  # set when the device could not be programmed
         self._warned = False
-        self._blocked = None  # the device preset with oversize="block", made on demand
-        self._costs: dict[tuple, Cost] = {}
+        # pricing: the device as simulated (this solver's kappa0), the programmed spectra of the
+        # last prepare and its priced jobs (pure functions of those, so priced once per prepare)
+        # (a noiseless simulation, kappa0=0, is priced at a negligible kappa0: presets need > 0)
+        self._priced_device = self.device.replace(kappa0=max(self.config.kappa0, 1e-30))
+        self.spectra: dict[str, pricing.SpectrumSummary] = {}
+        self._prices: dict[tuple, pricing.Price] = {}
+        self._measured: list[float | None] | None = None  # apply(): the law per call, actual RHS
 
     # ----------------------------------------------------------------------------- protocol
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
         lam_a, lam_g = damping.split(A, G)
         self.failure = None
         factors = {"A": self._factor(A, lam_a), "G": self._factor(G, lam_g)}
+        self._prices = {}
         costs = [self._host_cost(f.P.shape[0], self.power_iterations + (2 if self.jacobi else 0))
                  for f in factors.values()]
         if self.method == "solve":
@@ -201,13 +220,15 @@ class ThermodynamicSolver(KFACSolver):
                     continue
                 lam = f.prog.eigenvalues
                 kappas.append(float(lam[:, -1].max() / lam[:, 0].min()))
-                costs.append(thermo_program_cost(f.P.shape[0], device=self._device(f.P.shape[0]),
-                                                 bits=self.bits))
+                self.spectra[key] = pricing.SpectrumSummary.from_eigenvalues(lam[0])
+                costs.append(pricing.price_program(f.P.shape[0], self.device, bits=self.bits,
+                                                   oversize="block"))
             self.last_report = _report(costs, {"method": "solve", "programmed": self.failure is None,
                                                "condition_number": kappas,
                                                "scale": [f.c for f in factors.values()],
                                                "seeds": [f.seed for f in factors.values()],
-                                               "failure": self.failure})
+                                               "failure": self.failure,
+                                               "pricing": self._pricing_info(factors)})
             return
         results, inverses = [], []
         for key, f in factors.items():
@@ -223,10 +244,13 @@ class ThermodynamicSolver(KFACSolver):
                 inv = f.d[:, None] * inv * f.d[None, :]
             inverses.append(inv)
             results.append(res)
-            costs.append(self._cost("inverse", f.P.shape[0], 1, res))
+            self.spectra[key] = pricing.SpectrumSummary.from_matrix(f.P)
+            costs.append(self._price(key, "inverse", 1))
         self.A_inv, self.G_inv = inverses
         self.factors = factors  # for the residual and the exact reference
-        self.last_report = _report(costs, _result_info("inverse", results))
+        info = _result_info("inverse", results)
+        info["pricing"] = self._pricing_info(factors, [("A", "inverse", 1), ("G", "inverse", 1)])
+        self.last_report = _report(costs, info)
 
     def apply(self, grad: torch.Tensor) -> torch.Tensor:
         if self.failure is not None or not math.isfinite(float(grad.sum())):
@@ -243,6 +267,10 @@ class ThermodynamicSolver(KFACSolver):
             return X
         assert self.factors, "prepare() has not run"
         fG, fA = self.factors["G"], self.factors["A"]
+        # the law with the actual right-hand sides costs two O(n^2 m) products: only on the calls
+        # that measure accuracy (the residual schedule, or every call with track_exact)
+        self._measured = [] if self.track_exact or (
+            self.residual_every > 0 and self.applies % self.residual_every == 0) else None
         x0_g = {"previous": self.Y_prev, "gradient": grad, "zero": None}[self.warm_start]
         res_g, Y = self._solve(fG, grad, x0_g, self.warm_start)
         x0_a = {"previous": None if self.X_prev is None else self.X_prev.T, "gradient": Y.T,
@@ -252,11 +280,17 @@ class ThermodynamicSolver(KFACSolver):
         self.Y_prev, self.X_prev = Y, X
         n_g, n_a = fG.P.shape[0], fA.P.shape[0]
         costs = [self._host_cost(n_g, 2 * grad.shape[1] / n_g), self._host_cost(n_a, 2 * grad.shape[0] / n_a)]
+        jobs = [("G", "solve", grad.shape[1]), ("A", "solve", grad.shape[0])]
         if self.analog_time > 0:
-            costs += [self._cost("solve", n_g, grad.shape[1], res_g, resident=True),
-                      self._cost("solve", n_a, grad.shape[0], res_a, resident=True)]
+            costs += [self._price(key, op, m) for key, op, m in jobs]
         info = _result_info("solve", [r for r in (res_g, res_a) if r is not None])
         info["warm_start"] = self.warm_start
+        info["pricing"] = self._pricing_info(self.factors, jobs if self.analog_time > 0 else [],
+                                             self._measured)
+        if self.overlap:  # return the previous call's solve; this one is used next time
+            fresh, X = X, (X if self.X_stale is None else self.X_stale)
+            info["staleness_steps"] = 0 if self.X_stale is None else 1
+            self.X_stale = fresh
         info.update(self._accuracy(grad, X))
         self.last_report = _report(costs, info)
         return X
@@ -269,11 +303,12 @@ class ThermodynamicSolver(KFACSolver):
         if not self.factors:
             return {}
         return {"factors": {k: f.state() for k, f in self.factors.items()}, "X_prev": self.X_prev,
-                "Y_prev": self.Y_prev, "calls": self.calls}
+                "Y_prev": self.Y_prev, "calls": self.calls, "X_stale": self.X_stale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
         factors = state.pop("factors", None)
+        self.spectra, self._prices = {}, {}
         if factors is not None:  # programmed lazily from (P, seed): bit-identical to the original
             self.factors = {k: _Factor(**v) for k, v in factors.items()}
         super().load_state_dict(state)
@@ -283,7 +318,8 @@ class ThermodynamicSolver(KFACSolver):
         return {"digital_method": self.digital_method, "method": self.method, "bits": self.bits,
                 "analog_time": self.analog_time, "burn_in": self.config.burn_in,
                 "kappa0": self.config.kappa0, "copies": self.noise.mitigation_copies,
-                "device": self.device.name, "host": self.host.name}
+                "device": self.device.name, "host": self.host.name, "start": self._start,
+                "ideal": self._ideal, "overlap": self.overlap}
 
     # ---------------------------------------------------------------------------- internals
     def _config(self) -> AnalogConfig:
@@ -361,6 +397,8 @@ class ThermodynamicSolver(KFACSolver):
                                    x0_eigen=state, x0_rhs_scale=rhs_scale,
                                    rhs_absmax=sent.to(Rn.dtype))
             Yn = res.x
+            if self._measured is not None:
+                self._measured.append(self._call_error(f, res, Rn, r, state, x0n, rhs_scale))
             f.U, f.r = res.state, r
         X = Yn.mul_(r / f.c) if res is not None else Yn * (r / f.c)
         return res, (X if f.d is None else f.d[:, None] * X)
@@ -395,49 +433,89 @@ class ThermodynamicSolver(KFACSolver):
             out["rel_error_to_exact"] = float((Xd - exact).norm()) / den if den > 0 else float("nan")
         return out
 
-    def _device(self, n: int):
-        if n <= self.device.cells:
-            return self.device
-        if self._blocked is None:
-            self._blocked = thermo_device(self.device, oversize="block")
-        return self._blocked
+    # ------------------------------------------------------------------ pricing (issue 14)
+    @property
+    def _start(self) -> str:
+        """The pricing law's start for this solver's warm start (``"previous"`` is priced at
+        the model's warm distance 1, i.e. as far from ``x*`` as a zero start)."""
+        return "zero" if self.method == "inverse" else self.warm_start
 
-    def _host_cost(self, n: int, vectors: float) -> Cost:
+    @property
+    def _ideal(self) -> bool:
+        n = self.noise
+        return (n.coupling_bits is None and n.input_bits is None and n.output_bits is None
+                and not n.mismatch_std and not n.read_noise)
+
+    def _host_cost(self, n: int, vectors: float) -> pricing.Cost:
         """Digital host work of the scaling: ``vectors`` passes over an ``n x n`` matrix (GEMV-like)."""
-        key = ("host", n, vectors)
-        if key not in self._costs:
-            seconds = gemm_time(n, n, max(vectors, 1.0), self.host)
-            self._costs[key] = Cost(seconds, seconds * self.host.power_w, {"host_scaling": seconds},
-                                    {"host_scaling": seconds * self.host.power_w})
-        return self._costs[key]
+        seconds = pricing.gemm_time(n, n, max(vectors, 1.0), self.host)
+        return pricing.Cost(seconds, seconds * self.host.power_w, {"host_scaling": seconds},
+                            {"host_scaling": seconds * self.host.power_w})
 
-    def _cost(self, op: str, n: int, n_rhs: int, res: Any, resident: bool = False) -> Cost:
-        kappa = _float(res.diagnostics.get("condition_number"), 1.0)
-        kappa = max(kappa, 1.0) if math.isfinite(kappa) else 1.0
-        window = float(res.diagnostics.get("averaging_time") or self.config.analog_time)
-        key = (op, n, n_rhs, kappa, window, resident)
-        if key not in self._costs:  # the cost model is pure; a layer repeats the same calls
-            if len(self._costs) > 64:
-                self._costs.clear()
-            self._costs[key] = self._model_cost(op, n, n_rhs, kappa, window, resident)
-        return self._costs[key]
+    def _price(self, key: str, op: str, n_rhs: int) -> pricing.Price:
+        """One analog job on factor ``key`` priced by :func:`hw_models.pricing.price` with the
+        programmed spectrum and the simulated window: once per prepare (the job is fixed)."""
+        cache = (key, op, n_rhs)
+        if cache not in self._prices:
+            spectrum = self._spectrum(key)
+            copies = self.noise.mitigation_copies
+            job = pricing.AnalogJob(op, spectrum.n, n_rhs if op == "solve" else 1, spectrum=spectrum,
+                                    window_tau=self.config.analog_time, burn_in_tau=self.config.burn_in,
+                                    start=self._start, resident=op == "solve", copies=copies,
+                                    bits=self.bits, oversize="block", ideal=self._ideal)
+            self._prices[cache] = pricing.price(job, self._priced_device, self.host)
+        return self._prices[cache]
 
-    def _model_cost(self, op: str, n: int, n_rhs: int, kappa: float, window: float,
-                    resident: bool) -> Cost:
-        if op == "inverse":
-            eps = math.sqrt((n + 1.0) * kappa / window)
-        else:
-            eps = math.sqrt(2.0 * self.device.kappa0 * n * kappa**2 / window)
-        eps = min(max(eps, 1e-6), 0.999)
-        if op == "inverse":
-            return thermo_inverse_cost(n, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
-                                       host=self.host)
-        # the simulated times are known: price them (per column, times the copies) rather than
-        # the (kappa, eps) laws, whose worst-case kappa^2 scaling ignores the full-scale inputs
-        copies = self.noise.mitigation_copies
-        return thermo_solve_cost(n, n_rhs, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
-                                 resident=resident, settle_tau=self.config.burn_in * copies,
-                                 average_tau=window * copies)
+    def _spectrum(self, key: str) -> pricing.SpectrumSummary:
+        """The programmed spectrum of factor ``key`` (rebuilt after a state load)."""
+        if key not in self.spectra:
+            f = self.factors[key]
+            self.spectra[key] = (pricing.SpectrumSummary.from_matrix(f.P) if self.method == "inverse"
+                                 else pricing.SpectrumSummary.from_eigenvalues(
+                                     self._program(f).eigenvalues[0]))
+        return self.spectra[key]
+
+    def _call_error(self, f: _Factor, res: Any, Rn: torch.Tensor, r: torch.Tensor,
+                    state: torch.Tensor | None, x0n: torch.Tensor | None,
+                    rhs_scale: float | None) -> float | None:
+        """The law's error of this call from its actual inputs and start (eigenbasis of the
+        programmed matrix); ``None`` when the simulator kept no single eigenbasis."""
+        Q, lam = f.prog.spectrum.Q, f.prog.eigenvalues
+        if Q is None or lam.shape[0] != 1:
+            return None
+        Qt = Q[0].to(Rn.dtype).T
+        beta = Qt @ Rn
+        x0 = (state[0] if state is not None else rhs_scale * beta if rhs_scale is not None
+              else None if x0n is None else Qt @ x0n)
+        window = _float(res.diagnostics.get("averaging_time"), self.config.analog_time)
+        return pricing.solve_call_error(
+            lam[0], beta.double().cpu().numpy(), None if x0 is None else x0.double().cpu().numpy(),
+            window=window or self.config.analog_time, burn_in=self.config.burn_in,
+            kappa0=self.config.kappa0, column_scale=r.double().cpu().numpy(),
+            copies=self.noise.mitigation_copies)
+
+    def _pricing_info(self, factors: dict[str, _Factor], jobs: list[tuple[str, str, int]] = (),
+                      measured: list[float | None] | None = None) -> dict[str, Any]:
+        """``info["pricing"]``: the damped factors' spectra (the programmed spectrum times the
+        scale ``c``), each job's settings, price and the law's error (the trace's source)."""
+        spectra = {k: dataclasses.replace(s, lambda_min=s.lambda_min * factors[k].c,
+                                          lambda_max=s.lambda_max * factors[k].c).to_dict()
+                   for k, s in self.spectra.items() if k in factors}
+        solves = []
+        for i, (key, op, m) in enumerate(jobs):
+            p = self._price(key, op, m)
+            actual = measured[i] if measured is not None and i < len(measured) else None
+            thermal = p.error["thermal"] if actual is None else actual
+            solves.append({"factor": key, "op": op, "n": self._spectrum(key).n, "n_rhs": m,
+                           "analog_time": self.config.analog_time, "burn_in": self.config.burn_in,
+                           "start": self._start, "resident": op == "solve",
+                           "hardware_time_s": p.seconds,
+                           "predicted_rel_error": math.hypot(thermal, p.error["static"]),
+                           "prediction": "actual_rhs" if actual is not None else "rhs_model"})
+        # the two solves' errors compound roughly in quadrature (the A solve sees the G solve's output)
+        total = math.hypot(*(s["predicted_rel_error"] for s in solves)) if solves else None
+        return {"device": self.device.name, "spectra": spectra, "solves": solves,
+                "predicted_rel_error": total}
 
 
 def _lambda_max(S: torch.Tensor, iterations: int) -> float:
@@ -482,7 +560,7 @@ def _result_info(method: str, results: list[Any]) -> dict[str, Any]:
     }
 
 
-def _report(costs: list[Cost], info: dict[str, Any]) -> SolverReport:
+def _report(costs: list[pricing.Cost], info: dict[str, Any]) -> SolverReport:
     breakdown: dict[str, float] = {}
     for c in costs:
         for key, value in c.breakdown_s.items():
