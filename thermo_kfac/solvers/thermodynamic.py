@@ -263,7 +263,13 @@ class ThermodynamicSolver(KFACSolver):
             X = self.G_inv @ grad @ self.A_inv
             info = {"method": "inverse", "digital_apply": True}
             info.update(self._accuracy(grad, X))
-            self.last_report = SolverReport(info=info)
+            n_g, n_a = grad.shape
+            seconds = (pricing.gemm_time(n_g, n_g, n_a, self.host)
+                       + pricing.gemm_time(n_g, n_a, n_a, self.host))  # the two host GEMMs
+            self.last_report = _report([pricing.Cost(seconds, seconds * self.host.power_w,
+                                                     {"preconditioning": seconds},
+                                                     {"preconditioning": seconds * self.host.power_w})],
+                                       info)
             return X
         assert self.factors, "prepare() has not run"
         fG, fA = self.factors["G"], self.factors["A"]
