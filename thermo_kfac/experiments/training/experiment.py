@@ -67,8 +67,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             200 evaluations per run). Evaluation time is excluded from wall time.
         target_loss: training loss for ``time_to_target_s``; default (``target_from_first``):
             the final training loss of the first run.
-        out: directory for ``results.json``, ``metrics.csv`` and PNG plots (written atomically
-            at the end; nothing is written if a run fails).
+        out: directory for ``results.json``, ``metrics.csv``, PNG plots and every K-FAC run's
+            ``trace.json`` (written atomically at the end; nothing is written if a run fails).
         progress: show a tqdm progress bar per run.
         device: torch device for model and data.
         print_assignment: print each K-FAC run's solver per layer before training.
@@ -148,6 +148,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
         _print_assignments(runners)
     train_interleaved(runners, progress and is_main_process())
     runs = [runner.result() for runner in runners]
+    traces = {runner.spec.label: trace for runner in runners if (trace := runner.trace()) is not None}
     target_source = "given"
     if target_loss is None and target_from_first:
         target_loss = runs[0]["final_train_loss"]
@@ -172,7 +173,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
         "runs": runs,
     }
     if out is not None and is_main_process():  # one writer
-        write_results(results, out)
+        write_results(results, out, traces)
     return results
 
 
