@@ -168,10 +168,10 @@ class AutoSolver(KFACSolver):
         self.last_report = self._report()
         return out
 
-    def _report(self) -> SolverReport | None:
+    def _report(self) -> SolverReport:
         report = self.current.last_report
-        if report is None:
-            return None
+        if report is None:  # e.g. a digital solver that reports nothing: the decision still shows
+            return SolverReport(info={"auto": dict(self.decision)})
         return SolverReport(hardware_time_s=report.hardware_time_s, energy_j=report.energy_j,
                             info={**report.info, "auto": dict(self.decision)})
 
