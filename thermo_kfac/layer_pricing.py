@@ -30,6 +30,18 @@ from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverReport
 
 
+def price_digital_layer(digital_method: str, n_a: int, n_g: int, *, digital: DigitalDevice,
+                        inverse_every: int = 1, precision: str = "fp32") -> float:
+    """Digital solver work per step of one layer: one ``digital_method`` decomposition per factor
+    and update (amortized), and the preconditioning GEMMs every step (two pairs for eigh)."""
+    check_positive("inverse_every", inverse_every, integer=True)
+    pair = (pricing.gemm_time(n_g, n_g, n_a, digital, precision)
+            + pricing.gemm_time(n_g, n_a, n_a, digital, precision))
+    decomposition = sum(pricing.price_digital(digital_method, n, device=digital, precision=precision).seconds
+                        for n in (n_a, n_g))
+    return decomposition / inverse_every + pair * (2 if digital_method == "eigh" else 1)
+
+
 def price_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g: int, *,
                 hardware: ThermoDevice, digital: DigitalDevice,
                 spectra: Mapping[str, pricing.SpectrumSummary] | None = None, kappa: float = 100.0,
@@ -52,9 +64,8 @@ def price_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g:
     check_choice("accuracy", accuracy, ("window", "eps"))
     pair = (pricing.gemm_time(n_g, n_g, n_a, digital, precision)
             + pricing.gemm_time(n_g, n_a, n_a, digital, precision))
-    decomposition = sum(pricing.price_digital(digital_method, n, device=digital, precision=precision).seconds
-                        for n in (n_a, n_g))
-    digital_s = decomposition / inverse_every + pair * (2 if digital_method == "eigh" else 1)
+    digital_s = price_digital_layer(digital_method, n_a, n_g, digital=digital,
+                                    inverse_every=inverse_every, precision=precision)
     spectra = spectra or {}
     spec = {"A": spectra.get("A") or pricing.SpectrumSummary.from_kappa(n_a, kappa),
             "G": spectra.get("G") or pricing.SpectrumSummary.from_kappa(n_g, kappa)}

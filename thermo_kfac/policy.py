@@ -48,7 +48,7 @@ from hw_models.cost import KFACSchedule
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
 from hw_models.units import format_seconds
 from hw_models.validation import check_number, check_positive
-from thermo_kfac.layer_pricing import AutoSolver, price_layer
+from thermo_kfac.layer_pricing import AutoSolver, price_digital_layer, price_layer
 from thermo_kfac.solvers.base import (
     KFACSolver,
     SolverFactory,
@@ -313,16 +313,19 @@ class SolverPolicy:
             reason = f"{source}, fits: max({sizes[0]}, {sizes[1]}) {relation} {cells} cells"
             pick, label = (analog, chosen.text) if fits else (digital, digital.text)
             return LayerAssignment(name, module_type, sizes, pick, reason, label)
-        thermo_s, digital_s = self.layer_costs(analog, digital, sizes, has_bias, schedule)
-        if thermo_s is None:
+        if max(sizes) > cells and self.hardware.oversize == "refuse":
             reason = f"{source}, auto: factor > {cells} cells"
             return LayerAssignment(name, module_type, sizes, digital, reason)
-        on_analog = thermo_s < digital_s
+        thermo_s, digital_s = self.layer_costs(analog, digital, sizes, has_bias, schedule)
+        on_analog = thermo_s is not None and thermo_s < digital_s
         pick, label = (analog, chosen.text) if on_analog else (digital, digital.text)
-        relation = "<" if on_analog else ">="
-        reason = (f"{source}, auto: {analog.name} {format_seconds(thermo_s)} {relation} "
-                  f"{digital.name} {format_seconds(digital_s)} per step at kappa {self.kappa:g} "
-                  "(re-decided at each inverse update from the measured spectra)")
+        if thermo_s is None:  # fits, but the law says eps is out of reach at the nominal kappa
+            priced = f"{analog.name} cannot reach eps {self.eps:g}"
+        else:
+            priced = (f"{analog.name} {format_seconds(thermo_s)} {'<' if on_analog else '>='} "
+                      f"{digital.name} {format_seconds(digital_s)} per step")
+        reason = (f"{source}, auto: {priced} at kappa {self.kappa:g} (re-decided at each inverse "
+                  "update from the measured spectra)")
         auto = AutoSolver(analog.factory()(), digital.factory()(), hardware=self.hardware,
                           host=self.digital, n_a=sizes[0], n_g=sizes[1],
                           initial="analog" if on_analog else "digital", eps=self.eps,
@@ -432,7 +435,8 @@ class HardwarePricer:
         self.policy = policy
         self.schedule = schedule
         self._rows: dict[str, int] = {}
-        self._cache: dict[tuple, tuple[float, float, float | None]] = {}
+        self._cache: dict[tuple, tuple[float, float]] = {}  # (statistics, digital solver work)
+        self._analog: dict[tuple, float | None] = {}  # model price of an analog layer, until it reports
         self._reported: dict[str, list[float | None]] = {}
 
     def observe_rows(self, rows: Mapping[str, int]) -> None:
@@ -460,23 +464,28 @@ class HardwarePricer:
         settings = solver.pricing_settings()
         key = (name, rows, analog, tuple(sorted((k, str(v)) for k, v in settings.items())))
         if key not in self._cache:
-            self._cache[key] = self._model_costs(settings, analog, n_a, n_g, rows)
-        statistics, digital_s, analog_s = self._cache[key]
+            self._cache[key] = self._model_costs(settings, n_a, n_g, rows)
+        statistics, digital_s = self._cache[key]
         if not analog:
             return statistics + digital_s, statistics + digital_s
         prepared, applied = self._reported.get(name, [None, None])
         if prepared is not None or applied is not None:
             analog_s = (prepared or 0.0) / self.schedule.inverse_every + (applied or 0.0)
-        return statistics + digital_s, statistics + (analog_s or 0.0)
+        else:  # no report yet (or a solver that reports none): the model price of its settings
+            if key not in self._analog:
+                self._analog[key] = price_layer(
+                    settings, settings["digital_method"], n_a, n_g, hardware=self.policy.hardware,
+                    digital=self.policy.digital, kappa=self.policy.kappa, eps=self.policy.eps,
+                    inverse_every=self.schedule.inverse_every, oversize="block",
+                    precision=self.schedule.precision)[0]
+            analog_s = self._analog[key] or 0.0
+        return statistics + digital_s, statistics + analog_s
 
-    def _model_costs(self, settings: Mapping[str, Any], analog: bool, n_a: int, n_g: int, rows: int
-                     ) -> tuple[float, float, float | None]:
+    def _model_costs(self, settings: Mapping[str, Any], n_a: int, n_g: int, rows: int
+                     ) -> tuple[float, float]:
         host, prec = self.policy.digital, self.schedule.precision
         statistics = (pricing.gemm_time(n_a, rows, n_a, host, prec)
                       + pricing.gemm_time(n_g, rows, n_g, host, prec)) / self.schedule.factor_every
-        # an analog solver's own work is priced "block" beyond the cells, as it prices itself
-        thermo_s, digital_s = price_layer(
-            settings if analog else {}, settings["digital_method"], n_a, n_g,
-            hardware=self.policy.hardware, digital=host, kappa=self.policy.kappa, eps=self.policy.eps,
-            inverse_every=self.schedule.inverse_every, oversize="block", precision=prec)
-        return statistics, digital_s, thermo_s
+        digital_s = price_digital_layer(settings["digital_method"], n_a, n_g, digital=host,
+                                        inverse_every=self.schedule.inverse_every, precision=prec)
+        return statistics, digital_s
