@@ -54,7 +54,8 @@ def price_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g:
     two host GEMMs per step) at its ``analog_time``/``burn_in``/``start`` (``accuracy="window"``;
     a solver that states no window is priced at the target ``eps``) or at the window the error law
     needs for ``eps`` on these spectra (``accuracy="eps"``: what ``auto`` compares, so a worse
-    conditioned layer costs more analog time; an unreachable target counts as not fitting), on
+    conditioned layer costs more analog time; an unreachable target counts as not fitting; a
+    solver whose settings say ``ideal`` is priced without converter and mismatch errors), on
     ``spectra`` (``{"A", "G"}``; default the
     geometric model at ``kappa``). Digital: one ``digital_method`` decomposition per factor and
     update, and the preconditioning GEMMs (two pairs for eigh). ``oversize`` overrides the
@@ -74,7 +75,8 @@ def price_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g:
     device = hardware.replace(kappa0=kappa0) if kappa0 else hardware
     common = dict(window_tau=window, target_eps=None if window else eps,
                   burn_in_tau=settings.get("burn_in") if window else None, bits=settings.get("bits"),
-                  copies=int(settings.get("copies") or 1), oversize=oversize)
+                  copies=int(settings.get("copies") or 1), oversize=oversize,
+                  ideal=bool(settings.get("ideal", False)))
     try:
         if settings.get("method", "inverse") == "inverse":
             jobs = [pricing.price(pricing.AnalogJob("inverse", n, spectrum=spec[k], **common), device,
@@ -209,7 +211,8 @@ class AutoSolver(KFACSolver):
         d = self.decision
         if not d:
             return f"auto: {self.choice} (no update yet)"
-        thermo = "does not fit" if d["thermo_s"] is None else format_seconds(d["thermo_s"])
+        thermo = (f"cannot serve (eps {self.eps:g} out of reach)" if d["thermo_s"] is None
+                  else format_seconds(d["thermo_s"]))
         return (f"auto: kappa A {d['kappa'][0]:.3g}, G {d['kappa'][1]:.3g}; analog {thermo}, digital "
                 f"{format_seconds(d['digital_s'])} per step -> {d['choice']}"
                 + (" (switched)" if d["switched"] else ""))

@@ -147,6 +147,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
     if print_assignment and is_main_process():
         _print_assignments(runners)
     train_interleaved(runners, progress and is_main_process())
+    if print_assignment and is_main_process():
+        _print_assignments(runners, after=True)
     runs = [runner.result() for runner in runners]
     traces = {runner.spec.label: trace for runner in runners if (trace := runner.trace()) is not None}
     target_source = "given"
@@ -195,13 +197,21 @@ def unique_labels(labels: list[str]) -> list[str]:
     return unique
 
 
-def _print_assignments(runners: list[TrainingRun]) -> None:
+def _print_assignments(runners: list[TrainingRun], after: bool = False) -> None:
+    """The solver per layer; ``after`` training: only runs with ``auto`` layers, with each one's
+    last decision (measured kappa, predicted analog/digital times, choice)."""
+    from thermo_kfac.layer_pricing import AutoSolver
     from thermo_kfac.policy import format_assignment
 
     for runner in runners:
         precond = runner.preconditioner
-        if precond is not None:
-            policy = precond.policy
-            print(f"{runner.spec.label}: solver per layer (pricing: thermodynamic "
-                  f"{policy.hardware.name!r}, digital {policy.digital.name!r})")
-            print(format_assignment(precond.assignment_details()) + "\n", flush=True)
+        if precond is None or not hasattr(precond, "layer_table"):
+            continue
+        solvers = {name: state.solver for name, state in precond.layer_table.items()}
+        if after and not any(isinstance(s, AutoSolver) for s in solvers.values()):
+            continue
+        policy = precond.policy
+        when = "after training, auto decisions" if after else "solver per layer"
+        print(f"{runner.spec.label}: {when} (pricing: thermodynamic "
+              f"{policy.hardware.name!r}, digital {policy.digital.name!r})")
+        print(format_assignment(precond.assignment_details(), solvers) + "\n", flush=True)

@@ -24,6 +24,7 @@ from thermo_kfac.distributed import DistributedConfig
 from thermo_kfac.experiments.launch import global_mean, shard, wrap_model
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import LOSSES, OptimizerSpec
+from thermo_kfac.layer_pricing import AutoSolver
 from thermo_kfac.models import build_model
 from thermo_kfac.trace import TraceRecorder
 
@@ -233,6 +234,10 @@ class TrainingRun:
             run["assignment"] = precond.assignment()
             run["assignment_details"] = [a.to_dict() for a in precond.assignment_details()]
             run["solver_policy"] = precond.policy.describe()
+            decisions = {name: dict(state.solver.decision) for name, state in precond.layer_table.items()
+                         if isinstance(state.solver, AutoSolver)}
+            if decisions:
+                run["auto_decisions"] = decisions
         run["history"] = self.history
         return run
 
