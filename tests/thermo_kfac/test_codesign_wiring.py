@@ -254,3 +254,12 @@ def test_digits_run_writes_a_trace_whose_hybrid_time_is_the_solver_times(tmp_pat
                                                       rel=1e-9)
     doc = price_trace(trace, thermo="chip", digital="h100")
     assert len(doc["layers"]) == len(run["layers"]) and doc["step"]["thermo_kfac_solver_s"] > 0
+
+
+def test_overlap_option_trains_through_the_preconditioner():
+    """``kfac:solver=thermo,overlap=true``: every step after the first uses the previous one's solve."""
+    precond, trace = _mlp_run("thermo:overlap=true,track_exact=true", steps=4)
+    for state in precond.layer_table.values():
+        assert state.solver.overlap and state.solver.last_report.info["staleness_steps"] == 1
+    assert trace["updates"][0]["settings"]["overlap"] is True
+    assert all(u["rel_error_to_exact"] > 0 for u in trace["updates"])
