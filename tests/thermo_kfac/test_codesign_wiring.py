@@ -127,7 +127,7 @@ def test_overlap_applies_the_previous_steps_solve():
 # --------------------------------------------------------------------------------- auto
 def test_auto_switches_with_hysteresis_on_measured_spectra():
     chip = thermo_device("chip")
-    slow = chip.replace(tau_s=3 * chip.tau_s)  # a kappa-100 layer costs more than eigh here
+    slow = chip.replace(tau_s=8 * chip.tau_s)  # a kappa-100 layer costs more than eigh here
     h100 = digital_device("h100")
     settings = ThermodynamicSolver().pricing_settings()
     spec = pricing.SpectrumSummary.from_kappa
