@@ -269,3 +269,24 @@ def test_overlap_option_trains_through_the_preconditioner():
         assert state.solver.overlap and state.solver.last_report.info["staleness_steps"] == 1
     assert trace["updates"][0]["settings"]["overlap"] is True
     assert all(u["rel_error_to_exact"] > 0 for u in trace["updates"])
+
+
+def test_default_solver_is_priced_as_simulated_and_charges_its_reloads():
+    """Merged issues 14 and 15: the priced device is the simulated preset (its kappa0 and coupling
+    bits), and a warm start's re-sent values (``reloaded_values``) are charged as DAC transfers."""
+    A, G = _factors(3)
+    solver = ThermodynamicSolver()
+    chip = thermo_device("chip")
+    settings = solver.pricing_settings()
+    assert settings["kappa0"] == chip.kappa0 and settings["bits"] == chip.coupling_bits
+    assert settings["ideal"] is False
+    solver.prepare(A, G, Damping(1e-2))
+    reloads = []
+    for _ in range(4):
+        solver.apply(torch.randn(16, 24, dtype=torch.float64))
+        info = solver.last_report.info
+        reloads.append((sum(info["reloaded_values"]), info["hardware_breakdown_s"].get("reload", 0.0)))
+    assert any(values > 0 for values, _ in reloads), "the premise: some call re-sends values"
+    for values, seconds in reloads:
+        # each re-sent value crosses the link once more at the priced DAC width (independent formula)
+        assert seconds == pytest.approx(values * chip.coupling_bits / chip.io_bandwidth_bps, rel=1e-9)
