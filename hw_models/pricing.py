@@ -32,6 +32,7 @@ blocks (an approximation, flagged ``approximate``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -49,154 +50,31 @@ from hw_models.devices import (
     digital_device,
     thermo_device,
 )
-from hw_models.langevin import error_model
+from hw_models.langevin import error_model, laws
+from hw_models.spectrum import MAX_MODES, SKETCH_GROUPS, SPECTRUM_SHAPES, SpectrumSummary  # noqa: F401 (re-exported)
 from hw_models.validation import check_choice, check_number, check_positive
 
 ANALOG_OPS = ("solve", "inverse")
 DIGITAL_OPS = (*OPS, "solve")
-SPECTRUM_SHAPES = ("geometric", "worst", "measured")
-#: Spectra up to this size keep every eigenvalue; larger ones a quantile sketch of 64 groups.
-MAX_MODES = 256
-SKETCH_GROUPS = 64
+
+
+#: Calls of :func:`price`, :func:`price_program` and :func:`price_digital` since the last
+#: :func:`reset_pricing_calls` (benchmarks/codesign.py counts pricing calls per training step).
+_CALLS: collections.Counter[str] = collections.Counter()
+
+
+def pricing_calls() -> dict[str, int]:
+    """How often each pricing function ran since the last :func:`reset_pricing_calls`."""
+    return dict(_CALLS)
+
+
+def reset_pricing_calls() -> None:
+    """Set the pricing call counters to zero."""
+    _CALLS.clear()
 
 
 class ThermoCapacityError(ValueError):
     """A system does not fit the thermodynamic device and its ``oversize`` policy is ``"refuse"``."""
-
-
-# --------------------------------------------------------------------------------------------
-# Spectra
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SpectrumSummary:
-    """What pricing needs of a damped factor's spectrum.
-
-    ``lambda_min``/``lambda_max`` are of the matrix as given (unnormalised); ``trace_inv_sq`` is
-    ``tr(P^-2)`` and ``effective_rank`` ``tr(P) = tr(M)/lambda_max`` of the normalised ``P``.
-    ``modes``/``weights``: normalised eigenvalues (all of them up to :data:`MAX_MODES`, else a
-    sketch of equal-count groups, each represented by ``mean(lam^-2)^(-1/2)`` so ``tr(P^-2)`` is
-    exact) and how many eigenvalues each stands for. ``shape`` says where they came from.
-    """
-
-    n: int
-    lambda_min: float
-    lambda_max: float
-    trace_inv_sq: float
-    effective_rank: float
-    shape: str = "measured"
-    modes: tuple[float, ...] = ()
-    weights: tuple[float, ...] = ()
-
-    @property
-    def kappa(self) -> float:
-        return self.lambda_max / self.lambda_min
-
-    @classmethod
-    def from_eigenvalues(cls, eigenvalues: Any, *, shape: str = "measured") -> SpectrumSummary:
-        """From all eigenvalues of a symmetric positive definite matrix."""
-        lam = np.sort(np.asarray(eigenvalues, dtype=np.float64).reshape(-1))
-        if lam.size == 0 or not np.all(np.isfinite(lam)) or lam[0] <= 0:
-            raise ValueError("a spectrum needs finite eigenvalues > 0 (a positive definite matrix); "
-                             f"got min {lam[0] if lam.size else 'none'}")
-        top = float(lam[-1])
-        p = lam / top
-        if p.size <= MAX_MODES:
-            modes, weights = p, np.ones_like(p)
-        else:
-            groups = np.array_split(p, SKETCH_GROUPS)
-            modes = np.array([float(np.mean(g**-2.0)) ** -0.5 for g in groups])
-            weights = np.array([float(g.size) for g in groups])
-        return cls(n=int(lam.size), lambda_min=float(lam[0]), lambda_max=top,
-                   trace_inv_sq=float(np.sum(p**-2.0)), effective_rank=float(np.sum(p)), shape=shape,
-                   modes=tuple(float(v) for v in modes), weights=tuple(float(v) for v in weights))
-
-    @classmethod
-    def from_matrix(cls, matrix: Any) -> SpectrumSummary:
-        """From a symmetric positive definite matrix (numpy or torch), by ``eigvalsh`` in float64."""
-        try:
-            import torch
-
-            if isinstance(matrix, torch.Tensor):
-                matrix = matrix.detach().to("cpu", torch.float64).numpy()
-        except ImportError:  # pragma: no cover - torch is a dependency
-            pass
-        M = np.asarray(matrix, dtype=np.float64)
-        if M.ndim != 2 or M.shape[0] != M.shape[1]:
-            raise ValueError(f"a spectrum needs a square matrix; got shape {M.shape}")
-        return cls.from_eigenvalues(np.linalg.eigvalsh(0.5 * (M + M.T)))
-
-    @classmethod
-    def from_kappa(cls, n: int, kappa: float, *, shape: str = "geometric") -> SpectrumSummary:
-        """A model spectrum of size ``n`` and condition number ``kappa`` (``lambda_max = 1``).
-
-        ``"geometric"`` (default): eigenvalues log-uniform between ``1/kappa`` and 1,
-        ``lam_i = kappa^(-i/(n-1))`` -- a spread-out spectrum like those of damped K-FAC factors.
-        ``"worst"``: one eigenvalue 1, the rest ``1/kappa`` (the bound ``tr(P^-2) <= n kappa^2``).
-        """
-        check_positive("n", n, integer=True)
-        check_number("kappa", kappa, low=1.0)
-        check_choice("shape", shape, ("geometric", "worst"))
-        return _model_spectrum(int(n), float(kappa), shape)
-
-    def resized(self, n: int) -> SpectrumSummary:
-        """The same normalised spectrum shape for a system of size ``n`` (a diagonal block)."""
-        if n == self.n:
-            return self
-        scale = n / self.n
-        lam, w = self.normalized_modes()
-        return dataclasses.replace(self, n=int(n), trace_inv_sq=self.trace_inv_sq * scale,
-                                   effective_rank=self.effective_rank * scale,
-                                   weights=tuple(float(v) for v in w * scale))
-
-    def normalized_modes(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(lam, weights)`` of the lambda_max-normalised ``P`` for the error model."""
-        if not self.modes:
-            model = _model_spectrum(self.n, self.kappa, "geometric")
-            return np.asarray(model.modes), np.asarray(model.weights)
-        return np.asarray(self.modes), np.asarray(self.weights)
-
-    def to_dict(self, *, modes: bool = False) -> dict[str, Any]:
-        """JSON-ready dict (trace.json's ``spectrum``); ``modes=True`` keeps the eigenvalue sketch."""
-        out: dict[str, Any] = {"n": self.n, "lambda_min": self.lambda_min, "lambda_max": self.lambda_max,
-                               "kappa": self.kappa, "trace_inv_sq": self.trace_inv_sq,
-                               "effective_rank": self.effective_rank, "shape": self.shape}
-        if modes:
-            out["modes"], out["weights"] = list(self.modes), list(self.weights)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SpectrumSummary:
-        """Inverse of :meth:`to_dict`. Without ``modes`` the normalised eigenvalues are the
-        geometric model at the stored ``kappa`` (the stored ``trace_inv_sq`` is kept as reported)."""
-        try:
-            n = int(data["n"])
-            lo, hi = float(data["lambda_min"]), float(data["lambda_max"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"a spectrum summary needs n, lambda_min, lambda_max: {err}") from None
-        if not (0 < lo <= hi) or n < 1:
-            raise ValueError(f"invalid spectrum summary: n={n}, lambda_min={lo}, lambda_max={hi}")
-        if data.get("modes"):
-            modes = tuple(float(v) for v in data["modes"])
-            weights = tuple(float(v) for v in data.get("weights") or [1.0] * len(modes))
-        else:
-            model = _model_spectrum(n, hi / lo, "geometric")
-            modes, weights = model.modes, model.weights
-        tr = float(data.get("trace_inv_sq") or sum(w / m**2 for m, w in zip(modes, weights, strict=True)))
-        rank = float(data.get("effective_rank") or sum(w * m for m, w in zip(modes, weights, strict=True)))
-        return cls(n=n, lambda_min=lo, lambda_max=hi, trace_inv_sq=tr, effective_rank=rank,
-                   shape=str(data.get("shape", "measured")), modes=modes, weights=weights)
-
-
-@functools.lru_cache(maxsize=512)
-def _model_spectrum(n: int, kappa: float, shape: str) -> SpectrumSummary:
-    if shape == "worst":
-        lam = np.full(n, 1.0 / kappa)
-        lam[-1] = 1.0
-    else:
-        lam = kappa ** -(np.arange(n)[::-1] / max(n - 1, 1)) if n > 1 else np.ones(1)
-    return SpectrumSummary.from_eigenvalues(lam, shape=shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,6 +363,7 @@ def price(job: AnalogJob, device: ThermoDevice | str, host: DigitalDevice | str 
     """
     if not isinstance(job, AnalogJob):
         raise ValueError(f"job={job!r} must be an AnalogJob")
+    _CALLS["price"] += 1
     device = thermo_device(device)
     host_dev = digital_device(host) if host is not None else None
     blocks, size = fit_blocks(job.n, device, job.oversize)
@@ -544,6 +423,7 @@ def price_program(n: int, device: ThermoDevice | str, *, bits: int | None = None
     """Transfer and programming of an ``n x n`` symmetric matrix's couplings (no solve): what a
     solver keeping couplings resident pays once per matrix."""
     device = thermo_device(device)
+    _CALLS["price_program"] += 1
     if bits is not None:
         check_number("bits", bits, low=2, high=32, integer=True)
     blocks, size = fit_blocks(n, device, oversize)
@@ -556,6 +436,35 @@ def price_program(n: int, device: ThermoDevice | str, *, bits: int | None = None
     return Price(sum(ledger.s.values()), sum(ledger.j.values()), dict(ledger.s), dict(ledger.j),
                  {"device": device.name, "op": "program", "blocks": blocks, "block_size": size,
                   "approximate": blocks > 1})
+
+
+def solve_call_error(eigenvalues: Any, rhs: Any, x0: Any | None = None, *, window: float,
+                     burn_in: float, kappa0: float, column_scale: Any | None = None,
+                     copies: int = 1) -> float:
+    """The law's relative error of one solve whose right-hand sides are KNOWN (not the RHS model).
+
+    ``eigenvalues``: the programmed (lambda_max-normalised) matrix's ``(n,)``; ``rhs`` and ``x0``:
+    the loaded inputs and the start in its eigenbasis, ``(n, m)`` in full-scale units (``x0=None``:
+    zero start). ``column_scale``: the factor each column is multiplied by when mapped back
+    (the abs-max a column was divided by to load it at full scale), so the error is the relative
+    Frobenius error of the returned matrix: bias ``w (x0 - x*)`` and variance per column, both
+    scaled by the column's factor squared. The thermal part only (static errors: :func:`price`).
+    """
+    lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+    beta = np.asarray(rhs, dtype=np.float64).reshape(lam.size, -1)
+    check_positive("window", window)
+    check_positive("copies", copies, integer=True)
+    scale2 = (np.ones(beta.shape[1]) if column_scale is None
+              else np.asarray(column_scale, dtype=np.float64).reshape(-1) ** 2)
+    w, var = laws.od_time_average(lam, burn_in, window, kappa0)
+    xstar = beta / lam[:, None]
+    u0 = -xstar if x0 is None else np.asarray(x0, dtype=np.float64).reshape(beta.shape) - xstar
+    ref = float(np.sum(xstar**2 * scale2))
+    if ref <= 0:
+        return 0.0
+    bias2 = float(np.sum((w[:, None] * u0) ** 2 * scale2))
+    var_total = float(np.sum(var)) * float(np.sum(scale2)) / copies
+    return math.sqrt((bias2 + var_total) / ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,6 +491,7 @@ def price_digital(op: str, n: int, n_rhs: int = 1, device: DigitalDevice | str =
     check_positive("n", n, integer=True)
     check_positive("n_rhs", n_rhs, integer=True)
     check_choice("precision", precision, PRECISIONS)
+    _CALLS["price_digital"] += 1
     dev = digital_device(device)
     if op == "gemm":
         seconds = gemm_time(n, n, n_rhs, dev, precision)

@@ -319,8 +319,10 @@ def price_trace(trace: dict[str, Any], *, thermo: ThermoDevice | str, digital: D
     Per layer: ``kappa_measured`` (largest damped-factor kappa seen), ``digital_s`` (one
     ``digital_method`` decomposition of each factor per inverse update plus the preconditioning
     GEMMs of every step), ``thermo_s`` (the listed solves at their simulated window and burn-in,
-    times ``calls``; ``None`` when a factor does not fit), the laws' ``predicted_rel_error`` on this
-    device and the run's. Step totals divide by the trace's ``steps``.
+    times ``calls``; ``None`` when a factor does not fit), the law's ``predicted_rel_error`` on this
+    device (RHS model; an update's solves combined in quadrature), the run's own law prediction
+    (``run_predicted_rel_error``: the simulated device, actual right-hand sides) and its measured
+    ``rel_error_to_exact``; medians over updates. Step totals divide by the trace's ``steps``.
     """
     thermo_dev, host = thermo_device(thermo), digital_device(digital)
     steps = int(trace.get("steps", 1))
@@ -331,10 +333,11 @@ def price_trace(trace: dict[str, Any], *, thermo: ThermoDevice | str, digital: D
         entry = layers.setdefault(name, {"name": name, "factor_sizes": [n_a, n_g], "kappa_measured": 1.0,
                                          "digital_s": 0.0, "thermo_s": 0.0, "fits": True, "solves": 0,
                                          "predicted_rel_error": [], "rel_error_to_exact": [],
-                                         "fallbacks": 0})
+                                         "run_predicted_rel_error": [], "fallbacks": 0})
         spectra = {k: SpectrumSummary.from_dict(v) for k, v in upd["factors"].items()}
         entry["kappa_measured"] = max([entry["kappa_measured"], *(s.kappa for s in spectra.values())])
         calls_total = 0
+        errors = []  # this update's solves on this device: they compound in quadrature
         for solve in upd.get("solves", []):
             factor = str(solve.get("factor", "A"))
             spec = spectra.get(factor) or SpectrumSummary.from_kappa(int(solve["n"]), 1.0)
@@ -353,9 +356,16 @@ def price_trace(trace: dict[str, Any], *, thermo: ThermoDevice | str, digital: D
                 continue
             entry["thermo_s"] += priced.seconds * calls
             entry["solves"] += calls
-            entry["predicted_rel_error"].append(priced.predicted_rel_error)
-            if solve.get("rel_error_to_exact") is not None:
-                entry["rel_error_to_exact"].append(float(solve["rel_error_to_exact"]))
+            errors.append(priced.predicted_rel_error or 0.0)
+        if errors:
+            entry["predicted_rel_error"].append(math.hypot(*errors))
+        if upd.get("rel_error_to_exact") is not None:
+            entry["rel_error_to_exact"].append(float(upd["rel_error_to_exact"]))
+        elif any(s.get("rel_error_to_exact") is not None for s in upd.get("solves", [])):
+            entry["rel_error_to_exact"].append(float(next(
+                s["rel_error_to_exact"] for s in upd["solves"] if s.get("rel_error_to_exact") is not None)))
+        if upd.get("predicted_rel_error") is not None:
+            entry["run_predicted_rel_error"].append(float(upd["predicted_rel_error"]))
         entry["fallbacks"] += int(upd.get("fallbacks", 0))
         applies = max(calls_total, int(upd.get("steps_until_next", 1)))
         decomposition = sum(price_digital(digital_method, n, device=host, precision=precision).seconds
@@ -371,6 +381,7 @@ def price_trace(trace: dict[str, Any], *, thermo: ThermoDevice | str, digital: D
                      "thermo_s": None if thermo_s is None else thermo_s / steps,
                      "solves": entry["solves"], "fallbacks": entry["fallbacks"],
                      "predicted_rel_error": _median(entry["predicted_rel_error"]),
+                     "run_predicted_rel_error": _median(entry["run_predicted_rel_error"]),
                      "rel_error_to_exact": _median(entry["rel_error_to_exact"])})
     digital_total = sum(r["digital_s"] for r in rows)
     thermo_total = sum(r["thermo_s"] if r["thermo_s"] is not None else r["digital_s"] for r in rows)

@@ -14,8 +14,12 @@ a :class:`~thermo_kfac.solvers.KFACSolver` subclass or prototype instance, or on
 - ``"fits"``: the analog solver if both damped factors fit the thermodynamic device
   (``max(n_A, n_G) <= cells`` of the ``hardware`` preset), else the digital solver;
 - ``"auto"``: whichever is cheaper per training step for this layer on the chosen presets,
-  by :func:`hw_models.cost.thermo_layer_cost` against :func:`hw_models.cost.digital_layer_cost`
-  at the nominal ``kappa`` / ``eps`` of the policy (a layer that does not fit stays digital).
+  priced by :func:`thermo_kfac.layer_pricing.price_layer` (:mod:`hw_models.pricing`), the
+  analog side at the window the error law needs for the policy's ``eps``. The first choice uses
+  the geometric model spectrum at the policy's nominal ``kappa``; from then on the layer's
+  :class:`~thermo_kfac.layer_pricing.AutoSolver` re-decides at every inverse update from the
+  measured damped-factor spectra, with hysteresis (``auto_margin``, ``auto_patience``); a layer
+  that does not fit the device stays digital.
 
 Options given to a rule (``"auto:bits=8"``) configure its analog solver. The thermodynamic
 solver built by a policy prices its reports on the policy's ``hardware`` / ``digital`` presets
@@ -24,7 +28,10 @@ unless its spec sets ``device`` / ``host``.
 :class:`HardwarePricer` turns an assignment into predicted seconds per training step of the
 *all-digital* machine (every layer's curvature work on the digital preset) and of the *hybrid*
 machine (analog layers on the thermodynamic device, the rest digital), periodic work amortized
-over the preconditioner's ``factor_update_every`` / ``inverse_update_every``.
+over the preconditioner's ``factor_update_every`` / ``inverse_update_every``. An analog layer's
+hybrid time is its factor statistics plus exactly what its solver reported (prepare amortized,
+apply every step); nothing in this module prices hardware except through
+:mod:`hw_models.pricing`.
 """
 
 from __future__ import annotations
@@ -36,16 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hw_models.cost import (
-    Cost,
-    KFACSchedule,
-    ThermoCapacityError,
-    digital_layer_cost,
-    thermo_layer_cost,
-)
+from hw_models import pricing
+from hw_models.cost import KFACSchedule
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
 from hw_models.units import format_seconds
-from hw_models.validation import check_choice, check_number
+from hw_models.validation import check_number, check_positive
+from thermo_kfac.layer_pricing import AutoSolver, price_digital_layer, price_layer
 from thermo_kfac.solvers.base import (
     KFACSolver,
     SolverFactory,
@@ -56,8 +59,6 @@ from thermo_kfac.solvers.base import (
 
 #: Spec names that are rules resolved per layer rather than solvers.
 RULES = ("auto", "fits")
-#: Cost-model components that stay on the digital host when a layer goes analog.
-HOST_COMPONENTS = ("factor_accumulation", "preconditioning")
 
 
 def parse_value(text: str) -> Any:
@@ -199,8 +200,11 @@ class SolverPolicy:
         digital: digital preset (or device) for ``auto`` and pricing.
         analog: solver that ``fits``/``auto`` put on the device (options of the rule merge in).
         digital_solver: solver that ``fits``/``auto`` keep digital.
-        kappa, eps: nominal condition number of the damped factors and target relative error
-            used by ``auto`` and to price analog layers before their solver reports.
+        kappa, eps: nominal condition number of the damped factors (the first ``auto`` choice and
+            analog layers before their solver reports) and the target relative error of an analog
+            solver that states no window.
+        auto_margin, auto_patience: ``auto``'s hysteresis: a layer changes sides only when the
+            other is cheaper by ``auto_margin`` (relative) at ``auto_patience`` consecutive updates.
     """
 
     rules: Any = ()
@@ -211,6 +215,8 @@ class SolverPolicy:
     digital_solver: Any = "eigh"
     kappa: float = 100.0
     eps: float = 0.1
+    auto_margin: float = 0.2
+    auto_patience: int = 2
 
     def __post_init__(self) -> None:
         items = self.rules.items() if isinstance(self.rules, Mapping) else self.rules
@@ -242,6 +248,8 @@ class SolverPolicy:
         object.__setattr__(self, "digital", digital_device(self.digital))
         check_number("kappa", self.kappa, low=1.0)
         check_number("eps", self.eps, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        check_number("auto_margin", self.auto_margin, low=0.0, high=1.0, high_inclusive=False)
+        check_positive("auto_patience", self.auto_patience, integer=True)
         for spec in [s for _, s in rules] + ([self.default] if self.default is not None else []):
             self.validate(spec)
 
@@ -270,7 +278,8 @@ class SolverPolicy:
                 "default": None if self.default is None else self.default.text,
                 "hardware": self.hardware.name, "digital": self.digital.name,
                 "analog": self.analog.text, "digital_solver": self.digital_solver.text,
-                "kappa": self.kappa, "eps": self.eps}
+                "kappa": self.kappa, "eps": self.eps, "auto_margin": self.auto_margin,
+                "auto_patience": self.auto_patience}
 
     # ------------------------------------------------------------------------------ assignment
     def match(self, name: str, module_type: str) -> tuple[int, SolverSpec] | None:
@@ -299,45 +308,47 @@ class SolverPolicy:
         digital = self.digital_solver
         cells = self.hardware.cells
         if spec.name == "fits":
-            fits = max(sizes) <= cells
+            fits = pricing.fits(max(sizes), self.hardware)
             relation = "<=" if fits else ">"
             reason = f"{source}, fits: max({sizes[0]}, {sizes[1]}) {relation} {cells} cells"
             pick, label = (analog, chosen.text) if fits else (digital, digital.text)
             return LayerAssignment(name, module_type, sizes, pick, reason, label)
-        thermo_s, digital_s = self.layer_costs(analog, digital, sizes, has_bias, schedule)
-        if thermo_s is None:
+        if max(sizes) > cells and self.hardware.oversize == "refuse":
             reason = f"{source}, auto: factor > {cells} cells"
             return LayerAssignment(name, module_type, sizes, digital, reason)
-        pick, label = (analog, chosen.text) if thermo_s < digital_s else (digital, digital.text)
-        relation = "<" if thermo_s < digital_s else ">="
-        reason = (f"{source}, auto: {analog.name} {format_seconds(thermo_s)} {relation} "
-                  f"{digital.name} {format_seconds(digital_s)} per step")
-        return LayerAssignment(name, module_type, sizes, pick, reason, label)
+        thermo_s, digital_s = self.layer_costs(analog, digital, sizes, has_bias, schedule)
+        on_analog = thermo_s is not None and thermo_s < digital_s
+        pick, label = (analog, chosen.text) if on_analog else (digital, digital.text)
+        if thermo_s is None:  # fits, but the law says eps is out of reach at the nominal kappa
+            priced = f"{analog.name} cannot reach eps {self.eps:g}"
+        else:
+            priced = (f"{analog.name} {format_seconds(thermo_s)} {'<' if on_analog else '>='} "
+                      f"{digital.name} {format_seconds(digital_s)} per step")
+        reason = (f"{source}, auto: {priced} at kappa {self.kappa:g} (re-decided at each inverse "
+                  "update from the measured spectra)")
+        auto = AutoSolver(analog.factory()(), digital.factory()(), hardware=self.hardware,
+                          host=self.digital, n_a=sizes[0], n_g=sizes[1],
+                          initial="analog" if on_analog else "digital", eps=self.eps,
+                          inverse_every=(schedule or KFACSchedule()).inverse_every,
+                          margin=self.auto_margin, patience=self.auto_patience)
+        return LayerAssignment(name, module_type, sizes, SolverSpec(pick.name, {}, auto),
+                               reason, label)
 
     def layer_costs(self, analog: SolverSpec, digital: SolverSpec, sizes: tuple[int, int],
                     has_bias: bool, schedule: KFACSchedule | None, batch: int = 1
                     ) -> tuple[float | None, float]:
-        """``(thermo seconds or None if it does not fit, digital seconds)`` per step of one layer.
-
-        The factor statistics run on the digital preset on both sides, so ``batch`` cancels out of
-        the comparison; 1 is used when the batch is not known yet.
-        """
+        """``(thermo seconds or None if it does not fit, digital seconds)`` of one layer's solver
+        work per step (:func:`~thermo_kfac.layer_pricing.price_layer`, the model spectrum at
+        ``kappa``, the analog side at the window the law needs for ``eps``, as ``auto`` decides).
+        The factor statistics cost the same on both sides and are left out; ``has_bias`` and
+        ``batch`` are kept for callers."""
         schedule = schedule or KFACSchedule()
-        prototype = analog.factory()()
-        digital_proto = digital.factory()()
-        n_in = sizes[0] - int(has_bias)
-        dig_schedule = _with_method(schedule, digital_proto.digital_method)
-        priced = prototype.pricing_settings()
-        digital_s = digital_layer_cost(n_in, sizes[1], batch, device=self.digital, bias=has_bias,
-                                       schedule=dig_schedule).seconds
-        try:
-            thermo_s = thermo_layer_cost(
-                n_in, sizes[1], batch, kappa=self.kappa, eps=self.eps, device=self.hardware,
-                host=self.digital, bits=priced.get("bits"), method=priced.get("method", "inverse"),
-                bias=has_bias, schedule=schedule).seconds
-        except ThermoCapacityError:
-            return None, digital_s
-        return thermo_s, digital_s
+        settings = analog.factory()().pricing_settings()
+        method = digital.factory()().digital_method
+        return price_layer(settings, method, sizes[0], sizes[1], hardware=self.hardware,
+                           digital=self.digital, kappa=self.kappa, eps=self.eps,
+                           inverse_every=schedule.inverse_every, precision=schedule.precision,
+                           accuracy="eps")
 
     def _bind(self, spec: SolverSpec) -> SolverSpec:
         """Give a thermodynamic-style solver the policy's presets unless its spec sets them."""
@@ -349,11 +360,6 @@ class SolverPolicy:
         for option, preset in cls.preset_options.items():
             options.setdefault(option, presets[preset])
         return SolverSpec(spec.name, options) if options != spec.options else spec
-
-
-def _with_method(schedule: KFACSchedule, method: str) -> KFACSchedule:
-    return KFACSchedule(factor_every=schedule.factor_every, inverse_every=schedule.inverse_every,
-                        digital_method=method, precision=schedule.precision)
 
 
 def parse_solver_map(text: str) -> list[tuple[str, Any]]:
@@ -391,12 +397,21 @@ def parse_solver_map(text: str) -> list[tuple[str, Any]]:
     return pairs
 
 
-def format_assignment(assignments: Iterable[LayerAssignment]) -> str:
-    """A small terminal table: layer, type, factor sizes, solver spec, reason."""
+def format_assignment(assignments: Iterable[LayerAssignment],
+                      solvers: Mapping[str, KFACSolver] | None = None) -> str:
+    """A small terminal table: layer, type, factor sizes, solver spec, reason.
+
+    With ``solvers`` (``{layer: solver}``, e.g. from ``precond.layer_table``), an ``auto`` layer's
+    row shows its latest decision: measured kappa of A and G, predicted analog and digital seconds
+    per step and the current choice.
+    """
     rows = [["layer", "type", "A x G", "solver", "why"]]
     for a in assignments:
-        rows.append([a.layer, a.module_type, f"{a.factor_sizes[0]} x {a.factor_sizes[1]}", a.text,
-                     a.reason])
+        solver = (solvers or {}).get(a.layer)
+        text, why = a.text, a.reason
+        if isinstance(solver, AutoSolver):
+            text, why = solver.current.name, solver.describe()
+        rows.append([a.layer, a.module_type, f"{a.factor_sizes[0]} x {a.factor_sizes[1]}", text, why])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -407,20 +422,21 @@ def format_assignment(assignments: Iterable[LayerAssignment]) -> str:
 class HardwarePricer:
     """Predicted curvature seconds per training step of the all-digital and the hybrid machine.
 
-    Per layer, the digital cost is :func:`~hw_models.cost.digital_layer_cost` on the policy's
-    digital preset (the layer's own digital method; eigh for analog layers); an analog layer's
-    hybrid cost is :func:`~hw_models.cost.thermo_layer_cost` on the thermodynamic preset, whose
-    analog part is replaced, once the solver has reported, by its reported hardware time:
-    ``prepare / inverse_update_every + apply`` (host work, factor statistics and, for the inverse
-    method, the two preconditioning GEMMs, stays priced by the model). Costs depend only on the
-    factor sizes, the rows of statistics per step and the settings, so they are cached.
+    Per layer, both machines pay the factor statistics (two GEMMs per factor update on the
+    digital preset). The all-digital machine adds the layer's digital solver work
+    (:func:`~thermo_kfac.layer_pricing.price_layer`: decompositions amortized over
+    ``inverse_every``, preconditioning GEMMs every step). The hybrid machine adds, for an analog
+    layer, exactly what its solver reported: ``prepare / inverse_every + apply`` (before the first
+    report: :func:`price_layer` with the solver's settings at the policy's nominal ``kappa``).
+    Model prices depend only on sizes, rows and settings, so they are cached.
     """
 
     def __init__(self, policy: SolverPolicy, schedule: KFACSchedule) -> None:
         self.policy = policy
         self.schedule = schedule
         self._rows: dict[str, int] = {}
-        self._cache: dict[tuple[str, int], tuple[float, float, float]] = {}
+        self._cache: dict[tuple, tuple[float, float]] = {}  # (statistics, digital solver work)
+        self._analog: dict[tuple, float | None] = {}  # model price of an analog layer, until it reports
         self._reported: dict[str, list[float | None]] = {}
 
     def observe_rows(self, rows: Mapping[str, int]) -> None:
@@ -444,34 +460,32 @@ class HardwarePricer:
                    ) -> tuple[float, float]:
         """``(all-digital seconds, hybrid seconds)`` per step of one layer."""
         rows = self._rows.get(name, 1)
-        key = (name, rows)
+        analog = is_analog(solver)
+        settings = solver.pricing_settings()
+        key = (name, rows, analog, tuple(sorted((k, str(v)) for k, v in settings.items())))
         if key not in self._cache:
-            self._cache[key] = self._model_costs(solver, n_a, n_g, has_bias, rows)
-        digital_s, host_s, analog_s = self._cache[key]
-        if not is_analog(solver):
-            return digital_s, digital_s
+            self._cache[key] = self._model_costs(settings, n_a, n_g, rows)
+        statistics, digital_s = self._cache[key]
+        if not analog:
+            return statistics + digital_s, statistics + digital_s
         prepared, applied = self._reported.get(name, [None, None])
         if prepared is not None or applied is not None:
             analog_s = (prepared or 0.0) / self.schedule.inverse_every + (applied or 0.0)
-        return digital_s, host_s + analog_s
+        else:  # no report yet (or a solver that reports none): the model price of its settings
+            if key not in self._analog:
+                self._analog[key] = price_layer(
+                    settings, settings["digital_method"], n_a, n_g, hardware=self.policy.hardware,
+                    digital=self.policy.digital, kappa=self.policy.kappa, eps=self.policy.eps,
+                    inverse_every=self.schedule.inverse_every, oversize="block",
+                    precision=self.schedule.precision)[0]
+            analog_s = self._analog[key] or 0.0
+        return statistics + digital_s, statistics + analog_s
 
-    def _model_costs(self, solver: KFACSolver, n_a: int, n_g: int, has_bias: bool, rows: int
-                     ) -> tuple[float, float, float]:
-        analog = is_analog(solver)
-        priced = solver.pricing_settings()
-        method = priced["digital_method"]
-        n_in = n_a - int(has_bias)
-        digital = digital_layer_cost(n_in, n_g, rows, device=self.policy.digital, bias=has_bias,
-                                     schedule=_with_method(self.schedule, method))
-        if not analog:
-            return digital.seconds, digital.seconds, 0.0
-        device = self.policy.hardware
-        if max(n_a, n_g) > device.cells:
-            device = device.replace(oversize="block")  # as the thermodynamic solver prices it
-        thermo: Cost = thermo_layer_cost(
-            n_in, n_g, rows, kappa=self.policy.kappa, eps=self.policy.eps, device=device,
-            host=self.policy.digital, bits=priced.get("bits"),
-            method=check_choice("method", priced.get("method", "inverse"), ("inverse", "solve")),
-            bias=has_bias, schedule=self.schedule)
-        host = sum(thermo.breakdown_s.get(k, 0.0) for k in HOST_COMPONENTS)
-        return digital.seconds, host, thermo.seconds - host
+    def _model_costs(self, settings: Mapping[str, Any], n_a: int, n_g: int, rows: int
+                     ) -> tuple[float, float]:
+        host, prec = self.policy.digital, self.schedule.precision
+        statistics = (pricing.gemm_time(n_a, rows, n_a, host, prec)
+                      + pricing.gemm_time(n_g, rows, n_g, host, prec)) / self.schedule.factor_every
+        digital_s = price_digital_layer(settings["digital_method"], n_a, n_g, digital=host,
+                                        inverse_every=self.schedule.inverse_every, precision=prec)
+        return statistics, digital_s

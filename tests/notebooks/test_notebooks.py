@@ -50,7 +50,8 @@ def kernel_env(tmp_path_factory: pytest.TempPathFactory):
 def test_notebooks_exist() -> None:
     names = [p.name for p in NOTEBOOKS]
     for expected in ("01_quickstart.ipynb", "02_thermodynamic_linear_algebra.ipynb",
-                     "03_hardware_projections.ipynb", "04_noise_robustness.ipynb", "05_kfac_variants.ipynb"):
+                     "03_hardware_projections.ipynb", "04_noise_robustness.ipynb", "05_kfac_variants.ipynb",
+                     "06_codesign.ipynb"):
         assert expected in names
 
 

@@ -280,15 +280,20 @@ def test_pricing_settings_carry_what_the_cost_model_needs():
     assert settings["device"] == "board" and settings["host"] == "a100"
     assert settings["digital_method"] == "eigh"
     assert EighSolver().pricing_settings() == {"digital_method": "eigh"}
-    # the pricer uses exactly these: the thermo layer cost of a 6-bit inverse on the presets
+    # the pricer uses exactly these: the thermo layer cost of a 10-bit inverse on the presets
+    # (the solver work: the factor statistics, the same on both machines, are left out)
     policy = SolverPolicy(hardware="chip", digital="h100", kappa=10.0, eps=0.1)
     schedule = KFACSchedule(factor_every=1, inverse_every=10)
-    thermo_s, _ = policy.layer_costs(SolverSpec.parse("thermo:method=inverse,bits=6"),
+    thermo_s, _ = policy.layer_costs(SolverSpec.parse("thermo:method=inverse,bits=10"),
                                      SolverSpec.parse("eigh"), (21, 10), True, schedule)
     expect = thermo_layer_cost(20, 10, 1, kappa=10.0, eps=0.1, device=thermo_device("chip"),
-                               host=digital_device("h100"), bits=6, method="inverse",
-                               schedule=schedule).seconds
-    assert thermo_s == pytest.approx(expect, rel=1e-12)
+                               host=digital_device("h100"), bits=10, method="inverse",
+                               schedule=schedule)
+    assert thermo_s == pytest.approx(expect.seconds - expect.breakdown_s["factor_accumulation"], rel=1e-12)
+    # 3-bit couplings cannot reach eps = 0.1 at all (static error floor): auto keeps it digital
+    thermo_s, _ = policy.layer_costs(SolverSpec.parse("thermo:method=inverse,bits=3"),
+                                     SolverSpec.parse("eigh"), (21, 10), True, schedule)
+    assert thermo_s is None
 
 
 def test_policy_fills_the_declared_preset_options_only():

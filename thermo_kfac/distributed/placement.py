@@ -1,6 +1,6 @@
 """Which rank solves which layer: predicted solve times per layer and the assignment rules.
 
-Pure functions of the cost model (:mod:`hw_models.cost`); nothing here talks to a process group,
+Pure functions of the pricing API (:mod:`hw_models.pricing`); nothing here talks to a process group,
 so :mod:`thermo_kfac.experiments.placement` simulates clusters of any size with it.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hw_models.cost import ThermoCapacityError, thermo_inverse_cost
+from hw_models import pricing
 from hw_models.devices import digital_device, thermo_device
 from hw_models.validation import check_choice, check_positive
 from thermo_kfac.distributed.config import ASSIGNMENT_RULES
@@ -61,10 +61,10 @@ def layer_solve_tasks(layers: Iterable[tuple[str, int, int]], *, digital: str = 
     """Predicted solve times of layers given as ``(name, size of A, size of G)``.
 
     Digital: one ``method`` decomposition per factor (``hw_models`` op model of ``digital``).
-    Analog: a sampling inverse per factor on one ``thermo`` device
-    (:func:`hw_models.cost.thermo_inverse_cost`, at condition number ``kappa`` and accuracy ``eps``;
-    ``inf`` where the factor does not fit). ``granularity="layer"``: one task per layer (both
-    factors, as one solver prepares them); ``"factor"``: one task per factor (``name/A``,
+    Analog: a sampling inverse per factor on the ``thermo`` device
+    (:func:`hw_models.pricing.price`, the geometric model spectrum at condition number ``kappa``,
+    target accuracy ``eps``; ``inf`` where the factor does not fit). ``granularity="layer"``: one
+    task per layer (both factors, as one solver prepares them); ``"factor"``: one task per factor (``name/A``,
     ``name/G``), the 2L inversion tasks that SPD-KFAC places.
     """
     check_choice("method", method, DIGITAL_SOLVE_METHODS)
@@ -75,9 +75,9 @@ def layer_solve_tasks(layers: Iterable[tuple[str, int, int]], *, digital: str = 
     def times(n: int) -> tuple[float, float]:
         check_positive("factor size", n, integer=True)
         try:
-            analog = thermo_inverse_cost(n, kappa=kappa, eps=eps, device=device, bits=bits,
-                                         host=host).seconds
-        except ThermoCapacityError:
+            job = pricing.AnalogJob("inverse", n, kappa=kappa, target_eps=eps, bits=bits)
+            analog = pricing.price(job, device, host).seconds
+        except pricing.ThermoCapacityError:
             analog = math.inf  # the factor does not fit: it stays digital
         return host.op_time(method, n), analog
 

@@ -419,11 +419,14 @@ def _run_trace(args: argparse.Namespace, scenario: Scenario) -> int:
     rows = [[r["name"], f"{r['factor_sizes'][0]}/{r['factor_sizes'][1]}", f"{r['kappa_measured']:.3g}",
              fmt_time(r["digital_s"]), fmt_time(r["thermo_s"]) if r["thermo_s"] is not None else "too big",
              "-" if r["predicted_rel_error"] is None else f"{r['predicted_rel_error']:.3g}",
+             "-" if r.get("run_predicted_rel_error") is None else f"{r['run_predicted_rel_error']:.3g}",
              "-" if r["rel_error_to_exact"] is None else f"{r['rel_error_to_exact']:.3g}"]
             for r in doc["layers"]]
     print(f"Trace {args.trace}: {doc['trace_steps']} steps; solver work per step on {doc['digital']} "
           f"vs {doc['hardware']}")
-    print(table(["layer", "A/G", "kappa", "digital", "thermo", "pred. err", "run err"], rows))
+    print(table(["layer", "A/G", "kappa", "digital", "thermo", "law err", "run law", "run err"], rows))
+    print("law err: the law on this device (RHS model); run law: the law in the run (its device and "
+          "right-hand sides); run err: measured against the exact solve (track_exact)")
     st = doc["step"]
     print(f"per step: digital K-FAC solver work {fmt_time(st['digital_kfac_solver_s'])}, thermodynamic "
           f"{fmt_time(st['thermo_kfac_solver_s'])} (speed-up {fmt_ratio(st['speedup'] or 0.0)})")

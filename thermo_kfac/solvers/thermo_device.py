@@ -158,3 +158,31 @@ def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig
         coupling_range=n.coupling_range or 1.0, output_range=n.output_range or 1.0,
         input_range=n.input_range or 1.0)
     return math.hypot(float(thermal), static), math.hypot(float(dg["predicted_residual"]), static)
+
+
+def _float(value: Any, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def result_info(method: str, results: list[Any]) -> dict[str, Any]:
+    """The simulator results' diagnostics of one prepare/apply, as the report's ``info`` keys."""
+    diags = [r.diagnostics for r in results]
+    return {
+        "method": method,
+        "analog_time": float(sum(r.analog_time for r in results)),
+        "n_samples": int(sum(int(r.n_samples) for r in results)),
+        "n_samples_each": [int(r.n_samples) for r in results],
+        "dt": [_float(d.get("dt"), float("nan")) for d in diags],
+        "condition_number": [_float(d.get("condition_number"), float("nan")) for d in diags],
+        "error_law_mse": [d.get("error_law_mse") for d in diags],
+        "predicted_mse": [d.get("predicted_mse") for d in diags],
+        "predicted_bias": [d.get("predicted_bias") for d in diags],
+        "coupling_error": [d.get("coupling_error", d.get("systematic_error")) for d in diags],
+        "input_error": [d.get("input_error") for d in diags],
+        "clipped": int(sum(int(d.get(k) or 0) for d in diags
+                           for k in ("clipped_couplings", "clipped_inputs", "clipped_outputs"))),
+        "seeds": [d.get("seed") for d in diags],
+    }

@@ -38,17 +38,25 @@ right-hand side itself
 dynamics: the initial state is read out through the ADC model.
 
 **Reports**: after every :meth:`prepare`/:meth:`apply`, :attr:`last_report` holds the predicted
-hardware time and energy from :mod:`hw_models.cost` on the ``device`` preset (programming is
-charged in ``prepare``, solves with resident couplings in ``apply``) and, in ``info``, the
+hardware time and energy from :mod:`hw_models.pricing` on the ``device`` preset (programming is
+charged in ``prepare``, solves with resident couplings in ``apply``), priced with the spectrum of
+the matrix actually programmed (one :class:`~hw_models.pricing.SpectrumSummary` per factor and
+prepare) and the simulated window, burn-in and start; ``info["pricing"]`` carries those spectra,
+each solve's settings and the law's ``predicted_rel_error`` (from the actual right-hand sides on
+the calls that measure accuracy, else from the RHS model). In ``info`` also the
 per-layer accuracy: ``relative_residual`` ``||(G+lam_G) X (A+lam_A) - grad|| / ||grad||``, the
 programmed condition numbers, the simulator's predicted thermal error and systematic (coupling and
 DAC) error, clip counts, seeds; with ``track_exact=True`` also ``cosine_to_exact`` and
 ``rel_error_to_exact`` against the exact damped solve computed digitally; the ranging, rails,
 programmed spectrum and predicted error (with bias) keys of ``docs/thermodynamic_kfac.md``.
-Failures raise :class:`~thermo_kfac.solvers.base.SolverFailure`. Solves are priced with
-the simulated burn-in and averaging times per column (times the mitigation copies); for an inverse
-the cost model's target accuracy ``eps`` is chosen so that its sampling time equals the simulated
-one (``eps = sqrt((n + 1) kappa / T)``, clamped to ``[1e-6, 0.999]``).
+Failures raise :class:`~thermo_kfac.solvers.base.SolverFailure`. Pricing uses the device as
+simulated (its ``kappa0``, coupling bits, ``ideal``); an inverse is priced at its simulated
+sampling window, and each solve's DAC reload of ``reloaded_values`` is charged per call.
+
+**Overlap** (``overlap=True``, method ``solve``): the device's solve for the gradient of step
+``t`` runs while step ``t+1`` computes, so :meth:`apply` returns the previous call's solve (the
+first call, having none, returns its own); ``info["staleness_steps"]`` says which, and with
+``track_exact`` the error to the exact solve of the CURRENT gradient measures what staleness costs.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from typing import Any
 
 import torch
 
-from hw_models.cost import Cost, gemm_time, thermo_inverse_cost, thermo_program_cost, thermo_solve_cost
+from hw_models import pricing
 from hw_models.devices import digital_device, thermo_device
 from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program, solve_programmed
 from hw_models.langevin import inverse as analog_inverse
@@ -75,7 +83,9 @@ from thermo_kfac.solvers.thermo_device import (
     lambda_max_estimate,
     predicted_error,
     reload_start,
+    result_info,
 )
+from thermo_kfac.solvers.thermo_pricing import ThermoPricing
 
 __all__ = ["LAMBDA_SAFETY", "ThermodynamicSolver", "lambda_max_estimate"]
 
@@ -88,7 +98,7 @@ _NOISE_FIELDS = ("coupling_bits", "input_bits", "output_bits", "rounding", "mism
 
 
 @register_solver
-class ThermodynamicSolver(KFACSolver):
+class ThermodynamicSolver(ThermoPricing, KFACSolver):
     """K-FAC solver backed by the thermodynamic-processor simulator (see the module docs).
 
     Options (the same keys as the CLI's ``kfac:solver=thermo,key=value`` specs):
@@ -120,7 +130,9 @@ class ThermodynamicSolver(KFACSolver):
       :class:`~thermo_kfac.solvers.base.SolverFailure` (the preconditioner's fallback serves).
     - ``track_exact`` (default False): also solve exactly and report
       ``cosine_to_exact``/``rel_error_to_exact``.
-    - ``host`` (digital preset for host-side work, default ``"h100"``), ``seed``.
+    - ``host`` (digital preset for host-side work, default ``"h100"``), ``seed`` (combined with
+      the layer index and a call counter that is kept in the state dict).
+    - ``overlap`` (default False; method ``solve``): apply the previous step's solve (module docs).
 
     Placement (mismatch): factor ``G`` of layer ``i`` is slot ``2 i``, ``A`` slot ``2 i + 1``;
     slot ``j`` sits on unit ``j mod units`` at ``cell_offset`` 0 unless ``unit``/``cell_offset``
@@ -139,7 +151,8 @@ class ThermodynamicSolver(KFACSolver):
                  warm_start: str = "previous", track_exact: bool = False, jacobi: bool = False,
                  power_iterations: int = 20, dynamics: str = "overdamped", mass: float = 1.0,
                  friction: float = 1.0, residual_every: int = 10, ideal: bool = False,
-                 residual_limit: float | None = None, **noise: Any) -> None:
+                 residual_limit: float | None = None, overlap: bool = False,
+                 **noise: Any) -> None:
         super().__init__()
         self.method = check_choice("method", method, METHODS)
         check_choice("integrator", integrator, INTEGRATORS)
@@ -160,10 +173,15 @@ class ThermodynamicSolver(KFACSolver):
         if self.method == "inverse" and warm_start == "gradient":
             raise ValueError("warm_start='gradient' needs method='solve' (the inverse samples a "
                              "covariance from rest; there is no right-hand side to start from)")
-        for name, value in (("track_exact", track_exact), ("jacobi", jacobi), ("ideal", ideal)):
+        for name, value in (("track_exact", track_exact), ("jacobi", jacobi), ("ideal", ideal),
+                            ("overlap", overlap)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be True or False")
         self.track_exact, self.jacobi, self.ideal = track_exact, jacobi, ideal
+        if overlap and self.method != "solve":
+            raise ValueError(f"overlap=True needs method='solve'; got method={self.method!r}")
+        self.overlap = overlap
+        self.X_stale: torch.Tensor | None = None  # overlap: the solve that the next apply() returns
         self.power_iterations = check_number("power_iterations", power_iterations, low=1, high=10_000,
                                              integer=True)
         self.residual_every = check_number("residual_every", residual_every, low=0, integer=True)
@@ -199,8 +217,13 @@ class ThermodynamicSolver(KFACSolver):
         self.X_prev: torch.Tensor | None = None  # warm starts: the host's read-out, host units
         self.Y_prev: torch.Tensor | None = None
         self._configs: dict[str, AnalogConfig] = {}  # per factor: its placement on the device
-        self._blocked = None  # the device preset with oversize="block", made on demand
-        self._costs: dict[tuple, Cost] = {}
+        # pricing: the device as simulated (this solver's kappa0), the programmed spectra of the
+        # last prepare and its priced jobs (pure functions of those, so priced once per prepare)
+        # (a noiseless simulation, kappa0=0, is priced at a negligible kappa0: presets need > 0)
+        self._priced_device = self.device.replace(kappa0=max(self.config.kappa0, 1e-30))
+        self.spectra: dict[str, pricing.SpectrumSummary] = {}
+        self._prices: dict[tuple, pricing.Price] = {}
+        self._measured: list[float | None] | None = None  # apply(): the law per call, actual RHS
 
     # ----------------------------------------------------------------------------- protocol
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
@@ -211,6 +234,7 @@ class ThermodynamicSolver(KFACSolver):
         """
         lam_a, lam_g = damping.split(A, G)
         factors = {"A": self._factor(A, lam_a), "G": self._factor(G, lam_g)}
+        self._prices = {}
         costs = [self._host_cost(f.P.shape[0], self.power_iterations + (2 if self.jacobi else 0))
                  for f in factors.values()]
         if self.method == "solve":
@@ -223,8 +247,9 @@ class ThermodynamicSolver(KFACSolver):
                                         f"factor {key} failed: {err}") from err
                 lam = f.prog.eigenvalues
                 kappas.append(float(lam[:, -1].max() / lam[:, 0].min()))
-                costs.append(thermo_program_cost(f.P.shape[0], device=self._device(f.P.shape[0]),
-                                                 bits=self.bits))
+                self.spectra[key] = pricing.SpectrumSummary.from_eigenvalues(lam[0])
+                costs.append(pricing.price_program(f.P.shape[0], self._priced_device, bits=self.bits,
+                                                   oversize="block"))
             old = self.factors
             for key, f in factors.items():  # the device keeps its end states across updates
                 if key in old and old[key].P.shape == f.P.shape:
@@ -235,6 +260,7 @@ class ThermodynamicSolver(KFACSolver):
                     "scale": [f.c for f in factors.values()],
                     "seeds": [f.seed for f in factors.values()]}
             info.update(self._programming_info(factors))
+            info["pricing"] = self._pricing_info(factors)
             self.last_report = _report(costs, info)
             return
         results, inverses = [], []
@@ -249,10 +275,13 @@ class ThermodynamicSolver(KFACSolver):
                 inv = f.d[:, None] * inv * f.d[None, :]
             inverses.append(inv)
             results.append(res)
-            costs.append(self._cost("inverse", f.P.shape[0], 1, res))
+            self.spectra[key] = pricing.SpectrumSummary.from_matrix(f.P)
+            costs.append(self._price(key, "inverse", 1))
         self.A_inv, self.G_inv = inverses
         self.factors = factors  # for the residual and the exact reference
-        self.last_report = _report(costs, _result_info("inverse", results))
+        info = result_info("inverse", results)
+        info["pricing"] = self._pricing_info(factors, [("A", "inverse", 1), ("G", "inverse", 1)])
+        self.last_report = _report(costs, info)
 
     def apply(self, grad: torch.Tensor) -> torch.Tensor:
         """Two analog solves (``solve``) or two digital products (``inverse``); see the module docs.
@@ -266,10 +295,20 @@ class ThermodynamicSolver(KFACSolver):
             X = self.G_inv @ grad @ self.A_inv
             info = {"method": "inverse", "digital_apply": True}
             info.update(self._accuracy(grad, X, None))
-            self.last_report = SolverReport(info=info)
+            n_g, n_a = grad.shape
+            seconds = (pricing.gemm_time(n_g, n_g, n_a, self.host)
+                       + pricing.gemm_time(n_g, n_a, n_a, self.host))  # the two host GEMMs
+            self.last_report = _report([pricing.Cost(seconds, seconds * self.host.power_w,
+                                                     {"preconditioning": seconds},
+                                                     {"preconditioning": seconds * self.host.power_w})],
+                                       info)
             return X
         assert self.factors, "prepare() has not run"
         fG, fA = self.factors["G"], self.factors["A"]
+        # the law with the actual right-hand sides costs two O(n^2 m) products: only on the calls
+        # that measure accuracy (the residual schedule, or every call with track_exact)
+        self._measured = [] if self.track_exact or (
+            self.residual_every > 0 and self.applies % self.residual_every == 0) else None
         x0_g = {"previous": self.Y_prev, "gradient": grad, "zero": None}[self.warm_start]
         res_g, Y, run_g = self._solve(fG, "G", grad, x0_g)
         x0_a = {"previous": None if self.X_prev is None else self.X_prev.T, "gradient": Y.T,
@@ -279,16 +318,25 @@ class ThermodynamicSolver(KFACSolver):
         self.Y_prev, self.X_prev = Y, X
         n_g, n_a = fG.P.shape[0], fA.P.shape[0]
         costs = [self._host_cost(n_g, 2 * grad.shape[1] / n_g), self._host_cost(n_a, 2 * grad.shape[0] / n_a)]
+        jobs = [("G", "solve", grad.shape[1]), ("A", "solve", grad.shape[0])]
         if self.analog_time > 0:
-            costs += [self._cost("solve", n_g, grad.shape[1], res_g, resident=True),
-                      self._cost("solve", n_a, grad.shape[0], res_a, resident=True)]
-        info = _result_info("solve", [r for r in (res_g, res_a) if r is not None])
+            costs += [self._price(key, op, m) for key, op, m in jobs]
+            costs += [self._reload_cost(key, m, run["reloaded_values"])
+                      for (key, _, m), run in zip(jobs, (run_g, run_a), strict=True)
+                      if run["reloaded_values"]]
+        info = result_info("solve", [r for r in (res_g, res_a) if r is not None])
         info["warm_start"] = self.warm_start
         for key in run_g:
             info[key] = [run_g[key], run_a[key]]
         info.update(self._programming_info(self.factors))
         info["predicted_error"] = combined(info["predicted_rel_error"])
         info["predicted_relative_residual"] = combined(info["predicted_residual"])
+        info["pricing"] = self._pricing_info(self.factors, jobs if self.analog_time > 0 else [],
+                                             self._measured)
+        if self.overlap:  # return the previous call's solve; this one is used next time
+            fresh, X = X, (X if self.X_stale is None else self.X_stale)
+            info["staleness_steps"] = 0 if self.X_stale is None else 1
+            self.X_stale = fresh
         info.update(self._accuracy(grad, X, info["predicted_relative_residual"]))
         self.last_report = _report(costs, info)
         return X
@@ -301,11 +349,12 @@ class ThermodynamicSolver(KFACSolver):
         if not self.factors:
             return {}
         return {"factors": {k: f.state() for k, f in self.factors.items()}, "X_prev": self.X_prev,
-                "Y_prev": self.Y_prev, "calls": self.calls}
+                "Y_prev": self.Y_prev, "calls": self.calls, "X_stale": self.X_stale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
         factors = state.pop("factors", None)
+        self.spectra, self._prices = {}, {}
         if factors is not None:  # programmed lazily from (P, seed): bit-identical to the original
             self.factors = {k: DeviceFactor(**v) for k, v in factors.items()}
         super().load_state_dict(state)
@@ -334,7 +383,8 @@ class ThermodynamicSolver(KFACSolver):
                "kappa0": self.config.kappa0, "copies": self.noise.mitigation_copies,
                "device": self.device.name, "host": self.host.name, "ideal": self.ideal,
                "input_scale": scales, "warm_start": self.warm_start,
-               "held_states": self.device.units, "reload_bits": self.noise.input_bits}
+               "held_states": self.device.units, "reload_bits": self.noise.input_bits,
+               "start": self._start, "overlap": self.overlap}
         out["converters"] = self.converters()
         return out
 
@@ -449,6 +499,9 @@ class ThermodynamicSolver(KFACSolver):
                                    rhs_absmax=torch.where(sent, scale, 0.0).to(Rn.dtype),
                                    end_state=self.warm_start == "previous")
             Yn = res.x
+            if self._measured is not None:  # the law on this call's actual inputs and start
+                self._measured.append(self._call_error(f, res, Rn, torch.where(sent, r_eff, 0.0),
+                                                       x0n, rhs_scale))
             dg = res.diagnostics
             err, resid = self._predicted_error(prog, dg)
             run.update(saturated_fraction=dg["saturated_fraction"],
@@ -518,79 +571,8 @@ class ThermodynamicSolver(KFACSolver):
             out["rel_error_to_exact"] = float((Xd - exact).norm()) / den if den > 0 else float("nan")
         return out
 
-    def _device(self, n: int):
-        if n <= self.device.cells:
-            return self.device
-        if self._blocked is None:
-            self._blocked = thermo_device(self.device, oversize="block")
-        return self._blocked
 
-    def _host_cost(self, n: int, vectors: float) -> Cost:
-        """Digital host work of the scaling: ``vectors`` passes over an ``n x n`` matrix (GEMV-like)."""
-        key = ("host", n, vectors)
-        if key not in self._costs:
-            seconds = gemm_time(n, n, max(vectors, 1.0), self.host)
-            self._costs[key] = Cost(seconds, seconds * self.host.power_w, {"host_scaling": seconds},
-                                    {"host_scaling": seconds * self.host.power_w})
-        return self._costs[key]
-
-    def _cost(self, op: str, n: int, n_rhs: int, res: Any, resident: bool = False) -> Cost:
-        kappa = _float(res.diagnostics.get("condition_number"), 1.0)
-        kappa = max(kappa, 1.0) if math.isfinite(kappa) else 1.0
-        window = float(res.diagnostics.get("averaging_time") or self.config.analog_time)
-        key = (op, n, n_rhs, kappa, window, resident)
-        if key not in self._costs:  # the cost model is pure; a layer repeats the same calls
-            if len(self._costs) > 64:
-                self._costs.clear()
-            self._costs[key] = self._model_cost(op, n, n_rhs, kappa, window, resident)
-        return self._costs[key]
-
-    def _model_cost(self, op: str, n: int, n_rhs: int, kappa: float, window: float,
-                    resident: bool) -> Cost:
-        if op == "inverse":
-            eps = math.sqrt((n + 1.0) * kappa / window)
-        else:
-            eps = math.sqrt(2.0 * self.device.kappa0 * n * kappa**2 / window)
-        eps = min(max(eps, 1e-6), 0.999)
-        if op == "inverse":
-            return thermo_inverse_cost(n, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
-                                       host=self.host)
-        # the simulated times are known: price them (per column, times the copies) rather than
-        # the (kappa, eps) laws, whose worst-case kappa^2 scaling ignores the full-scale inputs
-        copies = self.noise.mitigation_copies
-        return thermo_solve_cost(n, n_rhs, kappa=kappa, eps=eps, device=self._device(n), bits=self.bits,
-                                 resident=resident, settle_tau=self.config.burn_in * copies,
-                                 average_tau=window * copies)
-
-
-def _float(value: Any, default: float) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def _result_info(method: str, results: list[Any]) -> dict[str, Any]:
-    diags = [r.diagnostics for r in results]
-    return {
-        "method": method,
-        "analog_time": float(sum(r.analog_time for r in results)),
-        "n_samples": int(sum(int(r.n_samples) for r in results)),
-        "n_samples_each": [int(r.n_samples) for r in results],
-        "dt": [_float(d.get("dt"), float("nan")) for d in diags],
-        "condition_number": [_float(d.get("condition_number"), float("nan")) for d in diags],
-        "error_law_mse": [d.get("error_law_mse") for d in diags],
-        "predicted_mse": [d.get("predicted_mse") for d in diags],
-        "predicted_bias": [d.get("predicted_bias") for d in diags],
-        "coupling_error": [d.get("coupling_error", d.get("systematic_error")) for d in diags],
-        "input_error": [d.get("input_error") for d in diags],
-        "clipped": int(sum(int(d.get(k) or 0) for d in diags
-                           for k in ("clipped_couplings", "clipped_inputs", "clipped_outputs"))),
-        "seeds": [d.get("seed") for d in diags],
-    }
-
-
-def _report(costs: list[Cost], info: dict[str, Any]) -> SolverReport:
+def _report(costs: list[pricing.Cost], info: dict[str, Any]) -> SolverReport:
     breakdown: dict[str, float] = {}
     for c in costs:
         for key, value in c.breakdown_s.items():

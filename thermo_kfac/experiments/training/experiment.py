@@ -72,8 +72,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             200 evaluations per run). Evaluation time is excluded from wall time.
         target_loss: training loss for ``time_to_target_s``; default (``target_from_first``):
             the final training loss of the first run.
-        out: directory for ``results.json``, ``metrics.csv`` and PNG plots (written atomically
-            at the end; nothing is written if a run fails).
+        out: directory for ``results.json``, ``metrics.csv``, PNG plots and every K-FAC run's
+            ``trace.json`` (written atomically at the end; nothing is written if a run fails).
         progress: show a tqdm progress bar per run.
         device: torch device for model and data.
         print_assignment: print each K-FAC run's solver per layer before training.
@@ -160,7 +160,10 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             spec=OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options=options,
             loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
             device=str(torch_device))) for spec, options, label in zip(specs, resolved, labels, strict=True)]
-        runs = run_all(executor, tasks, progress=progress, desc=command)
+        outcomes = run_all(executor, tasks, progress=progress, desc=command)
+        runs = [o["run"] for o in outcomes]
+        traces = {label: o["trace"] for label, o in zip(labels, outcomes, strict=True)
+                  if o["trace"] is not None}
     else:
         runners = [
             TrainingRun(data, model, model_options,
@@ -171,7 +174,10 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
         if print_assignment and is_main_process():
             _print_assignments(runners)
         train_interleaved(runners, progress and is_main_process())
+        if print_assignment and is_main_process():
+            _print_assignments(runners, after=True)
         runs = [runner.result() for runner in runners]
+        traces = {runner.spec.label: trace for runner in runners if (trace := runner.trace()) is not None}
     target_source = "given"
     if target_loss is None and target_from_first:
         target_loss = runs[0]["final_train_loss"]
@@ -198,7 +204,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
         "runs": runs,
     }
     if out is not None and is_main_process():  # one writer
-        write_results(results, out)
+        write_results(results, out, traces)
     return results
 
 
@@ -208,7 +214,8 @@ def compare_task(*, data: Dataset | tuple[str, str | None, dict[str, Any]], mode
     """One optimizer's run of :func:`compare` as an executor task (top level: picklable by name).
 
     ``data``: a :class:`Dataset`, or ``(name, task, dataset_options)`` loaded here with ``seed``
-    (as :func:`compare` loads it). Returns the run's entry of ``results["runs"]``."""
+    (as :func:`compare` loads it). Returns ``{"run": ..., "trace": ...}``: the run's entry of
+    ``results["runs"]`` and its ``trace.json`` entry (``None`` when the run records none)."""
     torch_device = torch.device(device)
     if not isinstance(data, Dataset):
         name, task, dataset_options = data
@@ -217,7 +224,7 @@ def compare_task(*, data: Dataset | tuple[str, str | None, dict[str, Any]], mode
                       batch_size=batch_size, seed=seed, eval_every=eval_every, device=torch_device)
     try:
         run.run()
-        return run.result()
+        return {"run": run.result(), "trace": run.trace()}
     finally:
         run.close()
 
@@ -240,13 +247,21 @@ def unique_labels(labels: list[str]) -> list[str]:
     return unique
 
 
-def _print_assignments(runners: list[TrainingRun]) -> None:
+def _print_assignments(runners: list[TrainingRun], after: bool = False) -> None:
+    """The solver per layer; ``after`` training: only runs with ``auto`` layers, with each one's
+    last decision (measured kappa, predicted analog/digital times, choice)."""
+    from thermo_kfac.layer_pricing import AutoSolver
     from thermo_kfac.policy import format_assignment
 
     for runner in runners:
         precond = runner.preconditioner
-        if precond is not None:
-            policy = precond.policy
-            print(f"{runner.spec.label}: solver per layer (pricing: thermodynamic "
-                  f"{policy.hardware.name!r}, digital {policy.digital.name!r})")
-            print(format_assignment(precond.assignment_details()) + "\n", flush=True)
+        if precond is None or not hasattr(precond, "layer_table"):
+            continue
+        solvers = {name: state.solver for name, state in precond.layer_table.items()}
+        if after and not any(isinstance(s, AutoSolver) for s in solvers.values()):
+            continue
+        policy = precond.policy
+        when = "after training, auto decisions" if after else "solver per layer"
+        print(f"{runner.spec.label}: {when} (pricing: thermodynamic "
+              f"{policy.hardware.name!r}, digital {policy.digital.name!r})")
+        print(format_assignment(precond.assignment_details(), solvers) + "\n", flush=True)

@@ -10,20 +10,35 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from thermo_kfac.experiments._io import atomic_write, format_seconds, jsonable, text_table
 
-__all__ = ["CSV_COLUMNS", "format_table", "metrics_csv", "render_plots", "time_to_target", "write_results"]
+__all__ = ["CSV_COLUMNS", "format_table", "metrics_csv", "render_plots", "time_to_target", "trace_files",
+           "write_results"]
 
 CSV_COLUMNS = ["run", "optimizer", "step", "epoch", "train_loss", "train_accuracy", "step_time_s",
                "wall_time_s", "eval_train_loss", "eval_train_accuracy", "test_loss", "test_accuracy",
                "predicted_hardware_s", "predicted_digital_s", "predicted_hybrid_s", "fallbacks"]
 
 
-def write_results(results: dict[str, Any], out: str | Path) -> list[Path]:
-    """Write ``results.json``, ``metrics.csv`` and the plots into ``out`` (created if missing).
+def trace_files(traces: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """File names of the K-FAC runs' traces: the first run's is ``trace.json``, each further
+    one ``trace-<label>.json`` (label characters other than letters, digits, ``._-`` become ``_``)."""
+    files = {}
+    for i, (label, trace) in enumerate(traces.items()):
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+        files["trace.json" if i == 0 else f"trace-{safe}.json"] = json.dumps(trace, indent=1,
+                                                                             allow_nan=False)
+    return files
+
+
+def write_results(results: dict[str, Any], out: str | Path,
+                  traces: dict[str, dict[str, Any]] | None = None) -> list[Path]:
+    """Write ``results.json``, ``metrics.csv``, the plots and the K-FAC runs' traces
+    (:func:`trace_files`) into ``out`` (created if missing).
 
     All files are rendered before the first one is written, and each replaces its predecessor
     atomically, ``results.json`` last; returns the paths written.
@@ -35,7 +50,8 @@ def write_results(results: dict[str, Any], out: str | Path) -> list[Path]:
         raise ValueError(f"cannot create output directory {str(out)!r}: {err}") from None
     if not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is not a directory")
-    files: dict[str, str | bytes] = {"metrics.csv": metrics_csv(results), **render_plots(results)}
+    files: dict[str, str | bytes] = {"metrics.csv": metrics_csv(results), **render_plots(results),
+                                     **trace_files(traces or {})}
     files["results.json"] = json.dumps(jsonable(results), indent=1, allow_nan=False)
     return [atomic_write(out / name, content) for name, content in files.items()]
 

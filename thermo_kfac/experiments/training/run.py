@@ -25,7 +25,9 @@ from thermo_kfac.distributed import DistributedConfig
 from thermo_kfac.experiments.launch import global_mean, shard, wrap_model
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import ADAPTIVE, LOSSES, OptimizerSpec
+from thermo_kfac.layer_pricing import AutoSolver
 from thermo_kfac.models import build_model
+from thermo_kfac.trace import TraceRecorder
 
 __all__ = ["MAX_EVAL_EXAMPLES", "WARMUP_STEPS", "TrainingRun", "evaluate", "loss_function",
            "train_interleaved"]
@@ -138,6 +140,10 @@ class TrainingRun:
         self.hardware_total: float | None = None
         self._predicted_sums = [0.0, 0.0]  # all-digital, hybrid seconds summed over steps
         self.diverged = False
+        # every K-FAC run records its trace (trace.json; recording is outside the timed step)
+        self.recorder = (TraceRecorder(self.preconditioner, run={
+            "model": model_name, "dataset": data.name, "optimizer": spec.label, "options": dict(options)})
+            if spec.name == "kfac" and self.preconditioner is not None else None)
         self.initial = self.evaluation()
         self._warm_up(data, model_name, model_options, batch_size, seed, device, distributed, warmup_steps)
 
@@ -181,6 +187,8 @@ class TrainingRun:
             record["fallbacks"] = int(report["fallbacks"])
             self._predicted_sums[0] += record["predicted_digital_s"]
             self._predicted_sums[1] += record["predicted_hybrid_s"]
+            if self.recorder is not None:
+                self.recorder.observe()
         self.diverged = not math.isfinite(loss_value)
         if step % self.eval_every == 0 or step == self.steps or self.diverged:
             record.update(self.evaluation())
@@ -229,8 +237,16 @@ class TrainingRun:
             run["assignment"] = precond.assignment()
             run["assignment_details"] = [a.to_dict() for a in precond.assignment_details()]
             run["solver_policy"] = precond.policy.describe()
+            decisions = {name: dict(state.solver.decision) for name, state in precond.layer_table.items()
+                         if isinstance(state.solver, AutoSolver)}
+            if decisions:
+                run["auto_decisions"] = decisions
         run["history"] = self.history
         return run
+
+    def trace(self) -> dict[str, Any] | None:
+        """The run's ``trace.json`` content (K-FAC runs; None otherwise). Call once, at the end."""
+        return None if self.recorder is None else self.recorder.to_dict()
 
     def close(self) -> None:
         """Remove the preconditioner's hooks from the model (the run takes no more steps)."""

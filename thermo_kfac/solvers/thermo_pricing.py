@@ -1,0 +1,128 @@
+"""How the thermodynamic solver prices itself: every hardware time it reports comes from
+:mod:`hw_models.pricing`.
+
+:class:`ThermoPricing` is a mixin of :class:`~thermo_kfac.solvers.thermodynamic.ThermodynamicSolver`
+(it uses that solver's ``config``, ``noise``, ``device``, ``host``, ``factors``, ``spectra`` and
+price cache): the spectrum of each programmed factor is summarised once per prepare, each job
+(programming, a resident solve with ``n_rhs`` columns, an inverse) is priced once per prepare at
+the simulated window, burn-in and start, and on the calls that measure accuracy the error law is
+evaluated on the call's actual right-hand sides (:func:`hw_models.pricing.solve_call_error`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from hw_models import pricing
+
+
+class ThermoPricing:
+    """Pricing methods of the thermodynamic solver (module docs)."""
+
+    @property
+    def _start(self) -> str:
+        """The pricing law's start for this solver's warm start (``"previous"`` is priced at
+        the model's warm distance 1, i.e. as far from ``x*`` as a zero start)."""
+        return "zero" if self.method == "inverse" else self.warm_start
+
+    @property
+    def _ideal(self) -> bool:
+        n = self.noise
+        return (n.coupling_bits is None and n.input_bits is None and n.output_bits is None
+                and not n.mismatch_std and not n.read_noise)
+
+    def _host_cost(self, n: int, vectors: float) -> pricing.Cost:
+        """Digital host work of the scaling: ``vectors`` passes over an ``n x n`` matrix (GEMV-like)."""
+        seconds = pricing.gemm_time(n, n, max(vectors, 1.0), self.host)
+        return pricing.Cost(seconds, seconds * self.host.power_w, {"host_scaling": seconds},
+                            {"host_scaling": seconds * self.host.power_w})
+
+    def _price(self, key: str, op: str, n_rhs: int) -> pricing.Price:
+        """One analog job on factor ``key`` priced by :func:`hw_models.pricing.price` with the
+        programmed spectrum and the simulated window: once per prepare (the job is fixed)."""
+        cache = (key, op, n_rhs)
+        if cache not in self._prices:
+            spectrum = self._spectrum(key)
+            copies = self.noise.mitigation_copies
+            job = pricing.AnalogJob(op, spectrum.n, n_rhs if op == "solve" else 1, spectrum=spectrum,
+                                    window_tau=self.config.analog_time, burn_in_tau=self.config.burn_in,
+                                    start=self._start, resident=op == "solve", copies=copies,
+                                    bits=self.bits, oversize="block", ideal=self._ideal)
+            self._prices[cache] = pricing.price(job, self._priced_device, self.host)
+        return self._prices[cache]
+
+    def _spectrum(self, key: str) -> pricing.SpectrumSummary:
+        """The programmed spectrum of factor ``key`` (rebuilt after a state load)."""
+        if key not in self.spectra:
+            f = self.factors[key]
+            self.spectra[key] = (pricing.SpectrumSummary.from_matrix(f.P) if self.method == "inverse"
+                                 else pricing.SpectrumSummary.from_eigenvalues(
+                                     self._program(f, key).eigenvalues[0]))
+        return self.spectra[key]
+
+    def _reload_cost(self, key: str, n_rhs: int, values: int) -> pricing.Cost:
+        """The DAC reload of ``values`` warm-start values re-sent this call (the solver's
+        ``reloaded_values``): the share ``values / (n n_rhs)`` of the transfer that
+        :class:`hw_models.pricing.AnalogJob`'s ``reload_state`` adds for a full reload."""
+        cache = (key, "reload", n_rhs)
+        if cache not in self._prices:
+            spectrum = self._spectrum(key)
+            job = pricing.AnalogJob("solve", spectrum.n, n_rhs, spectrum=spectrum,
+                                    window_tau=self.config.analog_time, burn_in_tau=self.config.burn_in,
+                                    start=self._start, resident=True, copies=self.noise.mitigation_copies,
+                                    bits=self.bits, oversize="block", ideal=self._ideal, reload_state=True)
+            self._prices[cache] = pricing.price(job, self._priced_device, self.host)
+        full, base = self._prices[cache], self._price(key, "solve", n_rhs)
+        share = values / (self._spectrum(key).n * n_rhs)
+        seconds = max(full.breakdown_s.get("transfer", 0.0) - base.breakdown_s.get("transfer", 0.0), 0.0)
+        joules = max(full.breakdown_j.get("transfer", 0.0) - base.breakdown_j.get("transfer", 0.0), 0.0)
+        return pricing.Cost(seconds * share, joules * share, {"reload": seconds * share},
+                            {"reload": joules * share})
+
+    def _call_error(self, f: Any, res: Any, Rn: torch.Tensor, r: torch.Tensor,
+                    x0n: torch.Tensor | None, rhs_scale: float | None) -> float | None:
+        """The law's error of this call from its actual inputs and start (``x0n``, device units,
+        after the reload; eigenbasis of the programmed matrix); ``None`` when the simulator kept
+        no single eigenbasis."""
+        Q, lam = f.prog.spectrum.Q, f.prog.eigenvalues
+        if Q is None or lam.shape[0] != 1:
+            return None
+        Qt = Q[0].to(Rn.dtype).T
+        beta = Qt @ Rn
+        x0 = rhs_scale * beta if rhs_scale is not None else None if x0n is None else Qt @ x0n
+        try:
+            window = float(res.diagnostics.get("averaging_time") or self.config.analog_time)
+        except (TypeError, ValueError):
+            window = self.config.analog_time
+        return pricing.solve_call_error(
+            lam[0], beta.double().cpu().numpy(), None if x0 is None else x0.double().cpu().numpy(),
+            window=window or self.config.analog_time, burn_in=self.config.burn_in,
+            kappa0=self.config.kappa0, column_scale=r.double().cpu().numpy(),
+            copies=self.noise.mitigation_copies)
+
+    def _pricing_info(self, factors: dict[str, Any], jobs: list[tuple[str, str, int]] = (),
+                      measured: list[float | None] | None = None) -> dict[str, Any]:
+        """``info["pricing"]``: the damped factors' spectra (the programmed spectrum times the
+        scale ``c``), each job's settings, price and the law's error (the trace's source)."""
+        spectra = {k: dataclasses.replace(s, lambda_min=s.lambda_min * factors[k].c,
+                                          lambda_max=s.lambda_max * factors[k].c).to_dict()
+                   for k, s in self.spectra.items() if k in factors}
+        solves = []
+        for i, (key, op, m) in enumerate(jobs):
+            p = self._price(key, op, m)
+            actual = measured[i] if measured is not None and i < len(measured) else None
+            thermal = p.error["thermal"] if actual is None else actual
+            solves.append({"factor": key, "op": op, "n": self._spectrum(key).n, "n_rhs": m,
+                           "analog_time": self.config.analog_time, "burn_in": self.config.burn_in,
+                           "start": self._start, "resident": op == "solve",
+                           "hardware_time_s": p.seconds,
+                           "predicted_rel_error": math.hypot(thermal, p.error["static"]),
+                           "prediction": "actual_rhs" if actual is not None else "rhs_model"})
+        # the two solves' errors compound roughly in quadrature (the A solve sees the G solve's output)
+        total = math.hypot(*(s["predicted_rel_error"] for s in solves)) if solves else None
+        return {"device": self.device.name, "spectra": spectra, "solves": solves,
+                "predicted_rel_error": total}
