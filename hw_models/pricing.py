@@ -122,8 +122,8 @@ class Price(Cost):
         return out
 
 
-class _Ledger:
-    """Accumulates seconds and joules per component."""
+class Ledger:
+    """Accumulates seconds and joules per component (the breakdown of a :class:`Cost`)."""
 
     def __init__(self) -> None:
         self.s: dict[str, float] = {}
@@ -132,6 +132,13 @@ class _Ledger:
     def add(self, component: str, seconds: float = 0.0, joules: float = 0.0, scale: float = 1.0) -> None:
         self.s[component] = self.s.get(component, 0.0) + seconds * scale
         self.j[component] = self.j.get(component, 0.0) + joules * scale
+
+    def merge(self, cost: Cost, scale: float = 1.0, prefix: str = "") -> None:
+        for key, value in cost.breakdown_s.items():
+            self.add(prefix + key, value, cost.breakdown_j.get(key, 0.0), scale)
+
+    def cost(self, **info: Any) -> Cost:
+        return Cost(sum(self.s.values()), sum(self.j.values()), dict(self.s), dict(self.j), info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +382,7 @@ def price(job: AnalogJob, device: ThermoDevice | str, host: DigitalDevice | str 
     jobs = blocks * (job.n_rhs if job.op == "solve" else 1)
     rounds, chains = _parallel(jobs, units)
     burn, window, parts = _accuracy(job, device, size, chains)
-    ledger = _Ledger()
+    ledger = Ledger()
     couplings = blocks * size * (size + 1) / 2.0
     if not job.resident:
         ledger.add("transfer", device.link_latency_s + couplings * cbits / bw,
@@ -429,7 +436,7 @@ def price_program(n: int, device: ThermoDevice | str, *, bits: int | None = None
     blocks, size = fit_blocks(n, device, oversize)
     cbits = bits or device.coupling_bits
     couplings = blocks * size * (size + 1) / 2.0
-    ledger = _Ledger()
+    ledger = Ledger()
     ledger.add("transfer", device.link_latency_s + couplings * cbits / device.io_bandwidth_bps,
                _io_joules(device, couplings, cbits))
     ledger.add("programming", math.ceil(blocks / device.units) * size * device.program_row_s)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from hw_models.cost import KFACSchedule, Scenario, StepCost, compare_layer, step_cost
+from hw_models.cost.steps import SquareLayer
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
 from hw_models.pricing import (
     AnalogJob,
@@ -240,19 +241,6 @@ def requirements(workload: Any, scenario: Scenario, *, steps_ratio: float = DEFA
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Square:
-    d_in: int
-    name: str = "square"
-    kind: str = "linear"
-    positions: float = 1.0
-    bias: bool = False
-
-    @property
-    def d_out(self) -> int:
-        return self.d_in
-
-
 def speedup_map(kind: str, scenario: Scenario, *, batch: int = 1024, xs: Sequence[float] | None = None,
                 ys: Sequence[float] | None = None) -> dict[str, Any]:
     """Speed-up (digital / thermodynamic curvature time) of one square layer on a 2-D grid.
@@ -277,7 +265,7 @@ def speedup_map(kind: str, scenario: Scenario, *, batch: int = 1024, xs: Sequenc
                 scen = scenario.replace(kappa=float(x), eps=float(y), analog_time=None, burn_in=None,
                                         kappa_of=None)
                 width = 1024
-            layer = compare_layer(_Square(width), batch, scen)
+            layer = compare_layer(SquareLayer(width), batch, scen)
             row.append(layer.digital.seconds / layer.thermo.seconds if layer.thermo else None)
         grid.append(row)
     names = {"width-kappa": ("width", "kappa"), "kappa-eps": ("kappa", "eps")}[kind]

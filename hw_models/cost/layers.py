@@ -5,13 +5,13 @@ solve/program/inverse jobs and layer costs, each analog job priced by :mod:`hw_m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from hw_models.devices import PRECISIONS, DigitalDevice, ThermoDevice
 from hw_models.langevin import error_model
 from hw_models.pricing import (
     AnalogJob,
     Cost,
+    Ledger,
     Price,
     SpectrumSummary,
     gemm_time,
@@ -45,25 +45,6 @@ class KFACSchedule:
         check_choice("precision", self.precision, PRECISIONS)
 
 
-class _Ledger:
-    """Accumulates seconds and joules per component."""
-
-    def __init__(self) -> None:
-        self.s: dict[str, float] = {}
-        self.j: dict[str, float] = {}
-
-    def add(self, component: str, seconds: float = 0.0, joules: float = 0.0, scale: float = 1.0) -> None:
-        self.s[component] = self.s.get(component, 0.0) + seconds * scale
-        self.j[component] = self.j.get(component, 0.0) + joules * scale
-
-    def merge(self, cost: Cost, scale: float = 1.0, prefix: str = "") -> None:
-        for key, value in cost.breakdown_s.items():
-            self.add(prefix + key, value, cost.breakdown_j.get(key, 0.0), scale)
-
-    def cost(self, **info: Any) -> Cost:
-        return Cost(sum(self.s.values()), sum(self.j.values()), dict(self.s), dict(self.j), info)
-
-
 # --------------------------------------------------------------------------------------------
 # Digital primitives
 # --------------------------------------------------------------------------------------------
@@ -79,7 +60,7 @@ def _layer_dims(n_in: int, n_out: int, batch: int, positions: float, bias: bool)
     return n_in + int(bias), n_out, batch * float(positions)
 
 
-def _factor_accumulation(ledger: _Ledger, n_a: int, n_g: int, rows: float, host: DigitalDevice,
+def _factor_accumulation(ledger: Ledger, n_a: int, n_g: int, rows: float, host: DigitalDevice,
                          schedule: KFACSchedule) -> None:
     seconds = (gemm_time(n_a, rows, n_a, host, schedule.precision)
                + gemm_time(n_g, rows, n_g, host, schedule.precision))
@@ -96,7 +77,7 @@ def digital_layer_cost(n_in: int, n_out: int, batch: int, *, device: DigitalDevi
     """
     schedule = schedule or KFACSchedule()
     n_a, n_g, rows = _layer_dims(n_in, n_out, batch, positions, bias)
-    ledger = _Ledger()
+    ledger = Ledger()
     _factor_accumulation(ledger, n_a, n_g, rows, device, schedule)
     method, prec = schedule.digital_method, schedule.precision
     decomposition = (price_digital(method, n_a, device=device, precision=prec).seconds
@@ -210,7 +191,7 @@ def thermo_layer_cost(n_in: int, n_out: int, batch: int, *, kappa: float, eps: f
     n_a, n_g, rows = _layer_dims(n_in, n_out, batch, positions, bias)
     spec_a, spec_g = spectra if spectra is not None else (SpectrumSummary.from_kappa(n_a, kappa),
                                                           SpectrumSummary.from_kappa(n_g, kappa))
-    ledger = _Ledger()
+    ledger = Ledger()
     _factor_accumulation(ledger, n_a, n_g, rows, host, schedule)
     target = None if window_tau is not None else eps
     parts: list[Price]

@@ -418,7 +418,7 @@ def sweep(axis: str, values: Sequence[float] | None, scenario: Scenario, *, work
             digital_s, thermo_s, hybrid_s = step.digital_kfac_s, step.thermo_only_kfac_s, step.thermo_kfac_s
             fits = any(layer.thermo is not None for layer in step.layers)
         else:
-            square = _Square(int(n))
+            square = SquareLayer(int(n))
             layer = compare_layer(square, batch, scen)
             digital_s = layer.digital.seconds
             thermo_s = layer.thermo.seconds if layer.thermo else None
@@ -433,7 +433,9 @@ def sweep(axis: str, values: Sequence[float] | None, scenario: Scenario, *, work
 
 
 @dataclass(frozen=True)
-class _Square:
+class SquareLayer:
+    """A square ``d_in x d_in`` linear layer: the layer of width sweeps and break-even maps."""
+
     d_in: int
     name: str = "square"
     kind: str = "linear"
