@@ -298,17 +298,8 @@ def _step_var(bits: int, span: float) -> float:
 def _solve_grid(lam: np.ndarray, m: np.ndarray, u02: np.ndarray, ref: float, kappa0: float,
                 burn: np.ndarray, window: np.ndarray, copies: int) -> np.ndarray:
     """Relative error squared on a (burn-in, window) grid for the RHS-model solve."""
-    L = lam[None, None, :]
-    T = window[None, :, None]
-    t0 = burn[:, None, None]
-    a = L * T
-    g = -np.expm1(-a)
-    w = np.exp(-L * t0) * g / a
-    series = a**3 / 3.0 - a**4 / 4.0 + 7.0 * a**5 / 60.0
-    with np.errstate(invalid="ignore", over="ignore"):
-        direct = a - g - 0.5 * g * g
-    hh = np.where(a < 1e-3, series, direct)
-    var = 2.0 * kappa0 / (L**3 * T**2) * (hh + 0.5 * -np.expm1(-2.0 * L * t0) * g * g)
+    # laws.od_time_average broadcasts: burn-ins x windows x modes in one call
+    w, var = laws.od_time_average(lam[None, None, :], burn[:, None, None], window[None, :, None], kappa0)
     total = np.sum(m * (w**2 * u02 + np.maximum(var, 0.0) / copies), axis=-1)
     return total / ref
 

@@ -44,9 +44,10 @@ def od_transition(lam: np.ndarray, h: float, kappa0: float) -> tuple[np.ndarray,
     return a, std
 
 
-def od_time_average(lam: np.ndarray, burn_in: float, window: float,
+def od_time_average(lam: np.ndarray, burn_in: float | np.ndarray, window: float | np.ndarray,
                     kappa0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Mean weight ``w`` (``E[ubar] = w u0``) and variance of the continuous time average."""
+    """Mean weight ``w`` (``E[ubar] = w u0``) and variance of the continuous time average
+    (``burn_in``/``window`` may be arrays broadcasting against ``lam``)."""
     lam = np.asarray(lam, dtype=np.float64)
     a = lam * window
     g = -np.expm1(-a)
