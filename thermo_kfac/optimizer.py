@@ -14,8 +14,8 @@ parameters::
 
 The step (Martens & Grosse 2015, sections 6-7; ``h`` is the batch loss plus ``eta/2 |theta|^2``):
 
-1. ``g = grad h``; the preconditioner (:class:`~thermo_kfac.KFACPreconditioner`, factored
-   Tikhonov damping of value ``lambda + eta``, i.e. ``gamma = sqrt(lambda + eta)`` per factor)
+1. ``g = grad h`` (the loss evaluated in ``loss_dtype``, float64 by default); the preconditioner
+   (:class:`~thermo_kfac.KFACPreconditioner`, factored Tikhonov damping of value ``lambda + eta``, i.e. ``gamma = sqrt(lambda + eta)`` per factor)
    gives the direction ``Delta = -F_kfac^-1 g`` (parameters outside the registered layers:
    ``Delta = -g``).
 2. ``alpha`` and ``mu`` minimise the quadratic model
@@ -27,10 +27,16 @@ The step (Martens & Grosse 2015, sections 6-7; ``h`` is the batch loss plus ``et
    vmapped pass), then the exact Hessian of the loss with respect to the outputs. A fixed
    ``lr`` or ``momentum`` removes that unknown (fixing both removes the products, except on
    damping-adaptation steps).
+   Guard: the objective is nonnegative, so when the model predicts a decrease larger than
+   ``h(theta)`` itself (it does for confidently wrong predictions, where the cross-entropy's
+   curvature is tiny: the blow-ups seen with small damping), the step is scaled down until its
+   first-order decrease ``-g^T delta`` is ``h`` and ``lambda`` grows by ``1/omega`` (counted in
+   ``guarded_steps``). Only adapted step sizes are guarded.
 3. ``theta += delta``.
 4. Every ``damping_adaptation_every`` (``T1``) steps, the Levenberg-Marquardt rule on the
    reduction ratio ``rho = (h(theta + delta) - h(theta)) / (M_0(delta) - M_0(0))`` (``M_0``: the
-   quadratic model with ``C + eta I``, without ``lambda``; one extra forward on the same batch):
+   quadratic model with ``C + eta I``, without ``lambda``; one extra forward on the same
+   batch; both losses in float64):
    ``lambda *= omega`` if ``rho > 3/4``, ``lambda /= omega`` if ``rho < 1/4``, with
    ``omega = damping_decay ** T1`` (``(19/20)^T1`` by default), clamped to
    ``[min_damping, max_damping]``. If the loss after the step is not finite, the step is taken
@@ -96,12 +102,20 @@ class KFAC:
         adapt_damping: adapt ``lambda`` by the Levenberg-Marquardt rule on ``rho``.
         damping_adaptation_every: ``T1``, steps between damping adaptations.
         damping_decay: per-step factor; ``omega = damping_decay ** T1``.
-        min_damping, max_damping: bounds of the adapted ``lambda``.
+        min_damping, max_damping: bounds of the adapted ``lambda`` (``min_damping`` 1e-8 as in
+            kfac-jax: near an interpolating solution the curvature, and with it the useful
+            damping, keeps shrinking).
         max_momentum: an adapted ``mu`` is constrained to ``[0, max_momentum]`` (on a mini-batch
             the unconstrained 2x2 minimiser can be far outside; then ``alpha`` is re-optimised
             with ``mu`` at the bound); None leaves it unconstrained.
         weight_decay: ``eta``: L2 term ``eta/2 |theta|^2`` added to the objective (its gradient
             is preconditioned and ``eta`` is added to the damping, as in the paper).
+        loss_dtype: dtype in which the loss and its gradient with respect to the outputs are
+            computed (the outputs are cast; None: the outputs' dtype). float64 by default: near an
+            interpolating solution the float32 cross-entropy gradient ``p - y`` loses the
+            true class's ``-eps`` to rounding (``p`` rounds to 1), and the float32 loss is
+            quantized, which made the steps and ``rho`` noise. It costs a cast of the outputs.
+            ``rho`` and the step guard always use float64 losses.
         curvature_examples: examples of the batch used for the curvature products (the first
             ones; None: the whole batch). Fewer make the adaptive step cheaper and noisier; the
             2x2 system needs only three numbers, which a few hundred examples estimate well.
@@ -132,11 +146,12 @@ class KFAC:
         adapt_damping: bool = True,
         damping_adaptation_every: int = 5,
         damping_decay: float = 0.95,
-        min_damping: float = 1e-3,
+        min_damping: float = 1e-8,
         max_damping: float = 1e8,
         max_momentum: float | None = 1.0,
         weight_decay: float = 0.0,
         curvature_examples: int | None = 256,
+        loss_dtype: torch.dtype | None = torch.float64,
         fisher_type: str = "mc",
         factor_decay: float = 0.95,
         factor_update_every: int = 5,
@@ -171,6 +186,9 @@ class KFAC:
         if curvature_examples is not None:
             check_positive("curvature_examples", curvature_examples, integer=True)
         self.curvature_examples = curvature_examples
+        if loss_dtype is not None and loss_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"loss_dtype={loss_dtype!r} must be torch.float32, torch.float64 or None")
+        self.loss_dtype = loss_dtype
         options = dict(preconditioner_options or {})
         owned = {"damping", "kl_clip", "optimizer", "loss", "reduction"} & set(options)
         if owned:
@@ -191,6 +209,7 @@ class KFAC:
         self.params = [p for _, p in named]
         self.steps = 0
         self.rejected_steps = 0
+        self.guarded_steps = 0
         self.previous_update: list[torch.Tensor] | None = None
         self.last_report: dict[str, Any] = {}
 
@@ -233,7 +252,7 @@ class KFAC:
         outputs = run()
         if self.preconditioner.fisher_type != "empirical":
             self.preconditioner.accumulate_curvature(outputs)
-        batch_loss = self.loss_fn(outputs, targets)
+        batch_loss = self.loss_fn(*self._loss_inputs(outputs, targets))
         batch_loss.backward()
         eta = self.weight_decay
         with torch.no_grad():
@@ -252,7 +271,9 @@ class KFAC:
         with torch.no_grad():
             direction = self._flat_grad().neg_()
         t0 = time.perf_counter()
-        alpha, mu, quad = self._step_sizes(run, targets, grad, direction, adaptation_step)
+        before = None if grad is None else float(all_reduce_mean(torch.tensor(
+            self._h(outputs, targets), dtype=torch.float64)))  # the same on every rank
+        alpha, mu, quad = self._step_sizes(run, targets, grad, direction, before)
         products_s = time.perf_counter() - t0
         with torch.no_grad():
             update = direction.mul_(alpha)
@@ -265,7 +286,8 @@ class KFAC:
         if adaptation_step:
             assert quad is not None
             t0 = time.perf_counter()
-            rho = self._adapt_damping(run, targets, batch_loss, quad)
+            assert before is not None
+            rho = self._adapt_damping(run, targets, before, quad)
             products_s += time.perf_counter() - t0
         self.steps += 1
         self.last_report = {
@@ -298,9 +320,10 @@ class KFAC:
 
     def _step_sizes(self, run: Forward, targets: torch.Tensor,
                     grad: torch.Tensor | None, direction: torch.Tensor,
-                    adaptation_step: bool) -> tuple[float, float, dict[str, Any] | None]:
+                    before: float | None) -> tuple[float, float, dict[str, Any] | None]:
         """``(alpha, mu, quadratic model)`` of this step (see the module docstring); ``grad`` and
-        ``direction`` are flat vectors."""
+        ``direction`` are flat vectors, ``before`` the objective ``h`` at the current parameters
+        (float64; needed when ``grad`` is given)."""
         if grad is None:  # lr and momentum fixed, no damping adaptation now
             return float(self.lr), float(self.momentum or 0.0), None
         prev = None if self.previous_update is None else self._flat(self.previous_update)
@@ -318,7 +341,21 @@ class KFAC:
         coef = torch.tensor([alpha, mu][:k], dtype=torch.float64)
         undamped = curv + self.weight_decay * norms
         change = float(dots @ coef + 0.5 * coef @ undamped @ coef)
-        return alpha, mu, {"change": change}
+        guarded = False
+        if (self.lr is None or self.momentum is None) and before is not None \
+                and math.isfinite(before) and -change > before:
+            # The objective is nonnegative (the supported losses and the L2 term), so a model that
+            # predicts a decrease larger than h itself is trusted far outside its region: scale the
+            # step so that its linear term is -h (the quadratic term only makes the predicted
+            # decrease smaller) and grow lambda as for a failed step.
+            scale = before / -float(dots @ coef)
+            alpha, mu = alpha * scale, mu * scale
+            coef = coef * scale
+            change = float(dots @ coef + 0.5 * coef @ undamped @ coef)
+            self.damping = min(self.damping / self.omega, self.max_damping)
+            self.guarded_steps += 1
+            guarded = True
+        return alpha, mu, {"change": change, "guarded": guarded}
 
     def curvature_products(self, run: Forward, targets: torch.Tensor,
                            vectors: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -331,29 +368,45 @@ class KFAC:
         run, _ = quadratic.curvature_batch(self.module, run, targets, self.curvature_examples)
         return quadratic.curvature_products(run, self._names, self.params, self.loss, vectors)
 
-    def _objective(self, run: Forward, targets: torch.Tensor) -> float:
-        """``h`` at the current parameters on the batch (no gradients, hooks silent)."""
-        with torch.no_grad():
-            value = float(self.loss_fn(run(), targets))
-            if self.weight_decay:
+    def _loss_inputs(self, outputs: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(outputs, targets)`` in ``loss_dtype`` (the cast is differentiable)."""
+        if self.loss_dtype is None or outputs.dtype == self.loss_dtype:
+            return outputs, targets
+        return outputs.to(self.loss_dtype), (targets.to(self.loss_dtype)
+                                             if targets.is_floating_point() else targets)
+
+    def loss64(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The batch loss evaluated in float64 from ``outputs`` (detached).
+
+        ``rho`` divides a difference of two losses by a small predicted change; near an
+        interpolating solution the float32 loss is quantized (``log(1 + 1e-9)`` rounds to 0),
+        which made ``rho`` noise and drove the damping to its upper bound."""
+        out = outputs.detach().double()
+        tgt = targets.double() if targets.is_floating_point() else targets
+        return float(self.loss_fn(out, tgt))
+
+    def _h(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """``h`` (float64) at the current parameters from the batch ``outputs`` computed at them."""
+        value = self.loss64(outputs, targets)
+        if self.weight_decay:
+            with torch.no_grad():
                 value += 0.5 * self.weight_decay * sum(float(p.square().sum()) for p in self.params)
         return value
 
+    def _objective(self, run: Forward, targets: torch.Tensor) -> float:
+        """``h`` at the current parameters on the batch (no gradients, hooks silent)."""
+        with torch.no_grad():
+            return self._h(run(), targets)
+
     def _adapt_damping(self, run: Forward, targets: torch.Tensor,
-                       batch_loss: torch.Tensor, quad: dict[str, Any]) -> float:
-        """Levenberg-Marquardt update of ``lambda`` from this step's reduction ratio ``rho``."""
-        before = float(batch_loss.detach())
-        if self.weight_decay:
-            # h(theta) before the update: theta = theta_new - delta
-            with torch.no_grad():
-                assert self.previous_update is not None
-                before += 0.5 * self.weight_decay * sum(
-                    float((p - u).square().sum()) for p, u in zip(self.params, self.previous_update,
-                                                                  strict=True))
+                       before: float, quad: dict[str, Any]) -> float:
+        """Levenberg-Marquardt update of ``lambda`` from this step's reduction ratio ``rho``
+        (``before``: ``h`` before the step, float64)."""
         after = self._objective(run, targets)
-        pair = all_reduce_mean(torch.tensor([before, after], dtype=torch.float64))
-        rho = reduction_ratio(float(pair[1]) - float(pair[0]), quad["change"])
-        if not math.isfinite(float(pair[1])) and self.previous_update is not None:
+        after = float(all_reduce_mean(torch.tensor(after, dtype=torch.float64)))
+        rho = reduction_ratio(after - before, quad["change"])
+        if not math.isfinite(after) and self.previous_update is not None:
             # the step broke the model (inf/NaN loss): take it back; lambda grows (rho is NaN)
             with torch.no_grad():
                 for p, u in zip(self.params, self.previous_update, strict=True):
@@ -374,6 +427,7 @@ class KFAC:
             "damping": self.damping,
             "steps": self.steps,
             "rejected_steps": self.rejected_steps,
+            "guarded_steps": self.guarded_steps,
             "previous_update": None if self.previous_update is None
             else [u.clone() for u in self.previous_update],
             "names": list(self._names),
@@ -388,6 +442,7 @@ class KFAC:
         self.damping = float(state["damping"])
         self.steps = int(state["steps"])
         self.rejected_steps = int(state.get("rejected_steps", 0))
+        self.guarded_steps = int(state.get("guarded_steps", 0))
         prev = state["previous_update"]
         self.previous_update = None if prev is None else [u.clone() for u in prev]
         self.preconditioner.damping = Damping(self.damping + self.weight_decay,
@@ -416,6 +471,7 @@ SPEC_OPTIONS: dict[str, str] = {
     "max_momentum": "upper bound of an adapted momentum",
     "weight_decay": "L2 coefficient eta (also added to the damping)",
     "curvature_examples": "examples of the batch used for the curvature products (none: all)",
+    "loss_dtype": "float64 (default), float32 or none: dtype of the loss and its output gradient",
     "fisher_type": "empirical, mc or type2",
     "factor_decay": "EMA decay of the Kronecker factors",
     "factor_update_every": "update the factors every N steps",
@@ -452,6 +508,12 @@ def parse_options(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
         if key == "factor_dtype" and isinstance(parsed, str):
             check_choice("factor_dtype", parsed, tuple(_DTYPES))
             parsed = _DTYPES[parsed]
+        if key == "loss_dtype" and isinstance(parsed, str):
+            if parsed.lower() == "none":
+                parsed = None
+            else:
+                check_choice("loss_dtype", parsed, tuple(_DTYPES))
+                parsed = _DTYPES[parsed]
         target = options if key in SPEC_OPTIONS else solver_options
         if key in target:
             raise ValueError(f"kfac-adaptive option {key!r} is given twice")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,81 @@ def test_damping_adapts_only_every_t1_steps() -> None:
         opt.step(x, y)
         rhos.append(opt.last_report["rho"])
     assert [r is not None for r in rhos] == [False, False, True, False, False, True]
+
+
+def test_guard_scales_a_step_predicted_to_fall_below_zero_loss() -> None:
+    # One confidently wrong example (logit -12 for target 1): the cross-entropy's curvature there
+    # is ~e^-12 while the gradient is ~1, so the quadratic model's minimiser predicts a decrease
+    # of ~e^12/2, far more than the loss (~12) that could be lost. The step is scaled so the
+    # predicted decrease is the loss, and the damping grows by 1/omega.
+    model = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-4.0, -2.0]]))
+    x = torch.tensor([[2.0, 2.0]], dtype=torch.float64)
+    y = torch.ones(1, 1, dtype=torch.float64)
+    opt = KFAC(model, loss="bce", damping=1e-8, factor_dtype=torch.float64)
+    theta0, g, C = _params(model), _grad(model, x, y, "bce"), _dense_ggn(model, x, y, "bce")
+    with torch.no_grad():
+        h0 = float(F.binary_cross_entropy_with_logits(model(x), y))
+    opt.step(x, y)
+    report = opt.last_report
+    update = _params(model) - theta0
+    direction = update / report["alpha"]  # the preconditioned direction Delta
+    # unguarded minimiser along Delta (first step: no momentum), and its predicted change
+    alpha_star = -float(g @ direction) / float(direction @ C @ direction + 1e-8 * direction @ direction)
+    change_star = alpha_star * float(g @ direction) + 0.5 * alpha_star**2 * float(direction @ C @ direction)
+    assert -change_star > 100 * h0
+    # scaled so that the first-order decrease -g^T delta is the loss h0
+    assert report["alpha"] == pytest.approx(h0 / -float(g @ direction), rel=1e-8)
+    assert report["alpha"] < alpha_star
+    assert opt.guarded_steps == 1
+    assert -h0 <= report["predicted_change"] < 0
+    assert opt.damping == pytest.approx(min(1e-8 / opt.omega, opt.max_damping), rel=1e-12)
+    # fixed step sizes are the user's: never guarded
+    model.weight.data.copy_(torch.tensor([[-4.0, -2.0]]))
+    fixed = KFAC(model, loss="bce", lr=1.0, momentum=0.0, damping=1e-8, factor_dtype=torch.float64)
+    fixed.step(x, y)
+    assert fixed.guarded_steps == 0
+
+
+def test_float64_loss_keeps_the_gradient_of_a_fitted_float32_model() -> None:
+    # margin 30: in float32 softmax rounds the true class to p = 1, so the float32 loss is 0 and
+    # the true-class component of dL/dlogits (p - 1 = -e^-30) is lost; loss_dtype=float64 keeps it
+    torch.manual_seed(0)
+    x = torch.eye(2)
+    y = torch.tensor([0, 1])
+
+    def fitted() -> nn.Module:
+        model = nn.Linear(2, 2)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[15.0, -15.0], [-15.0, 15.0]]))
+            model.bias.zero_()
+        return model
+
+    reference = float(F.cross_entropy(fitted()(x).double(), y))
+    assert reference == pytest.approx(math.exp(-30), rel=1e-6)
+
+    def output_grads(loss_dtype: Any) -> tuple[float, torch.Tensor]:
+        model, seen = fitted(), []
+
+        def forward() -> torch.Tensor:
+            out = model(x)
+            if out.requires_grad:  # the step's own forward (not the curvature products')
+                out.register_hook(seen.append)
+            return out
+
+        opt = KFAC(model, loss="cross_entropy", loss_dtype=loss_dtype, lr=1.0, momentum=0.0)
+        loss = float(opt.step(forward=forward, targets=y))
+        return loss, seen[0]
+
+    loss32, grad32 = output_grads(None)
+    assert loss32 == 0.0 and float(grad32[0, 0]) == 0.0 and float(grad32[1, 1]) == 0.0
+    loss64, grad64 = output_grads(torch.float64)
+    assert grad64.dtype == torch.float32  # cast back at the outputs
+    assert loss64 == pytest.approx(reference, rel=1e-6)
+    # dL/dlogit of the true class: (p - 1) / n = -e^-30 / 2, kept in float32's range
+    assert float(grad64[0, 0]) == pytest.approx(-math.exp(-30) / 2, rel=1e-5)
+    assert float(grad64[1, 1]) == pytest.approx(-math.exp(-30) / 2, rel=1e-5)
 
 
 # ---------------------------------------------------------------------- frozen = SGD momentum
