@@ -16,8 +16,8 @@ The step (Martens & Grosse 2015, sections 6-7; ``h`` is the batch loss plus ``et
 
 1. ``g = grad h`` (the loss evaluated in ``loss_dtype``, float64 by default); the preconditioner
    (:class:`~thermo_kfac.KFACPreconditioner`, factored Tikhonov damping of value
-   ``lambda + eta``, i.e. ``gamma = sqrt(lambda + eta)`` per factor) gives the direction ``Delta = -F_kfac^-1 g`` (parameters outside the registered layers:
-   ``Delta = -g``).
+   ``lambda + eta``, i.e. ``gamma = sqrt(lambda + eta)`` per factor) gives the direction
+   ``Delta = -F_kfac^-1 g`` (parameters outside the registered layers: ``Delta = -g``).
 2. ``alpha`` and ``mu`` minimise the quadratic model
    ``M(delta) = g^T delta + 1/2 delta^T (C + (lambda + eta) I) delta`` over
    ``delta = alpha Delta + mu delta_0`` (``delta_0`` the previous update), where ``C`` is the
