@@ -3,7 +3,8 @@
 K-FAC's factor statistics are Gram matrices of the layer inputs (``A``, with a column of ones for
 the bias) and of the output gradients (``G``). A plain ``X.T @ X`` computes every entry twice.
 :func:`gram` splits the columns into blocks, computes only the block rows of the upper block
-triangle (one GEMM per block row, ``X[:, blk]^T X[:, start:]``) into the output, and mirrors them:
+triangle (one GEMM per block row, ``X[:, blk]^T X[:, start:]``, written into the output in place)
+and mirrors them:
 ``(b + 1) / (2 b)`` of the FLOPs for ``b`` blocks. A bias column is handled without copying the
 activations (``[X, 1]^T [X, 1] = [[X^T X, X^T 1], [1^T X, n]]``), so the forward's tensor is used
 as is. Small matrices (fewer than ``min_blocked`` columns) use one GEMM: there the call overhead
@@ -50,19 +51,22 @@ def gram(rows: torch.Tensor, *, append_ones: bool = False, block: int = BLOCK,
 
 
 def _blocked_upper(rows: torch.Tensor, out: torch.Tensor, block: int) -> None:
-    """Fill ``out`` (d x d, possibly a strided view) with ``rows^T rows`` from the GEMMs of the
-    upper block triangle; each diagonal block is symmetrized, the rest mirrored."""
+    """Fill ``out`` (d x d, possibly a strided view) with ``rows^T rows``: one GEMM per block row
+    of the upper block triangle, written in place (BLAS takes the row-strided block as its
+    output), then each diagonal block's upper triangle and each off-diagonal block mirrored, so
+    the result is exactly symmetric."""
     d = rows.shape[1]
     blocks = math.ceil(d / block)
     width = math.ceil(d / blocks)  # balanced blocks
     for start in range(0, d, width):
         stop = min(start + width, d)
-        upper = rows[:, start:stop].T @ rows[:, start:]  # block row of the upper triangle
-        diag = upper[:, :stop - start]
-        out[start:stop, start:stop] = (diag + diag.T) * 0.5  # round-off: make it exactly symmetric
+        torch.mm(rows[:, start:stop].T, rows[:, start:], out=out[start:stop, start:])
+    for start in range(0, d, width):
+        stop = min(start + width, d)
+        diag = out[start:stop, start:stop]
+        diag.copy_(diag.triu() + diag.triu(1).T)
         if stop < d:
-            out[start:stop, stop:] = upper[:, stop - start:]
-            out[stop:, start:stop] = upper[:, stop - start:].T
+            out[stop:, start:stop] = out[start:stop, stop:].T
 
 
 def gram_flops(n: int, d: int, *, blocked: bool, block: int = BLOCK) -> float:

@@ -53,7 +53,8 @@ class LayerState:
             matrices (:mod:`thermo_kfac.capture`).
         solver: prepared from the damped factors, applied to the gradient matrix every step.
         A, G: the EMA Kronecker factors (``None`` before the first factor update).
-        a_sum, a_rows, g_sum: statistics of the current step (capture only).
+        a_sum, a_rows, g_sum, g_weight: statistics of the current step (capture only); the
+            factors' new terms are ``a_sum / a_rows`` and ``g_weight * g_sum``.
         a_batch, g_batch: raw rows of the current step, kept only for solvers with
             ``uses_batch_statistics`` (capture only).
         fired_forward, fired_backward: whether the hooks fired (checked after the first step).
@@ -73,6 +74,7 @@ class LayerState:
     a_sum: torch.Tensor | None = None
     a_rows: int = 0
     g_sum: torch.Tensor | None = None
+    g_weight: float = 1.0
     a_batch: list[torch.Tensor] = field(default_factory=list)
     g_batch: list[torch.Tensor] = field(default_factory=list)
     fired_forward: bool = False
@@ -113,7 +115,10 @@ class LayerState:
                     a = a.to(dtype)
                 contribution, n_rows = self.adapter.input_statistic(a)
                 contribution = contribution.to(dtype)
-                self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
+                if self.a_sum is None:
+                    self.a_sum = contribution
+                else:
+                    self.a_sum.add_(contribution)
                 self.a_rows += n_rows
         self.fired_forward = True
 
@@ -125,8 +130,13 @@ class LayerState:
             if self.solver.uses_batch_statistics:
                 self.g_batch.append(rows * math.sqrt(weight))
             if factor_step:
-                contribution = gram(rows) * weight
-                self.g_sum = contribution if self.g_sum is None else self.g_sum + contribution
+                contribution = gram(rows)
+                # the weight is applied in the EMA update (one pass fewer over the factor); a
+                # second call of the layer in the step is added relative to the first's weight
+                if self.g_sum is None or self.g_weight == 0:  # weight 0 contributed nothing
+                    self.g_sum, self.g_weight = contribution, weight
+                else:
+                    self.g_sum.add_(contribution, alpha=weight / self.g_weight)
         self.fired_backward = True
 
     def update_factors(self, decay: float) -> bool:
@@ -134,18 +144,19 @@ class LayerState:
         statistics were non-finite: the update is skipped and counted in ``skipped_updates``."""
         finite = True
         if self.a_sum is not None and self.g_sum is not None and self.a_rows != 0:
-            A_new = self.a_sum / self.a_rows
-            G_new = self.g_sum
-            # NaN/Inf propagate through a sum: one cheap reduction per factor instead of an
-            # elementwise mask.
-            finite = bool(torch.isfinite(A_new.sum() + G_new.sum()))
+            a_scale, g_scale = 1.0 / self.a_rows, self.g_weight
+            # Both sums are Gram matrices X^T X: a NaN/Inf anywhere in X reaches the diagonal
+            # (x_i x_i), and finite diagonals bound the rest (Cauchy-Schwarz), so the diagonals
+            # decide, at O(d) instead of a pass over the d^2 entries.
+            finite = bool(torch.isfinite(self.a_sum.diagonal().sum() + self.g_sum.diagonal().sum()))
             if not finite:
                 self.skipped_updates += 1
             elif self.A is None or decay == 0.0:
-                self.A, self.G = A_new, G_new
+                self.A, self.G = self.a_sum.mul_(a_scale), self.g_sum.mul_(g_scale)
             else:
-                self.A.lerp_(A_new, 1 - decay)  # decay * A + (1 - decay) * A_new, one pass
-                self.G.lerp_(G_new, 1 - decay)
+                # decay * A + (1 - decay) * scale * sum, in place: no temporary factor
+                self.A.mul_(decay).add_(self.a_sum, alpha=(1 - decay) * a_scale)
+                self.G.mul_(decay).add_(self.g_sum, alpha=(1 - decay) * g_scale)
         self.reset_statistics()
         return finite
 

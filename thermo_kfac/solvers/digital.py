@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from thermo_kfac.gram import gram
 from thermo_kfac.solvers.base import Damping, KFACSolver, register_solver
 
 
@@ -61,8 +62,9 @@ class EighSolver(_ExplicitInverseSolver):
             self.scale = 1.0 / (torch.outer(dG, dA) + damping.value)
             return
         lam_a, lam_g = damping.split(A, G)
-        self.A_inv = (QA / (dA + lam_a)) @ QA.T
-        self.G_inv = (QG / (dG + lam_g)) @ QG.T
+        # Q diag(1/(d + lam)) Q^T = B B^T with B = Q diag((d + lam)^-1/2): a symmetric product
+        self.A_inv = gram((QA * (dA + lam_a).rsqrt()).T)
+        self.G_inv = gram((QG * (dG + lam_g).rsqrt()).T)
 
     def apply(self, grad: torch.Tensor) -> torch.Tensor:
         if not self.exact_damping:
