@@ -122,7 +122,8 @@ def _range_finder(M: torch.Tensor, k: int, power_iters: int, gen: torch.Generato
                   symmetric_power: bool) -> torch.Tensor:
     """Orthonormal ``(n, k)`` basis approximating the range of ``M`` (Halko et al. 2011, alg. 4.4).
 
-    The bases are orthonormalized by shifted Cholesky-QR (:func:`orthonormalize`), whose work is
+    Between power iterations the basis is only LU-normalized (:func:`_lu_normalize`); the final
+    basis is orthonormalized by shifted Cholesky-QR (:func:`orthonormalize`), whose work is
     matrix products and one small factorization, rather than Householder QR. Profiled at
     n = 2048, k = 138 on 2 threads: LAPACK's QR took 40 % of the sketch's time, far above its
     FLOPs, because its many small parallel regions wait on each other (on a busy host a 138 x 138
@@ -130,12 +131,27 @@ def _range_finder(M: torch.Tensor, k: int, power_iters: int, gen: torch.Generato
     run on one thread (:func:`single_thread`); the large products keep all threads.
     """
     omega = torch.randn(M.shape[1], k, generator=gen, dtype=M.dtype, device=M.device)
-    Q = orthonormalize(M @ omega)
+    Y = M @ omega
     for _ in range(power_iters):
+        # Between power iterations the basis need only be well conditioned, not orthonormal:
+        # LU with partial pivoting (Y U^-1 = P L, entries of L at most 1), as scikit-learn's
+        # range finder does; 4-5x cheaper here than the orthonormalization, which is done once,
+        # on the last product (n = 2048, k = 138: 3 ms against 16 ms).
+        Q = _lu_normalize(Y)
         if not symmetric_power:  # subspace iteration with M M^T (general rSVD)
-            Q = orthonormalize(M.T @ Q)
-        Q = orthonormalize(M @ Q)
-    return Q
+            Q = _lu_normalize(M.T @ Q)
+        Y = M @ Q
+    return orthonormalize(Y)
+
+
+def _lu_normalize(Y: torch.Tensor) -> torch.Tensor:
+    """``P L`` of ``Y = P L U`` (LU with partial pivoting): the span of ``Y``, well conditioned.
+    Falls back to :func:`orthonormalize` when ``U`` is singular (rank-deficient ``Y``)."""
+    LU, _, info = torch.linalg.lu_factor_ex(Y)
+    U = LU[: Y.shape[1]].triu()
+    if int(info) != 0 or not bool(torch.isfinite(U.diagonal()).all()):
+        return orthonormalize(Y)
+    return torch.linalg.solve_triangular(U, Y, upper=True, left=False)
 
 
 def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
