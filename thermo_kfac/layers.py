@@ -115,10 +115,8 @@ class LayerState:
                     a = a.to(dtype)
                 contribution, n_rows = self.adapter.input_statistic(a)
                 contribution = contribution.to(dtype)
-                if self.a_sum is None:
-                    self.a_sum = contribution
-                else:
-                    self.a_sum.add_(contribution)
+                # out of place: the hooks may run under a torch.func transform (no in-place ops)
+                self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
                 self.a_rows += n_rows
         self.fired_forward = True
 
@@ -136,7 +134,7 @@ class LayerState:
                 if self.g_sum is None or self.g_weight == 0:  # weight 0 contributed nothing
                     self.g_sum, self.g_weight = contribution, weight
                 else:
-                    self.g_sum.add_(contribution, alpha=weight / self.g_weight)
+                    self.g_sum = self.g_sum + contribution * (weight / self.g_weight)
         self.fired_backward = True
 
     def update_factors(self, decay: float) -> bool:

@@ -131,8 +131,11 @@ class KFAC:
         preconditioner: the :class:`~thermo_kfac.KFACPreconditioner` in use.
         damping: the current ``lambda``.
         last_report: the last step's ``loss``, ``alpha``, ``mu``, ``rho`` (None when not
-            computed), ``damping``, the quadratic model's predicted change, and the seconds spent
-            in the preconditioner and in the curvature products.
+            computed), ``damping``, the quadratic model's predicted change, whether the step was
+            ``guarded``, and the seconds spent in the preconditioner and in the curvature products.
+        rejected_steps: steps taken back because the loss after them was not finite.
+        guarded_steps: steps scaled down because the model predicted a decrease larger than the
+            objective itself (see the module docstring).
     """
 
     def __init__(
@@ -294,6 +297,7 @@ class KFAC:
             "step": self.steps, "loss": float(batch_loss.detach()), "alpha": alpha, "mu": mu,
             "rho": rho, "damping": self.damping,
             "predicted_change": None if quad is None else quad["change"],
+            "guarded": False if quad is None else quad["guarded"],
             "preconditioner_s": precond_s, "curvature_products_s": products_s,
             "wall_time_s": time.perf_counter() - start,
         }

@@ -309,14 +309,14 @@ def test_guard_scales_a_step_predicted_to_fall_below_zero_loss() -> None:
     # scaled so that the first-order decrease -g^T delta is the loss h0
     assert report["alpha"] == pytest.approx(h0 / -float(g @ direction), rel=1e-8)
     assert report["alpha"] < alpha_star
-    assert opt.guarded_steps == 1
+    assert opt.guarded_steps == 1 and report["guarded"] is True
     assert -h0 <= report["predicted_change"] < 0
     assert opt.damping == pytest.approx(min(1e-8 / opt.omega, opt.max_damping), rel=1e-12)
     # fixed step sizes are the user's: never guarded
     model.weight.data.copy_(torch.tensor([[-4.0, -2.0]]))
     fixed = KFAC(model, loss="bce", lr=1.0, momentum=0.0, damping=1e-8, factor_dtype=torch.float64)
     fixed.step(x, y)
-    assert fixed.guarded_steps == 0
+    assert fixed.guarded_steps == 0 and fixed.last_report["guarded"] is False
 
 
 def test_float64_loss_keeps_the_gradient_of_a_fitted_float32_model() -> None:
