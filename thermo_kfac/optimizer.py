@@ -46,7 +46,7 @@ The new damping reaches the solvers at their next inverse update (every
 ``inverse_update_every`` steps), as in the paper; the quadratic model always uses the current
 ``lambda``. In distributed mode (a process group of more than one rank) the curvature products
 are computed on each rank's local batch and averaged (three numbers per step), as are the losses
-that enter ``rho``, so every rank takes the same step.
+that enter ``rho`` and the guard, so every rank takes the same step.
 
 Extra forwards (the ``jvp`` and the ``rho`` evaluation) run without gradients, so the
 preconditioner's hooks do not record them; layers with running statistics (batch norm) do update
