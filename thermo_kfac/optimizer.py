@@ -24,7 +24,8 @@ The step (Martens & Grosse 2015, sections 6-7; ``h`` is the batch loss plus ``et
    exact generalized Gauss-Newton matrix of the batch loss (equal to its Fisher for the
    supported losses). The 2x2 system needs ``v^T C w`` for ``v, w`` in ``{Delta, delta_0}``:
    ``J v`` by forward-mode AD through the network (``torch.func.jvp``, both tangents in one
-   vmapped pass), then the exact Hessian of the loss with respect to the outputs. A fixed
+   vmapped pass; for chain models by :mod:`thermo_kfac.chain`'s direct recursion), then the
+   exact Hessian of the loss with respect to the outputs. A fixed
    ``lr`` or ``momentum`` removes that unknown (fixing both removes the products, except on
    damping-adaptation steps).
    Guard: the objective is nonnegative, so when the model predicts a decrease larger than
@@ -67,8 +68,8 @@ import torch
 from torch import nn
 
 from hw_models.validation import check_choice, check_number, check_positive
+from thermo_kfac import chain, quadratic
 from thermo_kfac import distributed as dist
-from thermo_kfac import quadratic
 from thermo_kfac.fisher import LOSSES
 from thermo_kfac.preconditioner import KFACPreconditioner
 from thermo_kfac.quadratic import (
@@ -129,6 +130,10 @@ class KFAC:
 
     Attributes:
         preconditioner: the :class:`~thermo_kfac.KFACPreconditioner` in use.
+        chain: the model as a chain of linear layers and elementwise activations
+            (:func:`thermo_kfac.chain.linear_chain`), whose curvature products then skip
+            ``torch.func`` (:func:`thermo_kfac.chain.chain_jvp`); None for other models, which
+            use ``torch.func``. Set it to None to force the ``torch.func`` path.
         damping: the current ``lambda``.
         last_report: the last step's ``loss``, ``alpha``, ``mu``, ``rho`` (None when not
             computed), ``damping``, the quadratic model's predicted change, whether the step was
@@ -198,18 +203,26 @@ class KFAC:
             raise ValueError(f"preconditioner_options may not set {sorted(owned)}: KFAC owns them "
                              "(use its damping argument; the step size replaces KL clipping)")
         self.model = model
+        module = dist.unwrap(model)
+        # traced before the preconditioner adds its hooks; see thermo_kfac.chain
+        links = chain.linear_chain(module)
+        self.chain: list[chain.Link] | None = links
         self.preconditioner = KFACPreconditioner(
             model, loss=self.loss, reduction="mean", fisher_type=fisher_type,
             damping=self.damping + self.weight_decay, pi_damping=pi_damping,
             factor_decay=factor_decay, factor_update_every=factor_update_every,
             inverse_update_every=inverse_update_every, solver=solver,
             solver_options=solver_options, kl_clip=None, factor_dtype=factor_dtype, **options)
-        self.module = dist.unwrap(model)
+        self.module = module
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameter that requires grad")
         self._names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        if links is not None:
+            owned = chain.chain_parameters(links)
+            if any(owned.get(n) is not p for n, p in named):
+                self.chain = None  # a trained parameter outside the chain's linear layers
         self.steps = 0
         self.rejected_steps = 0
         self.guarded_steps = 0
@@ -369,6 +382,15 @@ class KFAC:
         :func:`thermo_kfac.quadratic.curvature_products` (averaged over ranks when distributed).
         """
         # the GGN of the supported losses does not depend on the targets
+        args, kwargs = getattr(run, "args", None), getattr(run, "kwargs", None)
+        if (self.chain is not None and args is not None and len(args) == 1 and not kwargs
+                and isinstance(args[0], torch.Tensor)):
+            x = args[0] if self.curvature_examples is None else args[0][:self.curvature_examples]
+            tangents = {n: torch.stack([v[i] for v in vectors])
+                        for i, n in enumerate(self._names)}
+            out, jv = chain.chain_jvp(self.chain, x, tangents)
+            products = loss_hessian_products(self.loss, out, jv)
+            return all_reduce_mean((products + products.T) / 2)
         run, _ = quadratic.curvature_batch(self.module, run, targets, self.curvature_examples)
         return quadratic.curvature_products(run, self._names, self.params, self.loss, vectors)
 

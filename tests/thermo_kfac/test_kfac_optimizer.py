@@ -476,8 +476,11 @@ def test_closure_and_tuple_forms_equal_the_tensor_form() -> None:
             else:
                 opt.step(forward=lambda m=model: m(x), targets=y)
         runs.append(_params(model))
-    for other in runs[1:]:
-        assert torch.equal(runs[0], other)
+    # tensor and tuple inputs of this chain model take thermo_kfac.chain's J v, dict and closure
+    # torch.func's: the same products up to rounding
+    assert torch.equal(runs[0], runs[1])
+    for other in runs[2:]:
+        torch.testing.assert_close(runs[0], other, rtol=1e-12, atol=1e-14)
 
 
 def test_curvature_examples_uses_the_first_examples() -> None:
