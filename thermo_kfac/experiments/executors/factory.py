@@ -25,20 +25,13 @@ def dask_available() -> bool:
     return True
 
 
-def _check_workers(workers: Any) -> int | None:
-    if workers is None:
+def _check_count(name: str, value: Any) -> int | None:
+    """None or a positive int (``workers``, ``threads``)."""
+    if value is None:
         return None
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers={workers!r} must be a positive integer")
-    return workers
-
-
-def _check_threads(threads: Any) -> int | None:
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads={threads!r} must be a positive integer")
-    return threads
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return value
 
 
 def make_executor(workers: int | None = None, cluster: str | None = None, *,
@@ -55,8 +48,8 @@ def make_executor(workers: int | None = None, cluster: str | None = None, *,
     ``threads``: threads per worker (default: cores // workers locally, cores // task slots on
     a remote worker); ``device="cuda"``: worker i on GPU i mod count.
     """
-    workers = _check_workers(workers)
-    threads = _check_threads(threads)
+    workers = _check_count("workers", workers)
+    threads = _check_count("threads", threads)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
     if cluster is not None:
