@@ -99,9 +99,9 @@ def chain_jvp(links: Sequence[Link], x: torch.Tensor, tangents: dict[str, torch.
             if dw is not None:  # h dW^T for every tangent: (n, d) @ (k, d, o) -> (k, n, o)
                 term = h @ dw.transpose(-1, -2)
                 dz = term if dz is None else dz + term
-            if db is not None:
-                dz = db.reshape(k, *([1] * (z.dim() - 1)), -1) if dz is None \
-                    else dz + db.reshape(k, *([1] * (z.dim() - 1)), -1)
+            if db is not None:  # (k, 1, ..., o): broadcast over the batch
+                term = db.reshape(k, *([1] * (z.dim() - 1)), -1)
+                dz = term if dz is None else dz + term
             h, dh = z, dz
         elif isinstance(m, nn.Flatten):
             end = m.end_dim if m.end_dim < 0 else m.end_dim + 1  # tangents carry a leading k

@@ -288,7 +288,7 @@ class KFAC:
             direction = self._flat_grad().neg_()
         t0 = time.perf_counter()
         before = None if grad is None else float(all_reduce_mean(torch.tensor(
-            self._h(outputs, targets), dtype=torch.float64)))  # the same on every rank
+            self._h(outputs, targets, batch_loss.detach()), dtype=torch.float64)))  # same on all ranks
         alpha, mu, quad = self._step_sizes(run, targets, grad, direction, before)
         products_s = time.perf_counter() - t0
         with torch.no_grad():
@@ -347,7 +347,10 @@ class KFAC:
         rows = [direction] if prev is None else [direction, prev]
         k = len(rows)
         stacked = torch.stack(rows)
-        curv = self.curvature_products(run, targets, [self._split(r) for r in stacked])
+        # per-parameter (k, *shape) views of the stacked rows: no second copy
+        tangents = [t.view(k, *p.shape) for t, p in zip(
+            stacked.split([p.numel() for p in self.params], dim=1), self.params, strict=True)]
+        curv = self._tangent_products(run, targets, tangents)
         with torch.no_grad():
             gram = torch.cat([grad[None], stacked]) @ torch.cat([grad[None], stacked]).T
         gram = gram.double()
@@ -381,26 +384,28 @@ class KFAC:
         vectors given as lists matching the parameters; see
         :func:`thermo_kfac.quadratic.curvature_products` (averaged over ranks when distributed).
         """
+        return self._tangent_products(run, targets,
+                                      quadratic.stack_tangents(vectors, len(self.params)))
+
+    def _tangent_products(self, run: Forward, targets: torch.Tensor,
+                          tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`curvature_products` for tangents stacked per parameter (``(k, *shape)``)."""
         # the GGN of the supported losses does not depend on the targets
         args, kwargs = getattr(run, "args", None), getattr(run, "kwargs", None)
         if (self.chain is not None and args is not None and len(args) == 1 and not kwargs
                 and isinstance(args[0], torch.Tensor)):
             x = args[0] if self.curvature_examples is None else args[0][:self.curvature_examples]
-            tangents = {n: torch.stack([v[i] for v in vectors])
-                        for i, n in enumerate(self._names)}
-            out, jv = chain.chain_jvp(self.chain, x, tangents)
-            products = loss_hessian_products(self.loss, out, jv)
-            return all_reduce_mean((products + products.T) / 2)
+            out, jv = chain.chain_jvp(self.chain, x, dict(zip(self._names, tangents, strict=True)))
+            return quadratic.symmetric_mean(loss_hessian_products(self.loss, out, jv))
         run, _ = quadratic.curvature_batch(self.module, run, targets, self.curvature_examples)
-        return quadratic.curvature_products(run, self._names, self.params, self.loss, vectors)
+        return quadratic.tangent_products(run, self._names, self.params, self.loss, tangents)
 
     def _loss_inputs(self, outputs: torch.Tensor, targets: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(outputs, targets)`` in ``loss_dtype`` (the cast is differentiable)."""
         if self.loss_dtype is None or outputs.dtype == self.loss_dtype:
             return outputs, targets
-        return outputs.to(self.loss_dtype), (targets.to(self.loss_dtype)
-                                             if targets.is_floating_point() else targets)
+        return _cast(outputs, targets, self.loss_dtype)
 
     def loss64(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
         """The batch loss evaluated in float64 from ``outputs`` (detached).
@@ -408,13 +413,14 @@ class KFAC:
         ``rho`` divides a difference of two losses by a small predicted change; near an
         interpolating solution the float32 loss is quantized (``log(1 + 1e-9)`` rounds to 0),
         which made ``rho`` noise and drove the damping to its upper bound."""
-        out = outputs.detach().double()
-        tgt = targets.double() if targets.is_floating_point() else targets
-        return float(self.loss_fn(out, tgt))
+        return float(self.loss_fn(*_cast(outputs.detach(), targets, torch.float64)))
 
-    def _h(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """``h`` (float64) at the current parameters from the batch ``outputs`` computed at them."""
-        value = self.loss64(outputs, targets)
+    def _h(self, outputs: torch.Tensor, targets: torch.Tensor,
+           loss: torch.Tensor | None = None) -> float:
+        """``h`` (float64) at the current parameters from the batch ``outputs`` computed at them;
+        ``loss``, the batch loss already computed from them, is reused when it is float64."""
+        value = float(loss) if loss is not None and loss.dtype == torch.float64 \
+            else self.loss64(outputs, targets)
         if self.weight_decay:
             with torch.no_grad():
                 value += 0.5 * self.weight_decay * sum(float(p.square().sum()) for p in self.params)
@@ -479,6 +485,12 @@ class KFAC:
         mom = "adaptive" if self.momentum is None else self.momentum
         return (f"KFAC(loss={self.loss!r}, lr={lr}, momentum={mom}, damping={self.damping:g}"
                 f"{' adaptive' if self.adapt_damping else ''}, preconditioner={self.preconditioner!r})")
+
+
+def _cast(outputs: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``outputs`` and floating ``targets`` in ``dtype`` (class labels stay integers)."""
+    return outputs.to(dtype), (targets.to(dtype) if targets.is_floating_point() else targets)
 
 
 # --------------------------------------------------------------------------- spec options

@@ -108,19 +108,33 @@ def curvature_products(run: Forward, names: Sequence[str], params: Sequence[torc
     ``J v`` comes from ``torch.func.jvp`` (all tangents in one vmapped forward), then
     :func:`loss_hessian_products`; in distributed mode the result is averaged over ranks.
     """
+    return tangent_products(run, names, params, loss, stack_tangents(vectors, len(params)))
+
+
+def stack_tangents(vectors: Sequence[Sequence[torch.Tensor]], n_params: int) -> list[torch.Tensor]:
+    """Per parameter, its ``k`` tangents stacked: ``(k, *param.shape)``."""
+    return [torch.stack([v[i] for v in vectors]) for i in range(n_params)]
+
+
+def tangent_products(run: Forward, names: Sequence[str], params: Sequence[torch.Tensor],
+                     loss: str, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`curvature_products` for tangents already stacked per parameter
+    (``(k, *param.shape)`` each, as :func:`stack_tangents` makes them)."""
     def outputs(*ps: torch.Tensor) -> torch.Tensor:
         return run(dict(zip(names, ps, strict=True)))
 
-    tangents = tuple(torch.stack([v[i] for v in vectors]) for i in range(len(params)))
     primals = tuple(p.detach() for p in params)
     with torch.no_grad():  # the preconditioner's hooks stay silent; forward AD is unaffected
         def push(*ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return jvp(outputs, primals, ts)
 
         out, jv = vmap(push, out_dims=(None, 0))(*tangents)
-        products = loss_hessian_products(loss, out.detach(), jv.detach())
-    products = (products + products.T) / 2
-    return all_reduce_mean(products)
+        return symmetric_mean(loss_hessian_products(loss, out.detach(), jv.detach()))
+
+
+def symmetric_mean(products: torch.Tensor) -> torch.Tensor:
+    """``(P + P^T) / 2``, averaged over ranks in distributed mode."""
+    return all_reduce_mean((products + products.T) / 2)
 
 
 def loss_hessian_products(loss: str, outputs: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
