@@ -103,10 +103,10 @@ def pricing_window(cases: int) -> dict:
         A = spd(np.geomspace(1.0 / kappa, 1.0, n), case)
         spec = SpectrumSummary.from_matrix(A)
         for eps in (0.05, 0.2):
-            priced = price(AnalogJob("solve", n, 256, spectrum=spec, target_eps=eps, ideal=True), device)
+            priced = price(AnalogJob("solve", n, 256, spectrum=spec, target_eps=eps), device.ideal())
             B = np.random.default_rng(10 + case).standard_normal((n, 256))
             B = B / np.abs(B).max(axis=0) * priced.info["input_scale"]
-            cfg = device.analog_config(ideal=True, analog_time=priced.window_tau, burn_in=priced.burn_in_tau,
+            cfg = device.ideal().analog_config(analog_time=priced.window_tau, burn_in=priced.burn_in_tau,
                                        dtype="float64", seed=case)
             X = np.linalg.solve(A, B)
             err = math.sqrt(np.sum((hm.solve(A, B, cfg).x - X) ** 2) / np.sum(X**2))

@@ -189,16 +189,24 @@ def preset_table(presets: dict[str, Any], fields: list[str]) -> str:
     names = list(presets)
     rows = ["| field | " + " | ".join(f"`{n}`" for n in names) + " |",
             "|---|" + "---|" * len(names)]
-    for field in fields:
+    first = presets[names[0]]
+    paths: list[tuple[str, ...]] = []
+    for field in fields:  # a nested dataclass (a device's noise, an op model) gets a row per field
+        value = getattr(first, field)
+        if dataclasses.is_dataclass(value):
+            paths += [(field, f.name) for f in dataclasses.fields(value)]
+        else:
+            paths.append((field,))
+    for path in paths:
         cells = []
         for name in names:
-            value = getattr(presets[name], field)
-            if dataclasses.is_dataclass(value):
-                value = ", ".join(f"{f.name}={getattr(value, f.name):g}" for f in dataclasses.fields(value))
-            elif isinstance(value, float):
+            value = presets[name]
+            for part in path:
+                value = getattr(value, part)
+            if isinstance(value, float):
                 value = f"{value:g}"
             cells.append(md_cell(str(value)))
-        rows.append(f"| `{field}` | " + " | ".join(cells) + " |")
+        rows.append(f"| `{'.'.join(path)}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

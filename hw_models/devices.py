@@ -316,16 +316,32 @@ def digital_device(name: str | DigitalDevice, *, calibration: str | os.PathLike[
 # --------------------------------------------------------------------------------------------
 
 
+#: Bits a value occupies on the host link when its converter is exact (``*_bits=None``: the value
+#: crosses the link as a float32 word, and the converter adds no error).
+EXACT_WORD_BITS = 32
+
+#: The converter and non-ideality fields of a thermodynamic device: :class:`NoiseConfig`'s, the
+#: one set of names the simulator, the error law and the pricing read.
+NOISE_FIELDS = tuple(f.name for f in dataclasses.fields(NoiseConfig))
+
+
 @dataclass(frozen=True)
 class ThermoDevice:
     """An analog thermodynamic (Langevin / Ornstein-Uhlenbeck) linear-algebra processor.
+
+    ONE description of the device: ``noise`` IS the :class:`~hw_models.noise.NoiseConfig` the
+    simulator runs (converters, ranges, rails, mismatch, read noise: its field names are the only
+    names of those quantities), and ``kappa0`` is the thermal noise the simulator and the error
+    law use. :func:`hw_models.pricing.price`, the error law, the solver's ``auto`` rule, placement
+    and projection all read this object, so a device that is simulated is the device that is
+    priced. Changes go through :meth:`replace` (device fields and ``NoiseConfig`` field names alike,
+    plus ``bits`` for the three converters together), which returns a new, validated device.
 
     Fields:
 
     - ``cells``: state variables per solver unit = the largest system it holds (``cells x cells``
       couplings, ``cells(cells+1)/2`` distinct since they are symmetric).
     - ``tau_s``: the circuit time constant tau = RC; all dynamics are in units of tau.
-    - ``dac_bits`` / ``adc_bits``: resolution of couplings and right-hand sides in, results out.
     - ``io_bandwidth_bps``: host link, bits per second; ``link_latency_s`` per transfer.
     - ``program_row_s``: time to program one row of couplings once its values are on chip (rows
       are written one after another, the columns of a row in parallel).
@@ -333,15 +349,16 @@ class ThermoDevice:
     - ``kappa0``: thermal noise level ``1/beta`` of a solve in the SIMULATOR's convention (one
       convention for simulator and pricing, docs/hardware_model.md section 3):
       ``dx = -(P x - b) dt + sqrt(2 kappa0) dW`` with ``P`` the lambda_max-normalised programmed
-      matrix and ``b`` in DAC full-scale units. Inversion by sampling tunes its noise source
-      separately (see :mod:`hw_models.pricing`).
-    - ``coupling_bits``: resolution of the programmed couplings (``dac_bits`` is the right-hand
-      side DAC, ``adc_bits`` the read-out ADC).
-    - ``state_range``: ``|x_i|`` at which the state integrators saturate, in full-scale units (the
-      pricing scales inputs down so that ``x*`` stays inside it).
-    - ``coupling_range``: largest programmable ``|P_ij|`` in lambda_max-normalised units.
-    - ``mismatch``: relative std of the static per-cell coupling error (fixed pattern per device).
-    - ``read_noise``: std of the ADC read noise, full-scale units.
+      matrix and ``b`` in DAC full-scale units; ``0`` is a noiseless (purely deterministic)
+      device. Inversion by sampling tunes its noise source separately (see
+      :mod:`hw_models.pricing`).
+    - ``noise``: converters and non-idealities (:class:`NoiseConfig`): ``coupling_bits`` over
+      ``coupling_range`` (lambda_max-normalised units), the right-hand-side DAC ``input_bits`` over
+      ``input_range`` (the full scale, 1), the read-out ADC ``output_bits`` over ``output_range``,
+      the integrators' rails ``state_range``, ``mismatch_std``, ``read_noise``, ``rounding``,
+      ``mitigation_copies``, the mismatch pattern's ``device_seed``. A converter given as
+      ``None`` is exact: it adds no error and its values cross the link as
+      :data:`EXACT_WORD_BITS`-bit words.
     - ``power_per_cell_w`` / ``power_per_coupling_w``: analog power while a unit runs.
     - ``io_energy_per_bit_j``: link energy; ``converter_fom_j``: Walden figure of merit of the
       DACs/ADCs, energy per conversion = ``fom * 2**bits``; ``mac_energy_j``: one on-chip
@@ -357,8 +374,6 @@ class ThermoDevice:
     name: str
     cells: int
     tau_s: float
-    dac_bits: int
-    adc_bits: int
     io_bandwidth_bps: float
     link_latency_s: float
     program_row_s: float
@@ -372,64 +387,81 @@ class ThermoDevice:
     onchip_accumulators: bool
     oversize: str = "refuse"
     description: str = ""
-    coupling_bits: int = 12
-    state_range: float = 8.0
-    coupling_range: float = 1.0
-    mismatch: float = 0.0
-    read_noise: float = 0.0
+    noise: NoiseConfig = NoiseConfig()
 
     def __post_init__(self) -> None:
         check_positive("cells", self.cells, integer=True)
         check_positive("tau_s", self.tau_s)
-        check_number("dac_bits", self.dac_bits, low=1, high=32, integer=True)
-        check_number("adc_bits", self.adc_bits, low=1, high=32, integer=True)
         check_positive("io_bandwidth_bps", self.io_bandwidth_bps)
         for name in ("link_latency_s", "program_row_s", "power_per_cell_w", "power_per_coupling_w",
                      "io_energy_per_bit_j", "converter_fom_j", "mac_energy_j"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_positive("units", self.units, integer=True)
-        check_positive("kappa0", self.kappa0)
-        check_number("coupling_bits", self.coupling_bits, low=2, high=32, integer=True)
-        check_positive("state_range", self.state_range)
-        check_positive("coupling_range", self.coupling_range)
-        check_positive("mismatch", self.mismatch, allow_zero=True)
-        check_positive("read_noise", self.read_noise, allow_zero=True)
+        check_positive("kappa0", self.kappa0, allow_zero=True)
         if not isinstance(self.onchip_accumulators, bool):
             raise ValueError(f"onchip_accumulators={self.onchip_accumulators!r} must be True or False")
         check_choice("oversize", self.oversize, OVERSIZE_POLICIES)
+        if not isinstance(self.noise, NoiseConfig):
+            raise ValueError(f"noise={self.noise!r} must be a hw_models.NoiseConfig")
 
     def replace(self, **changes: Any) -> ThermoDevice:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A new device with some fields changed (validated again).
+
+        Keys are this class's fields, :class:`NoiseConfig`'s fields (they change ``noise``) or
+        ``bits`` (coupling, input and output bits together; an explicit ``*_bits`` wins). Unknown
+        keys raise ``ValueError`` listing the valid ones.
+        """
+        own = {f.name for f in dataclasses.fields(ThermoDevice)}
+        unknown = sorted(set(changes) - own - set(NOISE_FIELDS) - {"bits"})
+        if unknown:
+            raise ValueError(f"unknown thermodynamic device field(s) {unknown}; valid fields: "
+                             f"{', '.join(sorted(own | set(NOISE_FIELDS) | {'bits'}))}")
+        changes = dict(changes)
+        bits = changes.pop("bits", None)
+        noise = {k: changes.pop(k) for k in list(changes) if k in NOISE_FIELDS}
+        if bits is not None:
+            check_number("bits", bits, low=2, high=32, integer=True)
+            for key in ("coupling_bits", "input_bits", "output_bits"):
+                noise.setdefault(key, bits)
+        base = changes.pop("noise", self.noise)
+        if noise:
+            if not isinstance(base, NoiseConfig):
+                raise ValueError(f"noise={base!r} must be a hw_models.NoiseConfig")
+            base = dataclasses.replace(base, **noise)
+        return dataclasses.replace(self, noise=base, **changes)
+
+    def ideal(self) -> ThermoDevice:
+        """This device with exact converters and no rails, mismatch or read noise (thermal noise
+        ``kappa0``, timing and power unchanged)."""
+        return dataclasses.replace(self, noise=NoiseConfig(device_seed=self.noise.device_seed))
+
+    @property
+    def is_ideal(self) -> bool:
+        """True when the device adds no converter, rail, mismatch or read-noise error."""
+        return self.noise.ideal and self.noise.state_range is None
+
+    def link_bits(self, converter: str) -> int:
+        """Bits per value on the link for ``"coupling"``, ``"input"`` or ``"output"`` values."""
+        check_choice("converter", converter, ("coupling", "input", "output"))
+        bits = getattr(self.noise, f"{converter}_bits")
+        return EXACT_WORD_BITS if bits is None else int(bits)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field."""
+        """JSON-ready dict of every field (``noise`` nested); :meth:`from_dict` inverts it."""
         return dataclasses.asdict(self)
 
-    def noise_config(self, *, ideal: bool = False, **changes: Any) -> NoiseConfig:
-        """THE mapping from this preset to the simulator's non-idealities.
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ThermoDevice:
+        """Rebuild a device from :meth:`to_dict` output (validates every field)."""
+        data = dict(data)
+        try:
+            data["noise"] = NoiseConfig(**data.get("noise", {}))
+            return cls(**data)
+        except TypeError as err:
+            raise ValueError(f"not a valid thermodynamic device description: {err}") from None
 
-        Couplings at ``coupling_bits`` over the fixed range ``coupling_range`` (the programmed
-        matrix is lambda_max-normalised), right-hand sides at ``dac_bits`` over the full scale 1,
-        read-out at ``adc_bits`` over ``state_range`` plus ``read_noise``, the state's rails at
-        ``state_range``, proportional ``mismatch``. ``ideal=True`` switches all of them off
-        (thermal noise stays: it is ``kappa0`` of :meth:`analog_config`). ``changes`` override
-        single NoiseConfig fields.
-        """
-        if ideal:
-            return NoiseConfig(**changes)
-        fields: dict[str, Any] = {
-            "coupling_bits": self.coupling_bits, "input_bits": self.dac_bits,
-            "output_bits": self.adc_bits, "coupling_range": self.coupling_range,
-            "input_range": 1.0, "output_range": self.state_range, "state_range": self.state_range,
-            "mismatch_std": self.mismatch or None, "mismatch_kind": "proportional",
-            "read_noise": self.read_noise or None,
-        }
-        fields.update(changes)
-        return NoiseConfig(**fields)
-
-    def analog_config(self, *, ideal: bool = False, **window: Any) -> AnalogConfig:
-        """The simulator settings of this preset: ``kappa0`` and :meth:`noise_config`.
+    def analog_config(self, **window: Any) -> AnalogConfig:
+        """The simulator settings of this device: its ``kappa0`` and ``noise``.
 
         ``window`` sets the remaining :class:`~hw_models.langevin.AnalogConfig` fields
         (``analog_time``, ``burn_in``, ``integrator``, ``seed``...); the default integrator is
@@ -438,8 +470,17 @@ class ThermoDevice:
         from hw_models.langevin.config import AnalogConfig
 
         window.setdefault("integrator", "analytic")
-        window.setdefault("kappa0", self.kappa0)
-        return AnalogConfig(noise=self.noise_config(ideal=ideal), **window)
+        return AnalogConfig(noise=self.noise, kappa0=self.kappa0, **window)
+
+
+def _converters(*, coupling_bits: int, input_bits: int, output_bits: int, state_range: float,
+                mismatch: float, read_noise: float, coupling_range: float = 1.0) -> NoiseConfig:
+    """A preset's converters: couplings over the fixed ``coupling_range``, right-hand sides over
+    the full scale 1, read-out over the rails, proportional mismatch."""
+    return NoiseConfig(coupling_bits=coupling_bits, input_bits=input_bits, output_bits=output_bits,
+                       coupling_range=coupling_range, input_range=1.0, output_range=state_range,
+                       state_range=state_range, mismatch_std=mismatch or None,
+                       mismatch_kind="proportional", read_noise=read_noise or None)
 
 
 def _board() -> ThermoDevice:
@@ -467,12 +508,13 @@ def _board() -> ThermoDevice:
     - oversize: refuse (a 32-cell board cannot hold any realistic K-FAC factor).
     """
     return ThermoDevice(
-        name="board", cells=32, tau_s=10e-6, dac_bits=12, adc_bits=12, io_bandwidth_bps=1e9,
+        name="board", cells=32, tau_s=10e-6, io_bandwidth_bps=1e9,
         link_latency_s=50e-6, program_row_s=10e-6, units=1, kappa0=1e-2,
         power_per_cell_w=0.05, power_per_coupling_w=1e-3, io_energy_per_bit_j=100e-12,
         converter_fom_j=1e-12, mac_energy_j=10e-12, onchip_accumulators=False, oversize="refuse",
         description="near-term PCB board, 32 cells (SPU prototype scaled up)",
-        coupling_bits=12, state_range=10.0, coupling_range=1.0, mismatch=1e-3, read_noise=1e-4,
+        noise=_converters(coupling_bits=12, input_bits=12, output_bits=12, state_range=10.0, mismatch=1e-3,
+                          read_noise=1e-4),
     )
 
 
@@ -490,12 +532,13 @@ def _tngd() -> ThermoDevice:
     mismatch 0 and read_noise 0 (TNGD's timing model has neither) [source: absent there].
     """
     return ThermoDevice(
-        name="tngd", cells=4096, tau_s=1e-6, dac_bits=16, adc_bits=16, io_bandwidth_bps=50e9,
+        name="tngd", cells=4096, tau_s=1e-6, io_bandwidth_bps=50e9,
         link_latency_s=1e-6, program_row_s=0.0, units=1, kappa0=1e-3,
         power_per_cell_w=1e-3, power_per_coupling_w=1e-6, io_energy_per_bit_j=5e-12,
         converter_fom_j=50e-15, mac_energy_j=1e-12, onchip_accumulators=True, oversize="refuse",
         description="TNGD timing model (16 bit, 50 Gb/s, tau = 1 us), 4096 cells",
-        coupling_bits=16, state_range=8.0, coupling_range=1.0, mismatch=0.0, read_noise=0.0,
+        noise=_converters(coupling_bits=16, input_bits=16, output_bits=16, state_range=8.0, mismatch=0.0,
+                          read_noise=0.0),
     )
 
 
@@ -525,12 +568,13 @@ def _chip() -> ThermoDevice:
     - oversize refuse.
     """
     return ThermoDevice(
-        name="chip", cells=4096, tau_s=100e-9, dac_bits=12, adc_bits=12, io_bandwidth_bps=400e9,
+        name="chip", cells=4096, tau_s=100e-9, io_bandwidth_bps=400e9,
         link_latency_s=1e-6, program_row_s=100e-9, units=4, kappa0=1e-4,
         power_per_cell_w=1e-3, power_per_coupling_w=1e-6, io_energy_per_bit_j=5e-12,
         converter_fom_j=50e-15, mac_energy_j=1e-12, onchip_accumulators=True, oversize="refuse",
         description="projected integrated chip, 4 units x 4096 cells, tau = 100 ns",
-        coupling_bits=10, state_range=8.0, coupling_range=1.0, mismatch=2e-3, read_noise=2e-4,
+        noise=_converters(coupling_bits=10, input_bits=12, output_bits=12, state_range=8.0, mismatch=2e-3,
+                          read_noise=2e-4),
     )
 
 
@@ -539,14 +583,11 @@ THERMO_PRESETS = tuple(_THERMO)
 
 
 def thermo_device(name: str | ThermoDevice, **overrides: Any) -> ThermoDevice:
-    """A thermodynamic preset by name (``board``, ``tngd``, ``chip``), with optional field overrides."""
+    """A thermodynamic preset by name (``board``, ``tngd``, ``chip``) or a device, with optional
+    overrides (any key :meth:`ThermoDevice.replace` takes)."""
     if isinstance(name, ThermoDevice):
         device = name
     else:
         check_choice("thermodynamic preset", name, THERMO_PRESETS)
         device = _THERMO[name]()
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ThermoDevice)})
-    if unknown:
-        valid = ", ".join(f.name for f in dataclasses.fields(ThermoDevice))
-        raise ValueError(f"unknown ThermoDevice field(s) {unknown}; valid fields: {valid}")
     return device.replace(**overrides) if overrides else device

@@ -11,17 +11,24 @@ right-hand sides at the DAC full scale, and its accuracy is the finite-time law 
 
 A job's time (per block of ``size <= cells``; columns and blocks spread over the ``units``)::
 
-    transfer     couplings n(n+1)/2 x coupling_bits + inputs n m x dac_bits (+ reloaded state) over the link
+    transfer     couplings n(n+1)/2 x coupling_bits + inputs n m x input_bits (+ reloaded state) over the link
     programming  size x program_row_s per round of blocks
     burn_in      rounds x burn-in x copies x tau
     averaging    rounds x window x copies x tau
-    readout      results x adc_bits over the link (an inverse without on-chip accumulators streams
+    readout      results x output_bits over the link (an inverse without on-chip accumulators streams
                  every sample and the host forms the outer products)
+
+Every converter width, range and non-ideality is read from the device's ``noise`` (the
+:class:`~hw_models.noise.NoiseConfig` the simulator runs); an exact converter (``None``) moves
+32-bit words and adds no error. ``AnalogJob.bits`` is the shorthand of
+:meth:`ThermoDevice.replace`'s ``bits`` (all three converters), applied to the device.
 
 Spare units run extra chains of the same job; their averages combine, dividing the variance
 (not the bias). The **state range**: ``x*`` grows like ``P^-1 b``, so a solve scales its input down
-by ``s = min(1, state_range / (rms(x*) sqrt(2 ln 2n)))`` to keep the integrators in range; the
-thermal error is priced at that reduced signal. An inverse tunes its noise source so that the
+by ``s = min(1, RANGE_TARGET state_range / (rms(x*) sqrt(2 ln 2n)))`` to keep the integrators in
+range (:func:`input_scale`, the rule the thermodynamic solver uses before it has measured a peak;
+a job that knows its scale passes ``input_scale``); the thermal error is priced at that reduced
+signal. An inverse tunes its noise source so that the
 slowest mode fills a quarter of the state range, ``kappa0_inv = (state_range/4)^2 lambda_min``;
 its thermal error does not depend on ``kappa0``.
 
@@ -55,6 +62,9 @@ from hw_models.spectrum import MAX_MODES, SKETCH_GROUPS, SPECTRUM_SHAPES, Spectr
 from hw_models.validation import check_choice, check_number, check_positive
 
 ANALOG_OPS = ("solve", "inverse")
+#: Rails an inverse's noise source is tuned against on a device without rails (``state_range``
+#: None): the chip preset's 8 full-scale units.
+INVERSE_RAILS = 8.0
 DIGITAL_OPS = (*OPS, "solve")
 
 
@@ -164,13 +174,13 @@ class AnalogJob:
         start: ``"zero"``, ``"gradient"``, ``"previous"`` (``warm_distance`` from ``x*``) or
             ``"stationary"`` (see :mod:`hw_models.langevin.error_model`).
         rhs_rms / rhs_alignment: the RHS model (default: a full-scale Gaussian column, isotropic).
-        bits: overrides the device's coupling, DAC and ADC bits together.
+        bits: the device's coupling, input and output bits together (``ThermoDevice.replace(bits=)``).
+        input_scale: the input scale ``s`` the solve used (default: :func:`input_scale`'s rule).
         resident: the couplings are already programmed (no transfer or programming).
         reload_state: the warm state is written back to the device first (``n x n_rhs`` values).
         copies: rounding-ensemble copies run one after another (variance / copies).
         units: solver units this job may use (default: all of the device's).
         oversize: overrides the device's oversize policy (``"refuse"``/``"block"``).
-        ideal: leave converters, mismatch and read noise out of the predicted error.
         sample_interval_tau: spacing of the samples of an inverse (tau).
     """
 
@@ -192,8 +202,8 @@ class AnalogJob:
     copies: int = 1
     units: int | None = None
     oversize: str | None = None
-    ideal: bool = False
     sample_interval_tau: float = 1.0
+    input_scale: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("op", self.op, ANALOG_OPS)
@@ -224,6 +234,8 @@ class AnalogJob:
             check_choice("oversize", self.oversize, OVERSIZE_POLICIES)
         check_positive("sample_interval_tau", self.sample_interval_tau)
         check_positive("warm_distance", self.warm_distance, allow_zero=True)
+        if self.input_scale is not None:
+            check_number("input_scale", self.input_scale, low=0.0, high=1.0, low_inclusive=False)
 
     def replace(self, **changes: Any) -> AnalogJob:
         return dataclasses.replace(self, **changes)
@@ -275,15 +287,30 @@ def _active_power(device: ThermoDevice, size: int) -> float:
     return size * device.power_per_cell_w + size * (size + 1) / 2.0 * device.power_per_coupling_w
 
 
+#: Input ranging: a solve aims its largest state value at this fraction of ``state_range``.
+RANGE_TARGET = 0.5
+
+
 def input_scale(spectrum: SpectrumSummary, device: ThermoDevice, rhs_rms: float | None = None,
                 rhs_alignment: float = 0.0) -> float:
-    """Factor ``s <= 1`` a solve scales its full-scale input by so ``x*`` stays in ``state_range``."""
+    """Factor ``s <= 1`` a solve scales its full-scale input by so that the largest entry of
+    ``x*`` (Gaussian estimate: ``rms(x*) sqrt(2 ln 2n)``) sits at ``RANGE_TARGET * state_range``;
+    1 for a device without rails. THE rule: the thermodynamic solver's first call uses it too."""
+    rails = device.noise.state_range
+    if rails is None:
+        return 1.0
     lam, w = spectrum.normalized_modes()
     rms = error_model.full_scale_rms(spectrum.n) if rhs_rms is None else rhs_rms
     power = error_model.rhs_power(lam, w, rms, rhs_alignment)
     x_rms = math.sqrt(float(np.sum(w * power / lam**2)) / float(np.sum(w)))
     peak = x_rms * math.sqrt(2.0 * math.log(2.0 * max(spectrum.n, 2)))
-    return min(1.0, device.state_range / peak)
+    return min(1.0, RANGE_TARGET * rails / peak) if peak > 0 else 1.0
+
+
+def job_device(job: AnalogJob, device: ThermoDevice | str) -> ThermoDevice:
+    """The device a job runs on: ``device`` with the job's ``bits`` shorthand applied."""
+    device = thermo_device(device)
+    return device.replace(bits=job.bits) if job.bits is not None else device
 
 
 @functools.lru_cache(maxsize=4096)
@@ -292,21 +319,17 @@ def _accuracy(job: AnalogJob, device: ThermoDevice, size: int, chains: int) -> t
     spec = job.spectrum_summary.resized(size)
     lam, w = spec.normalized_modes()
     copies = job.copies * chains
-    bits = job.bits
-    cbits = bits or device.coupling_bits
+    noise = device.noise
     parts: dict[str, Any] = {}
     if job.op == "solve":
-        s = input_scale(spec, device, job.rhs_rms, job.rhs_alignment)
+        s = job.input_scale if job.input_scale is not None else input_scale(
+            spec, device, job.rhs_rms, job.rhs_alignment)
         rms = (error_model.full_scale_rms(size) if job.rhs_rms is None else job.rhs_rms) * s
         common = dict(weights=w, start=job.start, rhs_rms=rms, rhs_alignment=job.rhs_alignment,
                       warm_distance=job.warm_distance, copies=copies)
         ref = error_model.solve_error(lam, window=1.0, burn_in=0.0, kappa0=device.kappa0,
                                       **common).info["solution_norm2"]
-        static = 0.0 if job.ideal else error_model.static_solve_error(
-            lam, weights=w, solution_norm2=ref, input_bits=bits or device.dac_bits,
-            coupling_bits=cbits, output_bits=bits or device.adc_bits, mismatch=device.mismatch,
-            read_noise=device.read_noise, coupling_range=device.coupling_range,
-            output_range=device.state_range)
+        static = error_model.static_solve_error_of(noise, lam, weights=w, solution_norm2=ref)
         parts.update(input_scale=s, kappa0=device.kappa0)
         if job.window_tau is not None:
             burn, window = float(job.burn_in_tau or 0.0), float(job.window_tau)
@@ -320,10 +343,9 @@ def _accuracy(job: AnalogJob, device: ThermoDevice, size: int, chains: int) -> t
     else:
         # the inverse's variance sums over mode pairs: price it on a 64-group sketch (exact tr(P^-2))
         lam, w = _coarse(lam, w, SKETCH_GROUPS)
-        kappa0 = (device.state_range / 4.0) ** 2 * float(lam.min())
-        static = 0.0 if job.ideal else error_model.static_inverse_error(
-            lam, weights=w, kappa0=kappa0, coupling_bits=cbits, mismatch=device.mismatch,
-            read_noise=device.read_noise, coupling_range=device.coupling_range)
+        rails = noise.state_range if noise.state_range is not None else INVERSE_RAILS
+        kappa0 = (rails / 4.0) ** 2 * float(lam.min())
+        static = error_model.static_inverse_error_of(noise, lam, weights=w, kappa0=kappa0)
         common = dict(weights=w, sample_interval=job.sample_interval_tau, start=job.start, copies=copies)
         parts.update(kappa0=kappa0)
         if job.window_tau is not None:
@@ -371,13 +393,11 @@ def price(job: AnalogJob, device: ThermoDevice | str, host: DigitalDevice | str 
     if not isinstance(job, AnalogJob):
         raise ValueError(f"job={job!r} must be an AnalogJob")
     _CALLS["price"] += 1
-    device = thermo_device(device)
+    device = job_device(job, device)
     host_dev = digital_device(host) if host is not None else None
     blocks, size = fit_blocks(job.n, device, job.oversize)
     units = min(job.units or device.units, device.units)
-    cbits = job.bits or device.coupling_bits
-    dac = job.bits or device.dac_bits
-    adc = job.bits or device.adc_bits
+    cbits, dac, adc = (device.link_bits(c) for c in ("coupling", "input", "output"))
     bw, tau = device.io_bandwidth_bps, device.tau_s
     jobs = blocks * (job.n_rhs if job.op == "solve" else 1)
     rounds, chains = _parallel(jobs, units)
@@ -413,7 +433,9 @@ def price(job: AnalogJob, device: ThermoDevice | str, host: DigitalDevice | str 
             ledger.add("readout", device.link_latency_s + values * adc / bw + host_s,
                        _io_joules(device, values, adc) + host_s * host_dev.power_w)
     error = {k: float(parts[k]) for k in ("bias", "variance", "static", "thermal")}
-    info = {"device": device.name, "op": job.op, "blocks": blocks, "block_size": size,
+    info = {"device": device.name, "converters": dataclasses.asdict(device.noise),
+            "device_kappa0": device.kappa0,
+            "op": job.op, "blocks": blocks, "block_size": size,
             "approximate": blocks > 1, "rounds": rounds, "chains": chains,
             "reachable": bool(parts["reachable"]), "error_floor": float(parts["static"]),
             "kappa": job.spectrum_summary.kappa, "kappa0": float(parts["kappa0"]),
@@ -429,12 +451,10 @@ def price_program(n: int, device: ThermoDevice | str, *, bits: int | None = None
                   oversize: str | None = None) -> Price:
     """Transfer and programming of an ``n x n`` symmetric matrix's couplings (no solve): what a
     solver keeping couplings resident pays once per matrix."""
-    device = thermo_device(device)
+    device = thermo_device(device) if bits is None else thermo_device(device).replace(bits=bits)
     _CALLS["price_program"] += 1
-    if bits is not None:
-        check_number("bits", bits, low=2, high=32, integer=True)
     blocks, size = fit_blocks(n, device, oversize)
-    cbits = bits or device.coupling_bits
+    cbits = device.link_bits("coupling")
     couplings = blocks * size * (size + 1) / 2.0
     ledger = Ledger()
     ledger.add("transfer", device.link_latency_s + couplings * cbits / device.io_bandwidth_bps,

@@ -54,8 +54,9 @@ def price_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g:
     two host GEMMs per step) at its ``analog_time``/``burn_in``/``start`` (``accuracy="window"``;
     a solver that states no window is priced at the target ``eps``) or at the window the error law
     needs for ``eps`` on these spectra (``accuracy="eps"``: what ``auto`` compares, so a worse
-    conditioned layer costs more analog time; an unreachable target counts as not fitting; a
-    solver whose settings say ``ideal`` is priced without converter and mismatch errors), on
+    conditioned layer costs more analog time; an unreachable target counts as not fitting), on
+    the solver's own device object (``settings["thermo_device"]``: what it simulates, overrides
+    included; ``hardware`` for a solver that states none), on
     ``spectra`` (``{"A", "G"}``; default the
     geometric model at ``kappa``). Digital: one ``digital_method`` decomposition per factor and
     update, and the preconditioning GEMMs (two pairs for eigh). ``oversize`` overrides the
@@ -71,12 +72,11 @@ def price_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g:
     spec = {"A": spectra.get("A") or pricing.SpectrumSummary.from_kappa(n_a, kappa),
             "G": spectra.get("G") or pricing.SpectrumSummary.from_kappa(n_g, kappa)}
     window = (settings.get("analog_time") or None) if accuracy == "window" else None
-    kappa0 = settings.get("kappa0")
-    device = hardware.replace(kappa0=kappa0) if kappa0 else hardware
+    # the solver's own device object (what it simulates) when it states one, else the policy's
+    device = settings.get("thermo_device") or hardware
     common = dict(window_tau=window, target_eps=None if window else eps,
-                  burn_in_tau=settings.get("burn_in") if window else None, bits=settings.get("bits"),
-                  copies=int(settings.get("copies") or 1), oversize=oversize,
-                  ideal=bool(settings.get("ideal", False)))
+                  burn_in_tau=settings.get("burn_in") if window else None,
+                  copies=int(settings.get("copies") or 1), oversize=oversize)
     try:
         if settings.get("method", "inverse") == "inverse":
             jobs = [pricing.price(pricing.AnalogJob("inverse", n, spectrum=spec[k], **common), device,
@@ -85,7 +85,7 @@ def price_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g:
                 return None, digital_s
             return sum(p.seconds for p in jobs) / inverse_every + pair, digital_s
         start = str(settings.get("start") or "zero")
-        prepare = sum(pricing.price_program(n, device, bits=settings.get("bits"), oversize=oversize).seconds
+        prepare = sum(pricing.price_program(n, device, oversize=oversize).seconds
                       for n in (n_a, n_g))
         jobs = [pricing.price(pricing.AnalogJob("solve", n, m, spectrum=spec[k], start=start,
                                                 resident=True, **common), device)

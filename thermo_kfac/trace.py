@@ -45,6 +45,8 @@ def _jsonable(value: Any) -> Any:
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if hasattr(value, "to_dict"):  # a device object
+        return _jsonable(value.to_dict())
     return str(value)
 
 

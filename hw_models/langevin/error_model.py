@@ -244,11 +244,12 @@ def static_solve_error(lam: Any, *, weights: Any | None = None, solution_norm2: 
                        input_bits: int | None = None, coupling_bits: int | None = None,
                        output_bits: int | None = None, mismatch: float = 0.0, read_noise: float = 0.0,
                        coupling_range: float = 1.0, output_range: float = 1.0,
-                       input_range: float = 1.0) -> float:
+                       input_range: float = 1.0, rounding: str = "nearest") -> float:
     """First-order relative error of a solve caused by converters and device (module docs).
 
     ``solution_norm2`` is ``E||x*||^2`` per column in full-scale units (from :func:`solve_error`'s
-    ``info``). Returns the relative error (not squared).
+    ``info``). ``rounding``: ``"nearest"`` (error variance ``step^2/12``) or ``"stochastic"``
+    (``step^2/6``: unbiased, but twice the variance). Returns the relative error (not squared).
     """
     lam, m = _modes(lam, weights)
     check_positive("solution_norm2", solution_norm2)
@@ -257,18 +258,20 @@ def static_solve_error(lam: Any, *, weights: Any | None = None, solution_norm2: 
     tr2 = float(np.sum(m * lam**2))
     total = 0.0
     if input_bits is not None:
-        total += _step_var(input_bits, input_range) * tr_inv2 / solution_norm2
+        total += _step_var(input_bits, input_range, rounding) * tr_inv2 / solution_norm2
     if coupling_bits is not None:
-        total += _step_var(coupling_bits, coupling_range) * tr_inv2
+        total += _step_var(coupling_bits, coupling_range, rounding) * tr_inv2
     total += mismatch**2 * tr2 * tr_inv2 / n**2
-    out = read_noise**2 + (_step_var(output_bits, output_range) if output_bits is not None else 0.0)
+    out = read_noise**2 + (_step_var(output_bits, output_range, rounding) if output_bits is not None
+                           else 0.0)
     total += n * out / solution_norm2
     return math.sqrt(total)
 
 
 def static_inverse_error(lam: Any, *, weights: Any | None = None, kappa0: float,
                          coupling_bits: int | None = None, mismatch: float = 0.0,
-                         read_noise: float = 0.0, coupling_range: float = 1.0) -> float:
+                         read_noise: float = 0.0, coupling_range: float = 1.0,
+                         rounding: str = "nearest") -> float:
     """First-order relative Frobenius error of a sampled inverse from couplings and read noise.
 
     Coupling rounding and mismatch perturb ``P^-1`` by ``P^-1 dP P^-1``; read noise adds
@@ -281,14 +284,39 @@ def static_inverse_error(lam: Any, *, weights: Any | None = None, kappa0: float,
     tr2 = float(np.sum(m * lam**2))
     total = mismatch**2 * tr2 * tr_inv2 / n**2
     if coupling_bits is not None:
-        total += _step_var(coupling_bits, coupling_range) * tr_inv2
+        total += _step_var(coupling_bits, coupling_range, rounding) * tr_inv2
     total += n * (read_noise**2 / kappa0) ** 2 / tr_inv2
     return math.sqrt(total)
 
 
-def _step_var(bits: int, span: float) -> float:
+def _step_var(bits: int, span: float, rounding: str = "nearest") -> float:
+    """Variance of one rounding error: ``step^2/12`` to nearest; ``step^2/6`` stochastic (the
+    error ``f step`` w.p. ``1-f``, ``(f-1) step`` w.p. ``f`` has variance ``f(1-f) step^2``,
+    whose mean over a uniform fraction ``f`` is ``step^2/6``)."""
     check_number("bits", bits, low=2, high=32, integer=True)
-    return (span / (2 ** (bits - 1) - 1)) ** 2 / 12.0
+    check_choice("rounding", rounding, ("nearest", "stochastic"))
+    return (span / (2 ** (bits - 1) - 1)) ** 2 / (6.0 if rounding == "stochastic" else 12.0)
+
+
+def static_solve_error_of(noise: Any, lam: Any, *, weights: Any | None = None,
+                          solution_norm2: float) -> float:
+    """:func:`static_solve_error` of a device's converters (a :class:`hw_models.NoiseConfig`, read
+    field by field: the one translation from a device to the law). ``lam`` is the
+    lambda_max-normalised programmed spectrum."""
+    return static_solve_error(
+        lam, weights=weights, solution_norm2=solution_norm2, input_bits=noise.input_bits,
+        coupling_bits=noise.coupling_bits, output_bits=noise.output_bits,
+        mismatch=noise.mismatch_std or 0.0, read_noise=noise.read_noise or 0.0,
+        coupling_range=noise.coupling_range or 1.0, output_range=noise.output_range or 1.0,
+        input_range=noise.input_range or 1.0, rounding=noise.rounding)
+
+
+def static_inverse_error_of(noise: Any, lam: Any, *, weights: Any | None = None, kappa0: float) -> float:
+    """:func:`static_inverse_error` of a device's converters (see :func:`static_solve_error_of`)."""
+    return static_inverse_error(
+        lam, weights=weights, kappa0=kappa0, coupling_bits=noise.coupling_bits,
+        mismatch=noise.mismatch_std or 0.0, read_noise=noise.read_noise or 0.0,
+        coupling_range=noise.coupling_range or 1.0, rounding=noise.rounding)
 
 
 # ---------------------------------------------------------------------------------------------

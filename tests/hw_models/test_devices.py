@@ -49,7 +49,7 @@ def test_thermo_presets_match_the_issue():
     assert 10 <= board.cells < 100  # "tens of cells"
     assert chip.cells >= 1000 and tngd.cells >= 1000  # "thousands"
     # TNGD App. C timing model: 16 bit, 50 Gb/s, RC = 1 us
-    assert (tngd.dac_bits, tngd.adc_bits) == (16, 16)
+    assert (tngd.noise.input_bits, tngd.noise.output_bits, tngd.noise.coupling_bits) == (16, 16, 16)
     assert tngd.io_bandwidth_bps == pytest.approx(50e9)
     assert tngd.tau_s == pytest.approx(1e3 * 1e-9)  # R = 1 kOhm, C = 1 nF
 
@@ -96,7 +96,9 @@ def test_unknown_presets_list_valid_choices():
     ("tau_s", -1e-6, "tau_s=-1e-06"),
     ("units", 1.5, "units=1.5"),
     ("oversize", "tile", "'refuse', 'block'"),
-    ("dac_bits", 0, "dac_bits=0"),
+    ("input_bits", 0, "input_bits=0"),
+    ("kappa0", -1e-3, "kappa0=-0.001"),
+    ("dac_bits", 12, "unknown thermodynamic device field"),
 ])
 def test_thermo_device_validation(field, value, text):
     with pytest.raises(ValueError) as err:

@@ -42,12 +42,12 @@ def test_priced_window_gives_the_target_eps_when_simulated(case):
     spectrum = SpectrumSummary.from_matrix(A)
     assert spectrum.kappa == pytest.approx(kappa, rel=1e-6)
     for eps in (0.05, 0.2):
-        job = AnalogJob("solve", n, 256, spectrum=spectrum, target_eps=eps, ideal=True)
-        priced = price(job, DEVICE)
+        job = AnalogJob("solve", n, 256, spectrum=spectrum, target_eps=eps)
+        priced = price(job, DEVICE.ideal())
         assert priced.predicted_rel_error == pytest.approx(eps, rel=1e-2)
         scale = priced.info["input_scale"]
         B = _full_scale_columns(n, 256, seed=10 + case) * scale
-        cfg = DEVICE.analog_config(ideal=True, analog_time=priced.window_tau, burn_in=priced.burn_in_tau,
+        cfg = DEVICE.ideal().analog_config(analog_time=priced.window_tau, burn_in=priced.burn_in_tau,
                                    dtype="float64", seed=case)
         res = hm.solve(A, B, cfg)
         X = np.linalg.solve(A, B)
@@ -145,7 +145,7 @@ def test_presets_state_kappa0_and_map_to_the_simulator():
     for name in hm.THERMO_PRESETS:
         dev = hm.thermo_device(name)
         cfg = dev.analog_config(analog_time=10.0)
-        assert cfg.kappa0 == dev.kappa0 and cfg.noise.coupling_bits == dev.coupling_bits
-        assert cfg.noise.input_range == 1.0 and cfg.noise.output_range == dev.state_range
-        assert dev.analog_config(ideal=True, analog_time=1.0).noise.ideal
+        assert cfg.kappa0 == dev.kappa0 and cfg.noise is dev.noise  # the preset IS the configuration
+        assert cfg.noise.input_range == 1.0 and cfg.noise.output_range == dev.noise.state_range
+        assert dev.ideal().analog_config(analog_time=1.0).noise.ideal
         assert not hasattr(dev, "noise_kappa0")

@@ -43,19 +43,21 @@ def test_thermo_report_is_the_pricing_api_on_the_programmed_spectrum():
     A, G = _factors()
     solver = ThermodynamicSolver(device="chip", host="h100", ideal=True)  # priced as ideal
     solver.prepare(A, G, Damping(1e-2))
-    chip, h100 = thermo_device("chip"), digital_device("h100")
+    chip, h100 = thermo_device("chip").ideal(), digital_device("h100")  # exact converters: 32-bit words
+    assert solver.device == chip
     host = sum(pricing.gemm_time(n, n, solver.power_iterations, h100) for n in (24, 16))
     program = sum(pricing.price_program(n, chip, oversize="block").seconds for n in (24, 16))
     assert solver.last_report.hardware_time_s == pytest.approx(host + program, rel=1e-12)
     grad = torch.randn(16, 24, dtype=torch.float64)
     solver.apply(grad)
     # independent reference: the spectrum of the programmed matrix by eigvalsh, the solver's window
-    device = chip.replace(kappa0=solver.config.kappa0)
+    device = chip
     solves = 0.0
     for key, n, m in (("G", 16, 24), ("A", 24, 16)):
         spectrum = pricing.SpectrumSummary.from_matrix(solver.factors[key].P)
         job = pricing.AnalogJob("solve", n, m, spectrum=spectrum, window_tau=50.0, burn_in_tau=10.0,
-                                start="previous", resident=True, oversize="block", ideal=True)
+                                start="previous", resident=True, oversize="block",
+                                input_scale=solver.factors[key].scale)
         solves += pricing.price(job, device).seconds
     host = pricing.gemm_time(16, 16, 2 * 24 / 16, h100) + pricing.gemm_time(24, 24, 2 * 16 / 24, h100)
     assert solver.last_report.hardware_time_s == pytest.approx(host + solves, rel=1e-9)
@@ -131,10 +133,12 @@ def test_overlap_applies_the_previous_steps_solve():
 # --------------------------------------------------------------------------------- auto
 def test_auto_switches_with_hysteresis_on_measured_spectra():
     chip = thermo_device("chip")
-    slow = chip.replace(tau_s=8 * chip.tau_s)  # a kappa-100 layer costs more than eigh here
+    slow = chip.replace(tau_s=16 * chip.tau_s)  # a kappa-100 layer costs more than eigh here
     h100 = digital_device("h100")
-    opts = dict(ideal=True, kappa0=1e-2)  # the premise below holds for this device
+    # the premise below holds for this device (the solver's own device object is what is priced)
+    opts = dict(ideal=True, kappa0=1e-2, device=slow)
     settings = ThermodynamicSolver(**opts).pricing_settings()
+    assert settings["thermo_device"] == slow.ideal().replace(kappa0=1e-2)
     spec = pricing.SpectrumSummary.from_kappa
     cheap = price_layer(settings, "eigh", 16, 16, hardware=slow, digital=h100, accuracy="eps",
                         spectra={"A": spec(16, 2.0), "G": spec(16, 2.0)})
@@ -278,7 +282,7 @@ def test_default_solver_is_priced_as_simulated_and_charges_its_reloads():
     solver = ThermodynamicSolver()
     chip = thermo_device("chip")
     settings = solver.pricing_settings()
-    assert settings["kappa0"] == chip.kappa0 and settings["bits"] == chip.coupling_bits
+    assert settings["kappa0"] == chip.kappa0 and settings["thermo_device"] == chip
     assert settings["ideal"] is False
     solver.prepare(A, G, Damping(1e-2))
     reloads = []
@@ -288,5 +292,6 @@ def test_default_solver_is_priced_as_simulated_and_charges_its_reloads():
         reloads.append((sum(info["reloaded_values"]), info["hardware_breakdown_s"].get("reload", 0.0)))
     assert any(values > 0 for values, _ in reloads), "the premise: some call re-sends values"
     for values, seconds in reloads:
-        # each re-sent value crosses the link once more at the priced DAC width (independent formula)
-        assert seconds == pytest.approx(values * chip.coupling_bits / chip.io_bandwidth_bps, rel=1e-9)
+        # each re-sent value crosses the link once more at the simulated DAC width (independent
+        # formula; the DAC is the input converter, 12 bits on the chip, not the 10-bit couplings)
+        assert seconds == pytest.approx(values * chip.noise.input_bits / chip.io_bandwidth_bps, rel=1e-9)

@@ -276,7 +276,7 @@ def test_pricing_settings_carry_what_the_cost_model_needs():
 
     thermo = ThermodynamicSolver(method="inverse", bits=6, device="board", host="a100")
     settings = thermo.pricing_settings()
-    assert settings["method"] == "inverse" and settings["bits"] == 6
+    assert settings["method"] == "inverse" and settings["thermo_device"] == thermo_device("board", bits=6)
     assert settings["device"] == "board" and settings["host"] == "a100"
     assert settings["digital_method"] == "eigh"
     assert EighSolver().pricing_settings() == {"digital_method": "eigh"}

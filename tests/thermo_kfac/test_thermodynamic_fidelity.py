@@ -37,26 +37,25 @@ def _cross_entropy_G(n_classes=6, rows=400, seed=0) -> torch.Tensor:
 def test_default_simulates_the_preset_and_pricing_sees_the_same_settings():
     chip = hm.thermo_device("chip")
     solver = ThermodynamicSolver()
-    n = solver.noise
-    assert (n.coupling_bits, n.input_bits, n.output_bits) == (chip.coupling_bits, chip.dac_bits,
-                                                               chip.adc_bits)
-    assert (n.coupling_range, n.state_range, n.output_range) == (chip.coupling_range,
-                                                                  chip.state_range, chip.state_range)
-    assert (n.mismatch_std, n.read_noise) == (chip.mismatch, chip.read_noise)
+    # one device object: the simulator's configuration IS the preset's
+    assert solver.device == chip and solver.config.noise == chip.noise
+    assert (chip.noise.coupling_bits, chip.noise.input_bits, chip.noise.output_bits) == (10, 12, 12)
+    assert chip.noise.state_range == 8.0 and chip.noise.mismatch_std == 2e-3
     assert solver.config.kappa0 == chip.kappa0
     A, G = _spd([1.0, 0.5, 0.2, 0.1]), _spd([2.0, 1.0, 0.3], seed=1)
     solver.prepare(A, G, Damping(0.01))
     solver.apply(torch.randn(3, 4, dtype=torch.float64))
     settings = solver.pricing_settings()
     assert solver.last_report.info["converters"] == settings["converters"]
-    assert settings["converters"]["coupling_bits"] == chip.coupling_bits and not settings["ideal"]
-    assert settings["bits"] == chip.coupling_bits and settings["kappa0"] == chip.kappa0
+    assert settings["converters"]["coupling_bits"] == chip.noise.coupling_bits and not settings["ideal"]
+    assert settings["thermo_device"] == chip and settings["kappa0"] == chip.kappa0
     ideal = ThermodynamicSolver(ideal=True)
     assert ideal.noise.ideal and ideal.noise.state_range is None
     assert ideal.config.kappa0 == chip.kappa0  # thermal noise is physics, not a converter
     override = ThermodynamicSolver(bits=6, device="board")
     assert override.noise.coupling_bits == 6 and override.noise.input_bits == 6
-    assert override.noise.state_range == hm.thermo_device("board").state_range
+    assert override.noise.state_range == hm.thermo_device("board").noise.state_range
+    assert override.device == hm.thermo_device("board", bits=6)
 
 
 def test_lambda_max_is_not_fooled_by_a_null_space_start():

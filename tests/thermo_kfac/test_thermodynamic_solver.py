@@ -336,8 +336,9 @@ def test_every_simulator_option_reaches_the_simulator():
                                     rounding="stochastic", mismatch_std=1e-3,
                                     mismatch_kind="absolute", read_noise=1e-4,
                                     mitigation_copies=2, device_seed=4,
-                                    coupling_range=chip.coupling_range, input_range=1.0,
-                                    output_range=chip.state_range, state_range=chip.state_range)
+                                    coupling_range=chip.noise.coupling_range, input_range=1.0,
+                                    output_range=chip.noise.state_range,
+                                    state_range=chip.noise.state_range)
     info = solver.last_report.info
     # two solves, two copies; the exact integrator rounds the times to whole steps
     assert info["analog_time"] == pytest.approx(2 * 2 * (50.0 + 10.0), rel=0.05)

@@ -82,7 +82,7 @@ def headline(step: StepCost, scenario: Scenario, be_kappa: float | None) -> str:
     """The step summary printed under the table."""
     s = step.summary()
     th, sched = scenario.thermo, scenario.schedule
-    bits = scenario.bits or th.dac_bits
+    bits = scenario.bits or th.noise.input_bits
     too_big = f", {s['layers_not_fitting']} too big for it" if s["layers_not_fitting"] else ""
     lines = [
         f"Per training step of {step.workload}, batch {step.batch}:",

@@ -152,11 +152,7 @@ def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig
         return None, None
     top = max(1.0, float(lam.max()))
     ref = float(dg.get("solution_norm2") or 0.0) or 1.0
-    static = error_model.static_solve_error(
-        lam / top, solution_norm2=ref, input_bits=n.input_bits, coupling_bits=n.coupling_bits,
-        output_bits=n.output_bits, mismatch=n.mismatch_std or 0.0, read_noise=n.read_noise or 0.0,
-        coupling_range=n.coupling_range or 1.0, output_range=n.output_range or 1.0,
-        input_range=n.input_range or 1.0)
+    static = error_model.static_solve_error_of(n, lam / top, solution_norm2=ref)
     return math.hypot(float(thermal), static), math.hypot(float(dg["predicted_residual"]), static)
 
 

@@ -29,12 +29,6 @@ class ThermoPricing:
         the model's warm distance 1, i.e. as far from ``x*`` as a zero start)."""
         return "zero" if self.method == "inverse" else self.warm_start
 
-    @property
-    def _ideal(self) -> bool:
-        n = self.noise
-        return (n.coupling_bits is None and n.input_bits is None and n.output_bits is None
-                and not n.mismatch_std and not n.read_noise)
-
     def _host_cost(self, n: int, vectors: float) -> pricing.Cost:
         """Digital host work of the scaling: ``vectors`` passes over an ``n x n`` matrix (GEMV-like)."""
         seconds = pricing.gemm_time(n, n, max(vectors, 1.0), self.host)
@@ -47,13 +41,19 @@ class ThermoPricing:
         cache = (key, op, n_rhs)
         if cache not in self._prices:
             spectrum = self._spectrum(key)
-            copies = self.noise.mitigation_copies
             job = pricing.AnalogJob(op, spectrum.n, n_rhs if op == "solve" else 1, spectrum=spectrum,
                                     window_tau=self.config.analog_time, burn_in_tau=self.config.burn_in,
-                                    start=self._start, resident=op == "solve", copies=copies,
-                                    bits=self.bits, oversize="block", ideal=self._ideal)
-            self._prices[cache] = pricing.price(job, self._priced_device, self.host)
+                                    start=self._start, resident=op == "solve",
+                                    copies=self.noise.mitigation_copies, oversize="block",
+                                    input_scale=self._job_scale(key, op))
+            self._prices[cache] = pricing.price(job, self.device, self.host)
         return self._prices[cache]
+
+    def _job_scale(self, key: str, op: str) -> float | None:
+        """The input scale the simulated solve of factor ``key`` used (``None``: not yet known,
+        or an inverse: pricing's own rule, the one the solver's first call follows)."""
+        f = self.factors.get(key)
+        return None if op != "solve" or f is None or f.peak is None else float(f.scale)
 
     def _spectrum(self, key: str) -> pricing.SpectrumSummary:
         """The programmed spectrum of factor ``key`` (rebuilt after a state load)."""
@@ -74,8 +74,9 @@ class ThermoPricing:
             job = pricing.AnalogJob("solve", spectrum.n, n_rhs, spectrum=spectrum,
                                     window_tau=self.config.analog_time, burn_in_tau=self.config.burn_in,
                                     start=self._start, resident=True, copies=self.noise.mitigation_copies,
-                                    bits=self.bits, oversize="block", ideal=self._ideal, reload_state=True)
-            self._prices[cache] = pricing.price(job, self._priced_device, self.host)
+                                    oversize="block", reload_state=True,
+                                    input_scale=self._job_scale(key, "solve"))
+            self._prices[cache] = pricing.price(job, self.device, self.host)
         full, base = self._prices[cache], self._price(key, "solve", n_rhs)
         share = values / (self._spectrum(key).n * n_rhs)
         seconds = max(full.breakdown_s.get("transfer", 0.0) - base.breakdown_s.get("transfer", 0.0), 0.0)
@@ -121,6 +122,7 @@ class ThermoPricing:
                            "start": self._start, "resident": op == "solve",
                            "hardware_time_s": p.seconds,
                            "predicted_rel_error": math.hypot(thermal, p.error["static"]),
+                           "converters": p.info["converters"], "kappa0": p.info["device_kappa0"],
                            "prediction": "actual_rhs" if actual is not None else "rhs_model"})
         # the two solves' errors compound roughly in quadrature (the A solve sees the G solve's output)
         total = math.hypot(*(s["predicted_rel_error"] for s in solves)) if solves else None

@@ -2,9 +2,11 @@
 
 ``ThermodynamicSolver`` (registered as ``"thermo"``) runs each layer's linear algebra on the
 Langevin simulator of :mod:`hw_models` and reports what the modelled hardware would cost. By
-default it simulates the device preset it is priced on (``device``: converters, rails, mismatch,
-read noise, ``kappa0`` from :meth:`hw_models.ThermoDevice.noise_config`); ``ideal=True`` gives
-the idealised device. The full guide (options, scaling, ranging, warm starts, error laws,
+default it simulates the device preset it is priced on (``device``: one
+:class:`hw_models.ThermoDevice` whose ``noise`` is the simulator's configuration and whose
+``kappa0`` is its thermal noise); every option that changes the device (``ideal``, ``bits``,
+``kappa0`` and each :class:`hw_models.NoiseConfig` field) yields a new device object, and that
+object is both simulated and priced. The full guide (options, scaling, ranging, warm starts, error laws,
 reports, failures) is ``docs/thermodynamic_kfac.md``.
 
 - ``method="solve"`` (default; "Method 2" of the seed paper): :meth:`prepare` programs the two
@@ -61,16 +63,17 @@ first call, having none, returns its own); ``info["staleness_steps"]`` says whic
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
 from hw_models import pricing
-from hw_models.devices import digital_device, thermo_device
+from hw_models.devices import NOISE_FIELDS, digital_device, thermo_device
 from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program, solve_programmed
 from hw_models.langevin import inverse as analog_inverse
-from hw_models.noise import NoiseConfig, abs_max, read_out
+from hw_models.noise import abs_max, read_out
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure, SolverReport, register_solver
 from thermo_kfac.solvers.thermo_device import (
@@ -92,9 +95,6 @@ __all__ = ["LAMBDA_SAFETY", "ThermodynamicSolver", "lambda_max_estimate"]
 METHODS = ("inverse", "solve")
 INTEGRATORS = ("euler", "exact", "analytic", "sde")
 WARM_STARTS = ("previous", "gradient", "zero")
-_NOISE_FIELDS = ("coupling_bits", "input_bits", "output_bits", "rounding", "mismatch_std",
-                 "mismatch_kind", "read_noise", "mitigation_copies", "coupling_range",
-                 "input_range", "output_range", "device_seed", "state_range", "unit", "cell_offset")
 
 
 @register_solver
@@ -103,23 +103,24 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
 
     Options (the same keys as the CLI's ``kfac:solver=thermo,key=value`` specs):
 
-    - ``device`` (thermodynamic preset, default ``"chip"``): the device SIMULATED and priced. By
-      default its converters and non-idealities are simulated as the preset states them
-      (:meth:`hw_models.ThermoDevice.noise_config`: coupling/DAC/ADC bits, coupling range, the
-      rails ``state_range``, mismatch, read noise) with its thermal noise ``kappa0``.
-      ``ideal=True``: converters, rails, mismatch and read noise off (thermal noise stays).
-      Explicit options below override single settings.
+    - ``device`` (thermodynamic preset name or :class:`hw_models.ThermoDevice`, default
+      ``"chip"``): the device SIMULATED and priced: its ``noise`` (coupling/input/output bits,
+      ranges, the rails ``state_range``, mismatch, read noise) and its thermal noise ``kappa0``.
+      ``ideal=True``: :meth:`hw_models.ThermoDevice.ideal` (converters, rails, mismatch and read
+      noise off; thermal noise stays). The options below change single fields of that device
+      (:meth:`hw_models.ThermoDevice.replace`); :attr:`device` is the result.
     - ``method``: ``"solve"`` (default) or ``"inverse"``.
     - ``analog_time`` (tau, default 50; ``0`` allowed for ``solve``: no dynamics), ``burn_in``
-      (tau, default 10), ``kappa0`` (default: the preset's), ``dt`` (``"auto"`` or a step).
+      (tau, default 10), ``kappa0`` (default: the preset's; 0 = noiseless), ``dt``.
     - ``integrator``: ``"analytic"`` (default: the time average drawn from its exact Gaussian law;
       a run that could reach the rails runs the clipping ``"exact"`` integrator instead),
       ``"exact"``, ``"euler"``/``"sde"`` (Euler-Maruyama).
     - ``dynamics`` (``"overdamped"``/``"underdamped"``), ``mass``, ``friction``; ``backend``.
-    - ``bits`` (shorthand for coupling, input and output bits; ``*_bits`` override it) and every
-      other :class:`hw_models.NoiseConfig` field (``rounding``, ``mismatch_std``,
-      ``mismatch_kind``, ``read_noise``, ``mitigation_copies``, ``*_range``, ``state_range``,
-      ``device_seed``, ``unit``/``cell_offset``: the placement, default by layer, see below).
+    - ``bits`` (coupling, input and output bits together: the one meaning of ``bits`` in the
+      project; ``*_bits`` override it) and every other :class:`hw_models.NoiseConfig` field
+      (``rounding``, ``mismatch_std``, ``mismatch_kind``, ``read_noise``, ``mitigation_copies``,
+      ``*_range``, ``state_range``, ``device_seed``, ``unit``/``cell_offset``: the placement,
+      default by layer, see below).
     - ``warm_start``: ``"previous"`` (default), ``"gradient"`` or ``"zero"`` (method ``solve``).
     - ``jacobi`` (default False): digital diagonal scaling before programming.
     - ``power_iterations`` (default 20): Lanczos steps of the ``lambda_max`` estimate
@@ -157,14 +158,10 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         self.method = check_choice("method", method, METHODS)
         check_choice("integrator", integrator, INTEGRATORS)
         self.warm_start = check_choice("warm_start", warm_start, WARM_STARTS)
-        unknown = sorted(set(noise) - set(_NOISE_FIELDS))
+        unknown = sorted(set(noise) - set(NOISE_FIELDS))
         if unknown:
             raise ValueError(f"unknown thermo solver option(s) {', '.join(map(repr, unknown))}; valid "
-                             f"noise options: {', '.join(_NOISE_FIELDS)}")
-        if bits is not None:
-            check_number("bits", bits, low=2, high=32, integer=True)
-            for key in ("coupling_bits", "input_bits", "output_bits"):
-                noise.setdefault(key, bits)
+                             f"noise options: {', '.join(NOISE_FIELDS)}")
         self.seed = check_number("seed", seed, low=0, integer=True)
         check_positive("analog_time", analog_time, allow_zero=True)
         if self.method == "inverse" and not analog_time > 0:
@@ -191,24 +188,26 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         self.residual: float | None = None  # last measured relative residual
         self.residual_apply: int | None = None  # and the apply() call it was measured in
         self.analog_time = float(analog_time)
-        self.device = thermo_device(device)
-        self.host = digital_device(host)
         self._placement = {key: noise.pop(key) for key in ("unit", "cell_offset") if key in noise}
-        if self.method == "inverse" and not ideal:
-            # covariance sampling has no input to range: the rails bound the samples themselves
-            noise.setdefault("state_range", None)
-        # THE mapping from the preset to the simulator (the same one pricing uses)
-        self.noise = self.device.noise_config(ideal=ideal, **noise)
-        kappa0 = self.device.kappa0 if kappa0 is None else kappa0
+        base = thermo_device(device)
+        base = base.ideal() if ideal else base
+        changes: dict[str, Any] = dict(noise)
+        if bits is not None:
+            changes["bits"] = bits
+        if kappa0 is not None:
+            changes["kappa0"] = kappa0
+        #: THE device: simulated (its noise and kappa0 configure the simulator) and priced
+        self.device = base.replace(**changes) if changes else base
+        self.host = digital_device(host)
         # AnalogConfig validates the rest; its analog_time must be > 0, so 0 is kept separately.
-        self.config = AnalogConfig(analog_time=self.analog_time or 1.0, burn_in=burn_in, dt=dt,
-                                   kappa0=kappa0,
-                                   integrator="euler" if integrator == "sde" else integrator,
-                                   backend=backend, seed=self.seed, noise=self.noise,
-                                   dynamics=dynamics, mass=mass, friction=friction)
-        if self.method == "inverse" and not kappa0 > 0:
-            raise ValueError(f"kappa0={kappa0!r} must be > 0 for method='inverse' (covariance sampling)")
-        self.bits = self.noise.coupling_bits
+        self.config = self.device.analog_config(
+            analog_time=self.analog_time or 1.0, burn_in=burn_in, dt=dt,
+            integrator="euler" if integrator == "sde" else integrator, backend=backend, seed=self.seed,
+            dynamics=dynamics, mass=mass, friction=friction)
+        self.noise = self.device.noise
+        if self.method == "inverse" and not self.device.kappa0 > 0:
+            raise ValueError(f"kappa0={self.device.kappa0!r} must be > 0 for method='inverse' "
+                             "(covariance sampling)")
         # State used by apply()
         self.calls = 0
         self.A_inv: torch.Tensor | None = None  # method "inverse"
@@ -217,10 +216,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         self.X_prev: torch.Tensor | None = None  # warm starts: the host's read-out, host units
         self.Y_prev: torch.Tensor | None = None
         self._configs: dict[str, AnalogConfig] = {}  # per factor: its placement on the device
-        # pricing: the device as simulated (this solver's kappa0), the programmed spectra of the
-        # last prepare and its priced jobs (pure functions of those, so priced once per prepare)
-        # (a noiseless simulation, kappa0=0, is priced at a negligible kappa0: presets need > 0)
-        self._priced_device = self.device.replace(kappa0=max(self.config.kappa0, 1e-30))
+        # pricing: the programmed spectra of the last prepare and its priced jobs (pure functions
+        # of those and the device, so priced once per prepare)
         self.spectra: dict[str, pricing.SpectrumSummary] = {}
         self._prices: dict[tuple, pricing.Price] = {}
         self._measured: list[float | None] | None = None  # apply(): the law per call, actual RHS
@@ -248,8 +245,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 lam = f.prog.eigenvalues
                 kappas.append(float(lam[:, -1].max() / lam[:, 0].min()))
                 self.spectra[key] = pricing.SpectrumSummary.from_eigenvalues(lam[0])
-                costs.append(pricing.price_program(f.P.shape[0], self._priced_device, bits=self.bits,
-                                                   oversize="block"))
+                costs.append(pricing.price_program(f.P.shape[0], self.device, oversize="block"))
             old = self.factors
             for key, f in factors.items():  # the device keeps its end states across updates
                 if key in old and old[key].P.shape == f.P.shape:
@@ -378,10 +374,11 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         through; each call's ``reloaded_values`` are in its report).
         """
         scales = [self.factors[k].scale if k in self.factors else 1.0 for k in ("G", "A")]
-        out = {"digital_method": self.digital_method, "method": self.method, "bits": self.bits,
+        out = {"digital_method": self.digital_method, "method": self.method,
                "analog_time": self.analog_time, "burn_in": self.config.burn_in,
-               "kappa0": self.config.kappa0, "copies": self.noise.mitigation_copies,
-               "device": self.device.name, "host": self.host.name, "ideal": self.ideal,
+               "kappa0": self.device.kappa0, "copies": self.noise.mitigation_copies,
+               "device": self.device.name, "thermo_device": self.device, "host": self.host.name,
+               "ideal": self.ideal,
                "input_scale": scales, "warm_start": self.warm_start,
                "held_states": self.device.units, "reload_bits": self.noise.input_bits,
                "start": self._start, "overlap": self.overlap}
@@ -401,7 +398,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             slot = 2 * self.layer_index + (0 if key == "G" else 1)
             unit = self._placement.get("unit", slot % self.device.units)
             offset = self._placement.get("cell_offset", 0)
-            noise = NoiseConfig(**{**self.noise.__dict__, "unit": unit, "cell_offset": offset})
+            noise = dataclasses.replace(self.noise, unit=unit, cell_offset=offset)
             self._configs[key] = self.config.replace(noise=noise)
         return self._configs[key]
 
