@@ -474,13 +474,16 @@ class ThermoDevice:
 
 
 def _converters(*, coupling_bits: int, input_bits: int, output_bits: int, state_range: float,
-                mismatch: float, read_noise: float, coupling_range: float = 1.0) -> NoiseConfig:
-    """A preset's converters: couplings over the fixed ``coupling_range``, right-hand sides over
-    the full scale 1, read-out over the rails, proportional mismatch."""
+                mismatch: float, read_noise: float, coupling_range: float = 1.0,
+                diagonal_resistors: bool = False) -> NoiseConfig:
+    """A preset's converters: couplings over the fixed ``coupling_range`` (with
+    ``diagonal_resistors``: over the off-diagonal abs-max, at most that range), right-hand sides
+    over the full scale 1, read-out over the rails, proportional mismatch."""
     return NoiseConfig(coupling_bits=coupling_bits, input_bits=input_bits, output_bits=output_bits,
                        coupling_range=coupling_range, input_range=1.0, output_range=state_range,
                        state_range=state_range, mismatch_std=mismatch or None,
-                       mismatch_kind="proportional", read_noise=read_noise or None)
+                       mismatch_kind="proportional", read_noise=read_noise or None,
+                       diagonal_resistors=diagonal_resistors)
 
 
 def _board() -> ThermoDevice:
@@ -529,7 +532,8 @@ def _tngd() -> ThermoDevice:
     Noise and converters: kappa0 = 1e-3 (the smallest thermal noise TNGD simulates, Fig. 7; its
     effect was negligible below 1e-2) [source: TNGD, in the simulator's convention as TNGD's eq. 15
     uses it]; coupling_bits 16 (TNGD's 16-bit precision) [source]; state_range 8 [assumed];
-    mismatch 0 and read_noise 0 (TNGD's timing model has neither) [source: absent there].
+    mismatch 0 and read_noise 0 (TNGD's timing model has neither) [source: absent there];
+    diagonal_resistors (TNGD App. C adds the damping as separate resistors to ground) [source].
     """
     return ThermoDevice(
         name="tngd", cells=4096, tau_s=1e-6, io_bandwidth_bps=50e9,
@@ -538,7 +542,7 @@ def _tngd() -> ThermoDevice:
         converter_fom_j=50e-15, mac_energy_j=1e-12, onchip_accumulators=True, oversize="refuse",
         description="TNGD timing model (16 bit, 50 Gb/s, tau = 1 us), 4096 cells",
         noise=_converters(coupling_bits=16, input_bits=16, output_bits=16, state_range=8.0, mismatch=0.0,
-                          read_noise=0.0),
+                          read_noise=0.0, diagonal_resistors=True),
     )
 
 
@@ -561,6 +565,12 @@ def _chip() -> ThermoDevice:
     - state_range 8 full-scale units [assumed];
     - mismatch 2e-3 (on-chip capacitor matching after trimming) [assumed]; read_noise 2e-4
       (about one LSB of a 12-bit ADC over +-1) [assumed];
+    - diagonal_resistors: each cell's self-coupling (the factor's diagonal with the damping) on its
+      own resistor to ground, exact, as TNGD App. C adds the damping; the coupling DACs then
+      range over the off-diagonal couplings only (their full scale follows the matrix's
+      off-diagonal abs-max, at most coupling_range: a programmable reference) [assumed: without
+      it a 10-bit fixed-range coupling array cannot program any factor wider than about 256
+      whose damped condition number exceeds about 30, docs/thermodynamic_kfac.md];
     - 1 mW per cell (integrator, noise source, share of converters), 1 uW per coupling (tens of
       mV across tens of kOhm);
     - on-chip covariance accumulators at 1 pJ per 16-bit MAC (Horowitz, ISSCC 2014, 45 nm:
@@ -574,7 +584,7 @@ def _chip() -> ThermoDevice:
         converter_fom_j=50e-15, mac_energy_j=1e-12, onchip_accumulators=True, oversize="refuse",
         description="projected integrated chip, 4 units x 4096 cells, tau = 100 ns",
         noise=_converters(coupling_bits=10, input_bits=12, output_bits=12, state_range=8.0, mismatch=2e-3,
-                          read_noise=2e-4),
+                          read_noise=2e-4, diagonal_resistors=True),
     )
 
 

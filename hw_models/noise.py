@@ -63,6 +63,13 @@ class NoiseConfig:
         state_range: ``|x_i|`` at which the state saturates (the rails, > 0); ``None``: no rails.
         unit, cell_offset: where the matrix is placed on the device (which solver unit, first
             cell): selects the block of the device's mismatch pattern (>= 0).
+        diagonal_resistors: the diagonal (each cell's self-coupling to ground, the damping
+            included) is programmed on its own resistors (TNGD, App. C), not by the coupling
+            DACs: it is exact (or ``diagonal_bits`` over its own abs-max) and the coupling DACs'
+            full scale then covers the off-diagonal entries only (their abs-max, at most
+            ``coupling_range``). Mismatch applies to both.
+        diagonal_bits: resolution of the diagonal resistors (>= 2); ``None`` = exact. Only with
+            ``diagonal_resistors``.
     """
 
     coupling_bits: int | None = None
@@ -80,6 +87,8 @@ class NoiseConfig:
     state_range: float | None = None
     unit: int = 0
     cell_offset: int = 0
+    diagonal_resistors: bool = False
+    diagonal_bits: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("coupling_bits", "input_bits", "output_bits"):
@@ -99,6 +108,13 @@ class NoiseConfig:
         check_number("mitigation_copies", self.mitigation_copies, low=1, integer=True)
         for name in ("device_seed", "unit", "cell_offset"):
             check_number(name, getattr(self, name), low=0, integer=True)
+        if not isinstance(self.diagonal_resistors, bool):
+            raise ValueError(f"diagonal_resistors={self.diagonal_resistors!r} must be True or False")
+        if self.diagonal_bits is not None:
+            check_number("diagonal_bits", self.diagonal_bits, low=2, high=32, integer=True)
+            if not self.diagonal_resistors:
+                raise ValueError(f"diagonal_bits={self.diagonal_bits} needs diagonal_resistors=True "
+                                 "(without them the diagonal is programmed by the coupling DACs)")
         quantized = self.coupling_bits is not None or self.input_bits is not None
         if self.mitigation_copies > 1 and quantized and self.rounding != "stochastic":
             raise ValueError(
@@ -115,7 +131,7 @@ class NoiseConfig:
     @property
     def programs_couplings(self) -> bool:
         """True when the programmed matrix differs from ``A`` (quantization or mismatch)."""
-        return self.coupling_bits is not None or bool(self.mismatch_std)
+        return self.coupling_bits is not None or bool(self.mismatch_std) or self.diagonal_bits is not None
 
 
 @dataclass(frozen=True)
@@ -270,12 +286,34 @@ def program_couplings(A: torch.Tensor, config: NoiseConfig, *, copies: int = 1,
     """
     A_rep = A.repeat(copies, 1, 1) if copies > 1 else A
     info: dict = {"clipped": 0, "step": None}
+    if config.diagonal_resistors:
+        # the diagonal on its own resistors; the coupling DACs see (and range over) the rest
+        diag = torch.diagonal(A_rep, dim1=-2, dim2=-1).clone()
+        A_rep = A_rep - torch.diag_embed(diag)
+        if config.diagonal_bits is not None:
+            diag = quantize(diag, config.diagonal_bits, rounding=config.rounding, dims=(-1,),
+                            generator=generator).values
     if config.coupling_bits is not None:
-        q = quantize_couplings(A_rep, config.coupling_bits, rounding=config.rounding,
-                               bound=config.coupling_range, generator=generator)
+        bound = config.coupling_range
+        if config.diagonal_resistors:  # full scale = the off-diagonal abs-max, capped by the range
+            span = abs_max(A_rep, (-2, -1))
+            clipped = 0
+            if bound is not None and bool((span > bound).any()):
+                clipped = int(torch.triu(A_rep.abs() > bound, diagonal=1).sum())
+                A_rep = A_rep.clamp(-bound, bound)
+                span = span.clamp_max(bound)
+            q = quantize(A_rep, config.coupling_bits, rounding=config.rounding, dims=(-2, -1),
+                         generator=generator, span=torch.where(span > 0, span, 1.0))
+            upper = torch.triu(q.values, diagonal=1)  # one coupling per pair of cells, mirrored
+            q = Quantized(values=upper + upper.transpose(-1, -2), step=q.step, n_clipped=clipped)
+        else:
+            q = quantize_couplings(A_rep, config.coupling_bits, rounding=config.rounding,
+                                   bound=bound, generator=generator)
         A_rep = q.values
         info["clipped"] = q.n_clipped
         info["step"] = q.step.reshape(-1)[: A.shape[0]]
+    if config.diagonal_resistors:
+        A_rep = A_rep + torch.diag_embed(diag)
     if config.mismatch_std:
         # the cells the matrix is placed on (system s of a stack on unit config.unit + s), shared
         # by all copies

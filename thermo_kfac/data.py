@@ -32,10 +32,10 @@ import torch
 from hw_models.validation import check_choice, check_number, check_positive
 
 TASKS = ("classification", "regression", "autoencoder")
-DATASETS = ("digits", "synthetic-classification", "synthetic-regression", "mnist", "fashion-mnist",
-            "cifar10", "sbm")
+DATASETS = ("digits", "digits28", "synthetic-classification", "synthetic-regression", "mnist",
+            "fashion-mnist", "cifar10", "sbm")
 # Datasets whose examples are images, so they can also be used as an auto-encoder task.
-IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+IMAGE_DATASETS = ("digits", "digits28", "mnist", "fashion-mnist", "cifar10")
 DEFAULT_LOSS = {"classification": "cross_entropy", "regression": "mse", "autoencoder": "bce"}
 VISION_HINT = "pip install thermo-kfac[vision]"
 
@@ -178,6 +178,8 @@ def load_dataset(name: str, *, task: str | None = None, seed: int = 0, root: str
         data = make_synthetic(own_task, seed=seed, **options)
     elif name == "digits":
         data = load_digits(seed=seed, autoencoder=task == "autoencoder", **options)
+    elif name == "digits28":
+        data = load_digits28(seed=seed, autoencoder=task == "autoencoder", **options)
     elif name == "sbm":
         if task not in (None, "classification"):
             raise ValueError(f"dataset='sbm' is a node classification task; task={task!r} is not "
@@ -239,6 +241,61 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2, autoencoder: bool 
     return _image_dataset("digits", x_tr.reshape(-1, 1, 8, 8), y_tr, x_te.reshape(-1, 1, 8, 8), y_te,
                           10, autoencoder, {"test_fraction": test_fraction, "seed": seed},
                           standardize=False)
+
+
+def mnist_like(images: np.ndarray, *, size: int = 28, digit: int = 20, max_shift: int = 2,
+               seed: int = 0) -> np.ndarray:
+    """8x8 digit images (values in [0, 1], shape ``(N, 8, 8)``) as MNIST-shaped ``(N, size, size)``.
+
+    Each digit is up-sampled bilinearly to ``digit x digit`` pixels and pasted into a zero canvas,
+    centred and then moved by a seeded random shift of up to ``max_shift`` pixels per axis (as
+    MNIST centres each digit's mass in a 28x28 frame with a 4-pixel border). The border pixels are
+    zero in (nearly) every image, so they have near-zero variance like MNIST's.
+    """
+    check_positive("size", size, integer=True)
+    check_number("digit", digit, low=1, high=size, integer=True)
+    check_number("max_shift", max_shift, low=0, high=(size - digit) // 2, integer=True)
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
+    up = torch.nn.functional.interpolate(x, size=(digit, digit), mode="bilinear", align_corners=True)
+    up = up[:, 0].clamp(0.0, 1.0).numpy()
+    rng = np.random.default_rng(seed)
+    shifts = rng.integers(-max_shift, max_shift + 1, size=(len(images), 2))
+    out = np.zeros((len(images), size, size), dtype=np.float32)
+    base = (size - digit) // 2
+    for i, (dy, dx) in enumerate(shifts):
+        out[i, base + dy: base + dy + digit, base + dx: base + dx + digit] = up[i]
+    return out
+
+
+def load_digits28(*, seed: int = 0, test_fraction: float = 0.2, copies: int = 4, max_shift: int = 2,
+                  autoencoder: bool = False) -> Dataset:
+    """The realistic-width workload's images: the digits at MNIST's shape and statistics.
+
+    scikit-learn's 8x8 digits (shipped with the package, no download) split as :func:`load_digits`,
+    each made into a 28x28 image by :func:`mnist_like` (bilinear up-sampling to 20x20, zero border,
+    random shifts of up to ``max_shift`` pixels); every training digit appears ``copies`` times
+    with independent shifts (1,437 x 4 = 5,748 training images by default), every test digit once.
+    Pixels are in [0, 1] and standardized per channel as MNIST is (one mean and standard deviation),
+    so an MLP's first layer sees 784 inputs whose second moments, like MNIST's, are dominated by
+    the mean image (the damped input factor of a 784-512-512-10 MLP is ill-conditioned).
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    check_number("test_fraction", test_fraction, low=0.0, high=1.0, low_inclusive=False,
+                 high_inclusive=False)
+    check_positive("copies", copies, integer=True)
+    bunch = sklearn_digits()
+    x = (bunch.data.astype(np.float32) / 16.0).reshape(-1, 8, 8)
+    labels = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, labels, test_size=test_fraction,
+                                              random_state=seed, stratify=labels)
+    x_tr = np.concatenate([mnist_like(x_tr, max_shift=max_shift, seed=seed * 1000 + 1 + c)
+                           for c in range(copies)])
+    y_tr = np.tile(y_tr, copies)
+    x_te = mnist_like(x_te, max_shift=max_shift, seed=seed * 1000)
+    info = {"test_fraction": test_fraction, "seed": seed, "copies": copies, "max_shift": max_shift}
+    return _image_dataset("digits28", x_tr[:, None], y_tr, x_te[:, None], y_te, 10, autoencoder, info)
 
 
 # --------------------------------------------------------------------------------- synthetic

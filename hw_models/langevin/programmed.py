@@ -18,7 +18,8 @@ from hw_models.langevin.problem import Array, prepare
 
 #: NoiseConfig fields that shape the programmed couplings (must match between program and solve).
 COUPLING_FIELDS = ("coupling_bits", "rounding", "mismatch_std", "mismatch_kind", "coupling_range",
-                   "device_seed", "mitigation_copies", "unit", "cell_offset")
+                   "device_seed", "mitigation_copies", "unit", "cell_offset", "diagonal_resistors",
+                   "diagonal_bits")
 
 #: Entries a ProgrammedMatrix keeps per setting before its cache is emptied (bounds memory when
 #: a caller sweeps many settings over one matrix).

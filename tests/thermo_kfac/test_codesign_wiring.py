@@ -92,9 +92,9 @@ def test_one_pricing_call_per_solve_and_prepare():
         solver.apply(torch.randn(16, 24, dtype=torch.float64))
         reloaded |= {i for i, v in enumerate(solver.last_report.info["reloaded_values"]) if v}
     calls = pricing.pricing_calls()
-    # two factors programmed, two solves (and each reload job) priced once per prepare: the same
-    # jobs every apply
-    assert calls == {"price_program": 2, "price": 2 + len(reloaded)}
+    # two factors programmed, the law's window for each at prepare (deflate/analog_time "auto"),
+    # two solves (and each reload job) priced once per prepare: the same jobs every apply
+    assert calls == {"price_program": 2, "price": 2 + 2 + len(reloaded)}
 
 
 # ------------------------------------------------------------------------------ overlap

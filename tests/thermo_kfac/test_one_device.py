@@ -23,7 +23,7 @@ OVERRIDES = {
     "coupling_bits": 14, "input_bits": 9, "output_bits": 11, "rounding": "stochastic",
     "mismatch_std": 1e-3, "mismatch_kind": "absolute", "read_noise": 1e-3,
     "mitigation_copies": 2, "coupling_range": 1.5, "input_range": 0.9, "output_range": 6.0,
-    "device_seed": 7, "state_range": 12.0,
+    "device_seed": 7, "state_range": 12.0, "diagonal_resistors": False, "diagonal_bits": 8,
 }
 PLACEMENT = {"unit", "cell_offset"}
 
@@ -45,6 +45,8 @@ def test_an_override_is_simulated_and_priced(field):
     options = {field: value}
     if field == "mitigation_copies":
         options["rounding"] = "stochastic"  # copies need unbiased rounding
+    if field == "diagonal_bits":
+        options["diagonal_resistors"] = True  # the chip has them; stated so the test says why
     solver = ThermodynamicSolver(seed=1, **options)
     chip = hm.thermo_device("chip")
     assert solver.device == chip.replace(**options)

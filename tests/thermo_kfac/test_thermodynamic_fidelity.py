@@ -91,7 +91,9 @@ def test_input_ranging_keeps_the_state_inside_the_rails():
     A = _spd([1.0, 0.3, 0.05, 0.01, 0.005], seed=2)
     G = _spd([1.0, 0.8], seed=3)
     grad = torch.randn(2, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    solver = ThermodynamicSolver(track_exact=True, seed=1, analog_time=2000.0, burn_in=200.0)
+    # deflate=0: the whole slow factor on the device (deflation would remove the slow premise)
+    solver = ThermodynamicSolver(track_exact=True, seed=1, analog_time=2000.0, burn_in=200.0,
+                                 deflate=0)
     solver.prepare(A, G, Damping(1e-6))
     for _ in range(3):
         solver.apply(grad + 0.01 * torch.randn(2, 5, dtype=torch.float64))
@@ -104,7 +106,7 @@ def test_input_ranging_keeps_the_state_inside_the_rails():
     assert solver.pricing_settings()["input_scale"] == [s_g, s_a]
     assert info["rel_error_to_exact"] < 0.1
     wide = ThermodynamicSolver(track_exact=True, seed=1, analog_time=2000.0, burn_in=200.0,
-                               state_range=1e5, output_range=1e5)
+                               state_range=1e5, output_range=1e5, deflate=0)
     wide.prepare(A, G, Damping(1e-6))
     wide.apply(grad)
     assert wide.last_report.info["input_scale"] == [1.0, 1.0]

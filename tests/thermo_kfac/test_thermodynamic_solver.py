@@ -289,10 +289,11 @@ def test_fallback_on_injected_nan_keeps_training_finite():
 
 
 def test_unprogrammable_device_falls_back():
-    """2-bit couplings make an ill-conditioned factor indefinite: prepare raises SolverFailure, so
-    the preconditioner's fallback solver serves every step (counted) and training goes on."""
-    with pytest.warns(RuntimeWarning, match="programming factor"):
-        losses, precond = _train_mlp("thermo", {"coupling_bits": 2}, steps=6)
+    """2-bit couplings make an ill-conditioned factor indefinite at every deflation depth:
+    prepare raises SolverFailure naming the depth tried, so the preconditioner's fallback solver
+    serves every step (counted) and training goes on."""
+    with pytest.warns(RuntimeWarning, match="cannot be programmed .deflate="):
+        losses, precond = _train_mlp("thermo", {"coupling_bits": 2, "diagonal_resistors": False}, steps=6)
     assert all(math.isfinite(v) for v in losses)
     assert sum(precond.fallbacks().values()) > 0
     assert sum(precond.skipped_updates().values()) > 0
@@ -338,7 +339,7 @@ def test_every_simulator_option_reaches_the_simulator():
                                     mitigation_copies=2, device_seed=4,
                                     coupling_range=chip.noise.coupling_range, input_range=1.0,
                                     output_range=chip.noise.state_range,
-                                    state_range=chip.noise.state_range)
+                                    state_range=chip.noise.state_range, diagonal_resistors=True)
     info = solver.last_report.info
     # two solves, two copies; the exact integrator rounds the times to whole steps
     assert info["analog_time"] == pytest.approx(2 * 2 * (50.0 + 10.0), rel=0.05)

@@ -118,7 +118,7 @@ class _LowRankSolver(KFACSolver):
                 "coef_G": self.coef_G, "c_G": self.c_G, "n_prepared": self.n_prepared}
 
 
-def _range_finder(M: torch.Tensor, k: int, power_iters: int, gen: torch.Generator,
+def range_finder(M: torch.Tensor, k: int, power_iters: int, gen: torch.Generator,
                   symmetric_power: bool) -> torch.Tensor:
     """Orthonormal ``(n, k)`` basis approximating the range of ``M`` (Halko et al. 2011, alg. 4.4).
 
@@ -161,7 +161,7 @@ def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
     ``11 (m k + k^2) u ||Y||^2``) keeps the Cholesky factorization defined for a rank-deficient
     ``Y``; the second pass restores orthogonality to working precision. Falls back to Householder
     QR if a factorization still fails."""
-    with single_thread():  # small, latency-bound work: see _range_finder
+    with single_thread():  # small, latency-bound work: see range_finder
         Y64 = Y.double()
         m, k = Y64.shape
         gram = Y64.T @ Y64
@@ -206,9 +206,9 @@ class RandomizedSVDSolver(_LowRankSolver):
 
     def _sketch(self, M: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         width = min(k + self.oversample, M.shape[0])
-        Q = _range_finder(M, width, self.power_iters, gen, symmetric_power=False)
+        Q = range_finder(M, width, self.power_iters, gen, symmetric_power=False)
         B = Q.T @ M
-        with single_thread():  # a (k, n) SVD: small factorizations, see _range_finder
+        with single_thread():  # a (k, n) SVD: small factorizations, see range_finder
             _, S, Vh = torch.linalg.svd(B, full_matrices=False)
         return S[:k], Vh[:k].T.contiguous()
 
@@ -220,10 +220,18 @@ class SymmetricRandomizedEighSolver(_LowRankSolver):
     name = "sre"
 
     def _sketch(self, M: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        width = min(k + self.oversample, M.shape[0])
-        Q = _range_finder(M, width, self.power_iters, gen, symmetric_power=True)
-        T = Q.T @ M @ Q
-        with single_thread():
-            vals, vecs = torch.linalg.eigh((T + T.T) / 2)
-        vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k]
-        return vals, Q @ vecs
+        return top_eigenpairs(M, k, self.oversample, self.power_iters, gen)
+
+
+def top_eigenpairs(M: torch.Tensor, k: int, oversample: int, power_iters: int, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, vectors)``: ``k`` approximate top eigenpairs of the symmetric PSD ``M``, descending
+    (Rayleigh-Ritz on a randomized range with ``k + oversample`` columns and ``power_iters`` power
+    iterations; used by SRE-KFAC and by the thermodynamic solver's deflation)."""
+    width = min(k + oversample, M.shape[0])
+    Q = range_finder(M, width, power_iters, gen, symmetric_power=True)
+    T = Q.T @ M @ Q
+    with single_thread():
+        vals, vecs = torch.linalg.eigh((T + T.T) / 2)
+    vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k]
+    return vals, Q @ vecs

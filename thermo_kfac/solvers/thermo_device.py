@@ -21,6 +21,8 @@ LAMBDA_SAFETY = 1.01
 #: trusts the previous call's peak up to this margin
 RANGE_TARGET = 0.5
 RANGE_MARGIN = 1.5
+#: power iterations of the feasibility law's rounding-error norm (host work per prepare)
+FEASIBILITY_ITERATIONS = 30
 
 
 @dataclass
@@ -39,6 +41,17 @@ class DeviceFactor:
     held_cols: torch.Tensor | None = None  # and which right-hand-side columns they belong to
     peak: float | None = None  # last read-out peak |y| per unit input scale (input ranging)
     scale: float = 1.0  # last input scale s
+    defl: Any = None  # the deflated top modes (thermo_kfac.solvers.deflation.Deflated) or None
+    lambda_min: float = 0.0  # smallest eigenvalue of P (the damping over the scale)
+    feasibility: Any = None  # the feasibility law's verdict on P (hw_models.langevin.feasibility)
+    window: float | None = None  # analog_time="auto": this factor's window and burn-in (tau)
+    burn_in: float | None = None
+    cfg: Any = None  # the placed configuration with that window (cached)
+
+    @property
+    def k(self) -> int:
+        """Deflation depth (0: the device solves the whole factor)."""
+        return 0 if self.defl is None else self.defl.k
 
     def state(self) -> dict[str, Any]:
         return {"M": self.M, "P": self.P, "c": self.c, "d": self.d, "seed": self.seed,
@@ -91,6 +104,28 @@ def lambda_max_estimate(S: torch.Tensor, iterations: int, seed: int = 0) -> floa
     rho = 0.0 if len(alpha) == n else beta[len(alpha) - 1] * abs(float(Y[-1, -1]))
     est = top + rho
     return est * LAMBDA_SAFETY if est > 0 and math.isfinite(est) else 1.0
+
+
+def layer_setup_info(factors: dict[str, DeviceFactor]) -> dict[str, Any]:
+    """A prepare's per-factor ``[G, A]`` setup keys: deflation depth, condition numbers before and
+    after deflation (damped factor, programmed remainder), the feasibility verdict, the leak and
+    the window and burn-in of the solves (``None``: the fixed ``analog_time``)."""
+    out: dict[str, list[Any]] = {"deflate": [], "kappa_before": [], "kappa_after": [],
+                                 "feasibility": [], "deflation_residual": [], "window": [],
+                                 "burn_in": []}
+    for key in ("G", "A"):
+        f = factors[key]
+        lam = f.defl.lam if f.defl is not None else None
+        top = float(f.defl.L[0]) + lam if f.defl is not None and f.k else None
+        after = 1.0 / f.lambda_min if f.lambda_min > 0 else float("inf")
+        out["deflate"].append(f.k)
+        out["kappa_after"].append(after)
+        out["kappa_before"].append(top / lam if top is not None and lam else after)
+        out["feasibility"].append(None if f.feasibility is None else f.feasibility.to_dict())
+        out["deflation_residual"].append(None if f.defl is None else f.defl.residual)
+        out["window"].append(f.window)
+        out["burn_in"].append(f.burn_in)
+    return out
 
 
 def combined(values: list[Any]) -> float | None:

@@ -35,6 +35,51 @@ class ThermoPricing:
         return pricing.Cost(seconds, seconds * self.host.power_w, {"host_scaling": seconds},
                             {"host_scaling": seconds * self.host.power_w})
 
+    def converters(self) -> dict[str, Any]:
+        """The converters and device non-idealities simulated (the report's ``converters``)."""
+        n = self.noise
+        return {"ideal": self.ideal, "coupling_bits": n.coupling_bits, "input_bits": n.input_bits,
+                "output_bits": n.output_bits, "coupling_range": n.coupling_range,
+                "input_range": n.input_range, "output_range": n.output_range,
+                "state_range": n.state_range, "mismatch": n.mismatch_std or 0.0,
+                "read_noise": n.read_noise or 0.0, "kappa0": self.config.kappa0}
+
+    def pricing_settings(self) -> dict[str, Any]:
+        """What the cost model needs (see :meth:`KFACSolver.pricing_settings`).
+
+        The simulated converters (``converters()``: the same values the simulator runs with),
+        ``ideal``, the last input scale per factor (``input_scale``: ``[G, A]``, 1 before any
+        call) and the warm-start reload: ``warm_start``, ``held_states`` (end states the device
+        keeps per factor: one per unit) and ``reload_bits`` (the DAC a re-sent state goes
+        through; each call's ``reloaded_values`` are in its report).
+        """
+        scales = [self.factors[k].scale if k in self.factors else 1.0 for k in ("G", "A")]
+        out = {"digital_method": self.digital_method, "method": self.method,
+               "analog_time": None if self.auto_window else self.analog_time,
+               "burn_in": self.config.burn_in,
+               "kappa0": self.device.kappa0, "copies": self.noise.mitigation_copies,
+               "device": self.device.name, "thermo_device": self.device, "host": self.host.name,
+               "ideal": self.ideal,
+               "input_scale": scales, "warm_start": self.warm_start,
+               "held_states": self.device.units, "reload_bits": self.noise.input_bits,
+               "start": self._start, "overlap": self.overlap,
+               "deflate": self.deflate, "target_error": self.target_error}
+        out["converters"] = self.converters()
+        return out
+
+    def _gemm_cost(self, shapes: list[tuple[int, int, int]]) -> pricing.Cost:
+        """Host GEMMs of the deflation (``(m, k, n)`` shapes), priced on the host preset."""
+        seconds = sum(pricing.gemm_time(m, k, n, self.host) for m, k, n in shapes)
+        return pricing.Cost(seconds, seconds * self.host.power_w, {"host_deflation": seconds},
+                            {"host_deflation": seconds * self.host.power_w})
+
+    def _window(self, key: str) -> tuple[float, float]:
+        """``(window, burn-in)`` of factor ``key``'s solves (its own with ``analog_time="auto"``)."""
+        f = self.factors.get(key)
+        if f is not None and f.window is not None:
+            return float(f.window), float(f.burn_in)
+        return float(self.config.analog_time), float(self.config.burn_in)
+
     def _price(self, key: str, op: str, n_rhs: int) -> pricing.Price:
         """One analog job on factor ``key`` priced by :func:`hw_models.pricing.price` with the
         programmed spectrum and the simulated window: once per prepare (the job is fixed)."""
@@ -42,7 +87,7 @@ class ThermoPricing:
         if cache not in self._prices:
             spectrum = self._spectrum(key)
             job = pricing.AnalogJob(op, spectrum.n, n_rhs if op == "solve" else 1, spectrum=spectrum,
-                                    window_tau=self.config.analog_time, burn_in_tau=self.config.burn_in,
+                                    window_tau=self._window(key)[0], burn_in_tau=self._window(key)[1],
                                     start=self._start, resident=op == "solve",
                                     copies=self.noise.mitigation_copies, oversize="block",
                                     input_scale=self._job_scale(key, op))
@@ -72,7 +117,7 @@ class ThermoPricing:
         if cache not in self._prices:
             spectrum = self._spectrum(key)
             job = pricing.AnalogJob("solve", spectrum.n, n_rhs, spectrum=spectrum,
-                                    window_tau=self.config.analog_time, burn_in_tau=self.config.burn_in,
+                                    window_tau=self._window(key)[0], burn_in_tau=self._window(key)[1],
                                     start=self._start, resident=True, copies=self.noise.mitigation_copies,
                                     oversize="block", reload_state=True,
                                     input_scale=self._job_scale(key, "solve"))
@@ -95,13 +140,15 @@ class ThermoPricing:
         Qt = Q[0].to(Rn.dtype).T
         beta = Qt @ Rn
         x0 = rhs_scale * beta if rhs_scale is not None else None if x0n is None else Qt @ x0n
+        win, burn = ((float(f.window), float(f.burn_in)) if f.window is not None
+                     else (float(self.config.analog_time), float(self.config.burn_in)))
         try:
-            window = float(res.diagnostics.get("averaging_time") or self.config.analog_time)
+            window = float(res.diagnostics.get("averaging_time") or win)
         except (TypeError, ValueError):
-            window = self.config.analog_time
+            window = win
         return pricing.solve_call_error(
             lam[0], beta.double().cpu().numpy(), None if x0 is None else x0.double().cpu().numpy(),
-            window=window or self.config.analog_time, burn_in=self.config.burn_in,
+            window=window or win, burn_in=burn,
             kappa0=self.config.kappa0, column_scale=r.double().cpu().numpy(),
             copies=self.noise.mitigation_copies)
 
@@ -118,7 +165,7 @@ class ThermoPricing:
             actual = measured[i] if measured is not None and i < len(measured) else None
             thermal = p.error["thermal"] if actual is None else actual
             solves.append({"factor": key, "op": op, "n": self._spectrum(key).n, "n_rhs": m,
-                           "analog_time": self.config.analog_time, "burn_in": self.config.burn_in,
+                           "analog_time": self._window(key)[0], "burn_in": self._window(key)[1],
                            "start": self._start, "resident": op == "solve",
                            "hardware_time_s": p.seconds,
                            "predicted_rel_error": math.hypot(thermal, p.error["static"]),

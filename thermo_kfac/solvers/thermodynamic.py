@@ -1,64 +1,28 @@
 """Thermodynamic K-FAC solver: the damped Kronecker factors handled by the simulated analog device.
 
 ``ThermodynamicSolver`` (registered as ``"thermo"``) runs each layer's linear algebra on the
-Langevin simulator of :mod:`hw_models` and reports what the modelled hardware would cost. By
-default it simulates the device preset it is priced on (``device``: one
-:class:`hw_models.ThermoDevice` whose ``noise`` is the simulator's configuration and whose
-``kappa0`` is its thermal noise); every option that changes the device (``ideal``, ``bits``,
-``kappa0`` and each :class:`hw_models.NoiseConfig` field) yields a new device object, and that
-object is both simulated and priced. The full guide (options, scaling, ranging, warm starts, error laws,
-reports, failures) is ``docs/thermodynamic_kfac.md``.
+Langevin simulator of :mod:`hw_models` and reports what the modelled hardware would cost. It
+simulates ONE device object (``solver.device``, a :class:`hw_models.ThermoDevice` whose ``noise``
+is the simulator's configuration and whose ``kappa0`` is its thermal noise); every option that
+changes the device yields a new device object, and that object is simulated and priced. The full
+guide (options, deflation, feasibility, windows, scaling, ranging, warm starts, error laws,
+reports, failures) is ``docs/thermodynamic_kfac.md``; in short:
 
-- ``method="solve"`` (default; "Method 2" of the seed paper): :meth:`prepare` programs the two
-  damped factors into the device once (:func:`hw_models.langevin.program`: coupling quantization
-  and mismatch happen there, and the couplings stay resident); :meth:`apply` runs two analog solves
-  with the gradient matrix as right-hand side, ``(G + lam_G I) Y = grad`` then
-  ``(A + lam_A I) X^T = Y^T``, each started from the ``warm_start`` state.
+- ``method="solve"`` (default, "Method 2" of the seed paper): :meth:`prepare` deflates each damped
+  factor's top modes digitally (``deflate``, :mod:`~thermo_kfac.solvers.deflation`; ``"auto"``
+  picks the smallest depth the feasibility law of :mod:`hw_models.langevin.feasibility` accepts),
+  scales the remainder to ``lambda_max <= 1`` and programs it once; :meth:`apply` runs two analog
+  solves ``(G + lam_G I) Y = grad``, ``(A + lam_A I) X^T = Y^T`` with the gradient's columns as
+  right-hand sides (ranged to the DAC's full scale and to the rails), each from the
+  ``warm_start`` state, over ``analog_time`` tau (``"auto"``: the window the error law needs for
+  ``target_error`` on the programmed spectrum, chosen at every prepare).
 - ``method="inverse"`` ("Method 1"): :meth:`prepare` inverts each damped factor by covariance
-  sampling (:func:`hw_models.inverse`); :meth:`apply` multiplies digitally,
-  ``G_inv @ grad @ A_inv``. Its relative error is about ``sqrt(n kappa / T)`` (``T`` the sampling
-  time in tau), so it needs ``T >> n kappa``: far more analog time than a solve.
+  sampling; :meth:`apply` multiplies digitally.
 
-**Scaling** (all digital, ``O(n^2)`` per factor and ``O(n m)`` per right-hand side, priced in the
-report as host work). Each damped factor ``M`` is symmetrised, optionally Jacobi-scaled
-(``jacobi=True``: ``D M D`` with ``D = diag(M)^-1/2``) and divided by ``c``, an upper estimate of
-its largest eigenvalue (:func:`lambda_max_estimate`: Lanczos from a random start), so the
-programmed matrix ``P`` has ``lambda_max <= ~1`` (couplings inside ``coupling_range``) and
-``analog_time`` counts relaxation times of the fastest mode (the slowest mode relaxes in
-``kappa`` tau). Every right-hand-side column is divided by its abs-max ``r_j`` (the DAC's full
-scale) and multiplied by the input scale ``s <= 1`` that keeps the state inside the rails
-(:meth:`ThermodynamicSolver._solve`). The device returns ``Y ~ P^-1 B_n`` and the result is
-mapped back as ``M^-1 B = D Y diag(r / s) / c``. Warm starts are converted into these device
-units.
-
-**Warm start** (method ``solve``): ``"previous"`` continues from where the device is: the end
-states its units hold (one per unit) for those columns, the host's previous read-out re-sent
-through the DAC for the others (counted in ``reloaded_values``), ``"gradient"`` from the
-right-hand side itself
-(TNGD, Donatella et al. 2024, eq. 19: ``analog_time=0`` returns the gradient unchanged -- SGD -- and
-``analog_time -> infinity`` the natural gradient), ``"zero"`` from 0. ``analog_time=0`` runs no
-dynamics: the initial state is read out through the ADC model.
-
-**Reports**: after every :meth:`prepare`/:meth:`apply`, :attr:`last_report` holds the predicted
-hardware time and energy from :mod:`hw_models.pricing` on the ``device`` preset (programming is
-charged in ``prepare``, solves with resident couplings in ``apply``), priced with the spectrum of
-the matrix actually programmed (one :class:`~hw_models.pricing.SpectrumSummary` per factor and
-prepare) and the simulated window, burn-in and start; ``info["pricing"]`` carries those spectra,
-each solve's settings and the law's ``predicted_rel_error`` (from the actual right-hand sides on
-the calls that measure accuracy, else from the RHS model). In ``info`` also the
-per-layer accuracy: ``relative_residual`` ``||(G+lam_G) X (A+lam_A) - grad|| / ||grad||``, the
-programmed condition numbers, the simulator's predicted thermal error and systematic (coupling and
-DAC) error, clip counts, seeds; with ``track_exact=True`` also ``cosine_to_exact`` and
-``rel_error_to_exact`` against the exact damped solve computed digitally; the ranging, rails,
-programmed spectrum and predicted error (with bias) keys of ``docs/thermodynamic_kfac.md``.
-Failures raise :class:`~thermo_kfac.solvers.base.SolverFailure`. Pricing uses the device as
-simulated (its ``kappa0``, coupling bits, ``ideal``); an inverse is priced at its simulated
-sampling window, and each solve's DAC reload of ``reloaded_values`` is charged per call.
-
-**Overlap** (``overlap=True``, method ``solve``): the device's solve for the gradient of step
-``t`` runs while step ``t+1`` computes, so :meth:`apply` returns the previous call's solve (the
-first call, having none, returns its own); ``info["staleness_steps"]`` says which, and with
-``track_exact`` the error to the exact solve of the CURRENT gradient measures what staleness costs.
+Every report is priced by :mod:`hw_models.pricing` on the programmed spectra and the simulated
+windows (programming in ``prepare``, resident solves, reloads and all host work -- scaling,
+deflation, projections -- in ``apply``). Failures raise
+:class:`~thermo_kfac.solvers.base.SolverFailure` (the preconditioner's fallback serves).
 """
 
 from __future__ import annotations
@@ -73,10 +37,13 @@ from hw_models import pricing
 from hw_models.devices import NOISE_FIELDS, digital_device, thermo_device
 from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program, solve_programmed
 from hw_models.langevin import inverse as analog_inverse
+from hw_models.langevin.feasibility import DEFAULT_MARGIN, feasibility
 from hw_models.noise import abs_max, read_out
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure, SolverReport, register_solver
+from thermo_kfac.solvers.deflation import apply_gemms, auto_depths, deflate, prepare_gemms
 from thermo_kfac.solvers.thermo_device import (
+    FEASIBILITY_ITERATIONS,
     LAMBDA_SAFETY,
     RANGE_TARGET,
     DeviceFactor,
@@ -84,6 +51,7 @@ from thermo_kfac.solvers.thermo_device import (
     hold_end_states,
     input_scale,
     lambda_max_estimate,
+    layer_setup_info,
     predicted_error,
     reload_start,
     result_info,
@@ -101,43 +69,17 @@ WARM_STARTS = ("previous", "gradient", "zero")
 class ThermodynamicSolver(ThermoPricing, KFACSolver):
     """K-FAC solver backed by the thermodynamic-processor simulator (see the module docs).
 
-    Options (the same keys as the CLI's ``kfac:solver=thermo,key=value`` specs):
-
-    - ``device`` (thermodynamic preset name or :class:`hw_models.ThermoDevice`, default
-      ``"chip"``): the device SIMULATED and priced: its ``noise`` (coupling/input/output bits,
-      ranges, the rails ``state_range``, mismatch, read noise) and its thermal noise ``kappa0``.
-      ``ideal=True``: :meth:`hw_models.ThermoDevice.ideal` (converters, rails, mismatch and read
-      noise off; thermal noise stays). The options below change single fields of that device
-      (:meth:`hw_models.ThermoDevice.replace`); :attr:`device` is the result.
-    - ``method``: ``"solve"`` (default) or ``"inverse"``.
-    - ``analog_time`` (tau, default 50; ``0`` allowed for ``solve``: no dynamics), ``burn_in``
-      (tau, default 10), ``kappa0`` (default: the preset's; 0 = noiseless), ``dt``.
-    - ``integrator``: ``"analytic"`` (default: the time average drawn from its exact Gaussian law;
-      a run that could reach the rails runs the clipping ``"exact"`` integrator instead),
-      ``"exact"``, ``"euler"``/``"sde"`` (Euler-Maruyama).
-    - ``dynamics`` (``"overdamped"``/``"underdamped"``), ``mass``, ``friction``; ``backend``.
-    - ``bits`` (coupling, input and output bits together: the one meaning of ``bits`` in the
-      project; ``*_bits`` override it) and every other :class:`hw_models.NoiseConfig` field
-      (``rounding``, ``mismatch_std``, ``mismatch_kind``, ``read_noise``, ``mitigation_copies``,
-      ``*_range``, ``state_range``, ``device_seed``, ``unit``/``cell_offset``: the placement,
-      default by layer, see below).
-    - ``warm_start``: ``"previous"`` (default), ``"gradient"`` or ``"zero"`` (method ``solve``).
-    - ``jacobi`` (default False): digital diagonal scaling before programming.
-    - ``power_iterations`` (default 20): Lanczos steps of the ``lambda_max`` estimate
-      (:func:`lambda_max_estimate`).
-    - ``residual_every`` (default 10; 0: never): measure the relative residual every this many
-      :meth:`apply` calls; ``residual_limit`` (default None): a measured relative residual above
-      this many times the predicted one (bias, variance and static error) raises
-      :class:`~thermo_kfac.solvers.base.SolverFailure` (the preconditioner's fallback serves).
-    - ``track_exact`` (default False): also solve exactly and report
-      ``cosine_to_exact``/``rel_error_to_exact``.
-    - ``host`` (digital preset for host-side work, default ``"h100"``), ``seed`` (combined with
-      the layer index and a call counter that is kept in the state dict).
-    - ``overlap`` (default False; method ``solve``): apply the previous step's solve (module docs).
-
-    Placement (mismatch): factor ``G`` of layer ``i`` is slot ``2 i``, ``A`` slot ``2 i + 1``;
-    slot ``j`` sits on unit ``j mod units`` at ``cell_offset`` 0 unless ``unit``/``cell_offset``
-    are given. Factors sharing a unit time-share its cells, so they see the same cell errors.
+    Options are the keys of the CLI's ``kfac:solver=thermo,key=value`` specs; each one, with its
+    default and meaning, is in the options table of ``docs/thermodynamic_kfac.md``. In short:
+    ``device`` (preset name or :class:`hw_models.ThermoDevice`, default ``"chip"``), ``ideal``,
+    ``bits`` (coupling, input and output bits together), ``kappa0`` and every
+    :class:`hw_models.NoiseConfig` field change the device (:attr:`device` is the result);
+    ``method``, ``analog_time`` (tau or ``"auto"``), ``burn_in``, ``target_error``,
+    ``max_analog_time``, ``deflate`` (depth or ``"auto"``), ``max_deflate``,
+    ``feasibility_margin``, ``warm_start``, ``jacobi``, ``integrator``, ``dynamics``, ``overlap``,
+    ``residual_every``, ``residual_limit``, ``track_exact``, ``host``, ``seed`` set how it runs.
+    Factor ``G`` of layer ``i`` is placed on unit ``2 i mod units``, ``A`` on ``(2 i + 1) mod
+    units`` unless ``unit``/``cell_offset`` are given.
     """
 
     name = "thermo"
@@ -145,7 +87,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
     digital_method = "eigh"  # the all-digital alternative it is compared with
     preset_options = {"device": "thermo", "host": "digital"}
 
-    def __init__(self, method: str = "solve", analog_time: float = 50.0, burn_in: float = 10.0,
+    def __init__(self, method: str = "solve", analog_time: float | str = 50.0, burn_in: float = 10.0,
                  kappa0: float | None = None, dt: float | str = "auto",
                  integrator: str = "analytic", backend: str = "torch", bits: int | None = None,
                  device: str = "chip", host: str = "h100", seed: int = 0,
@@ -153,6 +95,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                  power_iterations: int = 20, dynamics: str = "overdamped", mass: float = 1.0,
                  friction: float = 1.0, residual_every: int = 10, ideal: bool = False,
                  residual_limit: float | None = None, overlap: bool = False,
+                 deflate: int | str = "auto", max_deflate: int = 128, target_error: float = 0.1,
+                 max_analog_time: float = 2000.0, feasibility_margin: float = DEFAULT_MARGIN,
                  **noise: Any) -> None:
         super().__init__()
         self.method = check_choice("method", method, METHODS)
@@ -163,6 +107,25 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             raise ValueError(f"unknown thermo solver option(s) {', '.join(map(repr, unknown))}; valid "
                              f"noise options: {', '.join(NOISE_FIELDS)}")
         self.seed = check_number("seed", seed, low=0, integer=True)
+        self.target_error = check_number("target_error", target_error, low=0.0, high=1.0,
+                                         low_inclusive=False, high_inclusive=False)
+        self.max_analog_time = check_positive("max_analog_time", max_analog_time)
+        self.feasibility_margin = check_positive("feasibility_margin", feasibility_margin)
+        self.max_deflate = check_number("max_deflate", max_deflate, low=0, integer=True)
+        if deflate != "auto":
+            check_number("deflate", deflate, low=0, integer=True)
+            if self.method == "inverse" and deflate:
+                raise ValueError(f"deflate={deflate!r} needs method='solve' (a sampled inverse has "
+                                 "no right-hand side to split); use deflate=0")
+        self.deflate = 0 if self.method == "inverse" else deflate
+        self.auto_window = analog_time == "auto"
+        if self.auto_window:
+            if self.method == "inverse":
+                raise ValueError("analog_time='auto' needs method='solve' (the window comes from "
+                                 "the solve error law); give the inverse a number of tau")
+            analog_time = 50.0  # the first call's window until the law has a programmed spectrum
+        elif isinstance(analog_time, str):
+            raise ValueError(f"analog_time={analog_time!r} must be a number of tau (>= 0) or 'auto'")
         check_positive("analog_time", analog_time, allow_zero=True)
         if self.method == "inverse" and not analog_time > 0:
             raise ValueError(f"analog_time={analog_time!r} must be > 0 for method='inverse' "
@@ -216,6 +179,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         self.X_prev: torch.Tensor | None = None  # warm starts: the host's read-out, host units
         self.Y_prev: torch.Tensor | None = None
         self._configs: dict[str, AnalogConfig] = {}  # per factor: its placement on the device
+        self.depths: dict[str, int] = {}  # per factor: the deflation depth of the last prepare
         # pricing: the programmed spectra of the last prepare and its priced jobs (pure functions
         # of those and the device, so priced once per prepare)
         self.spectra: dict[str, pricing.SpectrumSummary] = {}
@@ -230,21 +194,20 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         coupling bits make it indefinite); the previous preparation is then kept.
         """
         lam_a, lam_g = damping.split(A, G)
-        factors = {"A": self._factor(A, lam_a), "G": self._factor(G, lam_g)}
         self._prices = {}
-        costs = [self._host_cost(f.P.shape[0], self.power_iterations + (2 if self.jacobi else 0))
-                 for f in factors.values()]
         if self.method == "solve":
+            factors = {"A": self._setup(A, lam_a, "A", G.shape[0]),
+                       "G": self._setup(G, lam_g, "G", A.shape[0])}
+            # host: the lambda_max estimate, Jacobi, and the law's rounding-error norm (quantized
+            # couplings only), then the deflation's products
+            law = FEASIBILITY_ITERATIONS if self.noise.programs_couplings else 0
+            costs = [self._host_cost(f.P.shape[0], self.power_iterations + (2 if self.jacobi else 0) + law)
+                     for f in factors.values()]
+            costs += [self._gemm_cost(prepare_gemms(f.P.shape[0], f.k)) for f in factors.values()]
             kappas = []
-            for key, f in factors.items():
-                try:
-                    self._program(f, key)
-                except ValueError as err:  # e.g. too few coupling bits: not positive definite
-                    raise SolverFailure(f"thermo solver (layer {self.layer_index}): programming "
-                                        f"factor {key} failed: {err}") from err
+            for f in factors.values():
                 lam = f.prog.eigenvalues
                 kappas.append(float(lam[:, -1].max() / lam[:, 0].min()))
-                self.spectra[key] = pricing.SpectrumSummary.from_eigenvalues(lam[0])
                 costs.append(pricing.price_program(f.P.shape[0], self.device, oversize="block"))
             old = self.factors
             for key, f in factors.items():  # the device keeps its end states across updates
@@ -255,10 +218,14 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             info = {"method": "solve", "programmed": True, "condition_number": kappas,
                     "scale": [f.c for f in factors.values()],
                     "seeds": [f.seed for f in factors.values()]}
+            info.update(layer_setup_info(factors))
             info.update(self._programming_info(factors))
             info["pricing"] = self._pricing_info(factors)
             self.last_report = _report(costs, info)
             return
+        factors = {"A": self._factor(A, lam_a), "G": self._factor(G, lam_g)}
+        costs = [self._host_cost(f.P.shape[0], self.power_iterations + (2 if self.jacobi else 0))
+                 for f in factors.values()]
         results, inverses = [], []
         for key, f in factors.items():
             try:
@@ -313,7 +280,9 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         X = Xt.T.contiguous()
         self.Y_prev, self.X_prev = Y, X
         n_g, n_a = fG.P.shape[0], fA.P.shape[0]
-        costs = [self._host_cost(n_g, 2 * grad.shape[1] / n_g), self._host_cost(n_a, 2 * grad.shape[0] / n_a)]
+        m_g, m_a = grad.shape[1], grad.shape[0]
+        costs = [self._host_cost(n_g, 2 * m_g / n_g), self._host_cost(n_a, 2 * m_a / n_a),
+                 self._gemm_cost(apply_gemms(n_g, fG.k, m_g) + apply_gemms(n_a, fA.k, m_a))]
         jobs = [("G", "solve", grad.shape[1]), ("A", "solve", grad.shape[0])]
         if self.analog_time > 0:
             costs += [self._price(key, op, m) for key, op, m in jobs]
@@ -355,36 +324,6 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             self.factors = {k: DeviceFactor(**v) for k, v in factors.items()}
         super().load_state_dict(state)
 
-    def converters(self) -> dict[str, Any]:
-        """The converters and device non-idealities simulated (the report's ``converters``)."""
-        n = self.noise
-        return {"ideal": self.ideal, "coupling_bits": n.coupling_bits, "input_bits": n.input_bits,
-                "output_bits": n.output_bits, "coupling_range": n.coupling_range,
-                "input_range": n.input_range, "output_range": n.output_range,
-                "state_range": n.state_range, "mismatch": n.mismatch_std or 0.0,
-                "read_noise": n.read_noise or 0.0, "kappa0": self.config.kappa0}
-
-    def pricing_settings(self) -> dict[str, Any]:
-        """What the cost model needs (see :meth:`KFACSolver.pricing_settings`).
-
-        The simulated converters (``converters()``: the same values the simulator runs with),
-        ``ideal``, the last input scale per factor (``input_scale``: ``[G, A]``, 1 before any
-        call) and the warm-start reload: ``warm_start``, ``held_states`` (end states the device
-        keeps per factor: one per unit) and ``reload_bits`` (the DAC a re-sent state goes
-        through; each call's ``reloaded_values`` are in its report).
-        """
-        scales = [self.factors[k].scale if k in self.factors else 1.0 for k in ("G", "A")]
-        out = {"digital_method": self.digital_method, "method": self.method,
-               "analog_time": self.analog_time, "burn_in": self.config.burn_in,
-               "kappa0": self.device.kappa0, "copies": self.noise.mitigation_copies,
-               "device": self.device.name, "thermo_device": self.device, "host": self.host.name,
-               "ideal": self.ideal,
-               "input_scale": scales, "warm_start": self.warm_start,
-               "held_states": self.device.units, "reload_bits": self.noise.input_bits,
-               "start": self._start, "overlap": self.overlap}
-        out["converters"] = self.converters()
-        return out
-
     # ---------------------------------------------------------------------------- internals
     def _config(self, key: str | None = None) -> AnalogConfig:
         """This call's configuration: a fresh seed from (seed, layer index, call counter), and the
@@ -409,19 +348,81 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         return seed
 
     def _factor(self, F: torch.Tensor, lam: float) -> DeviceFactor:
-        """Damp, symmetrise and scale one factor (module docs, "Scaling")."""
-        n = F.shape[0]
-        M = 0.5 * (F + F.T) + lam * torch.eye(n, dtype=F.dtype, device=F.device)
+        """Damp, symmetrise and scale one factor (method ``inverse``: no deflation)."""
+        M = 0.5 * (F + F.T) + lam * torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
+        return self._scaled(M, M, lam, None)
+
+    def _setup(self, F: torch.Tensor, lam: float, key: str, n_rhs: int) -> DeviceFactor:
+        """Deflate, scale and program one damped factor (``method="solve"``).
+
+        ``deflate="auto"`` tries the depths of :func:`~thermo_kfac.solvers.deflation.auto_depths`
+        and keeps the first one whose remainder the feasibility law accepts, that programs
+        positive definite, and whose error-law window for ``target_error`` fits
+        ``max_analog_time``; the last depth tried is programmed whatever the law says. Raises
+        :class:`SolverFailure` with the law's reason when no depth can be programmed."""
+        Fs = 0.5 * (F + F.T)
+        n = Fs.shape[0]
+        if self.deflate == "auto":
+            depths = auto_depths(n, self.max_deflate, self.depths.get(key, 0))
+        elif self.deflate >= n:
+            raise ValueError(f"deflate={self.deflate} must be smaller than the factor size n={n} "
+                             f"(factor {key} of layer {self.layer_index})")
+        else:
+            depths = [self.deflate]
+        eye = torch.eye(n, dtype=F.dtype, device=F.device)
+        reason = ""
+        for i, k in enumerate(depths):
+            last = i == len(depths) - 1
+            defl, S = deflate(Fs, k, lam, self._next_seed())
+            f = self._scaled(Fs + lam * eye, S, lam, defl)
+            f.feasibility = feasibility(f.P, self._placed(key).noise, f.lambda_min, self.feasibility_margin)
+            reason = f"deflate={k}: {f.feasibility.reason()}"
+            if not (f.feasibility.feasible or last):
+                continue
+            try:
+                self._program(f, key)
+            except ValueError as err:  # not positive definite after programming
+                reason = f"deflate={k}: {err}"
+                if last:
+                    raise SolverFailure(f"thermo solver (layer {self.layer_index}): factor {key} "
+                                        f"cannot be programmed ({reason})") from err
+                continue
+            self.spectra[key] = pricing.SpectrumSummary.from_eigenvalues(f.prog.eigenvalues[0])
+            reachable = self._choose_window(f, key, n_rhs)
+            if reachable or last or self.deflate != "auto":
+                self.depths[key] = k
+                return f
+        raise SolverFailure(f"thermo solver (layer {self.layer_index}): factor {key}: {reason}")
+
+    def _scaled(self, M: torch.Tensor, S: torch.Tensor, lam: float, defl: Any) -> DeviceFactor:
+        """``S`` (the damped remainder) optionally Jacobi-scaled and divided by its lambda_max
+        estimate: the matrix to program. ``M`` is the full damped factor."""
         d = None
-        S = M
         if self.jacobi:
-            diag = torch.diagonal(M)
+            diag = torch.diagonal(S)
             floor = float(diag.abs().max()) * 1e-12 or 1.0
             d = diag.clamp_min(floor).rsqrt()
-            S = d[:, None] * M * d[None, :]
+            S = d[:, None] * S * d[None, :]
         seed = self._next_seed()
         c = lambda_max_estimate(S, self.power_iterations, seed)
-        return DeviceFactor(M=M, P=S / c, c=c, d=d, seed=seed)
+        floor = lam * (float(d.min()) ** 2 if d is not None else 1.0)
+        return DeviceFactor(M=M, P=S / c, c=c, d=d, seed=seed, defl=defl, lambda_min=floor / c)
+
+    def _choose_window(self, f: DeviceFactor, key: str, n_rhs: int) -> bool:
+        """The error law's window (and burn-in) for ``target_error`` on factor ``key``'s programmed
+        spectrum (the two solves compound in quadrature: each gets ``target_error / sqrt 2``),
+        capped at ``max_analog_time``; with ``analog_time="auto"`` the factor's solves use it.
+        Returns whether the law meets the target within the cap (``deflate="auto"`` goes deeper
+        when it does not)."""
+        job = pricing.AnalogJob("solve", f.P.shape[0], n_rhs, spectrum=self.spectra[key],
+                                target_eps=self.target_error / math.sqrt(2.0), start=self._start,
+                                resident=True, copies=self.noise.mitigation_copies, oversize="block",
+                                input_scale=f.scale if f.peak is not None else None)
+        price = pricing.price(job, self.device, self.host)
+        if self.auto_window:
+            f.window = min(price.window_tau, self.max_analog_time)
+            f.burn_in = min(price.burn_in_tau, self.max_analog_time)
+        return bool(price.info["reachable"]) and price.window_tau <= self.max_analog_time
 
     def _program(self, f: DeviceFactor, key: str) -> ProgrammedMatrix:
         if f.prog is None:
@@ -450,6 +451,14 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         :func:`hw_models.pricing.input_scale` from the programmed spectrum. ``x0`` is the warm
         start in host units (``"previous"``: the host's read-out of the previous call).
         """
+        if f.defl is not None:  # the host solves the deflated modes; the device the remainder
+            C, B = f.defl.split(B)
+            x0 = None if x0 is None else f.defl.project(x0)
+            res, X, run = self._solve_remainder(f, key, B, x0)
+            return res, f.defl.combine(C, X), run
+        return self._solve_remainder(f, key, B, x0)
+
+    def _solve_remainder(self, f: DeviceFactor, key: str, B: torch.Tensor, x0: torch.Tensor | None):
         R = B if f.d is None else f.d[:, None] * B
         r = abs_max(R, (0,)).squeeze(0)  # column abs-max
         # An all-zero column (e.g. a dead input feature) is not sent: its solution is exactly 0,
@@ -470,7 +479,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             return None, torch.zeros_like(B) if start_x is None else start_x.clone(), run
         # the start in device units
         x0n = None if x0 is None else (x0 if f.d is None else x0 / f.d[:, None]) * (f.c / r_eff)
-        cfg = self._placed(key)
+        cfg = self._factor_config(f, key)
         if self.analog_time == 0:  # no dynamics: read the initial state out through the ADC
             Yn = torch.zeros_like(Rn) if x0n is None else x0n
             Yn, _ = read_out(Yn, self.noise, dims=(0,), generator=torch.Generator(
@@ -512,6 +521,13 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         r_out = torch.where(sent, r_eff, 0.0)  # a column not sent has the solution 0 exactly
         X = Yn.mul_(r_out / f.c) if res is not None else Yn * (r_out / f.c)
         return res, (X if f.d is None else f.d[:, None] * X), run
+
+    def _factor_config(self, f: DeviceFactor, key: str) -> AnalogConfig:
+        """Factor ``key``'s placed configuration with its own window (``analog_time="auto"``)."""
+        if f.cfg is None:
+            cfg = self._placed(key)
+            f.cfg = cfg if f.window is None else cfg.replace(analog_time=f.window, burn_in=f.burn_in)
+        return f.cfg
 
     def _input_scale(self, f: DeviceFactor, prog: ProgrammedMatrix, n: int) -> float:
         return input_scale(f, prog.eigenvalues[0], n, self.noise.state_range)
