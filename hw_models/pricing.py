@@ -329,7 +329,8 @@ def _accuracy(job: AnalogJob, device: ThermoDevice, size: int, chains: int) -> t
                       warm_distance=job.warm_distance, copies=copies)
         ref = error_model.solve_error(lam, window=1.0, burn_in=0.0, kappa0=device.kappa0,
                                       **common).info["solution_norm2"]
-        static = error_model.static_solve_error_of(noise, lam, weights=w, solution_norm2=ref)
+        static = error_model.static_solve_error_of(noise, lam, weights=w, solution_norm2=ref,
+                                                   max_coupling=spec.max_coupling)
         parts.update(input_scale=s, kappa0=device.kappa0)
         if job.window_tau is not None:
             burn, window = float(job.burn_in_tau or 0.0), float(job.window_tau)
@@ -345,7 +346,8 @@ def _accuracy(job: AnalogJob, device: ThermoDevice, size: int, chains: int) -> t
         lam, w = _coarse(lam, w, SKETCH_GROUPS)
         rails = noise.state_range if noise.state_range is not None else INVERSE_RAILS
         kappa0 = (rails / 4.0) ** 2 * float(lam.min())
-        static = error_model.static_inverse_error_of(noise, lam, weights=w, kappa0=kappa0)
+        static = error_model.static_inverse_error_of(noise, lam, weights=w, kappa0=kappa0,
+                                                     max_coupling=job.spectrum_summary.max_coupling)
         common = dict(weights=w, sample_interval=job.sample_interval_tau, start=job.start, copies=copies)
         parts.update(kappa0=kappa0)
         if job.window_tau is not None:

@@ -43,6 +43,7 @@ class SpectrumSummary:
     shape: str = "measured"
     modes: tuple[float, ...] = ()
     weights: tuple[float, ...] = ()
+    max_coupling: float | None = None  # off-diagonal abs-max of the normalised P, when known
 
     @property
     def kappa(self) -> float:
@@ -119,6 +120,8 @@ class SpectrumSummary:
                                "effective_rank": self.effective_rank, "shape": self.shape}
         if modes:
             out["modes"], out["weights"] = list(self.modes), list(self.weights)
+        if self.max_coupling is not None:
+            out["max_coupling"] = self.max_coupling
         return out
 
     @classmethod

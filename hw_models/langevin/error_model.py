@@ -298,25 +298,37 @@ def _step_var(bits: int, span: float, rounding: str = "nearest") -> float:
     return (span / (2 ** (bits - 1) - 1)) ** 2 / (6.0 if rounding == "stochastic" else 12.0)
 
 
+def coupling_span(noise: Any, max_coupling: float | None) -> float:
+    """The coupling DACs' full scale for a matrix whose off-diagonal abs-max is ``max_coupling``
+    (``None``: unknown): ``coupling_range``, or with ``diagonal_resistors`` the off-diagonal
+    abs-max capped by it (the range itself when the abs-max is unknown: conservative)."""
+    cap = 1.0 if noise.coupling_range is None else float(noise.coupling_range)
+    if noise.diagonal_resistors and max_coupling is not None:
+        return min(float(max_coupling), cap) or cap
+    return cap
+
+
 def static_solve_error_of(noise: Any, lam: Any, *, weights: Any | None = None,
-                          solution_norm2: float) -> float:
+                          solution_norm2: float, max_coupling: float | None = None) -> float:
     """:func:`static_solve_error` of a device's converters (a :class:`hw_models.NoiseConfig`, read
     field by field: the one translation from a device to the law). ``lam`` is the
-    lambda_max-normalised programmed spectrum."""
+    lambda_max-normalised programmed spectrum; ``max_coupling`` its off-diagonal abs-max when
+    known (it sets the coupling step of a device with ``diagonal_resistors``)."""
     return static_solve_error(
         lam, weights=weights, solution_norm2=solution_norm2, input_bits=noise.input_bits,
         coupling_bits=noise.coupling_bits, output_bits=noise.output_bits,
         mismatch=noise.mismatch_std or 0.0, read_noise=noise.read_noise or 0.0,
-        coupling_range=noise.coupling_range or 1.0, output_range=noise.output_range or 1.0,
+        coupling_range=coupling_span(noise, max_coupling), output_range=noise.output_range or 1.0,
         input_range=noise.input_range or 1.0, rounding=noise.rounding)
 
 
-def static_inverse_error_of(noise: Any, lam: Any, *, weights: Any | None = None, kappa0: float) -> float:
+def static_inverse_error_of(noise: Any, lam: Any, *, weights: Any | None = None, kappa0: float,
+                            max_coupling: float | None = None) -> float:
     """:func:`static_inverse_error` of a device's converters (see :func:`static_solve_error_of`)."""
     return static_inverse_error(
         lam, weights=weights, kappa0=kappa0, coupling_bits=noise.coupling_bits,
         mismatch=noise.mismatch_std or 0.0, read_noise=noise.read_noise or 0.0,
-        coupling_range=noise.coupling_range or 1.0, rounding=noise.rounding)
+        coupling_range=coupling_span(noise, max_coupling), rounding=noise.rounding)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -314,6 +314,14 @@ def test_unprogrammable_device_falls_back():
     ({"mismatch_kind": "odd"}, "'odd'"),
     ({"dynamics": "wobbly"}, "'wobbly'"),
     ({"colour": 3}, "'colour'"),
+    ({"target_error": -0.1}, "target_error=-0.1"),
+    ({"target_error": 1.5}, "target_error=1.5"),
+    ({"deflate": -2}, "deflate=-2"),
+    ({"deflate": "some"}, "deflate='some'"),
+    ({"method": "inverse", "analog_time": "auto"}, "analog_time='auto' needs method='solve'"),
+    ({"method": "inverse", "deflate": 4}, "deflate=4 needs method='solve'"),
+    ({"analog_time": "long"}, "analog_time='long'"),
+    ({"max_analog_time": 0.0}, "max_analog_time=0.0"),
 ])
 def test_bad_options_raise(options, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
@@ -327,7 +335,7 @@ def test_every_simulator_option_reaches_the_simulator():
                                  output_bits=9, rounding="stochastic", mismatch_std=1e-3,
                                  mismatch_kind="absolute", read_noise=1e-4, mitigation_copies=2,
                                  device_seed=4, device="chip", dynamics="underdamped", mass=1.0,
-                                 friction=2.0, seed=9)
+                                 friction=2.0, seed=9, analog_time=50.0)
     solver.prepare(A, G, damping)
     solver.apply(grad)
     cfg = solver.config

@@ -43,6 +43,8 @@ class DeviceFactor:
     scale: float = 1.0  # last input scale s
     defl: Any = None  # the deflated top modes (thermo_kfac.solvers.deflation.Deflated) or None
     lambda_min: float = 0.0  # smallest eigenvalue of P (the damping over the scale)
+    max_coupling: float | None = None  # off-diagonal abs-max of P (sets a ranged coupling step)
+    inv_rms: float | None = None  # rms of the damped factor's inverse eigenvalues (error propagation)
     feasibility: Any = None  # the feasibility law's verdict on P (hw_models.langevin.feasibility)
     window: float | None = None  # analog_time="auto": this factor's window and burn-in (tau)
     burn_in: float | None = None
@@ -104,6 +106,19 @@ def lambda_max_estimate(S: torch.Tensor, iterations: int, seed: int = 0) -> floa
     rho = 0.0 if len(alpha) == n else beta[len(alpha) - 1] * abs(float(Y[-1, -1]))
     est = top + rho
     return est * LAMBDA_SAFETY if est > 0 and math.isfinite(est) else 1.0
+
+
+def inverse_rms(f: DeviceFactor) -> float | None:
+    """``sqrt(mean 1/mu^2)`` over the damped factor's eigenvalues ``mu``, from the programmed
+    spectrum (``c lambda_P``; the ``k`` deflated modes count at ``L + lam`` instead of the damping).
+    ``None`` with Jacobi scaling (the programmed spectrum is then not the factor's)."""
+    if f.d is not None or f.prog is None:
+        return None
+    mu = np.sort(np.asarray(f.prog.eigenvalues[0], dtype=np.float64)) * f.c
+    total = float(np.sum(mu**-2.0))
+    if f.defl is not None and f.k:
+        total += float(((f.defl.L.double() + f.defl.lam) ** -2.0).sum()) - float(np.sum(mu[: f.k] ** -2.0))
+    return math.sqrt(max(total, 0.0) / mu.size)
 
 
 def layer_setup_info(factors: dict[str, DeviceFactor]) -> dict[str, Any]:
@@ -176,8 +191,8 @@ def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int) -> None:
     f.held_cols, f.held = last, end[:, last].clone()
 
 
-def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig
-                    ) -> tuple[float | None, float | None]:
+def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig,
+                    max_coupling: float | None = None) -> tuple[float | None, float | None]:
     """Predicted relative error and relative residual of one solve: the simulator's bias and
     variance (exact for its input and start; diagnostics ``dg``) and, in quadrature, the static
     converter/device error of the one error law (:func:`error_model.static_solve_error`, on the
@@ -187,7 +202,8 @@ def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig
         return None, None
     top = max(1.0, float(lam.max()))
     ref = float(dg.get("solution_norm2") or 0.0) or 1.0
-    static = error_model.static_solve_error_of(n, lam / top, solution_norm2=ref)
+    static = error_model.static_solve_error_of(n, lam / top, solution_norm2=ref,
+                                               max_coupling=max_coupling)
     return math.hypot(float(thermal), static), math.hypot(float(dg["predicted_residual"]), static)
 
 

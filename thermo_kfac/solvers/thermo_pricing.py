@@ -67,6 +67,23 @@ class ThermoPricing:
         out["converters"] = self.converters()
         return out
 
+    def _choose_window(self, f: Any, key: str, n_rhs: int) -> bool:
+        """The error law's window (and burn-in) for ``target_error`` on factor ``key``'s programmed
+        spectrum (the two solves compound in quadrature: each gets ``target_error / sqrt 2``),
+        capped at ``max_analog_time``; with ``analog_time="auto"`` the factor's solves use it.
+        Returns whether the law meets the target within the longest window allowed: the cap, or a
+        fixed ``analog_time`` (``deflate="auto"`` goes deeper when it does not)."""
+        job = pricing.AnalogJob("solve", f.P.shape[0], n_rhs, spectrum=self.spectra[key],
+                                target_eps=self.target_error / math.sqrt(2.0), start=self._start,
+                                resident=True, copies=self.noise.mitigation_copies, oversize="block",
+                                input_scale=f.scale if f.peak is not None else None)
+        price = pricing.price(job, self.device, self.host)
+        if self.auto_window:
+            f.window = min(price.window_tau, self.max_analog_time)
+            f.burn_in = min(price.burn_in_tau, self.max_analog_time)
+        longest = self.max_analog_time if self.auto_window else max(self.analog_time, 1.0)
+        return bool(price.info["reachable"]) and price.window_tau <= longest * (1 + 1e-9)
+
     def _gemm_cost(self, shapes: list[tuple[int, int, int]]) -> pricing.Cost:
         """Host GEMMs of the deflation (``(m, k, n)`` shapes), priced on the host preset."""
         seconds = sum(pricing.gemm_time(m, k, n, self.host) for m, k, n in shapes)
@@ -153,7 +170,8 @@ class ThermoPricing:
             copies=self.noise.mitigation_copies)
 
     def _pricing_info(self, factors: dict[str, Any], jobs: list[tuple[str, str, int]] = (),
-                      measured: list[float | None] | None = None) -> dict[str, Any]:
+                      measured: list[float | None] | None = None,
+                      amplification: float = 1.0) -> dict[str, Any]:
         """``info["pricing"]``: the damped factors' spectra (the programmed spectrum times the
         scale ``c``), each job's settings, price and the law's error (the trace's source)."""
         spectra = {k: dataclasses.replace(s, lambda_min=s.lambda_min * factors[k].c,
@@ -171,7 +189,14 @@ class ThermoPricing:
                            "predicted_rel_error": math.hypot(thermal, p.error["static"]),
                            "converters": p.info["converters"], "kappa0": p.info["device_kappa0"],
                            "prediction": "actual_rhs" if actual is not None else "rhs_model"})
-        # the two solves' errors compound roughly in quadrature (the A solve sees the G solve's output)
-        total = math.hypot(*(s["predicted_rel_error"] for s in solves)) if solves else None
+        # The second solve sees the first one's output: the first error reaches the result through
+        # the second factor's inverse, which amplifies that (white, across the second factor's
+        # index) error against the signal by ``amplification`` = ||Y|| rms(1/mu_2) / ||X||
+        # (apply() measures it: the signal sits in the top modes the inverse shrinks most).
+        # Inverses: plain quadrature.
+        errors = [s["predicted_rel_error"] for s in solves]
+        if len(errors) == 2 and solves[0]["op"] == "solve":
+            errors[0] *= amplification
+        total = math.hypot(*errors) if solves else None
         return {"device": self.device.name, "spectra": spectra, "solves": solves,
                 "predicted_rel_error": total}

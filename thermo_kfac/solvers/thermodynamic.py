@@ -50,6 +50,7 @@ from thermo_kfac.solvers.thermo_device import (
     combined,
     hold_end_states,
     input_scale,
+    inverse_rms,
     lambda_max_estimate,
     layer_setup_info,
     predicted_error,
@@ -87,7 +88,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
     digital_method = "eigh"  # the all-digital alternative it is compared with
     preset_options = {"device": "thermo", "host": "digital"}
 
-    def __init__(self, method: str = "solve", analog_time: float | str = 50.0, burn_in: float = 10.0,
+    def __init__(self, method: str = "solve", analog_time: float | str | None = None, burn_in: float = 10.0,
                  kappa0: float | None = None, dt: float | str = "auto",
                  integrator: str = "analytic", backend: str = "torch", bits: int | None = None,
                  device: str = "chip", host: str = "h100", seed: int = 0,
@@ -96,7 +97,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                  friction: float = 1.0, residual_every: int = 10, ideal: bool = False,
                  residual_limit: float | None = None, overlap: bool = False,
                  deflate: int | str = "auto", max_deflate: int = 128, target_error: float = 0.1,
-                 max_analog_time: float = 2000.0, feasibility_margin: float = DEFAULT_MARGIN,
+                 max_analog_time: float = 200.0, feasibility_margin: float = DEFAULT_MARGIN,
                  **noise: Any) -> None:
         super().__init__()
         self.method = check_choice("method", method, METHODS)
@@ -118,6 +119,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 raise ValueError(f"deflate={deflate!r} needs method='solve' (a sampled inverse has "
                                  "no right-hand side to split); use deflate=0")
         self.deflate = 0 if self.method == "inverse" else deflate
+        if analog_time is None:  # the method's default: the law's window, or 50 tau of sampling
+            analog_time = "auto" if self.method == "solve" else 50.0
         self.auto_window = analog_time == "auto"
         if self.auto_window:
             if self.method == "inverse":
@@ -180,6 +183,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         self.Y_prev: torch.Tensor | None = None
         self._configs: dict[str, AnalogConfig] = {}  # per factor: its placement on the device
         self.depths: dict[str, int] = {}  # per factor: the deflation depth of the last prepare
+        self.solve_order = ("G", "A")  # which factor apply() solves first (prepare() chooses)
+        self._order_prev = "G"  # the order Y_prev (the first solve's output) was made in
         # pricing: the programmed spectra of the last prepare and its priced jobs (pure functions
         # of those and the device, so priced once per prepare)
         self.spectra: dict[str, pricing.SpectrumSummary] = {}
@@ -219,6 +224,9 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                     "scale": [f.c for f in factors.values()],
                     "seeds": [f.seed for f in factors.values()]}
             info.update(layer_setup_info(factors))
+            kappa = dict(zip("GA", info["kappa_before"], strict=True))
+            self.solve_order = ("A", "G") if kappa["A"] > kappa["G"] else ("G", "A")
+            info["solve_order"] = "".join(self.solve_order)
             info.update(self._programming_info(factors))
             info["pricing"] = self._pricing_info(factors)
             self.last_report = _report(costs, info)
@@ -272,32 +280,43 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         # that measure accuracy (the residual schedule, or every call with track_exact)
         self._measured = [] if self.track_exact or (
             self.residual_every > 0 and self.applies % self.residual_every == 0) else None
-        x0_g = {"previous": self.Y_prev, "gradient": grad, "zero": None}[self.warm_start]
-        res_g, Y, run_g = self._solve(fG, "G", grad, x0_g)
-        x0_a = {"previous": None if self.X_prev is None else self.X_prev.T, "gradient": Y.T,
-                "zero": None}[self.warm_start]
-        res_a, Xt, run_a = self._solve(fA, "A", Y.T, x0_a)
-        X = Xt.T.contiguous()
-        self.Y_prev, self.X_prev = Y, X
+        # the worse-conditioned factor first: the first solve's error reaches the result through
+        # the second factor's inverse, harmless when that one is well conditioned
+        first, second = self.solve_order
+        R1 = grad if first == "G" else grad.T
+        y_prev = self.Y_prev if self.Y_prev is not None and self._order_prev == first else None
+        x0_1 = {"previous": y_prev, "gradient": R1, "zero": None}[self.warm_start]
+        res1, Y, run1 = self._solve(self.factors[first], first, R1, x0_1)
+        R2 = Y.T
+        x_prev = None if self.X_prev is None else (self.X_prev.T if second == "A" else self.X_prev)
+        x0_2 = {"previous": x_prev, "gradient": R2, "zero": None}[self.warm_start]
+        res2, X2, run2 = self._solve(self.factors[second], second, R2, x0_2)
+        X = (X2.T if second == "A" else X2).contiguous()
+        self.Y_prev, self.X_prev, self._order_prev = Y, X, first
         n_g, n_a = fG.P.shape[0], fA.P.shape[0]
         m_g, m_a = grad.shape[1], grad.shape[0]
         costs = [self._host_cost(n_g, 2 * m_g / n_g), self._host_cost(n_a, 2 * m_a / n_a),
                  self._gemm_cost(apply_gemms(n_g, fG.k, m_g) + apply_gemms(n_a, fA.k, m_a))]
-        jobs = [("G", "solve", grad.shape[1]), ("A", "solve", grad.shape[0])]
+        columns = {"G": m_g, "A": m_a}
+        jobs = [(first, "solve", columns[first]), (second, "solve", columns[second])]
         if self.analog_time > 0:
             costs += [self._price(key, op, m) for key, op, m in jobs]
             costs += [self._reload_cost(key, m, run["reloaded_values"])
-                      for (key, _, m), run in zip(jobs, (run_g, run_a), strict=True)
+                      for (key, _, m), run in zip(jobs, (run1, run2), strict=True)
                       if run["reloaded_values"]]
+        (res_g, run_g), (res_a, run_a) = ((res1, run1), (res2, run2))[:: 1 if first == "G" else -1]
         info = result_info("solve", [r for r in (res_g, res_a) if r is not None])
-        info["warm_start"] = self.warm_start
+        info["warm_start"], info["solve_order"] = self.warm_start, first + second
         for key in run_g:
             info[key] = [run_g[key], run_a[key]]
         info.update(self._programming_info(self.factors))
         info["predicted_error"] = combined(info["predicted_rel_error"])
         info["predicted_relative_residual"] = combined(info["predicted_residual"])
+        x_norm, inv_rms = float(X.norm()), self.factors[second].inv_rms
+        amp = float(Y.norm()) * inv_rms / x_norm if inv_rms and x_norm > 0 else 1.0
+        info["error_amplification"] = amp
         info["pricing"] = self._pricing_info(self.factors, jobs if self.analog_time > 0 else [],
-                                             self._measured)
+                                             self._measured, amplification=amp)
         if self.overlap:  # return the previous call's solve; this one is used next time
             fresh, X = X, (X if self.X_stale is None else self.X_stale)
             info["staleness_steps"] = 0 if self.X_stale is None else 1
@@ -387,7 +406,10 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                     raise SolverFailure(f"thermo solver (layer {self.layer_index}): factor {key} "
                                         f"cannot be programmed ({reason})") from err
                 continue
-            self.spectra[key] = pricing.SpectrumSummary.from_eigenvalues(f.prog.eigenvalues[0])
+            self.spectra[key] = dataclasses.replace(
+                pricing.SpectrumSummary.from_eigenvalues(f.prog.eigenvalues[0]),
+                max_coupling=f.max_coupling)
+            f.inv_rms = inverse_rms(f)
             reachable = self._choose_window(f, key, n_rhs)
             if reachable or last or self.deflate != "auto":
                 self.depths[key] = k
@@ -406,23 +428,10 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         seed = self._next_seed()
         c = lambda_max_estimate(S, self.power_iterations, seed)
         floor = lam * (float(d.min()) ** 2 if d is not None else 1.0)
-        return DeviceFactor(M=M, P=S / c, c=c, d=d, seed=seed, defl=defl, lambda_min=floor / c)
-
-    def _choose_window(self, f: DeviceFactor, key: str, n_rhs: int) -> bool:
-        """The error law's window (and burn-in) for ``target_error`` on factor ``key``'s programmed
-        spectrum (the two solves compound in quadrature: each gets ``target_error / sqrt 2``),
-        capped at ``max_analog_time``; with ``analog_time="auto"`` the factor's solves use it.
-        Returns whether the law meets the target within the cap (``deflate="auto"`` goes deeper
-        when it does not)."""
-        job = pricing.AnalogJob("solve", f.P.shape[0], n_rhs, spectrum=self.spectra[key],
-                                target_eps=self.target_error / math.sqrt(2.0), start=self._start,
-                                resident=True, copies=self.noise.mitigation_copies, oversize="block",
-                                input_scale=f.scale if f.peak is not None else None)
-        price = pricing.price(job, self.device, self.host)
-        if self.auto_window:
-            f.window = min(price.window_tau, self.max_analog_time)
-            f.burn_in = min(price.burn_in_tau, self.max_analog_time)
-        return bool(price.info["reachable"]) and price.window_tau <= self.max_analog_time
+        P = S / c
+        off = float((P - torch.diag(torch.diagonal(P))).abs().max()) if P.shape[0] > 1 else 0.0
+        return DeviceFactor(M=M, P=P, c=c, d=d, seed=seed, defl=defl, lambda_min=floor / c,
+                            max_coupling=off)
 
     def _program(self, f: DeviceFactor, key: str) -> ProgrammedMatrix:
         if f.prog is None:
@@ -509,7 +518,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 self._measured.append(self._call_error(f, res, Rn, torch.where(sent, r_eff, 0.0),
                                                        x0n, rhs_scale))
             dg = res.diagnostics
-            err, resid = self._predicted_error(prog, dg)
+            err, resid = predicted_error(prog.eigenvalues[0], dg, self.noise, f.max_coupling)
             run.update(saturated_fraction=dg["saturated_fraction"],
                        range_fallback=dg["range_fallback"], predicted_rel_error=err,
                        predicted_residual=resid)
@@ -538,10 +547,6 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
 
     def _hold(self, f: DeviceFactor, end: torch.Tensor) -> None:
         hold_end_states(f, end, self.device.units)
-
-    def _predicted_error(self, prog: ProgrammedMatrix, dg: dict[str, Any]
-                         ) -> tuple[float | None, float | None]:
-        return predicted_error(prog.eigenvalues[0], dg, self.noise)
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor,
                   predicted: float | None) -> dict[str, Any]:
