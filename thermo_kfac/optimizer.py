@@ -69,9 +69,9 @@ from torch import nn
 
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac import chain, quadratic
-from thermo_kfac import distributed as dist
 from thermo_kfac.fisher import LOSSES
 from thermo_kfac.preconditioner import KFACPreconditioner
+from thermo_kfac.process_group import unwrap
 from thermo_kfac.quadratic import (
     LOSS_FUNCTIONS,
     Forward,
@@ -203,7 +203,7 @@ class KFAC:
             raise ValueError(f"preconditioner_options may not set {sorted(owned)}: KFAC owns them "
                              "(use its damping argument; the step size replaces KL clipping)")
         self.model = model
-        module = dist.unwrap(model)
+        module = unwrap(model)
         # traced before the preconditioner adds its hooks; see thermo_kfac.chain
         links = chain.linear_chain(module)
         self.chain: list[chain.Link] | None = links
