@@ -8,8 +8,13 @@ import torch
 from torch import nn
 
 from thermo_kfac.distributed import DistributedConfig, DistributedKFAC, is_distributed
-from thermo_kfac.experiments.training.options import ADAPTIVE, FACTOR_DTYPES, OptimizerSpec
-from thermo_kfac.optimizer import build_kfac
+from thermo_kfac.experiments.training.options import (
+    ADAPTIVE,
+    FACTOR_DTYPES,
+    OptimizerSpec,
+    parse_adaptive_options,
+)
+from thermo_kfac.grammar import parse_solver_map
 
 __all__ = ["build_optimizer"]
 
@@ -55,14 +60,17 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
     if spec.name in ("adafisher", "eva"):
         return _curvature_optimizer(spec.name, model, options), None
     if spec.name == ADAPTIVE:  # thermo_kfac.KFAC: forward, backward and update in its train_step
+        from thermo_kfac import KFAC
+
         values = {k: v for k, v in options.items() if k != "solver_options"}
-        kfac = build_kfac(model, loss, {**values, **options.get("solver_options", {})}, seed=seed,
-                          distributed=_strategy(distributed))
+        kwargs = parse_adaptive_options({**values, **options.get("solver_options", {})})
+        preconditioner = {"seed": seed, "distributed": _strategy(distributed)}
+        kfac = KFAC(model, loss=loss, preconditioner_options=preconditioner, **kwargs)
         return kfac, kfac.preconditioner
     if spec.name != "kfac":
         return _base_optimizer(spec.name, model.parameters(), options), None
     from thermo_kfac import KFACPreconditioner
-    from thermo_kfac.policy import SolverPolicy, parse_solver_map
+    from thermo_kfac.policy import SolverPolicy
 
     opt = _base_optimizer(options["base"], model.parameters(), options)
     curvature = options.get("curvature", "kfac")
