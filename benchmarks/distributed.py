@@ -63,7 +63,7 @@ def _make(mode: str, config: dict, seed: int = 0):
     if MODES[mode] is not None:
         precond = KFACPreconditioner(ddp, loss="bce", damping=1e-2, kl_clip=1e-3, optimizer=opt,
                                      factor_update_every=factor_every, inverse_update_every=inverse_every,
-                                     distributed=kd.DistributedConfig(**MODES[mode]))
+                                     distributed=kd.DistributedKFAC(kd.DistributedConfig(**MODES[mode])))
     g = torch.Generator().manual_seed(seed)
     x_global = torch.rand(batch, config["input"], generator=g)
     x, _ = launch.shard(x_global, x_global)

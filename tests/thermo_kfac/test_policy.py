@@ -12,7 +12,8 @@ from torch import nn
 from hw_models.cost import KFACSchedule, ThermoCapacityError, digital_layer_cost, thermo_layer_cost
 from hw_models.devices import digital_device, thermo_device
 from thermo_kfac import KFACPreconditioner
-from thermo_kfac.policy import SolverPolicy, SolverSpec, format_assignment, parse_solver_map
+from thermo_kfac.grammar import parse_solver_map
+from thermo_kfac.policy import SolverPolicy, SolverSpec, format_assignment
 from thermo_kfac.solvers import EighSolver, KFACSolver, register_solver
 
 FAST_THERMO = "thermo:method=inverse,integrator=analytic,analog_time=200"  # factors inverted in prepare

@@ -3,8 +3,8 @@ and the CLI's list parsers.
 
 The module name has an underscore because it is an implementation detail of
 :mod:`thermo_kfac.experiments`; the functions in it are public to the experiment modules.
-Spec option values (``key=value``) are read by :func:`thermo_kfac.policy.parse_value`, the one
-parser for them; :func:`kv_list` uses it.
+Option lists (``key=value,...``) are read by the one option grammar, :mod:`thermo_kfac.grammar`;
+:func:`kv_list` uses it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hw_models.units import format_seconds
-from thermo_kfac.policy import parse_value
+from thermo_kfac.grammar import parse_items, parse_value
 
 __all__ = ["atomic_write", "float_list", "format_seconds", "int_list", "jsonable", "kv_list", "text_table",
            "widths_list"]
@@ -120,11 +120,9 @@ def widths_list(text: str) -> tuple[int, ...]:
 
 def kv_list(text: str) -> dict[str, Any]:
     """``"channels=32,hidden=128"`` -> ``{"channels": 32, "hidden": 128}`` for argparse; keys may
-    use ``-`` or ``_``, values are read by :func:`thermo_kfac.policy.parse_value`."""
-    options: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise argparse.ArgumentTypeError(f"{item!r} is not key=value")
-        options[key.strip().replace("-", "_")] = parse_value(value)
-    return options
+    use ``-`` or ``_``, values are read by :func:`thermo_kfac.grammar.parse_value`."""
+    try:
+        items = parse_items(text)
+    except ValueError as err:  # argparse shows the message of an ArgumentTypeError only
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return {key: parse_value(value) for key, value in items.items()}

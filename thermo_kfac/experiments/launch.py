@@ -158,8 +158,8 @@ def add_arguments(parser: Any) -> None:
 
 def config_from_args(args: Any) -> DistributedConfig | None:
     """The :class:`DistributedConfig` of the ``distributed`` options (:func:`add_arguments`), for
-    ``KFACPreconditioner(distributed=config_from_args(args))``: None outside a process group of
-    more than one rank (so a single process runs undistributed, as ``distributed="auto"``).
+    ``KFACPreconditioner(distributed=DistributedKFAC(config_from_args(args)))``: None outside a
+    process group of more than one rank (so a single process runs undistributed).
     Call it after the process group is joined, i.e. inside :func:`launch_cli`'s ``run``."""
     if not is_distributed():
         return None

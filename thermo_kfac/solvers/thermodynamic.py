@@ -87,6 +87,11 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
     analog = True
     digital_method = "eigh"  # the all-digital alternative it is compared with
     preset_options = {"device": "thermo", "host": "digital"}
+    # the constructor's keywords and the noise fields it takes through **noise
+    option_names = ("method", "analog_time", "burn_in", "kappa0", "dt", "integrator", "backend", "bits",
+                    "device", "host", "seed", "warm_start", "track_exact", "jacobi", "power_iterations",
+                    "dynamics", "mass", "friction", "residual_every", "ideal", "residual_limit", "overlap",
+                    *_NOISE_FIELDS)
 
     def __init__(self, method: str = "solve", analog_time: float | str | None = None, burn_in: float = 10.0,
                  kappa0: float | None = None, dt: float | str = "auto",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from thermo_kfac.experiments._io import atomic_write, jsonable, text_table
+from thermo_kfac.grammar import format_value
 
 __all__ = ["METRICS", "STUDY_METHOD", "csv_text", "finite", "format_table", "mean_or_none", "point_label",
            "ROW_COLUMNS_HEAD", "ROW_COLUMNS_TAIL", "spec_text", "summarize", "write_rows"]
@@ -32,11 +33,7 @@ ROW_COLUMNS_TAIL = ["steps", "final_train_loss", "final_test_loss", "train_accur
 
 def spec_text(value: Any) -> str:
     """A sweep value as written in a spec (``none``, ``true``/``false``, ``8``, ``0.01``)."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    return format_value(value)
 
 
 

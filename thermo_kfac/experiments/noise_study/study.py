@@ -33,9 +33,7 @@ fails twice (it raised, or its worker died) is recorded as a row with its ``erro
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import inspect
 import itertools
 import json
 import math
@@ -46,7 +44,6 @@ from typing import Any
 
 import torch
 
-from hw_models.noise import NoiseConfig
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.data import DATASETS, load_dataset
 from thermo_kfac.experiments._io import jsonable
@@ -72,8 +69,8 @@ from thermo_kfac.experiments.training import (
     parse_optimizer_spec,
     resolve_options,
 )
+from thermo_kfac.grammar import parse_value
 from thermo_kfac.models import available_models, build_model
-from thermo_kfac.policy import parse_value
 from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
 
 __all__ = ["DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "STUDY_EVAL_POINTS", "StudyRun",
@@ -86,12 +83,9 @@ STUDY_EVAL_POINTS = 50  # evaluations per run for the curves (fewer than compare
 
 
 def sweep_keys() -> list[str]:
-    """Names that ``--sweep`` accepts: the thermodynamic solver's options (its constructor's
-    parameters and every :class:`hw_models.NoiseConfig` field)."""
-    params = [p.name for p in inspect.signature(ThermodynamicSolver.__init__).parameters.values()
-              if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    fields = [f.name for f in dataclasses.fields(NoiseConfig)]
-    return sorted(set(params) | set(fields))
+    """Names that ``--sweep`` accepts: the thermodynamic solver's options, as it declares them
+    (:attr:`~thermo_kfac.solvers.KFACSolver.option_names`)."""
+    return sorted(ThermodynamicSolver.option_names)
 
 
 def parse_sweep(text: str) -> tuple[str, list[Any]]:
