@@ -142,20 +142,34 @@ def _dask_error(err: BaseException | None) -> str:
     return error_text(err)
 
 
+LOOPBACK = "127.0.0.1"
+# The only HTTP route a scheduler or worker started here serves (Dask's defaults add the
+# dashboard's pages, logs, call stacks and Prometheus metrics).
+HTTP_ROUTES = ["distributed.http.health"]
+
+
 def local_cluster_executor(workers: int, threads: int | None = None, device: str = "cpu",
                            retries: int = 1) -> DaskExecutor:
-    """A Dask ``LocalCluster`` of ``workers`` processes, one task at a time each."""
+    """A Dask ``LocalCluster`` of ``workers`` processes, one task at a time each.
+
+    Everything it starts listens on 127.0.0.1 only (scheduler, nannies, workers and their HTTP
+    servers, which serve nothing but a health check); TLS as configured in Dask."""
     import dask
     from distributed import Client, LocalCluster
 
     threads = threads if threads is not None else default_threads(workers)
     env = dict.fromkeys(THREAD_ENV_VARS, str(threads))
+    # Workers are spawned with this configuration (the nanny sends it), so the routes hold there too.
     with dask.config.set({"distributed.scheduler.worker-saturation": 1.0,
-                          "distributed.scheduler.allowed-failures": 0}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                          "distributed.scheduler.allowed-failures": 0,
+                          "distributed.scheduler.http.routes": HTTP_ROUTES,
+                          "distributed.worker.http.routes": HTTP_ROUTES}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host=LOOPBACK,
                                dashboard_address=None, env=env, silence_logs=50,
-                               # no dashboard; its HTTP server (health checks) on a free port
-                               scheduler_kwargs={"allowed_failures": 0, "dashboard_address": ":0"})
+                               # no dashboard; the scheduler's HTTP server (one always starts) on a
+                               # free loopback port: ":0" would mean every interface
+                               scheduler_kwargs={"allowed_failures": 0,
+                                                 "dashboard_address": f"{LOOPBACK}:0"})
     client = Client(cluster)
     return DaskExecutor(client, workers=workers, threads=threads, device=device, retries=retries,
                         owned=[cluster], label="dask LocalCluster", max_in_flight=workers)
