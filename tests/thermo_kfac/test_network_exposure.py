@@ -79,3 +79,128 @@ def test_train_on_two_local_ranks_listens_on_loopback_only(tmp_path):
     assert len({pid for pid, _, _ in seen}) >= 2, seen
     assert _outside_loopback(seen) == {}, seen
     assert (tmp_path / "run" / "results.json").exists()
+
+
+# ------------------------------------------------------------------ Dask clusters: HTTP and TLS
+def _http_status(port: int, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _pem_files(directory: Path, prefix: str) -> dict[str, str]:
+    """A fresh self-signed CA/certificate/key as PEM files (what an administrator would issue)."""
+    from distributed import Security
+
+    sec = Security.temporary()
+    files = {"ca_file": sec.tls_ca_file, "cert": sec.tls_client_cert, "key": sec.tls_client_key}
+    for name, text in files.items():
+        (directory / f"{prefix}-{name}.pem").write_text(text)
+    return {name: str(directory / f"{prefix}-{name}.pem") for name in files}
+
+
+def test_tls_cluster_accepts_only_clients_with_its_certificates(tmp_path):
+    pytest.importorskip("distributed", reason="the [cluster] extra (dask distributed) is not installed")
+    pytest.importorskip("cryptography", reason="makes the test's certificates (the [cluster] extra)")
+    from thermo_kfac.experiments.executors import Task, TLSOptions, make_executor, run_all
+
+    tls = TLSOptions(**_pem_files(tmp_path, "site"))
+    with make_executor(1, backend="dask", tls=tls) as local:  # a LocalCluster with these files
+        address = local.client.scheduler.address
+        assert address.startswith("tls://127.0.0.1:")
+        # its HTTP servers answer a health check and nothing else (no worker list, logs, stacks)
+        http = local.client.scheduler_info()["services"]["dashboard"]
+        assert _http_status(http, "/health") == 200
+        for path in ("/info/main/workers.html", "/info/main/logs.html", "/json/counts.json", "/metrics"):
+            assert _http_status(http, path) == 404, path
+        # a second client with the same files (as --cluster tls://... --tls-* does) runs tasks
+        with make_executor(cluster=address, tls=tls) as remote:
+            assert run_all(remote, [Task(f"{x}", pow, {"base": x, "exp": 2}) for x in range(3)]) == [0, 1, 4]
+        # without certificates, with another CA's, or over plain TCP: refused, saying why
+        with pytest.raises(ValueError, match=r"needs TLS certificates: --tls-ca-file, --tls-cert"):
+            make_executor(cluster=address)
+        with pytest.raises(ValueError, match=r"cannot connect to the Dask scheduler .*TLS certificate"):
+            make_executor(cluster=address, tls=TLSOptions(**_pem_files(tmp_path, "other")))
+        with pytest.raises(ValueError, match=r"is not a TLS address but TLS is required"):
+            make_executor(cluster=address.replace("tls://", "tcp://"), tls=tls)
+
+
+def test_tls_options_are_checked(tmp_path):
+    from thermo_kfac.experiments.executors import TLSOptions, make_executor
+
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "cert.pem").write_text("x")
+    with pytest.raises(ValueError, match=r"--tls-cert '.*missing.pem': no such file"):
+        TLSOptions(ca_file=str(tmp_path / "ca.pem"), cert=str(tmp_path / "missing.pem"))
+    with pytest.raises(ValueError, match=r"TLS needs both --tls-ca-file .* and --tls-cert"):
+        TLSOptions(cert=str(tmp_path / "cert.pem"))
+    with pytest.raises(ValueError, match=r"--tls-ca-file, --tls-cert and --no-tls contradict"):
+        TLSOptions(False, str(tmp_path / "ca.pem"), str(tmp_path / "cert.pem"))
+    with pytest.raises(ValueError, match=r"TLS settings apply to Dask clusters only, not without --workers"):
+        make_executor(tls=TLSOptions(True))
+    with pytest.raises(ValueError, match=r"TLS settings apply to Dask clusters only, not on a local process"):
+        make_executor(2, backend="processes", tls=TLSOptions(True))
+
+
+def test_cli_tls_flags_reach_the_executor(monkeypatch, tmp_path):
+    import argparse
+
+    from thermo_kfac.experiments.executors import TLSOptions, factory
+
+    parser = argparse.ArgumentParser()
+    factory.add_arguments(parser)
+    seen = {}
+    monkeypatch.setattr(factory, "make_executor", lambda *args, **kwargs: seen.update(kwargs))
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "c.pem").write_text("x")
+    factory.from_args(parser.parse_args(["--cluster", "slurm", "--tls-ca-file", str(tmp_path / "ca.pem"),
+                                         "--tls-cert", str(tmp_path / "c.pem")]))
+    assert seen["tls"] == TLSOptions(None, str(tmp_path / "ca.pem"), str(tmp_path / "c.pem"), None)
+    factory.from_args(parser.parse_args(["--cluster", "slurm", "--no-tls"]))
+    assert seen["tls"] == TLSOptions(False)
+
+
+def test_slurm_scheduler_listens_only_where_its_jobs_connect_and_requires_tls(tmp_path, monkeypatch):
+    pytest.importorskip("dask_jobqueue", reason="dask-jobqueue (the [cluster] extra) is not installed")
+    pytest.importorskip("cryptography", reason="temporary TLS certificates (the [cluster] extra)")
+    import shlex
+
+    from distributed import Client, Security
+    from distributed.utils import get_ip
+
+    from thermo_kfac.experiments.executors import dask_cluster
+    from thermo_kfac.experiments.executors.security import security_for
+
+    monkeypatch.chdir(tmp_path)  # the jobs' certificate files go to the current directory
+    me = psutil.Process()
+    before = set(_listening(me))
+    cluster, _ = dask_cluster.slurm_cluster(threads=1, security=security_for("slurm", None), memory="1GB")
+    worker = None
+    try:
+        opened = set(_listening(me)) - before
+        http = cluster.scheduler.http_server.port
+        port = int(cluster.scheduler_address.rsplit(":", 1)[1])
+        # the address the job script connects to, and the HTTP server on loopback: nothing else
+        assert {(ip, p) for _, ip, p in opened} == {(get_ip(), port), ("127.0.0.1", http)}, opened
+        script = cluster.job_script()
+        assert f"tls://{get_ip()}:{port}" in script and "--dashboard-address 127.0.0.1:0" in script
+        # run the job's worker command here (what sbatch would start on a compute node)
+        command = next(line for line in script.splitlines() if "dask_worker" in line)
+        worker = subprocess.Popen(shlex.split(command.replace("dummy-name", "job-0")),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=120)
+            task = client.submit(pow, 3, 2, resources={dask_cluster.TASK_RESOURCE: 1})
+            assert task.result(timeout=120) == 9
+        with pytest.raises(OSError, match="TLS certificate does not match"):  # another CA's client
+            Client(cluster.scheduler_address, security=Security.temporary(), timeout="10s")
+    finally:
+        cluster.close()
+        if worker is not None:
+            worker.kill()
+            worker.wait()
