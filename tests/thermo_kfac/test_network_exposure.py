@@ -204,3 +204,39 @@ def test_slurm_scheduler_listens_only_where_its_jobs_connect_and_requires_tls(tm
         if worker is not None:
             worker.kill()
             worker.wait()
+
+
+# ------------------------------------------------------------- launch environment on this machine
+def _rank(local_rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from thermo_kfac.experiments import launch
+
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE="2", LOCAL_RANK=str(local_rank),
+                      MASTER_ADDR="localhost", MASTER_PORT=str(port))
+    for key in ("GLOO_SOCKET_IFNAME", "TORCHELASTIC_USE_AGENT_STORE"):
+        os.environ.pop(key, None)
+    launch.init_from_environment("cpu")
+    total = torch.tensor([float(local_rank + 1)])
+    dist.all_reduce(total)
+    addresses = sorted(c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+                       if c.status == psutil.CONN_LISTEN)
+    Path(out, f"rank{local_rank}.txt").write_text(f"{total.item()} {' '.join(addresses)}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ranks_launched_with_a_loopback_master_address_listen_on_loopback_only(tmp_path):
+    import torch.multiprocessing as mp
+
+    from thermo_kfac.experiments import launch
+
+    mp.start_processes(_rank, args=(launch.free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method=launch.child_start_method())
+    for rank in range(2):
+        total, *addresses = (tmp_path / f"rank{rank}.txt").read_text().split()
+        assert float(total) == 3.0  # 1 + 2: the group works over loopback
+        assert addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses), addresses
+    assert launch.is_loopback("localhost") and launch.is_loopback("::1") and launch.is_loopback("127.0.0.2")
+    assert not launch.is_loopback("10.0.0.1") and not launch.is_loopback("node-1")

@@ -67,10 +67,12 @@ def _loopback_store(launch: dict[str, int], address: str, port: int) -> dist.TCP
     ``MASTER_ADDR`` says; handing it a socket already bound to 127.0.0.1 keeps it local."""
     from torch.distributed.constants import default_pg_timeout
 
+    # "localhost" may resolve to ::1 first: one literal address for the server and its clients
+    address = "127.0.0.1" if address.strip().lower() == "localhost" else address.strip("[]")
     fd = None
     if launch["rank"] == 0:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        server = socket.create_server((address.strip("[]"), port), family=family, backlog=128)
+        server = socket.create_server((address, port), family=family, backlog=128)
         fd = server.detach()  # the store owns the listening socket from now on
     return dist.TCPStore(address, port, launch["world_size"], is_master=launch["rank"] == 0,
                          timeout=default_pg_timeout, wait_for_workers=False, master_listen_fd=fd)
