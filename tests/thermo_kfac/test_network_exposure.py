@@ -121,6 +121,14 @@ def test_tls_cluster_accepts_only_clients_with_its_certificates(tmp_path):
         # a second client with the same files (as --cluster tls://... --tls-* does) runs tasks
         with make_executor(cluster=address, tls=tls) as remote:
             assert run_all(remote, [Task(f"{x}", pow, {"base": x, "exp": 2}) for x in range(3)]) == [0, 1, 4]
+        # or with the same certificates from Dask's configuration (~/.config/dask, DASK_* variables)
+        import dask
+
+        with dask.config.set({"distributed.comm.tls.ca-file": tls.ca_file,
+                              "distributed.comm.tls.client.cert": tls.cert,
+                              "distributed.comm.tls.client.key": tls.key}):
+            with make_executor(cluster=address) as configured:
+                assert run_all(configured, [Task("2^3", pow, {"base": 2, "exp": 3})]) == [8]
         # without certificates, with another CA's, or over plain TCP: refused, saying why
         with pytest.raises(ValueError, match=r"needs TLS certificates: --tls-ca-file, --tls-cert"):
             make_executor(cluster=address)
@@ -128,6 +136,21 @@ def test_tls_cluster_accepts_only_clients_with_its_certificates(tmp_path):
             make_executor(cluster=address, tls=TLSOptions(**_pem_files(tmp_path, "other")))
         with pytest.raises(ValueError, match=r"is not a TLS address but TLS is required"):
             make_executor(cluster=address.replace("tls://", "tcp://"), tls=tls)
+
+
+def test_workers_with_tls_make_their_own_certificates():
+    pytest.importorskip("distributed", reason="the [cluster] extra (dask distributed) is not installed")
+    pytest.importorskip("cryptography", reason="makes the run's certificates (the [cluster] extra)")
+    from distributed import Client, Security
+
+    from thermo_kfac.experiments.executors import Task, TLSOptions, make_executor, run_all
+
+    with make_executor(1, backend="dask", tls=TLSOptions(True)) as local:
+        address = local.client.scheduler.address
+        assert address.startswith("tls://127.0.0.1:")
+        assert run_all(local, [Task("3^2", pow, {"base": 3, "exp": 2})]) == [9]
+        with pytest.raises(OSError, match="TLS certificate does not match"):  # anyone else's certificate
+            Client(address, security=Security.temporary(), timeout="10s")
 
 
 def test_tls_options_are_checked(tmp_path):
