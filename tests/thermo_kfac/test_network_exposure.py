@@ -153,8 +153,9 @@ def test_workers_with_tls_make_their_own_certificates():
             Client(address, security=Security.temporary(), timeout="10s")
 
 
-def test_tls_options_are_checked(tmp_path):
-    from thermo_kfac.experiments.executors import TLSOptions, make_executor
+def test_tls_options_are_checked(tmp_path, monkeypatch):
+    from thermo_kfac.experiments.executors import TLSOptions, factory, make_executor
+    from thermo_kfac.experiments.executors.security import security_for
 
     (tmp_path / "ca.pem").write_text("x")
     (tmp_path / "cert.pem").write_text("x")
@@ -168,6 +169,12 @@ def test_tls_options_are_checked(tmp_path):
         make_executor(tls=TLSOptions(True))
     with pytest.raises(ValueError, match=r"TLS settings apply to Dask clusters only, not on a local process"):
         make_executor(2, backend="processes", tls=TLSOptions(True))
+    if factory.dask_available():  # Dask's Security (the [cluster] extra)
+        monkeypatch.setitem(sys.modules, "cryptography", None)  # as if not installed
+        with pytest.raises(ValueError, match=r"TLS for --cluster slurm .* needs the cryptography package .*"
+                                             r"or --no-tls on a network you trust"):
+            security_for("slurm", None)
+        assert security_for("slurm", TLSOptions(False)) is None
 
 
 def test_cli_tls_flags_reach_the_executor(monkeypatch, tmp_path):

@@ -85,11 +85,11 @@ def temporary_security(what: str) -> Any:
     try:
         return Security.temporary()
     except ImportError:
+        opt_out = ", or --no-tls on a network you trust" if what == "--cluster slurm" else ""
         raise ValueError(f"TLS for {what} without certificate files needs the cryptography package "
                          f"({CLUSTER_EXTRA}, or pip install cryptography), or give --tls-ca-file/"
                          f"--tls-cert/--tls-key, or set {CONFIG_KEYS} in Dask's configuration"
-                         + (", or --no-tls on a network you trust" if what == "--cluster slurm" else ""))\
-            from None
+                         f"{opt_out}") from None
 
 
 def security_for(kind: str, tls: TLSOptions | Any | None, address: str = "") -> Any | None:
