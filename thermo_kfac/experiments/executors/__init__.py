@@ -12,7 +12,8 @@ Implementations (see :func:`make_executor`):
   when Dask is not installed.
 - :class:`DaskExecutor`: a Dask ``distributed`` client: ``--workers N`` starts a
   ``LocalCluster`` of N one-task processes, ``--cluster tcp://host:port`` connects to a running
-  scheduler, ``--cluster slurm`` starts a ``dask_jobqueue.SLURMCluster``.
+  scheduler, ``--cluster slurm`` starts a ``dask_jobqueue.SLURMCluster``. A LocalCluster listens
+  on loopback only; TLS settings: :class:`TLSOptions` (``security.py``).
 
 Every executor gives a task two attempts: a task that raises, or whose worker process dies, is
 run once more, then recorded as failed (``TaskResult.error``) and the others go on. Tasks seed
@@ -58,10 +59,11 @@ from thermo_kfac.experiments.executors.factory import (
     make_executor,
 )
 from thermo_kfac.experiments.executors.pool import ProcessPoolExecutor
+from thermo_kfac.experiments.executors.security import TLSOptions
 
 __all__ = [
     "BACKENDS", "CLUSTER_EXTRA", "THREAD_ENV_VARS", "DaskExecutor", "Executor", "ProcessPoolExecutor",
-    "ProgressBar", "SerialExecutor", "Task", "TaskResult", "ThreadLimit", "add_arguments",
+    "ProgressBar", "SerialExecutor", "TLSOptions", "Task", "TaskResult", "ThreadLimit", "add_arguments",
     "apply_worker_settings", "available_cores", "dask_available", "default_threads", "error_text",
     "from_args", "local_cluster_executor", "make_executor", "pack", "run_all", "slurm_cluster",
     "slurm_executor", "unpack",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -142,20 +143,35 @@ def _dask_error(err: BaseException | None) -> str:
     return error_text(err)
 
 
+LOOPBACK = "127.0.0.1"
+# The only HTTP route a scheduler or worker started here serves (Dask's defaults add the
+# dashboard's pages, logs, call stacks and Prometheus metrics).
+HTTP_ROUTES = ["distributed.http.health"]
+
+
 def local_cluster_executor(workers: int, threads: int | None = None, device: str = "cpu",
-                           retries: int = 1) -> DaskExecutor:
-    """A Dask ``LocalCluster`` of ``workers`` processes, one task at a time each."""
+                           retries: int = 1, security: Any = None) -> DaskExecutor:
+    """A Dask ``LocalCluster`` of ``workers`` processes, one task at a time each.
+
+    Everything it starts listens on 127.0.0.1 only (scheduler, nannies, workers and their HTTP
+    servers, which serve nothing but a health check). ``security``: a ``distributed.Security``
+    (TLS between all of them and the client), or None for Dask's configuration."""
     import dask
     from distributed import Client, LocalCluster
 
     threads = threads if threads is not None else default_threads(workers)
     env = dict.fromkeys(THREAD_ENV_VARS, str(threads))
+    # Workers are spawned with this configuration (the nanny sends it), so the routes hold there too.
     with dask.config.set({"distributed.scheduler.worker-saturation": 1.0,
-                          "distributed.scheduler.allowed-failures": 0}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, env=env, silence_logs=50,
-                               # no dashboard; its HTTP server (health checks) on a free port
-                               scheduler_kwargs={"allowed_failures": 0, "dashboard_address": ":0"})
+                          "distributed.scheduler.allowed-failures": 0,
+                          "distributed.scheduler.http.routes": HTTP_ROUTES,
+                          "distributed.worker.http.routes": HTTP_ROUTES}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host=LOOPBACK,
+                               dashboard_address=None, env=env, silence_logs=50, security=security,
+                               # no dashboard; the scheduler's HTTP server (one always starts) on a
+                               # free loopback port: ":0" would mean every interface
+                               scheduler_kwargs={"allowed_failures": 0,
+                                                 "dashboard_address": f"{LOOPBACK}:0"})
     client = Client(cluster)
     return DaskExecutor(client, workers=workers, threads=threads, device=device, retries=retries,
                         owned=[cluster], label="dask LocalCluster", max_in_flight=workers)
@@ -164,16 +180,24 @@ def local_cluster_executor(workers: int, threads: int | None = None, device: str
 TASK_RESOURCE = "thermo_kfac_task"  # a worker resource: one task at a time on a SLURM job's worker
 
 
-def slurm_cluster(threads: int | None = None, **options: Any) -> tuple[Any, int]:
+def slurm_cluster(threads: int | None = None, security: Any = None, **options: Any) -> tuple[Any, int]:
     """A ``dask_jobqueue.SLURMCluster`` (not yet scaled) whose jobs run one worker that takes one
     task at a time with all of the job's cores; returns it and the threads a task uses.
 
     Queue, account, memory, walltime and extra ``#SBATCH`` lines come from ``options`` or Dask's
     configuration (``~/.config/dask/jobqueue.yaml`` section ``jobqueue.slurm``, or environment
-    variables such as ``DASK_JOBQUEUE__SLURM__MEMORY=8GB``); ``threads`` sets the job's cores."""
+    variables such as ``DASK_JOBQUEUE__SLURM__MEMORY=8GB``); ``threads`` sets the job's cores.
+
+    Network: the scheduler listens on the one address the job scripts connect to (that of the
+    configured ``interface``, else this host's outgoing address), not on every interface; its HTTP
+    server and the jobs' worker HTTP servers on loopback, serving a health check only.
+    ``security`` (a ``distributed.Security``): TLS between scheduler, workers and this client;
+    certificates held only in memory are written (mode 0600) to ``shared-temp-directory``
+    (default: the current directory), which the jobs must be able to read."""
     try:
         import dask
         from dask_jobqueue import SLURMCluster
+        from distributed.utils import get_ip
     except ImportError:
         raise ValueError("--cluster slurm needs dask-jobqueue: " + CLUSTER_EXTRA
                          + " (or pip install dask-jobqueue)") from None
@@ -181,11 +205,25 @@ def slurm_cluster(threads: int | None = None, **options: Any) -> tuple[Any, int]
         options["cores"] = threads
     options.setdefault("processes", 1)
     # Dask runs `cores` tasks at once on a worker; the resource limits it to one, which then
-    # gets every core of the job.
+    # gets every core of the job. Nothing outside the job's node needs its worker's HTTP server.
     options["worker_extra_args"] = list(options.get("worker_extra_args") or []) + [
-        "--resources", f"{TASK_RESOURCE}=1"]
+        "--resources", f"{TASK_RESOURCE}=1", "--dashboard-address", f"{LOOPBACK}:0"]
+    scheduler = dict(options.get("scheduler_options")
+                     or dask.config.get("jobqueue.slurm.scheduler-options", None) or {})
+    interface = options.get("interface") or dask.config.get("jobqueue.slurm.interface", None)
+    if "host" not in scheduler and "interface" not in scheduler and not interface:
+        # dask-jobqueue's default binds every interface and writes get_ip() into the job script
+        scheduler["host"] = get_ip()
+    scheduler.setdefault("dashboard_address", f"{LOOPBACK}:0")
+    options["scheduler_options"] = scheduler
+    if security is not None:
+        options["security"] = security
+        options.setdefault("protocol", "tls://")
+        if dask.config.get("jobqueue.slurm.shared-temp-directory", None) is None:
+            options.setdefault("shared_temp_directory", os.getcwd())
     try:
-        cluster = SLURMCluster(**options)
+        with dask.config.set({"distributed.scheduler.http.routes": HTTP_ROUTES}):
+            cluster = SLURMCluster(**options)
     except ValueError as err:  # e.g. no memory/cores given and none configured
         detail = " ".join(str(err).split())  # one line
         raise ValueError(f"cannot configure the SLURM cluster: {detail} (set jobqueue.slurm options "
@@ -196,11 +234,11 @@ def slurm_cluster(threads: int | None = None, **options: Any) -> tuple[Any, int]
 
 
 def slurm_executor(jobs: int | None = None, threads: int | None = None, device: str = "cpu",
-                   retries: int = 1, **options: Any) -> DaskExecutor:
+                   retries: int = 1, security: Any = None, **options: Any) -> DaskExecutor:
     """:func:`slurm_cluster` scaled to ``jobs`` SLURM jobs (default 1), as an executor."""
     from distributed import Client
 
-    cluster, task_threads = slurm_cluster(threads, **options)
+    cluster, task_threads = slurm_cluster(threads, security, **options)
     jobs = jobs or 1
     cluster.scale(jobs=jobs)
     client = Client(cluster)
