@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from thermo_kfac.experiments.progress import print_line, resolve_progress
+
 CLUSTER_EXTRA = "pip install 'thermo-kfac[cluster]'"
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -144,30 +146,43 @@ def worker_report() -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ progress
 class ProgressBar:
-    """One overall bar: done/failed/running counts; tqdm estimates the time left."""
+    """Progress of a map: done/failed/running counts on one tqdm bar (``"bar"``; tqdm estimates
+    the time left), or one plain line per finished task (``"lines"``), or nothing.
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool) -> None:
+    ``enabled``: a ``--progress`` mode (:func:`thermo_kfac.experiments.progress.resolve_progress`;
+    ``True`` is ``"auto"``, ``False`` ``"none"``)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: str | bool) -> None:
         self.done, self.failed, self.running = 0, 0, 0
+        self.total, self.finished, self.desc = total, initial, desc
+        self.mode = resolve_progress(enabled)
         self.bar = None
-        if enabled:
+        if self.mode == "bar":
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="task", file=sys.stderr,
                             dynamic_ncols=True)
 
+    def counts(self) -> str:
+        return f"done {self.done}, failed {self.failed}, running {self.running}"
+
     def update(self, *, finished: TaskResult | None = None, running: int | None = None) -> None:
         if running is not None:
             self.running = running
         if finished is not None:
+            self.finished += 1
             if finished.ok:
                 self.done += 1
             else:
                 self.failed += 1
         if self.bar is not None:
-            self.bar.set_postfix_str(f"done {self.done}, failed {self.failed}, running {self.running}",
-                                     refresh=finished is None)
+            self.bar.set_postfix_str(self.counts(), refresh=finished is None)
             if finished is not None:
                 self.bar.update(1)
+        elif self.mode == "lines" and finished is not None:
+            what = "done" if finished.ok else f"FAILED ({finished.error})"
+            print_line(f"{self.desc}: {self.finished}/{self.total} tasks ({self.counts()}); "
+                       f"{finished.key} {what}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -193,11 +208,12 @@ class Executor(ABC):
         """Whether tasks may run at the same time (then timings are measured under shared load)."""
         return True
 
-    def map(self, tasks: Iterable[Task], *, progress: bool = False, desc: str = "tasks",
+    def map(self, tasks: Iterable[Task], *, progress: str | bool = False, desc: str = "tasks",
             initial: int = 0) -> Iterator[TaskResult]:
         """Run ``tasks``; yield one result per task as it completes (not in order).
 
-        ``initial``: tasks already done before (a resumed study), counted on the progress bar.
+        ``progress``: a ``--progress`` mode (``auto``, ``bar``, ``lines``, ``none``; ``True`` is
+        ``auto``). ``initial``: tasks already done before (a resumed study), counted in the progress.
         Closing the iterator early cancels the tasks that have not started."""
         tasks = list(tasks)
         keys = [t.key for t in tasks]
@@ -295,7 +311,7 @@ class ThreadLimit:
         torch.set_num_threads(self.previous)
 
 
-def run_all(executor: Executor, tasks: Iterable[Task], *, progress: bool = False,
+def run_all(executor: Executor, tasks: Iterable[Task], *, progress: str | bool = False,
             desc: str = "tasks") -> list[Any]:
     """Run ``tasks`` and return their values in the given order; if any task failed (twice),
     raise a ValueError listing each with its error (one line for the CLI)."""

@@ -50,7 +50,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             seed: int = 0, loss: str | None = None, model_options: dict[str, Any] | None = None,
             dataset_options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
             eval_every: int | None = None, target_loss: float | None = None,
-            target_from_first: bool = True, out: str | Path | None = None, progress: bool = False,
+            target_from_first: bool = True, out: str | Path | None = None, progress: str | bool = False,
             device: str = "cpu", command: str = "compare", print_assignment: bool = False,
             distributed: DistributedConfig | None = None,
             executor: Executor | None = None) -> dict[str, Any]:
@@ -74,7 +74,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             the final training loss of the first run.
         out: directory for ``results.json``, ``metrics.csv``, PNG plots and every K-FAC run's
             ``trace.json`` (written atomically at the end; nothing is written if a run fails).
-        progress: show a tqdm progress bar per run.
+        progress: ``"auto"`` (tqdm bars on a terminal, plain periodic lines otherwise), ``"bar"``,
+            ``"lines"`` or ``"none"``; ``True`` is ``"auto"``, ``False`` ``"none"``.
         device: torch device for model and data.
         print_assignment: print each K-FAC run's solver per layer before training.
         distributed: how K-FAC spreads its work inside a process group (``train --placement``
@@ -173,7 +174,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             for spec, options, label in zip(specs, resolved, labels, strict=True)]
         if print_assignment and is_main_process():
             _print_assignments(runners)
-        train_interleaved(runners, progress and is_main_process())
+        train_interleaved(runners, progress if is_main_process() else "none")
         if print_assignment and is_main_process():
             _print_assignments(runners, after=True)
         runs = [runner.result() for runner in runners]

@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hw_models.units import format_seconds
 from hw_models.validation import check_choice
 from thermo_kfac import KFAC
 from thermo_kfac.data import Dataset
 from thermo_kfac.distributed import DistributedConfig
 from thermo_kfac.experiments.launch import global_mean, shard, wrap_model
+from thermo_kfac.experiments.progress import LineThrottle, print_line, resolve_progress
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import ADAPTIVE, LOSSES, OptimizerSpec
 from thermo_kfac.layer_pricing import AutoSolver
@@ -30,7 +32,7 @@ from thermo_kfac.models import build_model
 from thermo_kfac.trace import TraceRecorder
 
 __all__ = ["MAX_EVAL_EXAMPLES", "WARMUP_STEPS", "TrainingRun", "evaluate", "loss_function",
-           "train_interleaved"]
+           "progress_line", "train_interleaved"]
 
 MAX_EVAL_EXAMPLES = 10_000  # the "full training set" loss uses at most this many examples
 WARMUP_STEPS = 5
@@ -272,34 +274,64 @@ class TrainingRun:
             torch.random.set_rng_state(rng)
 
 
-def _progress_bar(total: int, label: str, enabled: bool, position: int = 0) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class _RunProgress:
+    """Progress of interleaved runs: a tqdm bar per run, or a plain line per run every few
+    steps/seconds (:mod:`thermo_kfac.experiments.progress`), or nothing."""
 
-    return tqdm(total=total, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True,
-                position=position)
+    def __init__(self, runs: Sequence[TrainingRun], mode: str) -> None:
+        self.mode = mode
+        self.bars: list[Any] = []
+        self.throttles = [LineThrottle(r.steps) for r in runs]
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bars = [tqdm(total=r.steps, desc=r.spec.label, unit="step", file=sys.stderr,
+                              dynamic_ncols=True, position=i) for i, r in enumerate(runs)]
+
+    def update(self, index: int, run: TrainingRun, record: dict[str, Any]) -> None:
+        if self.mode == "bar":
+            bar = self.bars[index]
+            bar.update(1)
+            if record["step"] % 10 == 0 or run.done:
+                postfix = {"loss": f"{record['train_loss']:.4f}",
+                           "ms/step": f"{1e3 * run.wall / record['step']:.2f}"}
+                if "train_accuracy" in record:
+                    postfix["acc"] = f"{record['train_accuracy']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+        elif self.mode == "lines" and self.throttles[index].due(record["step"], final=run.done):
+            print_line(progress_line(run, record))
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
 
 
-def train_interleaved(runs: Sequence[TrainingRun], progress: bool = False) -> None:
+def progress_line(run: TrainingRun, record: dict[str, Any]) -> str:
+    """One plain progress line of a run: step, loss, accuracy, ms/step, predicted hardware time."""
+    parts = [f"{run.spec.label}: step {record['step']}/{run.steps}",
+             f"loss {record['train_loss']:.4g}"]
+    if "train_accuracy" in record:
+        parts.append(f"acc {record['train_accuracy']:.3f}")
+    parts.append(f"{1e3 * run.wall / record['step']:.2f} ms/step")
+    if "predicted_digital_s" in record:
+        parts.append(f"predicted step digital {format_seconds(record['predicted_digital_s'])}, "
+                     f"hybrid {format_seconds(record['predicted_hybrid_s'])}")
+    if run.diverged:
+        parts.append("diverged")
+    return ", ".join(parts)
+
+
+def train_interleaved(runs: Sequence[TrainingRun], progress: str | bool = False) -> None:
     """Advance all runs step by step, round robin (A B A B ...), so that load changes on the
-    machine affect every run alike; a diverged run drops out. ``progress``: a tqdm bar per run."""
-    bars = [_progress_bar(r.steps, r.spec.label, progress, position=i) for i, r in enumerate(runs)]
+    machine affect every run alike; a diverged run drops out. ``progress``: a ``--progress`` mode
+    (``auto``, ``bar``, ``lines``, ``none``; ``True`` is ``auto``, ``False`` ``none``)."""
+    display = _RunProgress(runs, resolve_progress(progress))
     try:
         while any(not r.done for r in runs):
-            for run, bar in zip(runs, bars, strict=True):
+            for index, run in enumerate(runs):
                 if run.done:
                     continue
                 record = run.step()
-                if bar is not None:
-                    bar.update(1)
-                    if record["step"] % 10 == 0 or run.done:
-                        postfix = {"loss": f"{record['train_loss']:.4f}",
-                                   "ms/step": f"{1e3 * run.wall / record['step']:.2f}"}
-                        if "train_accuracy" in record:
-                            postfix["acc"] = f"{record['train_accuracy']:.3f}"
-                        bar.set_postfix(postfix, refresh=False)
+                display.update(index, run, record)
     finally:
-        for bar in bars:
-            if bar is not None:
-                bar.close()
+        display.close()
