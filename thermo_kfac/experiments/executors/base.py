@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import sys
 import threading
 from abc import ABC, abstractmethod
@@ -195,13 +197,15 @@ class Executor(ABC):
 
     name = "executor"
 
-    def __init__(self, workers: int, threads: int | None, device: str = "cpu", retries: int = 1) -> None:
+    def __init__(self, workers: int, threads: int | None, device: str = "cpu", retries: int = 1,
+                 task_timeout: float | None = None) -> None:
         self.workers = workers
         self.threads = threads
         self.device = str(device)
         if not (isinstance(retries, int) and retries >= 0):
             raise ValueError(f"retries={retries!r} must be a non-negative integer")
         self.retries = retries
+        self.task_timeout = check_timeout(task_timeout)
 
     @property
     def parallel(self) -> bool:
@@ -234,7 +238,9 @@ class Executor(ABC):
 
     def describe(self) -> str:
         threads = "default" if self.threads is None else str(self.threads)
-        return f"{self.name}: {self.workers} worker(s), {threads} thread(s) each, device {self.device}"
+        timeout = "" if self.task_timeout is None else f", task timeout {self.task_timeout:g} s"
+        return (f"{self.name}: {self.workers} worker(s), {threads} thread(s) each, device "
+                f"{self.device}{timeout}")
 
     def close(self) -> None:
         """Release workers and connections (idempotent)."""
@@ -250,24 +256,31 @@ class Executor(ABC):
 class SerialExecutor(Executor):
     """Tasks one after the other in this process, in the given order (today's behaviour).
 
-    ``threads``: torch/BLAS threads while the tasks run (restored afterwards); None leaves them."""
+    ``threads``: torch/BLAS threads while the tasks run (restored afterwards); None leaves them.
+    ``task_timeout``: a task running longer is interrupted by ``SIGALRM`` (POSIX, main thread
+    only): Python code and sleeps stop at once, a long call into C code when it returns."""
 
     name = "serial"
 
-    def __init__(self, threads: int | None = None, device: str = "cpu", retries: int = 1) -> None:
-        super().__init__(1, threads, device, retries)
+    def __init__(self, threads: int | None = None, device: str = "cpu", retries: int = 1,
+                 task_timeout: float | None = None) -> None:
+        super().__init__(1, threads, device, retries, task_timeout)
 
     @property
     def parallel(self) -> bool:
         return False
 
     def _run(self, tasks: list[Task], bar: ProgressBar) -> Iterator[TaskResult]:
+        if self.task_timeout is not None and not (
+                hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()):
+            raise ValueError("task_timeout on the serial executor needs a POSIX system and the main "
+                             "thread (SIGALRM); use --workers N to run the tasks in worker processes")
         for index, task in enumerate(tasks):
             bar.update(running=1)
             error = None
             for attempt in range(1, self.retries + 2):
                 try:
-                    with ThreadLimit(self.threads):
+                    with ThreadLimit(self.threads), Alarm(self.task_timeout):
                         value = task.fn(**task.kwargs)
                 except Exception as err:  # a failed task is recorded; Ctrl-C still stops
                     error = error_text(err)
@@ -278,6 +291,46 @@ class SerialExecutor(Executor):
                 result = TaskResult(task.key, index, None, error, self.retries + 1)
             bar.update(finished=result, running=0)
             yield result
+
+
+class TaskTimeout(Exception):
+    """A task ran past the executor's ``task_timeout``."""
+
+
+def timeout_text(seconds: float) -> str:
+    """What a timed-out task records as its error."""
+    return f"TaskTimeout: timed out after {seconds:g} s"
+
+
+def check_timeout(seconds: float | None) -> float | None:
+    """None or a positive, finite number of seconds (``--task-timeout``)."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
+            math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"task_timeout={seconds!r} must be a positive number of seconds (or None)")
+    return float(seconds)
+
+
+class Alarm:
+    """Raise :class:`TaskTimeout` in the main thread after ``seconds`` (None: no limit); the
+    previous ``SIGALRM`` handler and timer are restored on exit."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+
+    def _fire(self, signum: int, frame: Any) -> None:
+        raise TaskTimeout(f"timed out after {self.seconds:g} s")
+
+    def __enter__(self) -> None:
+        if self.seconds is not None:
+            self.previous = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seconds is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
 
 
 class ThreadLimit:

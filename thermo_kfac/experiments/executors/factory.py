@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from thermo_kfac.experiments.executors.base import CLUSTER_EXTRA, Executor, SerialExecutor
+from thermo_kfac.experiments.executors.base import CLUSTER_EXTRA, Executor, SerialExecutor, check_timeout
 from thermo_kfac.experiments.executors.dask_cluster import (
     DaskExecutor,
     local_cluster_executor,
@@ -36,7 +36,7 @@ def _check_count(name: str, value: Any) -> int | None:
 
 def make_executor(workers: int | None = None, cluster: str | None = None, *,
                   threads: int | None = None, device: str = "cpu", backend: str = "auto",
-                  retries: int = 1) -> Executor:
+                  retries: int = 1, task_timeout: float | None = None) -> Executor:
     """The executor for ``--workers``/``--cluster``.
 
     - neither (or ``workers=1``): :class:`SerialExecutor` (``threads`` as given).
@@ -46,8 +46,18 @@ def make_executor(workers: int | None = None, cluster: str | None = None, *,
     - ``cluster="slurm"``: a dask-jobqueue SLURMCluster of ``workers`` jobs (default 1).
 
     ``threads``: threads per worker (default: cores // workers locally, cores // task slots on
-    a remote worker); ``device="cuda"``: worker i on GPU i mod count.
+    a remote worker); ``device="cuda"``: worker i on GPU i mod count. ``task_timeout``: seconds a
+    task may run before it is cancelled (its worker restarted where the engine allows), retried
+    once, then recorded as failed (see each executor); None: no limit.
     """
+    task_timeout = check_timeout(task_timeout)
+    executor = _make(workers, cluster, threads, device, backend, retries)
+    executor.task_timeout = task_timeout
+    return executor
+
+
+def _make(workers: int | None, cluster: str | None, threads: int | None, device: str, backend: str,
+          retries: int) -> Executor:
     workers = _check_count("workers", workers)
     threads = _check_count("threads", threads)
     if backend not in BACKENDS:
@@ -101,6 +111,11 @@ def add_arguments(parser: Any) -> None:
                        help="submit the runs to a running Dask scheduler (tcp://host:8786), or "
                             "'slurm' for a dask-jobqueue SLURM cluster of --workers jobs; needs "
                             + CLUSTER_EXTRA)
+    group.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a run (task) still running after SECONDS is cancelled (its worker "
+                            "process killed and restarted; without --workers/--cluster it is "
+                            "interrupted in this process), retried once, then recorded as failed; "
+                            "the others go on and a resumed study retries it (default: no limit)")
 
 
 def from_args(args: Any, *, device: str = "cpu") -> Executor:
@@ -113,4 +128,8 @@ def from_args(args: Any, *, device: str = "cpu") -> Executor:
         raise ValueError(f"--threads={threads} must be a positive integer")
     if workers in (None, 1) and getattr(args, "cluster", None) is None:
         threads = None  # serial: the command sets --threads itself, as before
-    return make_executor(workers, getattr(args, "cluster", None), threads=threads, device=device)
+    timeout = getattr(args, "task_timeout", None)
+    if timeout is not None:
+        check_timeout(timeout)  # before a cluster starts
+    return make_executor(workers, getattr(args, "cluster", None), threads=threads, device=device,
+                         task_timeout=timeout)

@@ -82,7 +82,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             ...); None: the preconditioner's default.
         executor: a parallel :class:`thermo_kfac.experiments.executors.Executor` runs each
             optimizer as a task (same results as serial; wall times then measured under the
-            load of the other runs, not interleaved). None or a serial executor: interleaved here.
+            load of the other runs, not interleaved); so does a serial one with a
+            ``task_timeout`` (one run after the other). None or a serial executor: interleaved here.
 
     Returns:
         ``{"command", "config", "seed", "target_loss", "target_source", "runs": [...]}``.
@@ -145,13 +146,15 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
         else:
             build_model(model, data, **model_options)
     parallel = executor is not None and executor.parallel
-    if parallel and distributed is not None:
+    # a task timeout needs tasks: with it even a serial executor runs one task per optimizer
+    as_tasks = executor is not None and (parallel or executor.task_timeout is not None)
+    if as_tasks and distributed is not None:
         raise ValueError("a parallel executor (--workers/--cluster) runs each optimizer in its own "
                          "process; it cannot be combined with distributed K-FAC (a process group)")
     data = data.to(torch_device)
 
     labels = unique_labels([s.label for s in specs])
-    if parallel:  # one task per optimizer; a task loads a named dataset itself
+    if as_tasks:  # one task per optimizer; a task loads a named dataset itself
         from thermo_kfac.experiments.executors import Task, run_all
 
         source = dataset if isinstance(dataset, Dataset) else (
@@ -200,7 +203,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             "world_size": world_size(),
             "wall_time_note": "training steps only; evaluation excluded" + (
                 f"; runs in parallel ({executor.describe()}), each timed under the others' load"
-                if parallel else ""),
+                if parallel else "; runs one after the other as tasks, not interleaved" if as_tasks else ""),
         },
         "runs": runs,
     }
