@@ -58,7 +58,7 @@ def test_redirected_compare_log_has_no_escape_codes(tmp_path):
         assert re.search(rf"^{re.escape(label)}: step 12/12, loss [0-9.e+-]+, acc [0-9.]+, "
                          r"[0-9.]+ ms/step", text, re.M), label
     # K-FAC runs also report the predicted step time of both machines
-    assert re.search(r"^kfac:solver=thermo: step 12/12, .*predicted step digital [0-9.]+ [mun]?s, "
+    assert re.search(r"^kfac:solver=thermo: step 12/12, .*predicted curvature/step digital [0-9.]+ [mun]?s, "
                      r"hybrid [0-9.]+ [mun]?s$", text, re.M)
     assert re.search(r"^optimizer +steps +train loss", text, re.M)  # the summary table follows
 

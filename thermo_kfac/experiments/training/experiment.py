@@ -20,6 +20,7 @@ import torch
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.data import DATASETS, Dataset, load_dataset
 from thermo_kfac.distributed import DistributedConfig, is_main_process, world_size
+from thermo_kfac.experiments.training.codesign import add_predicted_times
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import (
     ADAPTIVE,
@@ -188,6 +189,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
         target_source = f"final train loss of {runs[0]['label']}"
     for run in runs:
         run["time_to_target_s"], run["steps_to_target"] = time_to_target(run, target_loss)
+    add_predicted_times({"runs": runs, "target_loss": target_loss}, model, model_options, data, batch_size)
     results = {
         "command": command,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

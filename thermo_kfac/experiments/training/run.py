@@ -314,7 +314,7 @@ def progress_line(run: TrainingRun, record: dict[str, Any]) -> str:
         parts.append(f"acc {record['train_accuracy']:.3f}")
     parts.append(f"{1e3 * run.wall / record['step']:.2f} ms/step")
     if "predicted_digital_s" in record:
-        parts.append(f"predicted step digital {format_seconds(record['predicted_digital_s'])}, "
+        parts.append(f"predicted curvature/step digital {format_seconds(record['predicted_digital_s'])}, "
                      f"hybrid {format_seconds(record['predicted_hybrid_s'])}")
     if run.diverged:
         parts.append("diverged")
