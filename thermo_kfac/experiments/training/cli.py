@@ -140,6 +140,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     misc.add_argument("--out", default=None, metavar="DIR",
                       help="write results.json, metrics.csv and PNG plots here (created; files are "
                            "replaced only when the run completes)")
+    misc.add_argument("--tensorboard", default=None, metavar="DIR",
+                      help="also write TensorBoard scalars (losses, accuracy, predicted digital/hybrid "
+                           "time, fallbacks; per analog layer kappa, predicted and measured error, "
+                           "window, bits lost to ranging) to DIR/<run>; needs "
+                           "pip install 'thermo-kfac[tensorboard]'")
     misc.add_argument("--threads", type=int, default=None, metavar="N",
                       help="torch CPU threads (default: torch's choice; 1 is often faster for small "
                            "models such as the digits MLP, and much steadier on a busy machine)")
@@ -185,7 +190,7 @@ def _experiment_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                 loss=args.loss, model_options=model_options, dataset_options=dataset_options,
                 overrides=_overrides(args), eval_every=args.eval_every, target_loss=args.target_loss,
-                out=args.out, progress=progress_mode(args), device=args.device,
+                out=args.out, progress=progress_mode(args), device=args.device, tensorboard=args.tensorboard,
                 print_assignment=True, distributed=config_from_args(args))
 
 

@@ -37,6 +37,7 @@ from thermo_kfac.experiments.training.options import (
 )
 from thermo_kfac.experiments.training.outputs import time_to_target, write_results
 from thermo_kfac.experiments.training.run import TrainingRun, train_interleaved
+from thermo_kfac.experiments.training.tensorboard import check_tensorboard
 from thermo_kfac.models import available_models, build_model
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             target_from_first: bool = True, out: str | Path | None = None, progress: str | bool = False,
             device: str = "cpu", command: str = "compare", print_assignment: bool = False,
             distributed: DistributedConfig | None = None,
-            executor: Executor | None = None) -> dict[str, Any]:
+            executor: Executor | None = None, tensorboard: str | Path | None = None) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` once per optimizer spec, from the same start on the same batches.
 
     Args:
@@ -85,6 +86,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             optimizer as a task (same results as serial; wall times then measured under the
             load of the other runs, not interleaved); so does a serial one with a
             ``task_timeout`` (one run after the other). None or a serial executor: interleaved here.
+        tensorboard: a folder for TensorBoard event files, one subfolder per run (needs the
+            ``[tensorboard]`` extra; :mod:`thermo_kfac.experiments.training.tensorboard`).
 
     Returns:
         ``{"command", "config", "seed", "target_loss", "target_source", "runs": [...]}``.
@@ -129,6 +132,10 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
     eval_every = check_positive("eval_every", eval_every, integer=True)
     if target_loss is not None:
         check_number("target_loss", target_loss)
+    if tensorboard is not None:
+        check_tensorboard()
+        if not is_main_process():
+            tensorboard = None  # one writer
     try:
         torch_device = torch.device(device)
     except RuntimeError as err:
@@ -164,7 +171,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             data=source, model=model, model_options=model_options,
             spec=OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options=options,
             loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
-            device=str(torch_device))) for spec, options, label in zip(specs, resolved, labels, strict=True)]
+            device=str(torch_device), tensorboard=None if tensorboard is None else str(tensorboard)))
+            for spec, options, label in zip(specs, resolved, labels, strict=True)]
         outcomes = run_all(executor, tasks, progress=progress, desc=command)
         runs = [o["run"] for o in outcomes]
         traces = {label: o["trace"] for label, o in zip(labels, outcomes, strict=True)
@@ -174,11 +182,15 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             TrainingRun(data, model, model_options,
                         OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options,
                         loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
-                        device=torch_device, distributed=distributed)
+                        device=torch_device, distributed=distributed, tensorboard=tensorboard)
             for spec, options, label in zip(specs, resolved, labels, strict=True)]
         if print_assignment and is_main_process():
             _print_assignments(runners)
-        train_interleaved(runners, progress if is_main_process() else "none")
+        try:
+            train_interleaved(runners, progress if is_main_process() else "none")
+        finally:
+            for runner in runners:
+                runner.close_log()
         if print_assignment and is_main_process():
             _print_assignments(runners, after=True)
         runs = [runner.result() for runner in runners]
@@ -201,6 +213,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             "batch_size": batch_size, "steps": steps, "steps_per_epoch": steps_per_epoch,
             "epochs": steps / steps_per_epoch, "eval_every": eval_every, "seed": seed,
             "optimizers": [s.label for s in specs], "overrides": overrides, "device": str(torch_device),
+            "tensorboard": None if tensorboard is None else str(tensorboard),
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
             "world_size": world_size(),
             "wall_time_note": "training steps only; evaluation excluded" + (
@@ -216,7 +229,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
 
 def compare_task(*, data: Dataset | tuple[str, str | None, dict[str, Any]], model: str,
                  model_options: dict[str, Any], spec: OptimizerSpec, options: dict[str, Any], loss: str,
-                 steps: int, batch_size: int, seed: int, eval_every: int, device: str) -> dict[str, Any]:
+                 steps: int, batch_size: int, seed: int, eval_every: int, device: str,
+                 tensorboard: str | None = None) -> dict[str, Any]:
     """One optimizer's run of :func:`compare` as an executor task (top level: picklable by name).
 
     ``data``: a :class:`Dataset`, or ``(name, task, dataset_options)`` loaded here with ``seed``
@@ -227,7 +241,8 @@ def compare_task(*, data: Dataset | tuple[str, str | None, dict[str, Any]], mode
         name, task, dataset_options = data
         data = load_dataset(name, task=task, seed=seed, **dataset_options)
     run = TrainingRun(data.to(torch_device), model, model_options, spec, options, loss=loss, steps=steps,
-                      batch_size=batch_size, seed=seed, eval_every=eval_every, device=torch_device)
+                      batch_size=batch_size, seed=seed, eval_every=eval_every, device=torch_device,
+                      tensorboard=tensorboard)
     try:
         run.run()
         return {"run": run.result(), "trace": run.trace()}

@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from thermo_kfac.experiments.launch import global_mean, shard, wrap_model
 from thermo_kfac.experiments.progress import LineThrottle, print_line, resolve_progress
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import ADAPTIVE, LOSSES, OptimizerSpec
+from thermo_kfac.experiments.training.tensorboard import TensorBoardLogger
 from thermo_kfac.layer_pricing import AutoSolver
 from thermo_kfac.models import build_model
 from thermo_kfac.trace import TraceRecorder
@@ -112,6 +114,8 @@ class TrainingRun:
         batch_size, seed, device: as in :func:`~thermo_kfac.experiments.training.compare`.
         distributed: the K-FAC work split inside a process group (None: the default).
         warmup_steps: untimed steps before the run (0: none).
+        tensorboard: a folder for TensorBoard event files (the run writes its scalars to a
+            subfolder named after its label; :mod:`~.tensorboard`); None: none.
 
     Attributes:
         model: the trained module (not wrapped); optimizer: the torch optimizer;
@@ -123,7 +127,8 @@ class TrainingRun:
     def __init__(self, data: Dataset, model_name: str, model_options: dict[str, Any],
                  spec: OptimizerSpec, options: dict[str, Any], *, loss: str, steps: int,
                  batch_size: int, seed: int, eval_every: int, device: torch.device,
-                 distributed: DistributedConfig | None = None, warmup_steps: int = WARMUP_STEPS) -> None:
+                 distributed: DistributedConfig | None = None, warmup_steps: int = WARMUP_STEPS,
+                 tensorboard: str | Path | None = None) -> None:
         torch.manual_seed(seed)  # same initial parameters for every run
         self.model = build_model(model_name, data, **model_options).to(device)
         trained = wrap_model(self.model)  # DDP inside a process group, else the model
@@ -147,6 +152,7 @@ class TrainingRun:
             "model": model_name, "dataset": data.name, "optimizer": spec.label, "options": dict(options)})
             if spec.name == "kfac" and self.preconditioner is not None else None)
         self.initial = self.evaluation()
+        self.tensorboard = None if tensorboard is None else TensorBoardLogger(tensorboard, spec.label)
         self._warm_up(data, model_name, model_options, batch_size, seed, device, distributed, warmup_steps)
 
     @property
@@ -195,6 +201,9 @@ class TrainingRun:
         if step % self.eval_every == 0 or step == self.steps or self.diverged:
             record.update(self.evaluation())
         self.history.append(record)
+        if self.tensorboard is not None:
+            self.tensorboard.log_step(record, None if self.preconditioner is None else
+                                      self.preconditioner.last_report.get("solver_reports"))
         return record
 
     def run(self) -> None:
@@ -251,9 +260,17 @@ class TrainingRun:
         return None if self.recorder is None else self.recorder.to_dict()
 
     def close(self) -> None:
-        """Remove the preconditioner's hooks from the model (the run takes no more steps)."""
+        """Remove the preconditioner's hooks from the model and close the TensorBoard writer
+        (the run takes no more steps)."""
         if self.preconditioner is not None:
             self.preconditioner.remove_hooks()
+        self.close_log()
+
+    def close_log(self) -> None:
+        """Flush and close the run's TensorBoard event file (if any)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def _warm_up(self, data: Dataset, model_name: str, model_options: dict[str, Any], batch_size: int,
                  seed: int, device: torch.device, distributed: DistributedConfig | None, steps: int) -> None:
