@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import uuid
@@ -125,12 +126,12 @@ class DaskExecutor(Executor):
                 while waiting and len(meta) < limit:
                     completed.add(submit(*waiting.pop()))
                 bar.update(running=min(len(meta), max(1, self.workers)))
+                # tasks past the timeout: cancelled, their workers ended; charged like failures
+                ready = watch.overdue(meta) if watch.due() else []
                 if completed.has_ready() or self.task_timeout is None:
-                    ready = [next(completed)]
-                else:  # cancelled and their workers restarted: charged like failures
-                    ready = watch.overdue(meta)
-                    if not ready:
-                        time.sleep(watch.poll_s)
+                    ready.append(next(completed))
+                elif not ready:
+                    time.sleep(watch.poll_s)
                 for future in ready:
                     if future not in meta:  # cancelled for its timeout before; already charged
                         continue
@@ -180,6 +181,14 @@ class _Watch:
         self.client, self.seconds = client, seconds
         self.poll_s = 0.25 if seconds is None else min(1.0, seconds / 4)
         self.timed_out: dict[Any, str] = {}  # future -> what became of its worker
+        self.checked = -math.inf
+
+    def due(self) -> bool:
+        """Whether to check the running times now (at most every ``poll_s``; never without a timeout)."""
+        if self.seconds is None or time.monotonic() - self.checked < self.poll_s:
+            return False
+        self.checked = time.monotonic()
+        return True
 
     def overdue(self, meta: dict[Any, Any]) -> list[Any]:
         """The futures of ``meta`` past the timeout, each cancelled and its worker process ended."""
