@@ -69,6 +69,7 @@ from torch import nn
 
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac import chain, quadratic
+from thermo_kfac.defaults import KFAC_ADAPTIVE_DEFAULTS
 from thermo_kfac.fisher import LOSSES
 from thermo_kfac.preconditioner import KFACPreconditioner
 from thermo_kfac.process_group import unwrap
@@ -150,7 +151,7 @@ class KFAC:
         loss: str = "cross_entropy",
         lr: float | None = None,
         momentum: float | None = None,
-        damping: float = 0.1,
+        damping: float = KFAC_ADAPTIVE_DEFAULTS["damping"],
         adapt_damping: bool = True,
         damping_adaptation_every: int = 5,
         damping_decay: float = 0.95,
@@ -160,13 +161,13 @@ class KFAC:
         weight_decay: float = 0.0,
         curvature_examples: int | None = 256,
         loss_dtype: torch.dtype | None = torch.float64,
-        fisher_type: str = "mc",
-        factor_decay: float = 0.95,
-        factor_update_every: int = 5,
-        inverse_update_every: int = 20,
-        solver: Any = "eigh",
+        fisher_type: str = KFAC_ADAPTIVE_DEFAULTS["fisher_type"],
+        factor_decay: float = KFAC_ADAPTIVE_DEFAULTS["factor_decay"],
+        factor_update_every: int = KFAC_ADAPTIVE_DEFAULTS["factor_update_every"],
+        inverse_update_every: int = KFAC_ADAPTIVE_DEFAULTS["inverse_update_every"],
+        solver: Any = KFAC_ADAPTIVE_DEFAULTS["solver"],
         solver_options: dict[str, Any] | None = None,
-        pi_damping: bool = False,
+        pi_damping: bool = KFAC_ADAPTIVE_DEFAULTS["pi_damping"],
         factor_dtype: torch.dtype = torch.float32,
         preconditioner_options: Mapping[str, Any] | None = None,
     ) -> None:

@@ -43,6 +43,7 @@ from thermo_kfac.capture import (
     remove_handles,
     tap_hooks,
 )
+from thermo_kfac.defaults import KFAC_DEFAULTS
 from thermo_kfac.fisher import (
     FISHER_TYPES,
     KFAC_APPROXIMATIONS,
@@ -99,6 +100,7 @@ class KFACPreconditioner:
             ``solver``. :meth:`assignment` tells which solver each layer got.
         kl_clip: scale the step so that the predicted KL change ``lr^2 <U, grad>`` stays below
             this value (None disables). The learning rates are read from ``optimizer``.
+            ``"default"``: 1e-3 when ``optimizer`` is given, off without one.
         optimizer: the optimizer whose param groups give the learning rates for KL clipping.
         factor_dtype: ``torch.float32`` or ``torch.float64``; factors are accumulated and
             factorized in this dtype whatever the model or autocast dtype.
@@ -141,15 +143,15 @@ class KFACPreconditioner:
         *,
         loss: str = "cross_entropy",
         reduction: str = "mean",
-        fisher_type: str = "empirical",
-        damping: float = 1e-3,
-        pi_damping: bool = False,
-        factor_decay: float = 0.95,
-        factor_update_every: int = 1,
-        inverse_update_every: int = 10,
-        solver: str | KFACSolver | type[KFACSolver] = "eigh",
+        fisher_type: str = KFAC_DEFAULTS["fisher_type"],
+        damping: float = KFAC_DEFAULTS["damping"],
+        pi_damping: bool = KFAC_DEFAULTS["pi_damping"],
+        factor_decay: float = KFAC_DEFAULTS["factor_decay"],
+        factor_update_every: int = KFAC_DEFAULTS["factor_update_every"],
+        inverse_update_every: int = KFAC_DEFAULTS["inverse_update_every"],
+        solver: str | KFACSolver | type[KFACSolver] = KFAC_DEFAULTS["solver"],
         solver_options: dict[str, Any] | None = None,
-        kl_clip: float | None = None,
+        kl_clip: float | str | None = "default",
         optimizer: torch.optim.Optimizer | None = None,
         factor_dtype: torch.dtype = torch.float32,
         skip: str | Sequence[str] = (),
@@ -169,14 +171,12 @@ class KFACPreconditioner:
         self.loss = check_choice("loss", loss, LOSSES)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.fisher_type = check_choice("fisher_type", fisher_type, FISHER_TYPES)
-        self.damping = Damping(check_positive("damping", damping, allow_zero=True),
-                               bool(pi_damping))
-        self.factor_decay = check_number("factor_decay", factor_decay, low=0.0, high=1.0,
-                                         high_inclusive=False)
-        self.factor_update_every = check_positive("factor_update_every", factor_update_every,
-                                                  integer=True)
-        self.inverse_update_every = check_positive("inverse_update_every", inverse_update_every,
-                                                   integer=True)
+        self.damping = Damping(check_positive("damping", damping, allow_zero=True), bool(pi_damping))
+        self.factor_decay = check_number("factor_decay", factor_decay, low=0, high=1, high_inclusive=False)
+        self.factor_update_every = check_positive("factor_update_every", factor_update_every, integer=True)
+        self.inverse_update_every = check_positive("inverse_update_every", inverse_update_every, integer=True)
+        if isinstance(kl_clip, str) and kl_clip == "default":  # on only where the lr is known
+            kl_clip = KFAC_DEFAULTS["kl_clip"] if optimizer is not None else None
         if kl_clip is not None:
             check_positive("kl_clip", kl_clip)
             if optimizer is None:

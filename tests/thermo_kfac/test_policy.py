@@ -220,8 +220,9 @@ class _UnprogrammableSolver(KFACSolver):
 def test_prepare_failure_uses_the_fallback_solver_and_counts_it():
     torch.manual_seed(0)
     model = _Net()
-    precond = KFACPreconditioner(model, solver_map={"fc2": "test-unprogrammable"}, inverse_update_every=3)
-    reference = KFACPreconditioner(_clone_model(model), inverse_update_every=3)
+    precond = KFACPreconditioner(model, solver_map={"fc2": "test-unprogrammable"}, inverse_update_every=3,
+                                 factor_update_every=1)
+    reference = KFACPreconditioner(_clone_model(model), inverse_update_every=3, factor_update_every=1)
     analog_fc2 = thermo_layer_cost(8, 40, 32, kappa=100.0, eps=0.1, device=thermo_device("chip"),
                                    host=digital_device("h100"), schedule=KFACSchedule(1, 3)).seconds
     with warnings.catch_warnings(record=True) as caught:

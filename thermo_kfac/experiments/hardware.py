@@ -271,8 +271,10 @@ def run_project(args: argparse.Namespace) -> int:
     """``thermo-kfac project``: per-layer table and step headline, a sweep, a map, a trace, or the
     paper's scenario beside the default one."""
     scenario = build_scenario(args)
-    if not args.sweep and (getattr(args, "workers", None) or getattr(args, "cluster", None)):
-        raise ValueError("--workers/--cluster apply to --sweep only (one task per sweep point)")
+    if not args.sweep and (getattr(args, "workers", None) or getattr(args, "cluster", None)
+                           or getattr(args, "task_timeout", None)):
+        raise ValueError("--workers/--cluster apply to --sweep only (one task per sweep point), and "
+                         "so does --task-timeout")
     if args.trace:
         return _run_trace(args, scenario)
     if args.map:
@@ -327,8 +329,9 @@ def sweep_point(axis: str, x: float, scenario: Scenario, workload: Workload, bat
 
 def _run_sweep(args: argparse.Namespace, scenario: Scenario, work: Workload) -> int:
     with executors.from_args(args) as executor:  # --workers/--cluster: one task per point
+        tasks = executor.parallel or executor.task_timeout is not None  # --task-timeout needs tasks
         points = sweep(args.sweep, args.values, scenario, workload=work, batch=work.batch) \
-            if not executor.parallel else executors.run_all(executor, [executors.Task(
+            if not tasks else executors.run_all(executor, [executors.Task(
                 f"{args.sweep}={x:g}", sweep_point, dict(axis=args.sweep, x=x, scenario=scenario,
                                                           workload=work, batch=work.batch))
                 for x in (args.values or default_sweep_values(args.sweep))])

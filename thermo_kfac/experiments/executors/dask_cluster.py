@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +22,7 @@ from thermo_kfac.experiments.executors.base import (
     default_threads,
     error_text,
     pack,
+    timeout_text,
     unpack,
 )
 
@@ -32,8 +35,31 @@ def _dask_call(payload: bytes, threads: int | None, device: str) -> Any:
     if threads is None:  # a cluster started elsewhere: share this host's cores among its slots
         threads = default_threads(worker.state.nthreads)
     apply_worker_settings(threads, device, _worker_number(worker.name))
-    fn, kwargs = unpack(payload)
-    return fn(**kwargs)
+    key = str(worker.get_current_task())
+    _RUNNING[key] = time.monotonic()  # read by _running_for (the driver's task timeout)
+    try:
+        fn, kwargs = unpack(payload)
+        return fn(**kwargs)
+    finally:
+        _RUNNING.pop(key, None)
+
+
+_RUNNING: dict[str, float] = {}  # in a worker process: key of each running task -> its start
+
+
+def _running_for() -> dict[str, float]:
+    """Run on a worker's event loop (``Client.run``): seconds each of its tasks has been running."""
+    now = time.monotonic()
+    return {key: now - start for key, start in list(_RUNNING.items())}
+
+
+async def _exit_soon() -> None:
+    """Run on a worker's event loop (``Client.run``): end its process just after replying."""
+    import asyncio
+    import os
+    import signal
+
+    asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), signal.SIGKILL)
 
 
 def _worker_number(name: Any) -> int:
@@ -52,14 +78,20 @@ class DaskExecutor(Executor):
     worker one task at a time (``worker-saturation`` 1.0), so the retry count is this class's
     alone and a death charges only the task that caused it. An external scheduler keeps its own
     settings (Dask's default retries a task whose worker died 3 times before this class's retry).
+
+    ``task_timeout``: a task that has been processing on a worker for longer is cancelled and its
+    worker process ended (its nanny, which LocalCluster, ``dask worker`` and SLURM jobs start,
+    starts a fresh one; a worker without a nanny is gone), then retried or recorded as failed
+    like any other failure.
     """
 
     name = "dask"
 
     def __init__(self, client: Any, *, workers: int, threads: int | None, device: str = "cpu",
                  retries: int = 1, owned: list[Any] | None = None, label: str = "dask",
-                 max_in_flight: int | None = None, resources: dict[str, float] | None = None) -> None:
-        super().__init__(workers, threads, device, retries)
+                 max_in_flight: int | None = None, resources: dict[str, float] | None = None,
+                 task_timeout: float | None = None) -> None:
+        super().__init__(workers, threads, device, retries, task_timeout)
         self.client = client
         self.owned = owned or []  # cluster objects started here, closed by close()
         self.name = label
@@ -89,25 +121,36 @@ class DaskExecutor(Executor):
         # would otherwise queue several on one worker, and its death would charge them all.
         limit = self.max_in_flight or len(tasks)
         completed = as_completed()
+        watch = _Watch(self.client, self.task_timeout)
         try:
             while waiting or meta:
                 while waiting and len(meta) < limit:
                     completed.add(submit(*waiting.pop()))
                 bar.update(running=min(len(meta), max(1, self.workers)))
-                future = next(completed)
-                index, attempt = meta.pop(future)
-                if future.status == "finished":
-                    result = TaskResult(tasks[index].key, index, future.result(), None, attempt)
-                else:
-                    err = future.exception() if future.status == "error" else None
-                    if attempt <= self.retries:
-                        waiting.append((index, attempt + 1))  # next in line
-                        future.release()
+                # tasks past the timeout: cancelled, their workers ended; charged like failures
+                ready = watch.overdue(meta) if watch.due() else []
+                if completed.has_ready() or self.task_timeout is None:
+                    ready.append(next(completed))
+                elif not ready:
+                    time.sleep(watch.poll_s)
+                for future in ready:
+                    if future not in meta:  # cancelled for its timeout before; already charged
                         continue
-                    result = TaskResult(tasks[index].key, index, None, _dask_error(err), attempt)
-                future.release()
-                bar.update(finished=result, running=min(len(meta), max(1, self.workers)))
-                yield result
+                    index, attempt = meta.pop(future)
+                    if future.status == "finished" and future not in watch.timed_out:
+                        result = TaskResult(tasks[index].key, index, future.result(), None, attempt)
+                    else:
+                        error = (f"{timeout_text(watch.seconds or 0)} ({watch.timed_out[future]})"
+                                 if future in watch.timed_out else
+                                 _dask_error(future.exception() if future.status == "error" else None))
+                        if attempt <= self.retries:
+                            waiting.append((index, attempt + 1))  # next in line
+                            future.release()
+                            continue
+                        result = TaskResult(tasks[index].key, index, None, error, attempt)
+                    future.release()
+                    bar.update(finished=result, running=min(len(meta), max(1, self.workers)))
+                    yield result
         finally:
             for future in list(meta):
                 future.cancel()
@@ -129,6 +172,56 @@ class DaskExecutor(Executor):
         finally:
             for handler, level in zip(handlers, levels, strict=True):
                 handler.setLevel(level)
+
+
+class _Watch:
+    """The running time of a DaskExecutor's tasks, as each worker measures it (a task's own
+    start, not its submission or queueing), and the cancellation of those past the timeout."""
+
+    def __init__(self, client: Any, seconds: float | None) -> None:
+        self.client, self.seconds = client, seconds
+        self.poll_s = 0.25 if seconds is None else min(1.0, seconds / 4)
+        self.timed_out: dict[Any, str] = {}  # future -> what became of its worker
+        self.checked = -math.inf
+
+    def due(self) -> bool:
+        """Whether to check the running times now (at most every ``poll_s``; never without a timeout)."""
+        if self.seconds is None or time.monotonic() - self.checked < self.poll_s:
+            return False
+        self.checked = time.monotonic()
+        return True
+
+    def overdue(self, meta: dict[Any, Any]) -> list[Any]:
+        """The futures of ``meta`` past the timeout, each cancelled and its worker process ended."""
+        if self.seconds is None or not meta:
+            return []
+        # on the workers' event loops, so a worker whose task thread is stuck still answers
+        replies = self.client.run(_running_for, on_error="return")
+        where = {key: (address, elapsed) for address, running in replies.items()
+                 if isinstance(running, dict) for key, elapsed in running.items()}
+        late = []
+        for future in meta:
+            address, elapsed = where.get(str(future.key), ("", 0.0))
+            if future.done() or future in self.timed_out or elapsed <= self.seconds:
+                continue
+            future.cancel()
+            self.timed_out[future] = self._end_worker(address)
+            late.append(future)
+        return late
+
+    def _end_worker(self, address: str) -> str:
+        """End the worker process stuck in a task (its nanny starts a new one); return what happened.
+
+        The exit runs on the worker's event loop, not in the stuck task's thread. The scheduler
+        is then waited on to drop the worker, so that no retry lands on the dying process."""
+        try:
+            self.client.run(_exit_soon, workers=[address])
+        except Exception as err:  # gone already, or unreachable
+            return f"worker not ended: {error_text(err)}"
+        deadline = time.monotonic() + 60.0
+        while address in self.client.scheduler_info()["workers"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return "worker restarted"
 
 
 def _slug(text: str) -> str:

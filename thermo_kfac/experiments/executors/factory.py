@@ -6,7 +6,7 @@ import argparse
 import re
 from typing import Any
 
-from thermo_kfac.experiments.executors.base import CLUSTER_EXTRA, Executor, SerialExecutor
+from thermo_kfac.experiments.executors.base import CLUSTER_EXTRA, Executor, SerialExecutor, check_timeout
 from thermo_kfac.experiments.executors.dask_cluster import (
     DaskExecutor,
     local_cluster_executor,
@@ -38,7 +38,8 @@ def _check_count(name: str, value: Any) -> int | None:
 
 def make_executor(workers: int | None = None, cluster: str | None = None, *,
                   threads: int | None = None, device: str = "cpu", backend: str = "auto",
-                  retries: int = 1, tls: TLSOptions | Any | None = None) -> Executor:
+                  retries: int = 1, tls: TLSOptions | Any | None = None,
+                  task_timeout: float | None = None) -> Executor:
     """The executor for ``--workers``/``--cluster``.
 
     - neither (or ``workers=1``): :class:`SerialExecutor` (``threads`` as given).
@@ -51,7 +52,17 @@ def make_executor(workers: int | None = None, cluster: str | None = None, *,
     a remote worker); ``device="cuda"``: worker i on GPU i mod count. ``tls``: a
     :class:`TLSOptions` (the ``--tls*`` flags) or a ``distributed.Security``; a cluster started
     here (``workers=N``, ``"slurm"``) binds to loopback, resp. the jobs' interface, either way.
+    ``task_timeout``: seconds a task may run before it is cancelled (its worker restarted where
+    the engine allows), retried once, then recorded as failed (see each executor); None: no limit.
     """
+    task_timeout = check_timeout(task_timeout)
+    executor = _make(workers, cluster, threads, device, backend, retries, tls)
+    executor.task_timeout = task_timeout
+    return executor
+
+
+def _make(workers: int | None, cluster: str | None, threads: int | None, device: str, backend: str,
+          retries: int, tls: TLSOptions | Any | None) -> Executor:
     workers = _check_count("workers", workers)
     threads = _check_count("threads", threads)
     if backend not in BACKENDS:
@@ -133,6 +144,11 @@ def add_arguments(parser: Any) -> None:
                             "the workers'), signed by --tls-ca-file")
     group.add_argument("--tls-key", default=None, metavar="PEM",
                        help="private key of --tls-cert (if not in the same file)")
+    group.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a run (task) still running after SECONDS is cancelled (its worker "
+                            "process killed and restarted; without --workers/--cluster it is "
+                            "interrupted in this process), retried once, then recorded as failed; "
+                            "the others go on and a resumed study retries it (default: no limit)")
 
 
 def from_args(args: Any, *, device: str = "cpu") -> Executor:
@@ -147,4 +163,8 @@ def from_args(args: Any, *, device: str = "cpu") -> Executor:
         threads = None  # serial: the command sets --threads itself, as before
     tls = TLSOptions(getattr(args, "tls", None), getattr(args, "tls_ca_file", None),
                      getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
-    return make_executor(workers, getattr(args, "cluster", None), threads=threads, device=device, tls=tls)
+    timeout = getattr(args, "task_timeout", None)
+    if timeout is not None:
+        check_timeout(timeout)  # before a cluster starts
+    return make_executor(workers, getattr(args, "cluster", None), threads=threads, device=device,
+                         tls=tls, task_timeout=timeout)

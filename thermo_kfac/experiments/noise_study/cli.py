@@ -20,6 +20,7 @@ from thermo_kfac.experiments.noise_study.study import (
     noise_study,
     sweep_keys,
 )
+from thermo_kfac.experiments.progress import add_progress_argument, progress_mode
 from thermo_kfac.experiments.training import DEFAULT_BATCH_SIZE
 from thermo_kfac.models import available_models
 
@@ -43,7 +44,7 @@ def _cli(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, seeds=args.seeds, seed=args.seed,
                             model_options=model_options, dataset_options=dataset_options,
                             eval_every=args.eval_every, out=args.out, overwrite=args.overwrite,
-                            progress=not args.no_progress, device=args.device, executor=executor)
+                            progress=progress_mode(args), device=args.device, executor=executor)
     print(format_table(study))
     if args.out:
         print(f"wrote {Path(args.out) / 'results.csv'}, study.json and plots "
@@ -101,6 +102,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads (per worker with --workers/--cluster)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
     executors.add_arguments(parser)
     parser.set_defaults(func=_cli)

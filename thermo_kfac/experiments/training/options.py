@@ -24,6 +24,7 @@ import torch
 from hw_models.devices import DIGITAL_PRESETS, THERMO_PRESETS
 from hw_models.validation import check_choice, check_number
 from thermo_kfac.capture import KFAC_APPROXIMATIONS
+from thermo_kfac.defaults import BASE_OPTIMIZER_DEFAULTS, KFAC_DEFAULTS
 from thermo_kfac.fisher import FISHER_TYPES, LOSSES
 from thermo_kfac.grammar import (
     DTYPES,
@@ -141,16 +142,13 @@ ADAPTIVE_OPTIONS: dict[str, str] = {
     "factor_dtype": "float32 or float64",
 }
 
-# Defaults per optimizer. kfac's were chosen by sweeps on digits (MLP 64-128-128-10, batch 256,
-# 30-40 epochs, seeds 0 and 1): fastest to Adam's final loss while keeping a test loss close to
-# Adam's (docs/cli.md).
+# Defaults per optimizer. kfac's K-FAC and base-optimizer values are the library's
+# (thermo_kfac.defaults, the one source; docs/preconditioner.md has the table).
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
     "adam": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-    "kfac": {"base": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 0.0, "beta1": 0.9,
-             "beta2": 0.999, "eps": 1e-8, "damping": 0.1, "pi_damping": False, "factor_decay": 0.95,
-             "factor_update_every": 10, "inverse_update_every": 50, "fisher_type": "empirical",
-             "kl_clip": 1e-3, "solver": "eigh", "factor_dtype": "float32", "solver_map": None,
+    "kfac": {"base": "sgd", **BASE_OPTIMIZER_DEFAULTS["sgd"], "weight_decay": 0.0, "beta1": 0.9,
+             "beta2": 0.999, "eps": 1e-8, **KFAC_DEFAULTS, "factor_dtype": "float32", "solver_map": None,
              "hardware": "chip", "digital": "h100", "kfac_approx": "expand", "curvature": "kfac"},
 }
 # AdaFisher: the authors' defaults (lr, beta, lambda, T_cov = 100, EMA pair of their code).
@@ -160,7 +158,7 @@ OPTIMIZER_DEFAULTS["adafisher"] = {"lr": 1e-3, "beta": 0.9, "gamma1": 0.92, "gam
 OPTIMIZER_DEFAULTS["eva"] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "damping": 0.03,
                              "kl_clip": 1e-3, "stat_decay": 0.95, "update_every": 1}
 # Learning rate of kfac when its base optimizer is Adam (unless lr is given).
-KFAC_ADAM_LR = 1e-3
+KFAC_ADAM_LR = BASE_OPTIMIZER_DEFAULTS["adam"]["lr"]
 DEFAULT_EPOCHS = {"digits": 40}
 DEFAULT_BATCH_SIZE = 256
 EVAL_POINTS = 200  # default evaluations per run (time-to-target resolution)
