@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -20,8 +21,8 @@ from typing import IO, Any
 from hw_models.units import format_seconds
 from thermo_kfac.policy import parse_value
 
-__all__ = ["atomic_write", "float_list", "format_seconds", "int_list", "jsonable", "kv_list", "text_table",
-           "widths_list"]
+__all__ = ["atomic_write", "current_umask", "float_list", "format_seconds", "int_list", "jsonable", "kv_list",
+           "text_table", "widths_list"]
 
 
 # ------------------------------------------------------------------------------------ files
@@ -33,7 +34,9 @@ def atomic_write(path: str | os.PathLike[str], content: str | bytes | Callable[[
     (binary when ``binary=True``, e.g. ``fig.savefig(f, format="png")``; text otherwise, opened
     with ``newline=""`` as the ``csv`` module wants). The data go to a temporary file in the same
     folder (created if missing), which then replaces ``path`` (``os.replace``); on any error the
-    temporary file is removed and ``path`` is left as it was. Returns ``path``.
+    temporary file is removed and ``path`` is left as it was. The file gets the mode an ordinary
+    ``open(path, "w")`` would give (``0o666`` less the user's umask), not the temporary file's
+    ``0o600``, so that results on a shared machine stay readable by the group. Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,11 +48,23 @@ def atomic_write(path: str | os.PathLike[str], content: str | bytes | Callable[[
                 content(f)
             else:
                 f.write(content)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 def jsonable(value: Any) -> Any:
