@@ -17,10 +17,15 @@ from typing import Any
 
 from thermo_kfac.experiments._io import atomic_write, jsonable, text_table
 
-__all__ = ["METRICS", "STUDY_METHOD", "csv_text", "finite", "format_table", "mean_or_none", "point_label",
-           "ROW_COLUMNS_HEAD", "ROW_COLUMNS_TAIL", "spec_text", "summarize", "write_rows"]
+__all__ = ["DIVERGENCE_FACTOR", "METRICS", "ROW_COLUMNS_HEAD", "ROW_COLUMNS_TAIL", "STUDY_METHOD",
+           "csv_text", "finite", "format_table", "is_diverged", "mean_or_none", "point_label", "spec_text",
+           "summarize", "write_rows"]
 
 STUDY_METHOD = "thermo"  # ``method`` column of the swept runs
+# A run whose training loss is not finite or exceeds this many times its initial loss has
+# diverged: no optimizer that is working multiplies the loss by a thousand, and a loss above
+# that bound would dominate any mean it took part in.
+DIVERGENCE_FACTOR = 1e3
 METRICS = ("final_train_loss", "final_test_loss", "train_accuracy", "test_accuracy", "wall_time_s",
            "predicted_hardware_s", "fallbacks", "cosine_to_exact", "rel_error_to_exact")
 ROW_COLUMNS_HEAD = ["method", "label", "optimizer", "seed"]
@@ -62,6 +67,22 @@ def finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def is_diverged(row: dict[str, Any]) -> bool:
+    """Whether a row's run diverged: flagged while training, or (rows written before the flag
+    covered it) a final training loss that is missing without an error, or above
+    :data:`DIVERGENCE_FACTOR` times the initial loss (the first point of the row's curve)."""
+    if row.get("diverged"):
+        return True
+    if row.get("error") or not row.get("steps"):
+        return False  # failed, counted as failed
+    loss = finite(row.get("final_train_loss"))
+    if loss is None:
+        return True
+    curve = row.get("curve") or []
+    initial = finite(curve[0][1]) if curve and len(curve[0]) > 1 else None
+    return initial is not None and loss > DIVERGENCE_FACTOR * abs(initial)
+
+
 def _csv_columns(grid_keys: Sequence[str]) -> list[str]:
     return ROW_COLUMNS_HEAD + list(grid_keys) + ROW_COLUMNS_TAIL
 
@@ -87,7 +108,10 @@ def write_rows(out: Path, study: dict[str, Any], grid: dict[str, list[Any]]) -> 
 
 
 def summarize(rows: list[dict[str, Any]], grid_keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean, std (sample, n-1) and count over seeds of each metric, per (method, point)."""
+    """Mean, std (sample, n-1) and count over seeds of each metric, per (method, point).
+
+    Diverged runs (:func:`is_diverged`) are left out of every mean and counted in ``diverged``;
+    failed runs (an ``error``) have no metrics and are counted in ``failed``."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(json.dumps([row["method"], row.get("point", {})], sort_keys=True), []).append(row)
@@ -96,10 +120,11 @@ def summarize(rows: list[dict[str, Any]], grid_keys: Sequence[str]) -> list[dict
         first = members[0]
         entry: dict[str, Any] = {"method": first["method"], "label": first["label"],
                                  "point": first.get("point", {}), "n_seeds": len(members),
-                                 "diverged": sum(bool(m.get("diverged")) for m in members),
+                                 "diverged": sum(is_diverged(m) for m in members),
                                  "failed": sum(bool(m.get("error")) for m in members)}
+        healthy = [m for m in members if not is_diverged(m)]
         for metric in METRICS:
-            values = [v for v in (finite(m.get(metric)) for m in members) if v is not None]
+            values = [v for v in (finite(m.get(metric)) for m in healthy) if v is not None]
             mean = mean_or_none(values)
             std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
                    if len(values) > 1 and mean is not None else (0.0 if values else None))

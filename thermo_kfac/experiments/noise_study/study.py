@@ -52,6 +52,7 @@ from thermo_kfac.data import DATASETS, load_dataset
 from thermo_kfac.experiments._io import jsonable
 from thermo_kfac.experiments.executors import Executor, SerialExecutor, Task
 from thermo_kfac.experiments.noise_study.outputs import (
+    DIVERGENCE_FACTOR,
     ROW_COLUMNS_TAIL,
     STUDY_METHOD,
     mean_or_none,
@@ -150,7 +151,10 @@ def row_key(config_id: str, method: str, point: dict[str, Any], seed: int) -> st
 
 class StudyRun(TrainingRun):
     """A training run that also collects the solver's accuracy against the exact direction
-    (``cosine_to_exact``/``rel_error_to_exact`` in the per-layer apply reports, when present)."""
+    (``cosine_to_exact``/``rel_error_to_exact`` in the per-layer apply reports, when present),
+    and that counts as diverged (and stops) as soon as its training loss (the step's batch loss
+    or an evaluation) is not finite or exceeds :data:`DIVERGENCE_FACTOR` times the initial
+    training loss, not only when it stops being finite."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -158,6 +162,12 @@ class StudyRun(TrainingRun):
 
     def step(self) -> dict[str, Any]:
         record = super().step()
+        bound = DIVERGENCE_FACTOR * abs(float(self.initial["eval_train_loss"]))
+        losses = [record.get("train_loss"), record.get("eval_train_loss")]
+        if any(v is not None and not (math.isfinite(float(v)) and float(v) <= bound) for v in losses):
+            self.diverged = True
+            if "eval_train_loss" not in record:  # the row's final losses: where it diverged
+                record.update(self.evaluation())
         if self.preconditioner is not None:
             reports = self.preconditioner.last_report.get("solver_reports", {})
             for name, report in reports.items():

@@ -1,0 +1,88 @@
+"""Noise study: diverged runs are flagged, left out of the means and counted (claim (c)'s point)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import warnings
+
+import pytest
+import torch
+
+from thermo_kfac.experiments import noise_study as ns
+from thermo_kfac.experiments.noise_study.outputs import DIVERGENCE_FACTOR, is_diverged
+
+# README claim (c): kappa0 = 0.1 at 50 tau diverges on the chip preset; kappa0 = 1e-3 trains.
+CLAIM_C_OPTIMIZER = "kfac:solver=thermo,warm_start=gradient,burn_in=0,track_exact=true"
+
+
+@pytest.fixture(scope="module")
+def claim_c(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("claim_c")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the diverging runs warn about non-finite statistics
+            study = ns.noise_study("digits", "mlp", {"kappa0": [1e-3, 0.1], "analog_time": [50]},
+                                   optimizer=CLAIM_C_OPTIMIZER, references=["adam"], steps=100, seeds=2,
+                                   out=out, plots=True)
+    finally:
+        torch.set_num_threads(threads)
+    return study, out
+
+
+def test_claim_c_point_is_flagged_diverged_and_stops(claim_c):
+    study, out = claim_c
+    rows = {(r["label"], r["seed"]): r for r in study["rows"]}
+    for seed in (0, 1):
+        bad = rows[("thermo kappa0=0.1,analog_time=50", seed)]
+        initial = bad["curve"][0][1]
+        assert bad["diverged"] is True and bad["error"] is None
+        # it stopped where the loss left the bound (or stopped being finite), before the 100 steps
+        assert bad["steps"] < 100
+        final = bad["final_train_loss"]
+        assert final is None or not math.isfinite(final) or final > DIVERGENCE_FACTOR * initial
+        assert all(c[1] is not None and c[1] <= DIVERGENCE_FACTOR * initial for c in bad["curve"][:-1])
+        good = rows[("thermo kappa0=0.001,analog_time=50", seed)]
+        assert good["diverged"] is False and good["steps"] == 100
+        assert good["final_train_loss"] < initial
+    with open(out / "results.csv", newline="") as f:
+        flags = {(r["label"], r["seed"]): r["diverged"] for r in csv.DictReader(f)}
+    assert flags[("thermo kappa0=0.1,analog_time=50", "0")] == "True"
+    assert flags[("thermo kappa0=0.001,analog_time=50", "0")] == "False"
+
+
+def test_diverged_runs_are_left_out_of_the_means_and_counted_on_their_line(claim_c):
+    study, _ = claim_c
+    summary = {e["label"]: e for e in study["summary"]}
+    bad = summary["thermo kappa0=0.1,analog_time=50"]
+    assert bad["diverged"] == 2 and bad["n_seeds"] == 2
+    assert bad["final_train_loss"] == {"mean": None, "std": None, "n": 0}
+    good = summary["thermo kappa0=0.001,analog_time=50"]
+    losses = [r["final_train_loss"] for r in study["rows"] if r["label"] == good["label"]]
+    assert good["diverged"] == 0
+    assert good["final_train_loss"]["mean"] == pytest.approx(statistics.mean(losses))
+    table = ns.format_table(study)
+    line = next(x for x in table.splitlines() if x.startswith("thermo kappa0=0.1,"))
+    assert "(2 diverged)" in line
+    assert "e+" not in line  # no huge mean printed for it
+
+
+def _row(loss, initial=2.3, **extra):
+    return {"method": "thermo", "label": "thermo x", "point": {"x": 1}, "seed": 0, "steps": 100,
+            "final_train_loss": loss, "diverged": False, "error": None,
+            "curve": [[0, initial, initial], [100, loss, loss]], **extra}
+
+
+def test_rows_of_an_older_version_are_judged_by_the_bound():
+    # A study written before the bound existed: 4.16e21 recorded with diverged=False.
+    rows = [_row(4.16e21, seed=0), _row(0.05, seed=1), _row(0.07, seed=2)]
+    assert [is_diverged(r) for r in rows] == [True, False, False]
+    assert is_diverged(_row(None)) is True  # non-finite (stored as null) without an error
+    assert is_diverged(_row(None, error="step 3: RuntimeError: x")) is False  # failed, not diverged
+    entry = ns.summarize(rows, ["x"])[0]
+    assert entry["diverged"] == 1
+    assert entry["final_train_loss"]["mean"] == pytest.approx(0.06)
+    assert entry["final_train_loss"]["n"] == 2
