@@ -19,6 +19,7 @@ from thermo_kfac.experiments.noise_study.study import (
     DEFAULT_REFERENCES,
     FORMAT_VERSION,
     STUDY_EVAL_POINTS,
+    StudyInterrupted,
     StudyRun,
     noise_study,
     parse_sweep,
@@ -29,6 +30,6 @@ from thermo_kfac.experiments.noise_study.study import (
 
 __all__ = [
     "DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "METRICS", "STUDY_EVAL_POINTS",
-    "STUDY_METHOD", "StudyRun", "format_table", "noise_study", "parse_sweep", "point_label", "register",
-    "row_key", "study_task", "summarize", "sweep_keys", "write_plots"
+    "STUDY_METHOD", "StudyInterrupted", "StudyRun", "format_table", "noise_study", "parse_sweep",
+    "point_label", "register", "row_key", "study_task", "summarize", "sweep_keys", "write_plots"
 ]

@@ -77,13 +77,35 @@ from thermo_kfac.models import available_models, build_model
 from thermo_kfac.policy import parse_value
 from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
 
-__all__ = ["DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "STUDY_EVAL_POINTS", "StudyRun",
-           "noise_study", "parse_sweep", "row_key", "study_task", "sweep_keys"]
+__all__ = ["DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "STUDY_EVAL_POINTS",
+           "StudyInterrupted", "StudyRun", "noise_study", "parse_sweep", "row_key", "study_task",
+           "sweep_keys"]
 
 FORMAT_VERSION = 1
 DEFAULT_OPTIMIZER = "kfac:solver=thermo"
 DEFAULT_REFERENCES = ("adam", "kfac")
 STUDY_EVAL_POINTS = 50  # evaluations per run for the curves (fewer than compare's 200)
+
+
+# The option that sets each config entry, as the refusal of a resume names it.
+CONFIG_OPTIONS = {
+    "format_version": "the study file format (a newer thermo-kfac)", "dataset": "--dataset",
+    "dataset_options": "--max-train", "model": "--model", "model_options": "--widths/--model-options",
+    "loss": "loss", "batch_size": "--batch-size", "steps": "--steps/--epochs", "eval_every": "--eval-every",
+    "device": "--device", "optimizer": "--optimizer", "references": "--references",
+    "sweep_keys": "the --sweep keys",
+}
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a study: ``saved`` of the grid's ``total`` rows are in ``out`` (None: no
+    folder); the same call again resumes. ``str()`` is the one line the command prints."""
+
+    def __init__(self, saved: int, total: int, out: Path | None) -> None:
+        self.saved, self.total, self.out = saved, total, out
+        where = (f"{saved} of {total} rows saved in {out}; rerun the same command to resume"
+                 if out is not None else f"{saved} of {total} rows done, none saved (no --out)")
+        super().__init__(f"interrupted: {where}")
 
 
 def sweep_keys() -> list[str]:
@@ -191,7 +213,8 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
                 out: str | Path | None = None, overwrite: bool = False, progress: bool = False,
                 plots: bool = True, device: str = "cpu",
                 on_row: Callable[[dict[str, Any]], None] | None = None,
-                executor: Executor | None = None) -> dict[str, Any]:
+                executor: Executor | None = None,
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a noise-robustness study; return ``study.json``'s content.
 
     Args:
@@ -210,7 +233,13 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
         on_row: called with each new row after it has been written (a hook for logging).
         executor: runs the rows (default: :class:`SerialExecutor`, one after the other here);
             see :func:`thermo_kfac.experiments.executors.make_executor`.
+        log: called with one-line messages for the user (``resuming: N of M rows found in DIR``).
+
+    Raises:
+        StudyInterrupted: on Ctrl-C (a ``KeyboardInterrupt``) once the study has started; it
+            says how many rows are saved. Finished rows stay in ``out``.
     """
+    given_eval_every = eval_every is not None
     grid = _check_sweeps(sweeps)
     seeds = check_positive("seeds", seeds, integer=True)
     seed = check_number("seed", seed, low=0, integer=True)
@@ -281,7 +310,8 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
     rows: list[dict[str, Any]] = []
     created = datetime.now(UTC).isoformat(timespec="seconds")
     if out_dir is not None:
-        rows, created = _load_existing(out_dir, config, overwrite, created)
+        derived = set() if given_eval_every else {"eval_every"}
+        rows, created = _load_existing(out_dir, config, overwrite, created, derived)
     done = {r["key"] for r in rows}
     # The study covers every row in the folder: values and seeds of earlier runs of a grown grid
     # stay in the grid that the table and plots use.
@@ -296,6 +326,11 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
                              "grid": {"sweeps": all_values, "seeds": all_seeds}, "rows": rows}
 
     pending = [j for j in jobs if row_key(config_id, j[0], j[1], j[2]) not in done]
+    if rows and log is not None:
+        others = len(rows) - (len(jobs) - len(pending))
+        log(f"resuming: {len(jobs) - len(pending)} of {len(jobs)} rows found in {out_dir}"
+            + (f" (and {others} rows of other sweep values or seeds)" if others else "")
+            + ("; nothing to run" if not pending else ""))
     # A serial study's tasks run here: let them use the data loaded above.
     _DATA[_data_key(dataset, task, seed, dataset_options, str(torch_device))] = data0.to(torch_device)
     tasks = [Task(row_key(config_id, method, point, run_seed), study_task, dict(
@@ -320,14 +355,17 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
                 write_rows(out_dir, study, grid)
             if on_row is not None:
                 on_row(row)
+        study["summary"] = summarize(rows, list(grid))
+        if out_dir is not None:
+            if plots:
+                study["plots"] = write_plots(study, out_dir)
+            write_rows(out_dir, study, grid)
+    except KeyboardInterrupt:
+        saved = sum(row_key(config_id, *job[:3]) in {r["key"] for r in rows} for job in jobs)
+        raise StudyInterrupted(saved, len(jobs), out_dir) from None
     finally:
         results.close()  # an interrupted study cancels the tasks not yet started
         _DATA.clear()
-    study["summary"] = summarize(rows, list(grid))
-    if out_dir is not None:
-        if plots:
-            study["plots"] = write_plots(study, out_dir)
-        write_rows(out_dir, study, grid)
     return study
 
 
@@ -429,8 +467,12 @@ def _error_text(step: int, err: BaseException) -> str:
     return f"{where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-def _load_existing(out: Path, config: dict[str, Any], overwrite: bool,
-                   created: str) -> tuple[list[dict[str, Any]], str]:
+def _load_existing(out: Path, config: dict[str, Any], overwrite: bool, created: str,
+                   derived: set[str] = frozenset()) -> tuple[list[dict[str, Any]], str]:
+    """The rows already in ``out`` (a study with the same config), and when it was created.
+
+    ``derived``: config entries that this call did not set but computed from others (the default
+    ``eval_every`` follows ``steps``); a refusal names them only when nothing else differs."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory")
     try:
@@ -452,10 +494,16 @@ def _load_existing(out: Path, config: dict[str, Any], overwrite: bool,
         raise ValueError(f"cannot read the study in {str(path)!r} ({err}); use another --out or "
                          "--overwrite") from None
     if old_config != config:
-        differ = sorted(k for k in set(old_config) | set(config) if old_config.get(k) != config.get(k))
-        detail = "; ".join(f"{k}: {old_config.get(k)!r} there, {config.get(k)!r} now" for k in differ)
-        raise ValueError(f"{str(out)!r} holds a noise study with a different config ({detail}); use "
-                         "another --out, or --overwrite to discard it")
+        order = list(CONFIG_OPTIONS)
+        differ = sorted((k for k in set(old_config) | set(config) if old_config.get(k) != config.get(k)),
+                        key=lambda k: (order.index(k) if k in order else len(order), k))
+        if any(k not in derived for k in differ):
+            differ = [k for k in differ if k not in derived]  # e.g. eval_every follows --steps
+        detail = "; ".join(f"{k} ({CONFIG_OPTIONS.get(k, k)}): {old_config.get(k)!r} there, "
+                           f"{config.get(k)!r} now" for k in differ)
+        raise ValueError(f"{str(out)!r} holds a noise study with a different config ({detail}); rerun "
+                         "with the same options to resume it, use another --out, or --overwrite to "
+                         "discard it")
     # A key seen twice (should not happen) is kept once, the first time. Rows of tasks that
     # failed (raised or lost their worker twice) are dropped, so that this run retries them.
     seen: set[str] = set()
