@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 import warnings
@@ -10,8 +11,9 @@ import warnings
 import pytest
 import torch
 
+from thermo_kfac import cli
 from thermo_kfac.experiments import noise_study as ns
-from thermo_kfac.experiments.noise_study.outputs import DIVERGENCE_FACTOR, is_diverged
+from thermo_kfac.experiments.noise_study.outputs import DIVERGENCE_FACTOR, is_diverged, warning_causes
 
 # README claim (c): kappa0 = 0.1 at 50 tau diverges on the chip preset; kappa0 = 1e-3 trains.
 CLAIM_C_OPTIMIZER = "kfac:solver=thermo,warm_start=gradient,burn_in=0,track_exact=true"
@@ -86,3 +88,48 @@ def test_rows_of_an_older_version_are_judged_by_the_bound():
     assert entry["diverged"] == 1
     assert entry["final_train_loss"]["mean"] == pytest.approx(0.06)
     assert entry["final_train_loss"]["n"] == 2
+
+
+def test_warnings_are_recorded_once_per_layer_and_cause_and_summarised(tmp_path, capsys):
+    argv = ["noise-study", "--sweep", "bits=4,16", "--steps", "8", "--widths", "16", "--seeds", "2",
+            "--threads", "1", "--references", "adam", "--no-progress", "--out", str(tmp_path / "w")]
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        assert cli.main(argv) == 0
+    assert not [w for w in escaped if "K-FAC" in str(w.message)]  # none printed by the runs
+    printed = capsys.readouterr().out
+    study = json.loads((tmp_path / "w" / "study.json").read_text())
+    rows = [r for r in study["rows"] if r["label"] == "thermo bits=4"]
+    for row in rows:  # 4-bit couplings: every layer falls back at every step, one cause per layer
+        assert sorted(w["layer"] for w in row["warnings"]) == sorted(row["fallbacks_per_layer"])
+        assert all("not positive definite" in w["cause"] and "=" not in w["cause"] for w in row["warnings"])
+        assert all(v == row["steps"] for v in row["fallbacks_per_layer"].values())
+    summary = [x for x in printed.splitlines() if x.strip().startswith("thermo bits=4:")]
+    assert len(summary) == 1  # one line for the point and cause, naming each layer
+    for layer in rows[0]["fallbacks_per_layer"]:
+        assert f"layer '{layer}' fell back 16/16 steps (2 of 2 runs)" in summary[0]
+    assert "run.py" not in printed and "skipped_updates()" not in printed
+
+
+def test_warning_causes_merge_repeats_and_drop_numbers_and_method_pointers():
+    messages = [
+        "K-FAC: solver ThermodynamicSolver failed on layer '1' (thermo solver (layer 0): programming "
+        "factor A failed: not positive definite: lambda_min = -0.05287; use more coupling_bits); using "
+        "the fallback solver until the next inverse update (counted in fallbacks(); warned once per layer)",
+        "K-FAC: solver ThermodynamicSolver failed on layer '1' (thermo solver (layer 0): programming "
+        "factor A failed: not positive definite: lambda_min = -0.0408; use more coupling_bits); using "
+        "the fallback solver until the next inverse update (counted in fallbacks(); warned once per layer)",
+        "K-FAC: non-finite curvature statistics in layer '3'; factor update skipped, training continues "
+        "(see skipped_updates())",
+        "K-FAC: non-finite model outputs; curvature update skipped, training continues "
+        "(see skipped_updates())",
+    ]
+    causes = warning_causes(messages)
+    assert causes == [
+        {"layer": "1", "cause": "programming factor A failed: not positive definite; use more coupling_bits",
+         "count": 2},
+        {"layer": "3", "cause": "non-finite curvature statistics; factor update skipped, training continues",
+         "count": 1},
+        {"layer": None, "cause": "non-finite model outputs; curvature update skipped, training continues",
+         "count": 1},
+    ]

@@ -17,7 +17,7 @@ from hw_models.validation import check_positive
 from thermo_kfac.data import DATASETS
 from thermo_kfac.experiments import executors
 from thermo_kfac.experiments._io import kv_list, widths_list
-from thermo_kfac.experiments.noise_study.outputs import format_table
+from thermo_kfac.experiments.noise_study.outputs import format_table, format_warnings
 from thermo_kfac.experiments.noise_study.study import (
     DEFAULT_OPTIMIZER,
     DEFAULT_REFERENCES,
@@ -61,6 +61,10 @@ def _cli(args: argparse.Namespace) -> int:
         _say("interrupted before the study started; nothing was run")
         return 130
     print(format_table(study))
+    notes = format_warnings(study)
+    if notes:
+        print("warnings (once per layer and cause; per study line):")
+        print("\n".join(f"  {line}" for line in notes))
     if args.out:
         print(f"wrote {Path(args.out) / 'results.csv'}, study.json and plots "
               f"({', '.join(study.get('plots', []))})")

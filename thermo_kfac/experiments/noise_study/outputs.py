@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ from typing import Any
 from thermo_kfac.experiments._io import atomic_write, jsonable, text_table
 
 __all__ = ["DIVERGENCE_FACTOR", "METRICS", "ROW_COLUMNS_HEAD", "ROW_COLUMNS_TAIL", "STUDY_METHOD",
-           "csv_text", "finite", "format_table", "is_diverged", "mean_or_none", "point_label", "spec_text",
-           "summarize", "write_rows"]
+           "csv_text", "finite", "format_table", "format_warnings", "is_diverged", "mean_or_none",
+           "point_label", "spec_text", "summarize", "warning_causes", "write_rows"]
 
 STUDY_METHOD = "thermo"  # ``method`` column of the swept runs
 # A run whose training loss is not finite or exceeds this many times its initial loss has
@@ -176,3 +177,60 @@ def format_table(study: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+
+
+# ------------------------------------------------------------------------------ warnings
+_SOLVER_FAILED = re.compile(r"on layer '(?P<layer>[^']+)' \((?P<reason>.*)\); (?:using|keeping)", re.S)
+_LAYER = re.compile(r"(?:in|on) layer '(?P<layer>[^']+)'")
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?", re.I)
+
+
+def warning_causes(messages: Sequence[str]) -> list[dict[str, Any]]:
+    """The distinct (layer, cause) pairs of a run's warning messages, with how often each came.
+
+    The cause is the message without the layer's name, the K-FAC prefix, the pointers to Python
+    methods (``skipped_updates()``, ``fallbacks()``) and measured numbers (``lambda_min =
+    -0.05``), so that a run's many warnings about one problem count as one cause."""
+    causes: dict[tuple[str | None, str], int] = {}
+    for message in messages:
+        text = " ".join(str(message).split())
+        match = _SOLVER_FAILED.search(text)
+        layer_match = match or _LAYER.search(text)
+        layer = layer_match.group("layer") if layer_match else None
+        if match:
+            cause = re.sub(r"^\w+ solver \(layer \d+\): ", "", match.group("reason"))
+        else:
+            cause = re.sub(r"^K-FAC: ", "", text)
+            if layer is not None:
+                cause = cause.replace(f" in layer {layer!r}", "").replace(f" on layer {layer!r}", "")
+            # "(see skipped_updates())": a pointer to a Python method, with its own "()"
+            cause = re.sub(r" ?\((?:see|counted in) [^()]*(?:\(\)[^()]*)*\)", "", cause)
+        cause = re.sub(r"[:,]?\s*\w+\s*=\s*" + _NUMBER.pattern, "", cause, flags=re.I)
+        key = (layer, cause.strip().rstrip(";."))
+        causes[key] = causes.get(key, 0) + 1
+    return [{"layer": layer, "cause": cause, "count": n} for (layer, cause), n in causes.items()]
+
+
+def format_warnings(study: dict[str, Any]) -> list[str]:
+    """One line per study line (method/point) and cause of its runs' warnings, naming each
+    layer with its fallback steps over all of the line's runs, e.g. ``thermo bits=4: layer '5'
+    fell back 300/300 steps (3 of 3 runs): ...``; empty when no run warned."""
+    causes: dict[tuple[str, str], dict[str | None, list[dict[str, Any]]]] = {}
+    members: dict[str, list[dict[str, Any]]] = {}
+    for row in study["rows"]:
+        members.setdefault(row["label"], []).append(row)
+        for item in row.get("warnings") or []:
+            layers = causes.setdefault((row["label"], item["cause"]), {})
+            layers.setdefault(item["layer"], []).append(row)
+    lines = []
+    for (label, cause), layers in causes.items():
+        runs = members[label]
+        steps = sum(int(r.get("steps") or 0) for r in runs)
+        parts = []
+        for layer, rows in layers.items():
+            where = f"layer {layer!r}" if layer is not None else "the model"
+            fell = sum(int((r.get("fallbacks_per_layer") or {}).get(layer) or 0) for r in rows)
+            what = f" fell back {fell}/{steps} steps" if fell else ""
+            parts.append(f"{where}{what} ({len(rows)} of {len(runs)} runs)")
+        lines.append(f"{label}: {', '.join(parts)}: {cause}")
+    return lines

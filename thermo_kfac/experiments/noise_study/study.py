@@ -39,6 +39,7 @@ import inspect
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +60,7 @@ from thermo_kfac.experiments.noise_study.outputs import (
     point_label,
     spec_text,
     summarize,
+    warning_causes,
     write_rows,
 )
 from thermo_kfac.experiments.noise_study.plots import write_plots
@@ -420,21 +422,27 @@ def _train_row(data: Any, model: str, model_options: dict[str, Any], spec: Optim
         **{k: point.get(k) for k in grid}}
     tail = {"key": row_key(config_id, method, point, seed), "point": point, "options": options}
     errors = (ValueError, RuntimeError, torch.linalg.LinAlgError)
-    try:
-        run = StudyRun(data, model, model_options, spec, options, loss=loss, steps=steps,
-                        batch_size=batch_size, seed=seed, eval_every=eval_every, device=device)
-    except errors as err:  # the untimed warm-up steps already failed
-        empty = dict.fromkeys(c for c in ROW_COLUMNS_TAIL if c not in tail)
-        return jsonable({**base_row, **empty, "steps": 0, "diverged": False, "fallbacks": 0,
-                          "error": _error_text(0, err), **tail, "curve": []})
-    error = None
-    try:
-        while not run.done:
-            run.step()
-    except errors as err:
-        # e.g. a matrix that is no longer positive definite after 4-bit coupling quantization:
-        # a result of the study (recorded in the row), not a reason to stop the other runs.
-        error = _error_text(len(run.history) + 1, err)
+    # The run's warnings are recorded in the row (once per layer and cause) and summarised by
+    # the command at the end, instead of being printed by every run (and its warm-up copy).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            run = StudyRun(data, model, model_options, spec, options, loss=loss, steps=steps,
+                           batch_size=batch_size, seed=seed, eval_every=eval_every, device=device)
+        except errors as err:  # the untimed warm-up steps already failed
+            empty = dict.fromkeys(c for c in ROW_COLUMNS_TAIL if c not in tail)
+            return jsonable({**base_row, **empty, "steps": 0, "diverged": False, "fallbacks": 0,
+                             "error": _error_text(0, err), **tail, "curve": [],
+                             "warnings": warning_causes([str(w.message) for w in caught])})
+        caught.clear()  # the warm-up copy's warnings repeat the run's
+        error = None
+        try:
+            while not run.done:
+                run.step()
+        except errors as err:
+            # e.g. a matrix that is no longer positive definite after 4-bit coupling quantization:
+            # a result of the study (recorded in the row), not a reason to stop the other runs.
+            error = _error_text(len(run.history) + 1, err)
     result = run.result()
     run.close()
     n = max(int(result["steps"]), 1)
@@ -455,6 +463,8 @@ def _train_row(data: Any, model: str, model_options: dict[str, Any], spec: Optim
         "cosine_to_exact": mean_or_none(run.exact["cosine_to_exact"]),
         "rel_error_to_exact": mean_or_none(run.exact["rel_error_to_exact"]),
         **tail,
+        "fallbacks_per_layer": fallbacks if isinstance(fallbacks, dict) else {},
+        "warnings": warning_causes([str(w.message) for w in caught]),
         "curve": [[0, result["initial_train_loss"], result["initial_test_loss"]]] + [
             [r["step"], r.get("eval_train_loss"), r.get("test_loss")] for r in result["history"]
             if "eval_train_loss" in r],
