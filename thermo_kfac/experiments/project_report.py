@@ -322,7 +322,8 @@ def sweep_figure(axis: str, points: list[dict[str, Any]], title: str) -> Any:
     top.plot(xs, [p["thermo_s"] if p["thermo_s"] is not None else nan for p in points], "s-",
              color=THERMO_COLOR, label="thermodynamic K-FAC (every layer that fits)")
     top.set_yscale("log")
-    top.set_ylabel("K-FAC curvature time [s]")
+    # width sweeps price one layer's curvature work, the others the model's whole training step
+    top.set_ylabel("curvature time of the layer [s]" if axis == "width" else "time per training step [s]")
     top.legend(fontsize=8)
     top.set_title(title, fontsize=9)
     bottom.plot(xs, [p["speedup"] if p["speedup"] is not None else nan for p in points], "s-",
