@@ -73,6 +73,7 @@ def test_diverged_runs_are_left_out_of_the_means_and_counted_on_their_line(claim
     line = next(x for x in table.splitlines() if x.startswith("thermo kappa0=0.1,"))
     assert "(2 diverged)" in line
     assert "e+" not in line  # no huge mean printed for it
+    assert "diverged: training loss not finite or above 1000x its initial value" in table
 
 
 def test_readme_claim_c_figures_match_a_fresh_run_within_seed_noise(claim_c):

@@ -174,6 +174,9 @@ def format_table(study: dict[str, Any]) -> str:
     lines.append(f"{config['model']} on {config['dataset']}, {config['steps']} steps, batch "
                  f"{config['batch_size']}; losses on the full train/test sets at the end; mean +- std "
                  f"over seeds; wall s: training steps only")
+    if any(e["diverged"] for e in summary):
+        lines.append(f"diverged: training loss not finite or above {DIVERGENCE_FACTOR:g}x its initial value; "
+                     "stopped there and left out of the means")
     return "\n".join(lines)
 
 
