@@ -112,7 +112,7 @@ def test_kill_between_json_and_csv_write_loses_and_duplicates_nothing(tmp_path, 
 def test_study_with_a_different_config_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "study"
     _study(out, sweeps={"bits": [8]}, seeds=1, references=["adam"])
-    with pytest.raises(ValueError, match=r"different config \(steps: 6 there, 7 now\)"):
+    with pytest.raises(ValueError, match=r"different config \(steps \(--steps/--epochs\): 6 there, 7 now\)"):
         _study(out, sweeps={"bits": [8]}, seeds=1, references=["adam"], steps=7)
     with pytest.raises(ValueError, match="different config.*sweep_keys"):
         _study(out, sweeps={"kappa0": [0.01]}, seeds=1, references=["adam"])
