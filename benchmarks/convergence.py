@@ -212,9 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seeds < 1 or min(args.budgets) <= 0:
         parser.error("--seeds must be >= 1 and budgets > 0")
     torch.set_num_threads(args.threads or 1)
-    from thermo_kfac.optimizer import parse_options
+    from thermo_kfac.experiments.training.options import parse_adaptive_options
 
-    kfac_options = parse_options(args.kfac)
+    kfac_options = parse_adaptive_options(args.kfac)
     budgets = sorted(args.budgets)
     result: dict[str, Any] = {
         "benchmark": "convergence",

@@ -63,7 +63,7 @@ def _make(mode: str, config: dict, seed: int = 0):
     if MODES[mode] is not None:
         precond = KFACPreconditioner(ddp, loss="bce", damping=1e-2, kl_clip=1e-3, optimizer=opt,
                                      factor_update_every=factor_every, inverse_update_every=inverse_every,
-                                     distributed=kd.DistributedConfig(**MODES[mode]))
+                                     distributed=kd.DistributedKFAC(kd.DistributedConfig(**MODES[mode])))
     g = torch.Generator().manual_seed(seed)
     x_global = torch.rand(batch, config["input"], generator=g)
     x, _ = launch.shard(x_global, x_global)
@@ -81,8 +81,9 @@ def _make(mode: str, config: dict, seed: int = 0):
 
 def _worker(rank: int, world: int, port: int, out: str, args: dict) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    launch.init_from_environment("cpu")  # gloo, every socket on loopback
     try:
         runs = {m: _make(m, args) for m in MODES}
         block = args["inverse_every"]  # one whole inverse-update cycle per timing block

@@ -10,6 +10,12 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
+#: The floating dtypes by name: the one map from a dtype's name to the torch dtype, for both
+#: packages (simulator configs, K-FAC's factor and loss dtypes, the option grammar).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``choices``, else raise listing the valid choices."""
@@ -18,6 +24,20 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
         valid = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name}={value!r} is not valid; choose one of: {valid}")
     return value
+
+
+def check_dtype(name: str, value: Any) -> torch.dtype:
+    """``value`` (one of :data:`DTYPES`' dtypes, its name, or a numpy scalar type of that name) as
+    a torch dtype, else raise listing the valid names."""
+    if isinstance(value, torch.dtype):
+        if value in DTYPES.values():
+            return value
+    else:
+        key = str(getattr(value, "__name__", value))  # numpy scalar types carry their name
+        if key in DTYPES:
+            return DTYPES[key]
+    valid = ", ".join(repr(k) for k in DTYPES)
+    raise ValueError(f"{name}={value!r} is not valid; choose one of: {valid}")
 
 
 def check_number(

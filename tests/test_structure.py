@@ -1,8 +1,9 @@
 """Static structure checks of the packages ``thermo_kfac`` and ``hw_models`` (read with ``ast``).
 
 They enforce the module seams of docs/architecture.md: no module reaches into another module's
-underscore names, no import cycle at import time, modules stay small, and ``hw_models`` knows
-nothing of ``thermo_kfac``.
+underscore names, no import cycle (module-level imports, ``if TYPE_CHECKING:`` ones included),
+modules stay small, ``hw_models`` knows nothing of ``thermo_kfac``, and the core of ``thermo_kfac``
+never imports its distributed extension.
 """
 
 from __future__ import annotations
@@ -144,9 +145,10 @@ def test_module_size() -> None:
                           + "\n  ".join(too_long))
 
 
-def _import_time_edges(module: str, path: Path) -> set[str]:
-    """Our modules imported at import time: module level, including ``if``/``try`` blocks at
-    module level, but not inside functions or ``if TYPE_CHECKING:``."""
+def _module_edges(module: str, path: Path, tree: ast.Module | None = None) -> set[str]:
+    """Our modules that ``module`` depends on by its module-level imports: including ``if``/``try``
+    /``with`` blocks at module level and ``if TYPE_CHECKING:`` (a type-only import is still a
+    dependency of the design), but not imports inside functions."""
     edges: set[str] = set()
 
     def visit(body: list[ast.stmt]) -> None:
@@ -163,11 +165,6 @@ def _import_time_edges(module: str, path: Path) -> set[str]:
                     sub = f"{source}.{alias.name}"
                     edges.add(sub if sub in MODULES else _known(source))
             elif isinstance(node, ast.If):
-                test = node.test
-                if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or \
-                        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING":
-                    visit(node.orelse)
-                    continue
                 visit(node.body)
                 visit(node.orelse)
             elif isinstance(node, ast.Try):
@@ -176,7 +173,7 @@ def _import_time_edges(module: str, path: Path) -> set[str]:
             elif isinstance(node, ast.With):
                 visit(node.body)
 
-    visit(_tree(path).body)
+    visit((tree or _tree(path)).body)
     edges.discard(module)
     return edges
 
@@ -225,11 +222,49 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles() -> None:
     # Only explicit imports count: a package's __init__ importing its submodules (re-exports) is
     # the normal direction, and the implicit submodule -> parent-package import is not a cycle.
-    graph = {m: {e for e in _import_time_edges(m, p) if e} for m, p in MODULES.items()}
+    # Type-only imports count too: two modules that name each other's types are one design.
+    graph = {m: {e for e in _module_edges(m, p) if e} for m, p in MODULES.items()}
     cycles = _cycles(graph)
-    assert not cycles, ("import cycles among our modules at import time (move the shared piece "
-                        "down or import inside the function that needs it):\n  "
-                        + "\n  ".join(" <-> ".join(c) for c in cycles))
+    assert not cycles, ("import cycles among our modules (``if TYPE_CHECKING:`` imports included; "
+                        "move the shared piece down, or type against a protocol of the lower "
+                        "module):\n  " + "\n  ".join(" <-> ".join(c) for c in cycles))
+
+
+#: Packages and modules of thermo_kfac outside its core: the distributed extension, the experiments
+#: and the command line. Everything else is the core, which never imports the distributed extension
+#: (a distribution strategy is built outside and passed in).
+NOT_CORE = ("thermo_kfac.distributed", "thermo_kfac.experiments", "thermo_kfac.cli")
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _imported_names(module: str, path: Path, tree: ast.Module) -> list[tuple[int, str]]:
+    """Every module named by an import anywhere in ``tree`` (functions, ``TYPE_CHECKING`` too);
+    ``from pkg import name`` also names ``pkg.name``, which may be a subpackage."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            source = _resolve(module, path, node)
+            found += [(node.lineno, source)] + [(node.lineno, f"{source}.{a.name}") for a in node.names]
+    return found
+
+
+def _core_offenders(module: str, path: Path, tree: ast.Module) -> list[str]:
+    if not _within(module, "thermo_kfac") or any(_within(module, p) for p in NOT_CORE):
+        return []
+    return [f"{_rel(path)}:{line}: {name}" for line, name in _imported_names(module, path, tree)
+            if _within(name, "thermo_kfac.distributed")]
+
+
+def test_core_does_not_import_distributed() -> None:
+    offenders = [o for m, p in MODULES.items() for o in _core_offenders(m, p, _tree(p))]
+    assert not offenders, ("core modules import thermo_kfac.distributed (pass a distribution strategy "
+                           "in instead; only the extension, experiments and cli may import it):\n  "
+                           + "\n  ".join(offenders))
 
 
 def test_hw_models_does_not_import_thermo_kfac() -> None:
@@ -279,3 +314,26 @@ def test_attribute_detector() -> None:
 def test_cycle_detector() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_type_checking_imports_are_edges() -> None:
+    # the edge builder sees type-only imports, so a protocol-free back-reference is a cycle
+    tree = ast.parse("from typing import TYPE_CHECKING\n"
+                     "if TYPE_CHECKING:\n    from thermo_kfac.preconditioner import KFACPreconditioner\n"
+                     "def f():\n    from thermo_kfac import policy\n")
+    path = ROOT / "thermo_kfac" / "layers.py"
+    assert _module_edges("thermo_kfac.layers", path, tree) == {"thermo_kfac.preconditioner"}
+
+
+@pytest.mark.parametrize("module, source, offends", [
+    ("thermo_kfac.preconditioner", "from thermo_kfac.distributed import DistributedKFAC\n", True),
+    ("thermo_kfac.optimizer", "def f():\n    from thermo_kfac import distributed as dist\n", True),
+    ("thermo_kfac.layers", "if typing.TYPE_CHECKING:\n    import thermo_kfac.distributed.kfac\n", True),
+    ("thermo_kfac.quadratic", "from thermo_kfac.process_group import world_size\n", False),
+    ("thermo_kfac.experiments.launch", "from thermo_kfac.distributed import DistributedConfig\n", False),
+    ("thermo_kfac.distributed.kfac", "from thermo_kfac.distributed.config import DistributedConfig\n",
+     False),
+])
+def test_core_rule_detector(module: str, source: str, offends: bool) -> None:
+    path = ROOT / Path(*module.split(".")).with_suffix(".py")
+    assert bool(_core_offenders(module, path, ast.parse(source))) == offends

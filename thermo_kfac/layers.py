@@ -18,7 +18,10 @@ capture of the current step and are written only by the preconditioner's hooks.
 :class:`StepHooks` is the other half of the seam: the points of ``step()``, ``state_dict()`` and
 ``load_state_dict()`` at which an extension (:class:`thermo_kfac.distributed.DistributedKFAC`)
 takes part. Its methods do nothing by default, so a single-process preconditioner runs the same
-code path.
+code path. An extension is built outside the preconditioner and passed in as a
+:class:`DistributionStrategy` (``KFACPreconditioner(distributed=strategy)``), which the
+preconditioner attaches once its layers are registered; it sees the preconditioner only as the
+:class:`Preconditioner` protocol below, so the library never imports its extensions.
 """
 
 from __future__ import annotations
@@ -27,21 +30,20 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
+from torch import nn
 
 from thermo_kfac.capture import LayerAdapter
 from thermo_kfac.gram import gram
+from thermo_kfac.process_group import is_distributed
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure
 
 # errors of a solver's prepare() that leave training running: the protocol's SolverFailure (a
 # RuntimeError: an analog device that cannot represent the factor), and the linear algebra
 # failures and ValueErrors a digital solver may raise
 PREPARE_ERRORS = (SolverFailure, RuntimeError, torch.linalg.LinAlgError, ValueError)
-
-if TYPE_CHECKING:
-    from thermo_kfac.preconditioner import KFACPreconditioner
 
 
 @dataclass
@@ -380,19 +382,19 @@ class StepHooks:
         """Whether this process prepares layer ``name``'s solver."""
         return True
 
-    def begin_step(self, precond: KFACPreconditioner) -> None:
+    def begin_step(self, precond: Preconditioner) -> None:
         """Start of ``step()``, before any factor update."""
 
-    def factors_updated(self, precond: KFACPreconditioner, inverse_update: bool) -> None:
+    def factors_updated(self, precond: Preconditioner, inverse_update: bool) -> None:
         """After a factor update (``inverse_update``: the solvers are prepared next)."""
 
-    def before_inverse_update(self, precond: KFACPreconditioner) -> None:
+    def before_inverse_update(self, precond: Preconditioner) -> None:
         """Before the owned solvers are prepared."""
 
-    def after_inverse_update(self, precond: KFACPreconditioner) -> None:
+    def after_inverse_update(self, precond: Preconditioner) -> None:
         """After the owned solvers were prepared."""
 
-    def precondition(self, precond: KFACPreconditioner, reports: dict[str, Any]
+    def precondition(self, precond: Preconditioner, reports: dict[str, Any]
                      ) -> list[PreconditionedGradient]:
         """The preconditioned gradients to write into ``.grad``."""
         return precond.precondition_layers(reports)
@@ -401,11 +403,57 @@ class StepHooks:
         """Extra entry ``last_report["distributed"]`` (None: no entry)."""
         return None
 
-    def prepare_state_dict(self, precond: KFACPreconditioner) -> None:
+    def prepare_state_dict(self, precond: Preconditioner) -> None:
         """Before ``state_dict()`` reads the layers."""
 
-    def finish_state_dict(self, precond: KFACPreconditioner, state: dict[str, Any]) -> None:
+    def finish_state_dict(self, precond: Preconditioner, state: dict[str, Any]) -> None:
         """After ``state_dict()`` built ``state`` (may add entries)."""
 
-    def after_load(self, precond: KFACPreconditioner, state: dict[str, Any]) -> None:
+    def after_load(self, precond: Preconditioner, state: dict[str, Any]) -> None:
         """After ``load_state_dict(state)`` restored the layers."""
+
+
+class Preconditioner(Protocol):
+    """What an extension may use of a :class:`~thermo_kfac.KFACPreconditioner` (its public seam)."""
+
+    model: nn.Module  # as given (possibly wrapped in DistributedDataParallel)
+    solver_spec: Any  # the ``solver=`` argument as given
+
+    @property
+    def layer_table(self) -> LayerTable: ...
+
+    def precondition_layers(self, reports: dict[str, Any], names: set[str] | None = None
+                            ) -> list[PreconditionedGradient]: ...
+
+    def new_solver(self, name: str | None = None) -> KFACSolver: ...
+
+    def rng_state(self) -> torch.Tensor | None: ...
+
+    def set_rng_state(self, state: torch.Tensor) -> None: ...
+
+
+class DistributionStrategy(Protocol):
+    """How a preconditioner spreads its work over processes, built outside and passed in as
+    ``KFACPreconditioner(distributed=strategy)`` (e.g.
+    :class:`thermo_kfac.distributed.DistributedKFAC`)."""
+
+    def attach(self, precond: Preconditioner) -> StepHooks:
+        """Bind to ``precond`` once its layers are registered; the returned hooks take part in
+        its steps and state (called once, from the preconditioner's constructor)."""
+        ...
+
+
+def attach_strategy(distributed: DistributionStrategy | bool | None, precond: Preconditioner) -> StepHooks:
+    """The hooks of ``KFACPreconditioner(distributed=...)``: ``None`` (refused inside a process group
+    of more than one rank, whose ranks' factors would silently differ) and ``False`` give the
+    single-process :class:`StepHooks`; a strategy is attached to ``precond``."""
+    if distributed is None and is_distributed():
+        raise ValueError("a process group of more than one rank is initialized: pass distributed="
+                         "thermo_kfac.distributed.DistributedKFAC(config) to share the K-FAC work across "
+                         "ranks, or distributed=False to precondition every rank on its own")
+    if distributed is None or distributed is False:
+        return StepHooks()
+    if not callable(getattr(distributed, "attach", None)):
+        raise ValueError(f"distributed={distributed!r} must be None, False or a distribution strategy "
+                         "with attach(precond), e.g. thermo_kfac.distributed.DistributedKFAC(config)")
+    return distributed.attach(precond)

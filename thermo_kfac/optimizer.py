@@ -69,9 +69,10 @@ from torch import nn
 
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac import chain, quadratic
-from thermo_kfac import distributed as dist
+from thermo_kfac.defaults import KFAC_ADAPTIVE_DEFAULTS
 from thermo_kfac.fisher import LOSSES
 from thermo_kfac.preconditioner import KFACPreconditioner
+from thermo_kfac.process_group import unwrap
 from thermo_kfac.quadratic import (
     LOSS_FUNCTIONS,
     Forward,
@@ -83,8 +84,8 @@ from thermo_kfac.quadratic import (
 )
 from thermo_kfac.solvers.base import Damping
 
-__all__ = ["KFAC", "LOSSES", "SPEC_OPTIONS", "build_kfac", "lm_damping_update", "loss_hessian_products",
-           "parse_options", "reduction_ratio"]
+__all__ = ["KFAC", "LOSSES", "lm_damping_update", "loss_hessian_products", "reduction_ratio"]
+
 
 class KFAC:
     """K-FAC with adaptive damping and quadratic-model learning rate and momentum.
@@ -150,7 +151,7 @@ class KFAC:
         loss: str = "cross_entropy",
         lr: float | None = None,
         momentum: float | None = None,
-        damping: float = 0.1,
+        damping: float = KFAC_ADAPTIVE_DEFAULTS["damping"],
         adapt_damping: bool = True,
         damping_adaptation_every: int = 5,
         damping_decay: float = 0.95,
@@ -160,13 +161,13 @@ class KFAC:
         weight_decay: float = 0.0,
         curvature_examples: int | None = 256,
         loss_dtype: torch.dtype | None = torch.float64,
-        fisher_type: str = "mc",
-        factor_decay: float = 0.95,
-        factor_update_every: int = 5,
-        inverse_update_every: int = 20,
-        solver: Any = "eigh",
+        fisher_type: str = KFAC_ADAPTIVE_DEFAULTS["fisher_type"],
+        factor_decay: float = KFAC_ADAPTIVE_DEFAULTS["factor_decay"],
+        factor_update_every: int = KFAC_ADAPTIVE_DEFAULTS["factor_update_every"],
+        inverse_update_every: int = KFAC_ADAPTIVE_DEFAULTS["inverse_update_every"],
+        solver: Any = KFAC_ADAPTIVE_DEFAULTS["solver"],
         solver_options: dict[str, Any] | None = None,
-        pi_damping: bool = False,
+        pi_damping: bool = KFAC_ADAPTIVE_DEFAULTS["pi_damping"],
         factor_dtype: torch.dtype = torch.float32,
         preconditioner_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -203,7 +204,7 @@ class KFAC:
             raise ValueError(f"preconditioner_options may not set {sorted(owned)}: KFAC owns them "
                              "(use its damping argument; the step size replaces KL clipping)")
         self.model = model
-        module = dist.unwrap(model)
+        module = unwrap(model)
         # traced before the preconditioner adds its hooks; see thermo_kfac.chain
         links = chain.linear_chain(module)
         self.chain: list[chain.Link] | None = links
@@ -491,80 +492,3 @@ def _cast(outputs: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """``outputs`` and floating ``targets`` in ``dtype`` (class labels stay integers)."""
     return outputs.to(dtype), (targets.to(dtype) if targets.is_floating_point() else targets)
-
-
-# --------------------------------------------------------------------------- spec options
-#: Keys of the ``kfac-adaptive`` optimizer spec (``kfac-adaptive:key=value,...``) that configure
-#: :class:`KFAC` itself; ``lr``/``momentum`` take a number or ``auto``/``none`` (adapted). Any
-#: other key is a solver option (as for the ``kfac`` spec).
-SPEC_OPTIONS: dict[str, str] = {
-    "lr": "fixed learning rate (auto: quadratic model)",
-    "momentum": "fixed momentum (auto: quadratic model)",
-    "damping": "initial damping lambda",
-    "adapt_damping": "Levenberg-Marquardt adaptation of lambda (true/false)",
-    "damping_adaptation_every": "steps between damping adaptations (T1)",
-    "damping_decay": "omega = damping_decay ** T1",
-    "min_damping": "lower bound of lambda",
-    "max_damping": "upper bound of lambda",
-    "max_momentum": "upper bound of an adapted momentum",
-    "weight_decay": "L2 coefficient eta (also added to the damping)",
-    "curvature_examples": "examples of the batch used for the curvature products (none: all)",
-    "loss_dtype": "float64 (default), float32 or none: dtype of the loss and its output gradient",
-    "fisher_type": "empirical, mc or type2",
-    "factor_decay": "EMA decay of the Kronecker factors",
-    "factor_update_every": "update the factors every N steps",
-    "inverse_update_every": "re-prepare the solvers every N steps",
-    "solver": "per-layer Kronecker solver (eigh, cholesky, sre, rsvd, cg, thermo, ...)",
-    "pi_damping": "pi split of the factored damping (true/false)",
-    "factor_dtype": "float32 or float64",
-}
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def parse_options(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """KFAC keyword arguments from ``"key=value,key=value"`` (keys may use ``-``) or a dict.
-
-    Keys of :data:`SPEC_OPTIONS` become arguments (``auto``/``none`` for ``lr``/``momentum``
-    means adapted); other keys are collected into ``solver_options``. Values are read with
-    :func:`thermo_kfac.policy.parse_value`; the constructor validates them.
-    """
-    from thermo_kfac.policy import parse_value
-
-    if text is None:
-        return {}
-    items = text.items() if isinstance(text, Mapping) else [
-        part.partition("=")[::2] for part in (p.strip() for p in text.split(",")) if part]
-    options: dict[str, Any] = {}
-    solver_options: dict[str, Any] = {}
-    for key, value in items:
-        key = str(key).strip().replace("-", "_")
-        if not key or (isinstance(value, str) and not value.strip()):
-            raise ValueError(f"kfac-adaptive option {key!r}: expected key=value")
-        parsed = parse_value(value) if isinstance(value, str) else value
-        if key in ("lr", "momentum") and isinstance(parsed, str) and parsed.lower() == "auto":
-            parsed = None
-        if key == "factor_dtype" and isinstance(parsed, str):
-            check_choice("factor_dtype", parsed, tuple(_DTYPES))
-            parsed = _DTYPES[parsed]
-        if key == "loss_dtype" and isinstance(parsed, str):
-            if parsed.lower() == "none":
-                parsed = None
-            else:
-                check_choice("loss_dtype", parsed, tuple(_DTYPES))
-                parsed = _DTYPES[parsed]
-        target = options if key in SPEC_OPTIONS else solver_options
-        if key in target:
-            raise ValueError(f"kfac-adaptive option {key!r} is given twice")
-        target[key] = parsed
-    if solver_options:
-        options["solver_options"] = solver_options
-    return options
-
-
-def build_kfac(model: nn.Module, loss: str, options: str | Mapping[str, Any] | None = None,
-               **preconditioner_options: Any) -> KFAC:
-    """The ``kfac-adaptive`` optimizer of a training run: :class:`KFAC` with the spec's options
-    (see :func:`parse_options`) and any extra preconditioner keyword arguments (``seed``,
-    ``solver_map``, ``distributed``...)."""
-    kwargs = parse_options(options)
-    return KFAC(model, loss=loss, preconditioner_options=preconditioner_options or None, **kwargs)

@@ -7,8 +7,9 @@ A :class:`SolverPolicy` decides which solver serves each registered K-FAC layer:
    name (``"Conv2d"``, ``"Linear"``); the value is a solver spec;
 2. otherwise the **default** (``None``: the preconditioner's ``solver=`` / ``solver_options=``).
 
-A solver spec is a registered solver name with options, written as on the command line
-(``"eigh"``, ``"thermo:bits=8,analog_time=20"``), a dict (``{"solver": "thermo", "bits": 8}``),
+A solver spec is a registered solver name with options, typed (``SolverSpec("thermo", {"bits":
+8})``) or written as on the command line (``"eigh"``, ``"thermo:bits=8,analog_time=20"``, read by
+:mod:`thermo_kfac.grammar`), a dict (``{"solver": "thermo", "bits": 8}``),
 a :class:`~thermo_kfac.solvers.KFACSolver` subclass or prototype instance, or one of two rules:
 
 - ``"fits"``: the analog solver if both damped factors fit the thermodynamic device
@@ -36,11 +37,9 @@ apply every step); nothing in this module prices hardware except through
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hw_models import pricing
@@ -48,6 +47,7 @@ from hw_models.cost import KFACSchedule
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
 from hw_models.units import format_seconds
 from hw_models.validation import check_number, check_positive
+from thermo_kfac.grammar import format_spec, parse_solver_map, parse_spec
 from thermo_kfac.layer_pricing import AutoSolver, price_digital_layer, price_layer
 from thermo_kfac.solvers.base import (
     KFACSolver,
@@ -59,21 +59,6 @@ from thermo_kfac.solvers.base import (
 
 #: Spec names that are rules resolved per layer rather than solvers.
 RULES = ("auto", "fits")
-
-
-def parse_value(text: str) -> Any:
-    """A spec value as int, float, bool, None or text (the CLI's convention for option values)."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
 
 
 @dataclass(frozen=True)
@@ -101,17 +86,7 @@ class SolverSpec:
                                  f"({', '.join(_valid_names())})")
             spec = SolverSpec(name.strip(), opts)
         elif isinstance(value, str) and value.strip():
-            name, _, rest = value.strip().partition(":")
-            opts: dict[str, Any] = {}
-            for item in filter(None, (p.strip() for p in rest.split(","))):
-                key, sep, text = item.partition("=")
-                key = key.strip().replace("-", "_")
-                if not sep or not key or not text.strip():
-                    raise ValueError(f"solver spec {value!r}: {item!r} is not key=value")
-                if key in opts:
-                    raise ValueError(f"solver spec {value!r}: {key} is given twice")
-                opts[key] = parse_value(text)
-            spec = SolverSpec(name.strip(), opts)
+            spec = SolverSpec(*parse_spec(value, f"solver spec {value!r}: "))
         else:
             raise ValueError(f"solver spec {value!r} is not valid; use a solver name "
                              f"({', '.join(_valid_names())}) with optional ':key=value,...', a dict "
@@ -133,9 +108,7 @@ class SolverSpec:
     @property
     def text(self) -> str:
         """The spec as written on the command line (``thermo:bits=8``)."""
-        if not self.options:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={_format(v)}" for k, v in self.options.items())
+        return format_spec(self.name, self.options)
 
     def factory(self) -> SolverFactory:
         """Per-layer solver factory (validates the options); rules have none."""
@@ -150,10 +123,6 @@ class SolverSpec:
         if isinstance(self.solver, type):
             return self.solver
         return registered_solver(self.name)
-
-
-def _format(value: Any) -> str:
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _valid_names() -> list[str]:
@@ -263,7 +232,8 @@ class SolverPolicy:
 
     @classmethod
     def coerce(cls, value: Any) -> SolverPolicy:
-        """A policy from None (no rules), a ``{pattern: spec}`` dict, a pair list or a policy."""
+        """A policy from None (no rules), a ``{pattern: spec}`` dict, a pair list, a policy, or a
+        solver map as text (:func:`thermo_kfac.grammar.parse_solver_map`)."""
         if isinstance(value, SolverPolicy):
             return value
         if value is None:
@@ -360,41 +330,6 @@ class SolverPolicy:
         for option, preset in cls.preset_options.items():
             options.setdefault(option, presets[preset])
         return SolverSpec(spec.name, options) if options != spec.options else spec
-
-
-def parse_solver_map(text: str) -> list[tuple[str, Any]]:
-    """``"pattern=spec;pattern=spec"`` or the path of a JSON file into ``[(pattern, spec), ...]``.
-
-    In the text form each entry is split at its first ``=`` (a pattern cannot contain ``=``;
-    its spec may, ``fc1=thermo:bits=8,analog_time=20``) and entries are separated by ``;``.
-    The JSON file holds an object ``{pattern: spec}`` (in order) or a list of ``[pattern, spec]``
-    pairs; a spec may be a string or an object ``{"solver": name, key: value}``.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"solver map {text!r} is empty; use 'pattern=spec;pattern=spec' or a JSON file")
-    stripped = text.strip()
-    path = Path(stripped)
-    if stripped.endswith(".json") or ("=" not in stripped and path.is_file()):
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"solver map file {stripped!r} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"solver map file {stripped!r} is not valid JSON: {err}") from None
-        if isinstance(data, dict):
-            return list(data.items())
-        if isinstance(data, list) and all(isinstance(p, list) and len(p) == 2 for p in data):
-            return [(p[0], p[1]) for p in data]
-        raise ValueError(f"solver map file {stripped!r} must hold an object {{pattern: spec}} or a "
-                         "list of [pattern, spec] pairs")
-    pairs = []
-    for entry in filter(None, (e.strip() for e in stripped.split(";"))):
-        pattern, sep, spec = entry.partition("=")
-        if not sep or not pattern.strip() or not spec.strip():
-            raise ValueError(f"solver map entry {entry!r} is not pattern=spec (entries are separated "
-                             "by ';', e.g. 'fc1=thermo:bits=8;.*=eigh')")
-        pairs.append((pattern.strip(), spec.strip()))
-    return pairs
 
 
 def format_assignment(assignments: Iterable[LayerAssignment],

@@ -43,7 +43,7 @@ from thermo_kfac.capture import (
     remove_handles,
     tap_hooks,
 )
-from thermo_kfac.distributed import DistributedKFAC, check_resume, resolve, unwrap
+from thermo_kfac.defaults import KFAC_DEFAULTS
 from thermo_kfac.fisher import (
     FISHER_TYPES,
     KFAC_APPROXIMATIONS,
@@ -52,8 +52,15 @@ from thermo_kfac.fisher import (
     FisherWeights,
     kl_clip_scale,
 )
-from thermo_kfac.layers import LayerState, LayerTable, PreconditionedGradient, StepHooks
+from thermo_kfac.layers import (
+    DistributionStrategy,
+    LayerState,
+    LayerTable,
+    PreconditionedGradient,
+    attach_strategy,
+)
 from thermo_kfac.policy import HardwarePricer, LayerAssignment, SolverPolicy, SolverSpec, is_analog
+from thermo_kfac.process_group import check_resume, unwrap
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure, solver_factory
 from thermo_kfac.solvers.kronecker_svd import CURVATURES, curvature_solver_factory
 
@@ -93,6 +100,7 @@ class KFACPreconditioner:
             ``solver``. :meth:`assignment` tells which solver each layer got.
         kl_clip: scale the step so that the predicted KL change ``lr^2 <U, grad>`` stays below
             this value (None disables). The learning rates are read from ``optimizer``.
+            ``"default"``: 1e-3 when ``optimizer`` is given, off without one.
         optimizer: the optimizer whose param groups give the learning rates for KL clipping.
         factor_dtype: ``torch.float32`` or ``torch.float64``; factors are accumulated and
             factorized in this dtype whatever the model or autocast dtype.
@@ -118,10 +126,9 @@ class KFACPreconditioner:
             ``||(G + lam_G I) X (A + lam_A I) - V|| / ||V||`` on the factored damped system exceeds
             this value also falls back (costs two extra products per layer and step; meant for
             approximate solvers such as the simulated analog one).
-        distributed: ``"auto"`` (default: on when a process group of more than one rank is
-            initialized), ``True``/``False`` or a :class:`thermo_kfac.distributed.DistributedConfig`
-            (placement mode, assignment rule, deferred factor reduction); see
-            :mod:`thermo_kfac.distributed`. A ``DistributedDataParallel`` model is accepted as is.
+        distributed: a strategy built outside (``thermo_kfac.distributed.DistributedKFAC(config)``),
+            attached once the layers are registered; ``None``: this process alone (refused in a
+            multi-rank process group); ``False``: each rank alone. DDP models are accepted as is.
         curvature: ``"kfac"`` (``kron(G, A)``), or a Kronecker-SVD approximation of each Fisher
             block (:mod:`thermo_kfac.solvers.kronecker_svd`): ``"kpsvd"`` (best single Kronecker
             product), ``"deflation"`` (best two) or ``"kfac_corrected"`` (K-FAC plus the best
@@ -136,15 +143,15 @@ class KFACPreconditioner:
         *,
         loss: str = "cross_entropy",
         reduction: str = "mean",
-        fisher_type: str = "empirical",
-        damping: float = 1e-3,
-        pi_damping: bool = False,
-        factor_decay: float = 0.95,
-        factor_update_every: int = 1,
-        inverse_update_every: int = 10,
-        solver: str | KFACSolver | type[KFACSolver] = "eigh",
+        fisher_type: str = KFAC_DEFAULTS["fisher_type"],
+        damping: float = KFAC_DEFAULTS["damping"],
+        pi_damping: bool = KFAC_DEFAULTS["pi_damping"],
+        factor_decay: float = KFAC_DEFAULTS["factor_decay"],
+        factor_update_every: int = KFAC_DEFAULTS["factor_update_every"],
+        inverse_update_every: int = KFAC_DEFAULTS["inverse_update_every"],
+        solver: str | KFACSolver | type[KFACSolver] = KFAC_DEFAULTS["solver"],
         solver_options: dict[str, Any] | None = None,
-        kl_clip: float | None = None,
+        kl_clip: float | str | None = "default",
         optimizer: torch.optim.Optimizer | None = None,
         factor_dtype: torch.dtype = torch.float32,
         skip: str | Sequence[str] = (),
@@ -152,7 +159,7 @@ class KFACPreconditioner:
         seed: int = 0,
         fallback_solver: str | KFACSolver | type[KFACSolver] | None = "eigh",
         fallback_residual_tol: float | None = None,
-        distributed: Any = "auto",
+        distributed: DistributionStrategy | bool | None = None,
         curvature: str = "kfac",
         solver_map: Any = None,
         kfac_approx: str = "expand",
@@ -164,14 +171,12 @@ class KFACPreconditioner:
         self.loss = check_choice("loss", loss, LOSSES)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.fisher_type = check_choice("fisher_type", fisher_type, FISHER_TYPES)
-        self.damping = Damping(check_positive("damping", damping, allow_zero=True),
-                               bool(pi_damping))
-        self.factor_decay = check_number("factor_decay", factor_decay, low=0.0, high=1.0,
-                                         high_inclusive=False)
-        self.factor_update_every = check_positive("factor_update_every", factor_update_every,
-                                                  integer=True)
-        self.inverse_update_every = check_positive("inverse_update_every", inverse_update_every,
-                                                   integer=True)
+        self.damping = Damping(check_positive("damping", damping, allow_zero=True), bool(pi_damping))
+        self.factor_decay = check_number("factor_decay", factor_decay, low=0, high=1, high_inclusive=False)
+        self.factor_update_every = check_positive("factor_update_every", factor_update_every, integer=True)
+        self.inverse_update_every = check_positive("inverse_update_every", inverse_update_every, integer=True)
+        if isinstance(kl_clip, str) and kl_clip == "default":  # on only where the lr is known
+            kl_clip = KFAC_DEFAULTS["kl_clip"] if optimizer is not None else None
         if kl_clip is not None:
             check_positive("kl_clip", kl_clip)
             if optimizer is None:
@@ -190,8 +195,7 @@ class KFACPreconditioner:
                                       inverse_every=self.inverse_update_every,
                                       precision="fp64" if self.factor_dtype == torch.float64 else "fp32")
         self.curvature = check_choice("curvature", curvature, CURVATURES)
-        # Kronecker-SVD curvatures bring their own solver for every layer; the policy then only
-        # prices the layers (as digital).
+        # Kronecker-SVD curvatures bring their own solver for every layer; the policy only prices them
         self._curvature_factory = None
         if self.curvature != "kfac":
             if solver_map is not None:
@@ -225,7 +229,6 @@ class KFACPreconditioner:
         self._fisher = FisherWeights(self.loss, self.reduction, self.fisher_type, self.mc_samples)
         self.last_report: dict[str, Any] = {}
         self._layers = LayerTable()
-        self._hooks = StepHooks()  # single process until the distributed glue replaces it
         self._register(unwrap(model))  # DDP: layer names without the "module." prefix
         for map_name, spec in (linear_maps or {}).items():
             weight, bias = spec if isinstance(spec, tuple) else (spec, None)
@@ -233,9 +236,7 @@ class KFACPreconditioner:
         if not self._layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition "
                              "(after applying skip)")
-        config = resolve(distributed)
-        if config is not None:
-            self._hooks = DistributedKFAC(self, config)
+        self._hooks = attach_strategy(distributed, self)
 
     # ------------------------------------------------------------------ registration and hooks
     def _register(self, model: nn.Module) -> None:

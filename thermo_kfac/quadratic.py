@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from thermo_kfac import distributed as dist
 from thermo_kfac.fisher import LOSSES
+from thermo_kfac.process_group import is_distributed, world_size
 
 #: The mean-reduced training loss of each supported loss name (outputs, targets) -> scalar.
 LOSS_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
@@ -219,10 +219,10 @@ def minimise_step(matrix: torch.Tensor, linear: torch.Tensor, lr: float | None,
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Average ``value`` over ranks when a process group of more than one rank exists."""
-    if not dist.is_distributed():
+    if not is_distributed():
         return value
     import torch.distributed as tdist
 
     out = value.clone()
     tdist.all_reduce(out)
-    return out / dist.world_size()
+    return out / world_size()

@@ -9,12 +9,11 @@ from typing import Any
 import torch
 
 from hw_models.noise import NoiseConfig
-from hw_models.validation import check_choice, check_number, check_positive
+from hw_models.validation import check_choice, check_dtype, check_number, check_positive
 
 INTEGRATORS = ("euler", "exact", "analytic")
 DYNAMICS = ("overdamped", "underdamped")
 BACKENDS = ("torch", "numba")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -97,17 +96,7 @@ class AnalogConfig:
 
 
 def _normalize_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype={dtype!r} is not valid; choose one of: 'float32', 'float64'")
-        return dtype
-    name = getattr(dtype, "__name__", dtype)  # numpy scalar types
-    name = str(name)
-    if name not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid; choose one of: 'float32', 'float64'")
-    return _DTYPES[name]
+    return None if dtype is None else check_dtype("dtype", dtype)
 
 
 def _normalize_device(device: Any) -> torch.device | None:

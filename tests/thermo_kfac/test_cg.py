@@ -151,7 +151,7 @@ def test_matrix_free_in_preconditioner_equals_dense_batch_solve(pi_damping):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     pre = KFACPreconditioner(model, solver="cg", factor_decay=0.0, damping=1e-2,
-                             pi_damping=pi_damping, inverse_update_every=3,
+                             pi_damping=pi_damping, inverse_update_every=3, factor_update_every=1,
                              solver_options={"matrix_free": True, "tol": 1e-12, "max_iter": 500},
                              factor_dtype=torch.float64)
     g = torch.Generator().manual_seed(1)

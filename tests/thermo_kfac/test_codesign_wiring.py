@@ -189,7 +189,8 @@ def test_auto_layers_show_measured_kappa_and_times_in_the_table():
 def _mlp_run(solver: str, steps: int, inverse_every: int = 3):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 4))
-    precond = KFACPreconditioner(model, solver=solver, inverse_update_every=inverse_every)
+    precond = KFACPreconditioner(model, solver=solver, inverse_update_every=inverse_every,
+                                 factor_update_every=1)
     recorder = TraceRecorder(precond, run={"model": "test"})
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):

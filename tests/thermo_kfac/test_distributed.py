@@ -73,7 +73,7 @@ def _train(scenario: dict[str, Any], steps: int, *, start: dict[str, Any] | None
         inverse_update_every=2, factor_dtype=torch.float64, optimizer=opt, fisher_type=fisher_type,
         kl_clip=scenario.get("kl_clip"), solver=scenario.get("solver", "eigh"),
         solver_options=scenario.get("solver_options"),
-        distributed=kd.DistributedConfig(**scenario["config"]) if group else False)
+        distributed=kd.DistributedKFAC(kd.DistributedConfig(**scenario["config"])) if group else False)
     first = 0
     if start is not None:
         model.load_state_dict(start["model"])
@@ -125,7 +125,7 @@ def _worker(rank: int, world: int, port: int, out: str, resume: str | None) -> N
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         _check_communicator(rank, world)
-        results: dict[str, Any] = {}
+        results: dict[str, Any] = {"refusals": _refusals()}
         for name, scenario in SCENARIOS.items():
             run = _train(scenario, STEPS)
             run["reports"] = [None] * world
@@ -139,6 +139,19 @@ def _worker(rank: int, world: int, port: int, out: str, resume: str | None) -> N
             torch.save(results, out)
     finally:
         dist.destroy_process_group()
+
+
+def _refusals() -> list[str]:
+    """Inside a process group: building without a strategy, and reusing an attached strategy."""
+    strategy = kd.DistributedKFAC()
+    KFACPreconditioner(_model(), distributed=strategy)
+    KFACPreconditioner(_model(), distributed=False)  # every rank on its own: accepted
+    messages = []
+    for kwargs in ({}, {"distributed": strategy}):
+        with pytest.raises(ValueError) as err:
+            KFACPreconditioner(_model(), **kwargs)
+        messages.append(str(err.value))
+    return messages
 
 
 def _spawn(world: int, folder: Path, resume: Path | None = None) -> dict[str, Any]:
@@ -209,6 +222,14 @@ def test_checkpoint_from_two_ranks_resumes_at_one_and_four(runs: dict[Any, Any])
     _assert_same(runs[2]["checkpoint"]["params"], reference)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_group_needs_a_strategy_attached_once(runs: dict[Any, Any], world: int) -> None:
+    # the library never builds its distributed extension: inside a group it refuses to guess
+    without, reused = runs[world]["refusals"]
+    assert "process group of more than one rank" in without and "DistributedKFAC" in without
+    assert "already attached" in reused
+
+
 def test_mc_checkpoint_refuses_another_world_size(runs: dict[Any, Any]) -> None:
     state = runs[2]["mc"]["checkpoint"]
     assert len(state["precond"]["distributed"]["generators"]) == 2
@@ -228,7 +249,10 @@ def test_bad_configurations() -> None:
     with pytest.raises(ValueError, match="analog_units_per_rank=3 exceeds the number of layers"):
         kd.assign_layers(tasks, 2, analog_units_per_rank=3)
     with pytest.raises(ValueError, match="initialized process group"):
-        KFACPreconditioner(_model(), distributed=True)
+        kd.DistributedKFAC(kd.DistributedConfig())
+    for setting in (True, "auto", kd.DistributedConfig()):  # a strategy is built outside and passed in
+        with pytest.raises(ValueError, match="None, False or a distribution strategy"):
+            KFACPreconditioner(_model(), distributed=setting)
 
 
 # ------------------------------------------------------------------------------ placement

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import stat
 
 import pytest
 
@@ -88,3 +90,18 @@ def test_list_parsers():
         "channels": 32, "hidden_size": 1e-3, "act": "relu", "flag": True}
     with pytest.raises(argparse.ArgumentTypeError, match="'oops' is not key=value"):
         kv_list("a=1,oops")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_gives_the_mode_of_an_ordinary_open_under_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        reference = tmp_path / "plain.txt"
+        with open(reference, "w") as handle:  # what the user's umask gives an ordinary file
+            handle.write("x")
+        for name, content in (("a.json", "{}"), ("b.png", b"\x89PNG")):
+            atomic_write(tmp_path / name, content)
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
+        assert stat.S_IMODE(reference.stat().st_mode) == 0o666 & ~umask
+    finally:
+        os.umask(previous)

@@ -8,7 +8,7 @@ import torch
 from thermo_kfac import KFAC
 from thermo_kfac.experiments import noise_study as ns
 from thermo_kfac.experiments.training import build_optimizer, compare, parse_optimizer_spec, resolve_options
-from thermo_kfac.optimizer import parse_options
+from thermo_kfac.experiments.training.options import parse_adaptive_options as parse_options
 
 
 def test_parse_options_splits_kfac_and_solver_keys() -> None:

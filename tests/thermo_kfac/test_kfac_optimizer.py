@@ -531,7 +531,7 @@ def _dist_train(steps: int) -> list[torch.Tensor]:
     # empirical Fisher: with "mc" every rank draws its own labels, unlike one process
     opt = KFAC(trained, loss="cross_entropy", damping_adaptation_every=2, inverse_update_every=2,
                factor_dtype=torch.float64, fisher_type="empirical", factor_update_every=1,
-               preconditioner_options={"distributed": kd.DistributedConfig() if kd.is_distributed()
+               preconditioner_options={"distributed": kd.DistributedKFAC() if kd.is_distributed()
                                        else False})
     gen = torch.Generator().manual_seed(11)
     for _ in range(steps):

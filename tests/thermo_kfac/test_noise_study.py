@@ -112,7 +112,7 @@ def test_kill_between_json_and_csv_write_loses_and_duplicates_nothing(tmp_path, 
 def test_study_with_a_different_config_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "study"
     _study(out, sweeps={"bits": [8]}, seeds=1, references=["adam"])
-    with pytest.raises(ValueError, match=r"different config \(steps: 6 there, 7 now\)"):
+    with pytest.raises(ValueError, match=r"different config \(steps \(--steps/--epochs\): 6 there, 7 now\)"):
         _study(out, sweeps={"bits": [8]}, seeds=1, references=["adam"], steps=7)
     with pytest.raises(ValueError, match="different config.*sweep_keys"):
         _study(out, sweeps={"kappa0": [0.01]}, seeds=1, references=["adam"])
@@ -147,11 +147,31 @@ def test_unknown_sweep_key_is_refused_with_the_valid_names(capsys):
         ns.noise_study("digits", "mlp", ["bits=8"], optimizer="kfac:solver=thermo,bits=4", steps=2)
 
 
+def test_sweep_keys_are_the_options_the_solver_declares():
+    # the study reads declared metadata (ThermodynamicSolver.option_names); the test checks the
+    # declaration against what the constructor takes: its named parameters and the noise fields
+    import dataclasses
+    import inspect
+
+    from hw_models.noise import NoiseConfig
+
+    named = [p.name for p in inspect.signature(ThermodynamicSolver.__init__).parameters.values()
+             if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    noise = [f.name for f in dataclasses.fields(NoiseConfig)]
+    declared = ThermodynamicSolver.option_names
+    assert len(set(declared)) == len(declared)
+    assert set(declared) == set(named) | set(noise)
+    assert ns.sweep_keys() == sorted(declared)
+    for key in noise:  # every declared noise key is accepted by the constructor
+        assert getattr(ThermodynamicSolver(**{key: getattr(NoiseConfig(), key)}).noise, key) == \
+            getattr(NoiseConfig(), key)
+
+
 def test_two_sweeps_give_the_cartesian_product_and_reach_the_solver(tmp_path, monkeypatch):
     seen = []
     real_init = ThermodynamicSolver.__init__
 
-    @functools.wraps(real_init)  # keeps the signature that sweep_keys() reads
+    @functools.wraps(real_init)
     def spy(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         seen.append((self.noise.coupling_bits, self.config.kappa0))

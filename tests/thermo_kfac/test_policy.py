@@ -12,7 +12,8 @@ from torch import nn
 from hw_models.cost import KFACSchedule, ThermoCapacityError, digital_layer_cost, thermo_layer_cost
 from hw_models.devices import digital_device, thermo_device
 from thermo_kfac import KFACPreconditioner
-from thermo_kfac.policy import SolverPolicy, SolverSpec, format_assignment, parse_solver_map
+from thermo_kfac.grammar import parse_solver_map
+from thermo_kfac.policy import SolverPolicy, SolverSpec, format_assignment
 from thermo_kfac.solvers import EighSolver, KFACSolver, register_solver
 
 FAST_THERMO = "thermo:method=inverse,integrator=analytic,analog_time=200"  # factors inverted in prepare
@@ -219,8 +220,9 @@ class _UnprogrammableSolver(KFACSolver):
 def test_prepare_failure_uses_the_fallback_solver_and_counts_it():
     torch.manual_seed(0)
     model = _Net()
-    precond = KFACPreconditioner(model, solver_map={"fc2": "test-unprogrammable"}, inverse_update_every=3)
-    reference = KFACPreconditioner(_clone_model(model), inverse_update_every=3)
+    precond = KFACPreconditioner(model, solver_map={"fc2": "test-unprogrammable"}, inverse_update_every=3,
+                                 factor_update_every=1)
+    reference = KFACPreconditioner(_clone_model(model), inverse_update_every=3, factor_update_every=1)
     analog_fc2 = thermo_layer_cost(8, 40, 32, kappa=100.0, eps=0.1, device=thermo_device("chip"),
                                    host=digital_device("h100"), schedule=KFACSchedule(1, 3)).seconds
     with warnings.catch_warnings(record=True) as caught:

@@ -1,10 +1,11 @@
 """Data-parallel K-FAC on ``torch.distributed``: factor reduction and per-layer solver placement.
 
-:class:`~thermo_kfac.KFACPreconditioner` turns this on by itself when it is built inside an
-initialized process group of more than one rank (``distributed="auto"``, with
-``DistributedConfig()``), for a model wrapped in ``DistributedDataParallel`` or an unwrapped one;
-any other configuration is passed explicitly (``distributed=DistributedConfig(...)``). What
-changes across ranks:
+:class:`DistributedKFAC` is the distribution strategy of a
+:class:`~thermo_kfac.KFACPreconditioner`: built inside an initialized process group and passed in,
+``KFACPreconditioner(model, distributed=DistributedKFAC(DistributedConfig(...)))``, for a model
+wrapped in ``DistributedDataParallel`` or an unwrapped one (the library never builds it itself,
+and refuses to run inside a multi-rank group without a strategy unless ``distributed=False``).
+What changes across ranks:
 
 - **Factors.** Every rank accumulates ``A`` and ``G`` from its shard of the batch; the factors are
   averaged across ranks by a bucketed all-reduce (tensor fusion: many small factors share one
@@ -35,24 +36,14 @@ All collectives are counted in :attr:`Communicator.bytes` (payload bytes per col
 purpose). Solvers that work from the current batch's rows (``uses_batch_statistics``, e.g.
 matrix-free CG) are not supported across ranks.
 
-Layout: :mod:`.config` (the config, process-group queries), :mod:`.placement` (predicted solve
+Layout: :mod:`.config` (the config), :mod:`.placement` (predicted solve
 times, assignment rules), :mod:`.communication` (fused collectives), :mod:`.kfac` (the glue). The
 torchrun launcher and its command-line options live in :mod:`thermo_kfac.experiments.launch`.
 """
 
 from thermo_kfac.distributed.communication import Communicator, PendingReduction
-from thermo_kfac.distributed.config import (
-    ASSIGNMENT_RULES,
-    PLACEMENT_MODES,
-    DistributedConfig,
-    is_distributed,
-    is_main_process,
-    rank,
-    resolve,
-    unwrap,
-    world_size,
-)
-from thermo_kfac.distributed.kfac import DistributedKFAC, check_resume
+from thermo_kfac.distributed.config import ASSIGNMENT_RULES, PLACEMENT_MODES, DistributedConfig
+from thermo_kfac.distributed.kfac import DistributedKFAC
 from thermo_kfac.distributed.placement import (
     DIGITAL_SOLVE_METHODS,
     GRANULARITIES,
@@ -60,6 +51,14 @@ from thermo_kfac.distributed.placement import (
     SolveTask,
     assign_layers,
     layer_solve_tasks,
+)
+from thermo_kfac.process_group import (
+    check_resume,
+    is_distributed,
+    is_main_process,
+    rank,
+    unwrap,
+    world_size,
 )
 from thermo_kfac.solvers.base import digital_method_of
 
@@ -81,7 +80,6 @@ __all__ = [
     "is_main_process",
     "layer_solve_tasks",
     "rank",
-    "resolve",
     "unwrap",
     "world_size",
 ]

@@ -1,16 +1,14 @@
-"""Configuration of distributed K-FAC and the process-group queries it needs.
+"""Configuration of distributed K-FAC.
 
-A :class:`DistributedConfig` is passed to ``KFACPreconditioner(distributed=config)``; there is no
-mutable process-wide default (``distributed="auto"`` always means ``DistributedConfig()``).
+A :class:`DistributedConfig` configures the strategy
+(``KFACPreconditioner(distributed=DistributedKFAC(config))``); there is no mutable process-wide
+default. The process-group queries live in :mod:`thermo_kfac.process_group`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-import torch.distributed as dist
-from torch import nn
 
 from hw_models.devices import digital_device, thermo_device
 from hw_models.validation import check_choice, check_number, check_positive
@@ -64,48 +62,3 @@ class DistributedConfig:
         thermo_device(self.thermo)
         check_number("kappa", self.kappa, low=1.0)
         check_number("eps", self.eps, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-
-
-def is_distributed() -> bool:
-    """Whether a process group with more than one rank is initialized."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (and without a process group): the rank that prints and writes results."""
-    return rank() == 0
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel``/``DataParallel`` (so names lack ``module.``)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
-def resolve(setting: Any) -> DistributedConfig | None:
-    """The config of ``KFACPreconditioner(distributed=setting)``.
-
-    ``"auto"``: ``DistributedConfig()`` inside an initialized process group of more than one
-    rank, else None (single process). ``True``: ``DistributedConfig()``; a
-    :class:`DistributedConfig`: itself (both need an initialized process group). ``False`` /
-    ``None``: None. There is no process-wide default: another config is passed explicitly.
-    """
-    if setting is False or setting is None:
-        return None
-    if setting == "auto":
-        return DistributedConfig() if is_distributed() else None
-    if setting is True or isinstance(setting, DistributedConfig):
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("distributed K-FAC needs an initialized process group: call "
-                             "torch.distributed.init_process_group(...) first (or pass distributed=False)")
-        return DistributedConfig() if setting is True else setting
-    raise ValueError(f"distributed={setting!r} must be 'auto', True, False or a DistributedConfig")

@@ -1,22 +1,22 @@
-"""The K-FAC glue of distributed training: :class:`DistributedKFAC` takes part in a
-preconditioner's step (:class:`thermo_kfac.layers.StepHooks`) to reduce the factors, place the
-solves on owner ranks and share solver states or preconditioned gradients (package docs)."""
+"""The K-FAC glue of distributed training: :class:`DistributedKFAC` is the distribution strategy
+passed to a preconditioner (``KFACPreconditioner(distributed=DistributedKFAC(config))``); attached,
+it takes part in the preconditioner's step (:class:`thermo_kfac.layers.StepHooks`) to reduce the
+factors, place the solves on owner ranks and share solver states or preconditioned gradients
+(package docs)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from thermo_kfac.distributed.communication import Communicator, PendingReduction
 from thermo_kfac.distributed.config import DistributedConfig
-from thermo_kfac.distributed.placement import assign_layers, layer_solve_tasks
-from thermo_kfac.layers import PreconditionedGradient, StepHooks
+from thermo_kfac.distributed.placement import Placement, SolveTask, assign_layers, layer_solve_tasks
+from thermo_kfac.layers import PreconditionedGradient, Preconditioner, StepHooks
 from thermo_kfac.solvers.base import digital_method_of
-
-if TYPE_CHECKING:
-    from thermo_kfac.preconditioner import KFACPreconditioner
 
 
 def _describe_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -26,14 +26,43 @@ def _describe_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 class DistributedKFAC(StepHooks):
-    """The distributed side of one :class:`~thermo_kfac.KFACPreconditioner` (module docs): its
-    :class:`~thermo_kfac.layers.StepHooks`, working on ``precond.layer_table`` and the
-    preconditioner's public methods only."""
+    """Data-parallel K-FAC for one :class:`~thermo_kfac.KFACPreconditioner` (module docs).
 
-    def __init__(self, precond: KFACPreconditioner, config: DistributedConfig) -> None:
+    Built outside the preconditioner, inside an initialized process group, and passed in as
+    ``distributed=DistributedKFAC(config)`` (``config``: a :class:`DistributedConfig`, default
+    ``DistributedConfig()``). The preconditioner calls :meth:`attach` once its layers are
+    registered; from then on this object is its :class:`~thermo_kfac.layers.StepHooks`, working
+    on ``precond.layer_table`` and the preconditioner's public methods only. One object serves
+    one preconditioner.
+    """
+
+    def __init__(self, config: DistributedConfig | None = None) -> None:
+        if config is None:
+            config = DistributedConfig()
+        if not isinstance(config, DistributedConfig):
+            raise ValueError(f"config={config!r} must be a DistributedConfig")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed K-FAC needs an initialized process group: call "
+                             "torch.distributed.init_process_group(...) first (or pass distributed=False)")
         self.config = config
         self.comm = Communicator(config.group, config.bucket_mb)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        # set by attach(), which the preconditioner calls before any other hook
+        self.attached = False
+        self.average_gradients = False
+        self.tasks: list[SolveTask] = []
+        self.placement: Placement | None = None
+        self.owned: set[str] = set()
+        self._pending: PendingReduction | None = None
+        self._dirty = False  # local factors changed since the last reduction
+        self._ready: set[str] = set()  # layers whose owner holds a prepared solver (mem_opt)
+
+    def attach(self, precond: Preconditioner) -> DistributedKFAC:
+        """Place the layers of ``precond`` on the ranks (the preconditioner calls this once)."""
+        if self.attached:
+            raise ValueError("this DistributedKFAC is already attached to a preconditioner; build "
+                             "one DistributedKFAC(config) per preconditioner")
+        config = self.config
         layers = precond.layer_table
         batch_solvers = [n for n, s in layers.items() if s.solver.uses_batch_statistics]
         if batch_solvers and self.world_size > 1:
@@ -51,15 +80,14 @@ class DistributedKFAC(StepHooks):
         self.placement = assign_layers(self.tasks, self.world_size, rule=config.assignment,
                                        analog_units_per_rank=config.analog_units_per_rank)
         self.owned = set(self.placement.layers_of(self.rank))
-        self._pending: PendingReduction | None = None
-        self._dirty = False  # local factors changed since the last reduction
-        self._ready: set[str] = set()  # layers whose owner holds a prepared solver (mem_opt)
+        self.attached = True
+        return self
 
     # -------------------------------------------------------------------- step hooks
     def owns(self, name: str) -> bool:
         return name in self.owned
 
-    def begin_step(self, precond: KFACPreconditioner) -> None:
+    def begin_step(self, precond: Preconditioner) -> None:
         """Finish a pending factor reduction; average gradients if DDP did not."""
         self.wait()
         if self.average_gradients:
@@ -72,13 +100,13 @@ class DistributedKFAC(StepHooks):
             self._pending.wait()
             self._pending = None
 
-    def factors_updated(self, precond: KFACPreconditioner, inverse_update: bool) -> None:
+    def factors_updated(self, precond: Preconditioner, inverse_update: bool) -> None:
         """After a factor update: launch the (asynchronous) all-reduce unless it is deferred."""
         self._dirty = True
         if not self.config.defer_factor_reduction or inverse_update:
             self.reduce_factors(precond, async_op=not inverse_update)
 
-    def reduce_factors(self, precond: KFACPreconditioner, *, async_op: bool = False) -> None:
+    def reduce_factors(self, precond: Preconditioner, *, async_op: bool = False) -> None:
         self.wait()
         if not self._dirty:
             return
@@ -89,10 +117,10 @@ class DistributedKFAC(StepHooks):
         if not async_op:
             self.wait()
 
-    def before_inverse_update(self, precond: KFACPreconditioner) -> None:
+    def before_inverse_update(self, precond: Preconditioner) -> None:
         self.reduce_factors(precond)
 
-    def after_inverse_update(self, precond: KFACPreconditioner) -> None:
+    def after_inverse_update(self, precond: Preconditioner) -> None:
         """Share what the owners prepared: solver states (comm_opt) or readiness (mem_opt)."""
         precond.layer_table.drop_fallbacks()  # stale on every rank, owner or not
         if self.config.placement == "comm_opt":
@@ -102,7 +130,7 @@ class DistributedKFAC(StepHooks):
                 {n: precond.layer_table.solver_for(n).ready for n in self.owned}, "metadata")
             self._ready = {n for flag in flags for n, ready in flag.items() if ready}
 
-    def share_solver_states(self, precond: KFACPreconditioner, names: set[str] | None = None) -> None:
+    def share_solver_states(self, precond: Preconditioner, names: set[str] | None = None) -> None:
         """Every rank loads the owners' solver states (``names``: restricted to these layers)."""
         table = precond.layer_table
         own_states: dict[str, dict[str, Any]] = {}
@@ -133,12 +161,13 @@ class DistributedKFAC(StepHooks):
                     if state:
                         table.solver_for(n).load_state_dict(state)
 
-    def precondition(self, precond: KFACPreconditioner, reports: dict[str, Any]
+    def precondition(self, precond: Preconditioner, reports: dict[str, Any]
                      ) -> list[PreconditionedGradient]:
         """comm_opt: every rank preconditions every layer. mem_opt: owners precondition their
         layers and broadcast the results."""
         if self.config.placement == "comm_opt":
             return precond.precondition_layers(reports)
+        assert self.placement is not None, "attach() has not run"
         computed = {id(item.state): item
                     for item in precond.precondition_layers(reports, names=self.owned)}
         table = precond.layer_table
@@ -162,7 +191,7 @@ class DistributedKFAC(StepHooks):
         return [by_name[n] for n in table if n in by_name]
 
     # -------------------------------------------------------------------------- state
-    def prepare_state_dict(self, precond: KFACPreconditioner) -> None:
+    def prepare_state_dict(self, precond: Preconditioner) -> None:
         """Before ``state_dict``: global factors on every rank, owners' solver states everywhere."""
         if self.config.defer_factor_reduction:
             self._dirty = True  # local factors: reduce them now (exact: the EMA is linear)
@@ -170,7 +199,7 @@ class DistributedKFAC(StepHooks):
         if self.config.placement == "mem_opt":
             self.share_solver_states(precond)
 
-    def finish_state_dict(self, precond: KFACPreconditioner, state: dict[str, Any]) -> None:
+    def finish_state_dict(self, precond: Preconditioner, state: dict[str, Any]) -> None:
         generators = self.comm.all_gather_object(precond.rng_state(), "metadata")
         state["distributed"] = {
             "world_size": self.world_size, "placement": self.config.placement,
@@ -179,7 +208,7 @@ class DistributedKFAC(StepHooks):
         if self.config.placement == "mem_opt":
             self._drop_foreign_states(precond)
 
-    def after_load(self, precond: KFACPreconditioner, state: dict[str, Any]) -> None:
+    def after_load(self, precond: Preconditioner, state: dict[str, Any]) -> None:
         self._pending, self._dirty = None, False
         generators = (state.get("distributed") or {}).get("generators")
         if generators is not None and generators[self.rank] is not None:
@@ -188,25 +217,13 @@ class DistributedKFAC(StepHooks):
         if self.config.placement == "mem_opt":
             self._drop_foreign_states(precond)
 
-    def _drop_foreign_states(self, precond: KFACPreconditioner) -> None:
+    def _drop_foreign_states(self, precond: Preconditioner) -> None:
         for name in precond.layer_table:
             if name not in self.owned:
                 precond.layer_table.replace_solver(name, precond.new_solver(name))
 
     def report(self) -> dict[str, Any]:
         """Communication so far and the placement, for ``precond.last_report``."""
+        makespan = None if self.placement is None else self.placement.makespan_s
         return {"bytes": dict(self.comm.bytes), "collectives": dict(self.comm.collectives),
-                "owned_layers": sorted(self.owned), "makespan_s": self.placement.makespan_s}
-
-
-def check_resume(state: dict[str, Any], world_size: int) -> None:
-    """Raise if a checkpoint cannot continue at ``world_size``: only per-rank Monte-Carlo label
-    streams (``fisher_type="mc"``) tie a K-FAC state to the world size it was saved at."""
-    saved = state.get("distributed") or {}
-    generators = saved.get("generators")
-    if generators is not None and len(generators) != world_size:
-        raise ValueError(
-            f"this K-FAC checkpoint was saved at world size {len(generators)} with per-rank "
-            f"Monte-Carlo label streams (fisher_type='mc'); they cannot continue at world size "
-            f"{world_size}. Resume at world size {len(generators)}, or delete "
-            "state['distributed']['generators'] to start fresh streams (seed + rank)")
+                "owned_layers": sorted(self.owned), "makespan_s": makespan}

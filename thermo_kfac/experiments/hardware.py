@@ -47,29 +47,38 @@ from hw_models.devices import (
 from hw_models.projection import (
     DEFAULT_STEPS_RATIO,
     MAP_KINDS,
-    PAPER_ASSUMPTIONS,
     SCENARIOS,
     KappaModel,
     load_trace,
-    paper_report,
-    paper_scenario,
     price_trace,
-    requirements,
     speedup_map,
 )
 from hw_models.validation import check_positive
 from hw_models.workloads import WORKLOADS, LayerShape, Workload, workload
 from thermo_kfac.experiments import executors
-from thermo_kfac.experiments._io import atomic_write, float_list, format_seconds, int_list, text_table
+from thermo_kfac.experiments._io import (
+    DefaultsHelpFormatter,
+    atomic_write,
+    bandwidth_gbps,
+    format_seconds,
+    int_list,
+    text_table,
+)
 from thermo_kfac.experiments.project_report import (
+    KAPPA_EPS_MAP_WIDTH,
     LAYER_HEADERS,
+    assumptions,
     fmt_ratio,
     headline,
     layer_rows,
+    map_title,
     plot_map,
     plot_project,
     plot_sweep,
     project_json,
+    run_paper,
+    scenario_text,
+    sweep_values,
     write_csv,
 )
 
@@ -248,9 +257,8 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         overrides["units"] = args.units
     if args.tau is not None:
         overrides["tau_s"] = args.tau
-    if args.bandwidth is not None:
-        check_positive("bandwidth", args.bandwidth)
-        overrides["io_bandwidth_bps"] = args.bandwidth * 1e9
+    if args.bandwidth is not None:  # Gb/s (bandwidth_gbps read any unit)
+        overrides["io_bandwidth_bps"] = check_positive("bandwidth", args.bandwidth) * 1e9
     if args.kappa0 is not None:
         overrides["kappa0"] = args.kappa0
     if args.oversize is not None:
@@ -271,8 +279,16 @@ def run_project(args: argparse.Namespace) -> int:
     """``thermo-kfac project``: per-layer table and step headline, a sweep, a map, a trace, or the
     paper's scenario beside the default one."""
     scenario = build_scenario(args)
-    if not args.sweep and (getattr(args, "workers", None) or getattr(args, "cluster", None)):
-        raise ValueError("--workers/--cluster apply to --sweep only (one task per sweep point)")
+    if not args.sweep and (getattr(args, "workers", None) or getattr(args, "cluster", None)
+                           or getattr(args, "task_timeout", None)):
+        raise ValueError("--workers/--cluster apply to --sweep only (one task per sweep point), and "
+                         "so does --task-timeout")
+    mode = "--trace" if args.trace else None if args.map or args.sweep else (
+        "--scenario paper" if args.scenario == "paper" else None)
+    unused = [flag for flag, value in (("--plot", args.plot), ("--csv", args.csv)) if value]
+    if mode and unused:  # refused, not silently skipped
+        raise ValueError(f"{'/'.join(unused)} cannot be used with {mode}, which writes --json only")
+    args.values = sweep_values(args.sweep, args.values)
     if args.trace:
         return _run_trace(args, scenario)
     if args.map:
@@ -285,7 +301,7 @@ def run_project(args: argparse.Namespace) -> int:
     if args.sweep:
         return _run_sweep(args, scenario, work)
     if args.scenario == "paper":
-        return _run_paper(args, scenario, work)
+        return run_paper(args, scenario, work)
     step = step_cost(work, scenario)
     be_kappa = break_even_kappa(work, scenario)
     print(f"{work.name}: {work.description}; {len(work.layers)} preconditioned layers, "
@@ -327,87 +343,37 @@ def sweep_point(axis: str, x: float, scenario: Scenario, workload: Workload, bat
 
 def _run_sweep(args: argparse.Namespace, scenario: Scenario, work: Workload) -> int:
     with executors.from_args(args) as executor:  # --workers/--cluster: one task per point
+        tasks = executor.parallel or executor.task_timeout is not None  # --task-timeout needs tasks
         points = sweep(args.sweep, args.values, scenario, workload=work, batch=work.batch) \
-            if not executor.parallel else executors.run_all(executor, [executors.Task(
+            if not tasks else executors.run_all(executor, [executors.Task(
                 f"{args.sweep}={x:g}", sweep_point, dict(axis=args.sweep, x=x, scenario=scenario,
                                                           workload=work, batch=work.batch))
                 for x in (args.values or default_sweep_values(args.sweep))])
     scope = "layer" if args.sweep == "width" else "step"
     what = (f"one square layer, batch {work.batch}, curvature work only" if scope == "layer"
             else f"{work.name} training step, batch {work.batch}")
-    print(f"Sweep of {args.sweep}: {what}; digital {scenario.digital.name}, "
-          f"thermodynamic {scenario.thermo.name}")
+    if args.sweep == "bandwidth":  # priced in bit/s, shown and written in Gb/s
+        points = [{**p, "x": p["x"] / 1e9} for p in points]
+    unit = {"bandwidth": "Gb/s", "tau": "s"}.get(args.sweep)
+    print(f"Sweep of {args.sweep}: {what}; {scenario_text(scenario, skip=[args.sweep])}")
     rows = [[f"{p['x']:g}", format_seconds(p["digital_s"]), format_seconds(p["thermo_s"]),
              fmt_ratio(p["speedup"]) if p["speedup"] is not None else "does not fit",
              fmt_ratio(p["hybrid_speedup"])] for p in points]
-    print(text_table([args.sweep, "digital", "thermo", "speed-up", "hybrid speed-up"], rows))
-    doc = {"sweep": args.sweep, "model": work.name, "hardware": scenario.thermo.name,
+    print(text_table([args.sweep + (f" [{unit}]" if unit else ""), "digital", "thermo", "speed-up",
+                      "hybrid speed-up"], rows))
+    doc = {"sweep": args.sweep, "x_unit": unit, "model": work.name, "hardware": scenario.thermo.name,
            "digital": scenario.digital.name, "scope": scope, "batch": work.batch,
-           "assumptions": scenario.describe(), "points": points}
+           "assumptions": assumptions(scenario), "points": points}
     if args.json:
         atomic_write(args.json, json.dumps(doc, indent=2) + "\n")
     if args.csv:
         cols = ["x", "digital_s", "thermo_s", "speedup", "hybrid_s", "hybrid_speedup"]
         write_csv(args.csv, cols, [[p[c] for c in cols] for p in points])
     if args.plot:
-        title = (f"{what}\n{scenario.digital.name} vs {scenario.thermo.name}, kappa {scenario.kappa:g}, "
-                 f"eps {scenario.eps:g}")
-        plot_sweep(args.plot, args.sweep, points, title)
+        plot_sweep(args.plot, args.sweep, points, f"{what}\n{scenario_text(scenario, skip=[args.sweep])}")
     for label, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):
         if path:
             print(f"wrote {label}: {path}")
-    return 0
-
-
-def _run_paper(args: argparse.Namespace, scenario: Scenario, work: Workload) -> int:
-    """``--scenario paper``: both scenarios, the verdict, the deciding assumption, requirements."""
-    report = paper_report(work, scenario, steps_ratio=args.steps_ratio)
-    rows = []
-    for name in ("default", "paper"):
-        sc = report["scenarios"][name]
-        st, vm = sc["step"], sc["verdict_metrics"]
-        rows.append([name, fmt_time(st["adam_s"]), fmt_time(st["digital_kfac_s"]),
-                     fmt_time(st["thermo_kfac_s"]), fmt_ratio(st["speedup_vs_digital_kfac"]),
-                     fmt_ratio(vm["update_speedup_vs_digital_kfac"]),
-                     fmt_ratio(vm["time_to_result_vs_adam"]), f"{st['layers_on_thermo']}/{st['layers']}"])
-    print(f"{work.name}: default scenario ({scenario.thermo.name}, kappa {scenario.kappa:g}, eps "
-          f"{scenario.eps:g}) beside our reading of the seed paper (arXiv 2502.08603)")
-    print(table(["scenario", "Adam", "digital K-FAC", "thermo K-FAC", "step speed-up", "update speed-up",
-                 "vs Adam (time to result)", "analog"], rows))
-    print(f"(time to result vs Adam: K-FAC taking {report['steps_ratio']:g} of Adam's steps; "
-          "> 1 means faster)")
-    print("\nThe paper's assumptions as we read them (docs/hardware_model.md):")
-    print(table(["assumption", "value", "source"], [list(a) for a in PAPER_ASSUMPTIONS], "lll"))
-    print("\nEffect of setting each assumption back to the default scenario's value:")
-    eff_rows = [[e["assumption"], fmt_ratio(e["reverted_update_speedup"]) if e.get("reverted_update_speedup")
-                 else "-", fmt_ratio(e["reverted_time_to_result_vs_adam"])
-                 if e.get("reverted_time_to_result_vs_adam") else "-",
-                 f"{e['reverted_max_predicted_rel_error']:.3g}" if "reverted_max_predicted_rel_error" in e
-                 else "-", "yes" if e["decides"] else "no"]
-                for e in report["effects"]]
-    print(table(["reverted", "update speed-up", "vs Adam", "max error", "flips verdict"], eff_rows))
-    verdict = "REPRODUCED" if report["reproduced"] else "NOT reproduced"
-    deciding = ", ".join(report["deciding_assumptions"]) or "no single assumption flips it"
-    print(f"\nVerdict for {work.name}: the paper's claim (>= {report['substantial']:g}x over digital K-FAC "
-          f"on the optimizer update AND faster than Adam to a target, at per-layer error <= "
-          f"{report['accuracy_limit']:g}) is {verdict} under its assumptions.")
-    print(f"  deciding assumption(s): {deciding}; largest effect on the update speed-up: "
-          f"{report['most_influential']}; thermodynamic K-FAC beats Adam if K-FAC needs fewer than "
-          f"{report['max_steps_ratio_to_beat_adam']:.3g} of Adam's steps.")
-    if report["paper_predicted_rel_error_max"] is not None:
-        print(f"  accuracy of the paper's fixed 50 tau solves by the law: relative error up to "
-              f"{report['paper_predicted_rel_error_max']:.3g}")
-    reqs = {}
-    for name, scen in (("default", scenario), ("paper", paper_scenario(scenario, work))):
-        reqs[name] = requirements(work, scen, steps_ratio=args.steps_ratio)
-    print("\nWhat must hold (each axis alone, the rest as in the scenario) for thermodynamic K-FAC to win:")
-    req_rows = [[name, r["axis"], r["vs_digital_kfac"], r["vs_adam"]] for name in reqs for r in reqs[name]]
-    print(table(["scenario", "axis", "vs digital K-FAC (update)", "vs Adam (time to result)"], req_rows,
-                "llll"))
-    report["requirements"] = reqs
-    if args.json:
-        atomic_write(args.json, json.dumps(report, indent=2, default=str) + "\n")
-        print(f"wrote json: {args.json}")
     return 0
 
 
@@ -439,11 +405,14 @@ def _run_trace(args: argparse.Namespace, scenario: Scenario) -> int:
 def _run_map(args: argparse.Namespace, scenario: Scenario) -> int:
     """``--map width-kappa|kappa-eps``: 2-D break-even map of one square layer (CSV + PNG)."""
     doc = speedup_map(args.map, scenario, batch=args.batch or 1024)
+    doc["assumptions"] = assumptions(scenario)
+    if args.map == "kappa-eps":
+        doc["width"] = KAPPA_EPS_MAP_WIDTH  # speedup_map's fixed layer, stated in the outputs
     header = [f"{doc['y']}\\{doc['x']}"] + [f"{x:g}" for x in doc["xs"]]
     rows = [[f"{y:g}"] + ["-" if v is None else fmt_ratio(v) for v in row]
             for y, row in zip(doc["ys"], doc["speedup"], strict=True)]
-    print(f"Speed-up of one square layer's curvature work ({scenario.thermo.name} vs "
-          f"{scenario.digital.name}); > 1: thermodynamic wins, '-': does not fit")
+    print(f"Speed-up of {map_title(doc, scenario).split(': ', 1)[1]}; > 1: thermodynamic wins, "
+          "'-': does not fit")
     print(table(header, rows))
     if args.csv:
         write_csv(args.csv, [doc["y"] + "/" + doc["x"]] + doc["xs"],
@@ -451,7 +420,7 @@ def _run_map(args: argparse.Namespace, scenario: Scenario) -> int:
     if args.json:
         atomic_write(args.json, json.dumps(doc, indent=2) + "\n")
     if args.plot:
-        plot_map(args.plot, doc)
+        plot_map(args.plot, doc, map_title(doc, scenario))
     for label, path in (("json", args.json), ("csv", args.csv), ("plot", args.plot)):
         if path:
             print(f"wrote {label}: {path}")
@@ -460,7 +429,7 @@ def _run_map(args: argparse.Namespace, scenario: Scenario) -> int:
 
 def register(subparsers: Any) -> None:
     """Add the ``calibrate`` and ``project`` sub-commands."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter  # "(default: X)" once per option
     cal = subparsers.add_parser(
         "calibrate", formatter_class=fmt,
         help="time GEMM/Cholesky/eigh/inverse here and fit the digital cost model",
@@ -517,11 +486,14 @@ def register(subparsers: Any) -> None:
                            "right-hand side, or the cheaper per layer")
     proj.add_argument("--kappa", type=float, default=100.0, help="condition number of the damped factors")
     proj.add_argument("--eps", type=float, default=0.1, help="target relative error of analog results")
-    proj.add_argument("--bits", type=int, default=None, help="DAC/ADC bits (default: the device's)")
+    proj.add_argument("--bits", type=int, default=None,
+                      help="coupling, DAC and ADC bits, all three (default: each the device's own; the "
+                           "JSON lists them under assumptions.converter_bits)")
     proj.add_argument("--cells", type=int, default=None, help="override: cells per solver unit")
     proj.add_argument("--units", type=int, default=None, help="override: solver units in parallel")
     proj.add_argument("--tau", type=float, default=None, help="override: tau = RC in seconds")
-    proj.add_argument("--bandwidth", type=float, default=None, help="override: host link in Gb/s")
+    proj.add_argument("--bandwidth", type=bandwidth_gbps, default=None, metavar="GBPS",
+                      help="override: host link in Gb/s, or with a unit (400Gb/s, 4e11b/s)")
     proj.add_argument("--kappa0", type=float, default=None,
                       help="override: thermal noise 1/beta in the simulator's convention (lambda_max-"
                            "normalised matrix, full-scale inputs)")
@@ -541,8 +513,9 @@ def register(subparsers: Any) -> None:
     proj.add_argument("--sweep", choices=SWEEP_AXES, default=None,
                       help="sweep one axis instead (width: one square layer; others: the model's step; "
                            "precision values are indices into fp32,tf32,bf16,fp64)")
-    proj.add_argument("--values", type=float_list, default=None, metavar="X,X,...",
-                      help="sweep values (bandwidth in bit/s); default: a log grid per axis")
+    proj.add_argument("--values", default=None, metavar="X,X,...",
+                      help="sweep values (bandwidth in Gb/s or with a unit, as --bandwidth; default: a "
+                           "log grid per axis)")
     proj.add_argument("--analog-time", type=float, default=None, metavar="K",
                       help="price a fixed averaging window of K tau per analog job (accuracy reported "
                            "from the error law) instead of the window --eps needs")
@@ -568,8 +541,10 @@ def register(subparsers: Any) -> None:
     proj.add_argument("--all-layers", action="store_true", help="one table row per layer (no grouping)")
     proj.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     proj.add_argument("--csv", default=None, metavar="PATH",
-                      help="write per-layer rows (or sweep points) as CSV")
-    proj.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot")
+                      help="write per-layer rows (sweep points, map cells) as CSV; not with --trace "
+                           "or --scenario paper")
+    proj.add_argument("--plot", default=None, metavar="PATH",
+                      help="write a PNG plot; not with --trace or --scenario paper")
     executors.add_arguments(proj)  # --sweep points as parallel tasks
     proj.set_defaults(func=run_project)
 

@@ -7,10 +7,12 @@ this module is the experiments' entry into it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,8 +30,8 @@ from thermo_kfac.distributed import (
 )
 
 __all__ = ["add_arguments", "child_start_method", "config_from_args", "free_port", "global_mean",
-           "init_from_environment", "launch_cli", "launch_environment", "relaunch_with_torchrun",
-           "shard", "wrap_model"]
+           "init_from_environment", "is_loopback", "launch_cli", "launch_environment",
+           "loopback_interface", "relaunch_with_torchrun", "shard", "wrap_model"]
 
 
 def free_port() -> int:
@@ -37,6 +39,43 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) names this machine's loopback interface."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_interface() -> str | None:
+    """The name of the loopback network interface (``lo`` on Linux, ``lo0`` on macOS), or None."""
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return None
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def _loopback_store(launch: dict[str, int], address: str, port: int) -> dist.TCPStore:
+    """The process group's key-value store for a launch on this machine, listening on loopback only.
+
+    torch's own ``env://`` store (started by rank 0) listens on every interface whatever
+    ``MASTER_ADDR`` says; handing it a socket already bound to 127.0.0.1 keeps it local."""
+    from torch.distributed.constants import default_pg_timeout
+
+    # "localhost" may resolve to ::1 first: one literal address for the server and its clients
+    address = "127.0.0.1" if address.strip().lower() == "localhost" else address.strip("[]")
+    fd = None
+    if launch["rank"] == 0:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        server = socket.create_server((address, port), family=family, backlog=128)
+        fd = server.detach()  # the store owns the listening socket from now on
+    return dist.TCPStore(address, port, launch["world_size"], is_master=launch["rank"] == 0,
+                         timeout=default_pg_timeout, wait_for_workers=False, master_listen_fd=fd)
 
 
 def child_start_method() -> str:
@@ -67,6 +106,11 @@ def init_from_environment(device: str = "cpu") -> dict[str, int] | None:
 
     Returns the launch environment (None when not launched by torchrun/SLURM). Under SLURM
     ``MASTER_ADDR`` defaults to ``SLURM_LAUNCH_NODE_IPADDR`` and ``MASTER_PORT`` to 29500.
+
+    A loopback ``MASTER_ADDR`` (127.0.0.1, ``localhost``: a launch on this machine, as
+    :func:`relaunch_with_torchrun` makes) keeps every socket on loopback: rank 0's store is bound
+    to it and gloo/NCCL use the loopback interface (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME``,
+    unless set). Otherwise the group is joined as torch does by default (``env://``).
     """
     launch = launch_environment()
     if launch is None or launch["world_size"] <= 1:
@@ -83,23 +127,56 @@ def init_from_environment(device: str = "cpu") -> dict[str, int] | None:
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(launch["local_rank"])
-    dist.init_process_group("nccl" if cuda else "gloo", rank=launch["rank"],
-                            world_size=launch["world_size"])
+    backend = "nccl" if cuda else "gloo"
+    address = os.environ["MASTER_ADDR"]
+    # torchrun's shared agent store: the ranks are its clients (torch's env:// handles that)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if not is_loopback(address) or agent_store:
+        dist.init_process_group(backend, rank=launch["rank"], world_size=launch["world_size"])
+        return launch
+    interface = loopback_interface()
+    if interface is not None:  # gloo binds to the hostname's address, NCCL to a non-loopback NIC
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+    store = _loopback_store(launch, address, int(os.environ["MASTER_PORT"]))
+    dist.init_process_group(backend, store=store, rank=launch["rank"], world_size=launch["world_size"])
     return launch
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set, restored afterwards."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def relaunch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
     """Run ``python -m thermo_kfac.cli <argv>`` in ``nproc`` processes through torchrun's launcher
-    (``torch.distributed.launcher``, a c10d rendezvous on a free local port) and return the exit
-    code: 0, or 1 when a rank failed (torchrun then stops the others)."""
+    (``torch.distributed.launcher``) and return the exit code: 0, or 1 when a rank failed
+    (torchrun then stops the others).
+
+    Nothing listens beyond loopback: the launcher's c10d rendezvous keeps its store in a private
+    temporary file (``store_type=file``) instead of a TCP server on every interface, it shares no
+    TCP store with the ranks (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), and the ranks get
+    ``MASTER_ADDR=127.0.0.1``, so :func:`init_from_environment` binds their store to loopback."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     check_positive("nproc", nproc, integer=True)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"thermo-kfac-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0)
+                          rdzv_backend="c10d", rdzv_endpoint="", rdzv_configs={"store_type": "file"},
+                          local_addr="127.0.0.1", max_restarts=0)
     try:
-        elastic_launch(config, sys.executable)("-m", "thermo_kfac.cli", *argv)
+        with _environment(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"):
+            elastic_launch(config, sys.executable)("-m", "thermo_kfac.cli", *argv)
     except ChildFailedError as err:
         print(f"thermo-kfac: a rank failed: {err.format_msg()}", file=sys.stderr)
         return 1
@@ -158,8 +235,8 @@ def add_arguments(parser: Any) -> None:
 
 def config_from_args(args: Any) -> DistributedConfig | None:
     """The :class:`DistributedConfig` of the ``distributed`` options (:func:`add_arguments`), for
-    ``KFACPreconditioner(distributed=config_from_args(args))``: None outside a process group of
-    more than one rank (so a single process runs undistributed, as ``distributed="auto"``).
+    ``KFACPreconditioner(distributed=DistributedKFAC(config_from_args(args)))``: None outside a
+    process group of more than one rank (so a single process runs undistributed).
     Call it after the process group is joined, i.e. inside :func:`launch_cli`'s ``run``."""
     if not is_distributed():
         return None

@@ -103,6 +103,9 @@ class KFACSolver(ABC):
     #: Solvers that work from the current batch (e.g. matrix-free CG) set this; the
     #: preconditioner then captures every step and calls :meth:`observe_batch` before :meth:`apply`.
     uses_batch_statistics: ClassVar[bool] = False
+    #: The keyword options the constructor takes, declared so that callers (the noise study's
+    #: ``--sweep`` keys) read them instead of inspecting the signature; empty: not declared.
+    option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self.last_report: SolverReport | None = None

@@ -70,23 +70,23 @@ WARM_STARTS = ("previous", "gradient", "zero")
 class ThermodynamicSolver(ThermoPricing, KFACSolver):
     """K-FAC solver backed by the thermodynamic-processor simulator (see the module docs).
 
-    Options are the keys of the CLI's ``kfac:solver=thermo,key=value`` specs; each one, with its
-    default and meaning, is in the options table of ``docs/thermodynamic_kfac.md``. In short:
-    ``device`` (preset name or :class:`hw_models.ThermoDevice`, default ``"chip"``), ``ideal``,
-    ``bits`` (coupling, input and output bits together), ``kappa0`` and every
-    :class:`hw_models.NoiseConfig` field change the device (:attr:`device` is the result);
-    ``method``, ``analog_time`` (tau or ``"auto"``), ``burn_in``, ``target_error``,
-    ``max_analog_time``, ``deflate`` (depth or ``"auto"``), ``max_deflate``,
-    ``feasibility_margin``, ``warm_start``, ``jacobi``, ``integrator``, ``dynamics``, ``overlap``,
-    ``residual_every``, ``residual_limit``, ``track_exact``, ``host``, ``seed`` set how it runs.
-    Factor ``G`` of layer ``i`` is placed on unit ``2 i mod units``, ``A`` on ``(2 i + 1) mod
-    units`` unless ``unit``/``cell_offset`` are given.
+    Options (:attr:`option_names`, the keys of the CLI's ``kfac:solver=thermo,key=value`` specs)
+    are described, with their defaults, in the options table of ``docs/thermodynamic_kfac.md``.
+    ``device``, ``ideal``, ``bits``, ``kappa0`` and every :class:`hw_models.NoiseConfig` field
+    change the device (:attr:`device` is the result); the others set how it runs. Factor ``G`` of
+    layer ``i`` sits on unit ``2 i mod units``, ``A`` on ``(2 i + 1) mod units``.
     """
 
     name = "thermo"
     analog = True
     digital_method = "eigh"  # the all-digital alternative it is compared with
     preset_options = {"device": "thermo", "host": "digital"}
+    # the constructor's keywords and the noise fields it takes through **noise
+    option_names = ("method", "analog_time", "burn_in", "kappa0", "dt", "integrator", "backend", "bits",
+                    "device", "host", "seed", "warm_start", "track_exact", "jacobi", "power_iterations",
+                    "dynamics", "mass", "friction", "residual_every", "ideal", "residual_limit", "overlap",
+                    "deflate", "max_deflate", "target_error", "max_analog_time", "feasibility_margin",
+                    *NOISE_FIELDS)
 
     def __init__(self, method: str = "solve", analog_time: float | str | None = None, burn_in: float = 10.0,
                  kappa0: float | None = None, dt: float | str = "auto",

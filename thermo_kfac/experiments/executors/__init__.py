@@ -12,10 +12,13 @@ Implementations (see :func:`make_executor`):
   when Dask is not installed.
 - :class:`DaskExecutor`: a Dask ``distributed`` client: ``--workers N`` starts a
   ``LocalCluster`` of N one-task processes, ``--cluster tcp://host:port`` connects to a running
-  scheduler, ``--cluster slurm`` starts a ``dask_jobqueue.SLURMCluster``.
+  scheduler, ``--cluster slurm`` starts a ``dask_jobqueue.SLURMCluster``. A LocalCluster listens
+  on loopback only; TLS settings: :class:`TLSOptions` (``security.py``).
 
-Every executor gives a task two attempts: a task that raises, or whose worker process dies, is
-run once more, then recorded as failed (``TaskResult.error``) and the others go on. Tasks seed
+Every executor gives a task two attempts: a task that raises, whose worker process dies, or
+that runs past ``task_timeout`` (``--task-timeout``; then cancelled: its worker process killed
+and restarted, or on the serial executor interrupted by ``SIGALRM``) is run once more, then
+recorded as failed (``TaskResult.error``) and the others go on. Tasks seed
 themselves from their arguments, so results do not depend on which worker ran them or when.
 
 Threads: each worker runs one task at a time with ``threads`` threads (default: this host's
@@ -34,13 +37,16 @@ from thermo_kfac.experiments.executors.base import (
     SerialExecutor,
     Task,
     TaskResult,
+    TaskTimeout,
     ThreadLimit,
     apply_worker_settings,
     available_cores,
+    check_timeout,
     default_threads,
     error_text,
     pack,
     run_all,
+    timeout_text,
     unpack,
     worker_report,
 )
@@ -58,12 +64,13 @@ from thermo_kfac.experiments.executors.factory import (
     make_executor,
 )
 from thermo_kfac.experiments.executors.pool import ProcessPoolExecutor
+from thermo_kfac.experiments.executors.security import TLSOptions
 
 __all__ = [
     "BACKENDS", "CLUSTER_EXTRA", "THREAD_ENV_VARS", "DaskExecutor", "Executor", "ProcessPoolExecutor",
-    "ProgressBar", "SerialExecutor", "Task", "TaskResult", "ThreadLimit", "add_arguments",
-    "apply_worker_settings", "available_cores", "dask_available", "default_threads", "error_text",
-    "from_args", "local_cluster_executor", "make_executor", "pack", "run_all", "slurm_cluster",
-    "slurm_executor", "unpack",
+    "ProgressBar", "SerialExecutor", "TLSOptions", "Task", "TaskResult", "TaskTimeout", "ThreadLimit",
+    "add_arguments", "apply_worker_settings", "available_cores", "check_timeout", "dask_available",
+    "default_threads", "error_text", "from_args", "local_cluster_executor", "make_executor", "pack",
+    "run_all", "slurm_cluster", "slurm_executor", "timeout_text", "unpack",
     "worker_report",
 ]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from thermo_kfac.experiments.progress import print_line, resolve_progress
 
 CLUSTER_EXTRA = "pip install 'thermo-kfac[cluster]'"
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
@@ -144,30 +148,43 @@ def worker_report() -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ progress
 class ProgressBar:
-    """One overall bar: done/failed/running counts; tqdm estimates the time left."""
+    """Progress of a map: done/failed/running counts on one tqdm bar (``"bar"``; tqdm estimates
+    the time left), or one plain line per finished task (``"lines"``), or nothing.
 
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool) -> None:
+    ``enabled``: a ``--progress`` mode (:func:`thermo_kfac.experiments.progress.resolve_progress`;
+    ``True`` is ``"auto"``, ``False`` ``"none"``)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: str | bool) -> None:
         self.done, self.failed, self.running = 0, 0, 0
+        self.total, self.finished, self.desc = total, initial, desc
+        self.mode = resolve_progress(enabled)
         self.bar = None
-        if enabled:
+        if self.mode == "bar":
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="task", file=sys.stderr,
                             dynamic_ncols=True)
 
+    def counts(self) -> str:
+        return f"done {self.done}, failed {self.failed}, running {self.running}"
+
     def update(self, *, finished: TaskResult | None = None, running: int | None = None) -> None:
         if running is not None:
             self.running = running
         if finished is not None:
+            self.finished += 1
             if finished.ok:
                 self.done += 1
             else:
                 self.failed += 1
         if self.bar is not None:
-            self.bar.set_postfix_str(f"done {self.done}, failed {self.failed}, running {self.running}",
-                                     refresh=finished is None)
+            self.bar.set_postfix_str(self.counts(), refresh=finished is None)
             if finished is not None:
                 self.bar.update(1)
+        elif self.mode == "lines" and finished is not None:
+            what = "done" if finished.ok else f"FAILED ({finished.error})"
+            print_line(f"{self.desc}: {self.finished}/{self.total} tasks ({self.counts()}); "
+                       f"{finished.key} {what}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -180,24 +197,27 @@ class Executor(ABC):
 
     name = "executor"
 
-    def __init__(self, workers: int, threads: int | None, device: str = "cpu", retries: int = 1) -> None:
+    def __init__(self, workers: int, threads: int | None, device: str = "cpu", retries: int = 1,
+                 task_timeout: float | None = None) -> None:
         self.workers = workers
         self.threads = threads
         self.device = str(device)
         if not (isinstance(retries, int) and retries >= 0):
             raise ValueError(f"retries={retries!r} must be a non-negative integer")
         self.retries = retries
+        self.task_timeout = check_timeout(task_timeout)
 
     @property
     def parallel(self) -> bool:
         """Whether tasks may run at the same time (then timings are measured under shared load)."""
         return True
 
-    def map(self, tasks: Iterable[Task], *, progress: bool = False, desc: str = "tasks",
+    def map(self, tasks: Iterable[Task], *, progress: str | bool = False, desc: str = "tasks",
             initial: int = 0) -> Iterator[TaskResult]:
         """Run ``tasks``; yield one result per task as it completes (not in order).
 
-        ``initial``: tasks already done before (a resumed study), counted on the progress bar.
+        ``progress``: a ``--progress`` mode (``auto``, ``bar``, ``lines``, ``none``; ``True`` is
+        ``auto``). ``initial``: tasks already done before (a resumed study), counted in the progress.
         Closing the iterator early cancels the tasks that have not started."""
         tasks = list(tasks)
         keys = [t.key for t in tasks]
@@ -218,7 +238,9 @@ class Executor(ABC):
 
     def describe(self) -> str:
         threads = "default" if self.threads is None else str(self.threads)
-        return f"{self.name}: {self.workers} worker(s), {threads} thread(s) each, device {self.device}"
+        timeout = "" if self.task_timeout is None else f", task timeout {self.task_timeout:g} s"
+        return (f"{self.name}: {self.workers} worker(s), {threads} thread(s) each, device "
+                f"{self.device}{timeout}")
 
     def close(self) -> None:
         """Release workers and connections (idempotent)."""
@@ -234,24 +256,31 @@ class Executor(ABC):
 class SerialExecutor(Executor):
     """Tasks one after the other in this process, in the given order (today's behaviour).
 
-    ``threads``: torch/BLAS threads while the tasks run (restored afterwards); None leaves them."""
+    ``threads``: torch/BLAS threads while the tasks run (restored afterwards); None leaves them.
+    ``task_timeout``: a task running longer is interrupted by ``SIGALRM`` (POSIX, main thread
+    only): Python code and sleeps stop at once, a long call into C code when it returns."""
 
     name = "serial"
 
-    def __init__(self, threads: int | None = None, device: str = "cpu", retries: int = 1) -> None:
-        super().__init__(1, threads, device, retries)
+    def __init__(self, threads: int | None = None, device: str = "cpu", retries: int = 1,
+                 task_timeout: float | None = None) -> None:
+        super().__init__(1, threads, device, retries, task_timeout)
 
     @property
     def parallel(self) -> bool:
         return False
 
     def _run(self, tasks: list[Task], bar: ProgressBar) -> Iterator[TaskResult]:
+        if self.task_timeout is not None and not (
+                hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()):
+            raise ValueError("task_timeout on the serial executor needs a POSIX system and the main "
+                             "thread (SIGALRM); use --workers N to run the tasks in worker processes")
         for index, task in enumerate(tasks):
             bar.update(running=1)
             error = None
             for attempt in range(1, self.retries + 2):
                 try:
-                    with ThreadLimit(self.threads):
+                    with ThreadLimit(self.threads), Alarm(self.task_timeout):
                         value = task.fn(**task.kwargs)
                 except Exception as err:  # a failed task is recorded; Ctrl-C still stops
                     error = error_text(err)
@@ -262,6 +291,46 @@ class SerialExecutor(Executor):
                 result = TaskResult(task.key, index, None, error, self.retries + 1)
             bar.update(finished=result, running=0)
             yield result
+
+
+class TaskTimeout(Exception):
+    """A task ran past the executor's ``task_timeout``."""
+
+
+def timeout_text(seconds: float) -> str:
+    """What a timed-out task records as its error."""
+    return f"TaskTimeout: timed out after {seconds:g} s"
+
+
+def check_timeout(seconds: float | None) -> float | None:
+    """None or a positive, finite number of seconds (``--task-timeout``)."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
+            math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"task_timeout={seconds!r} must be a positive number of seconds (or None)")
+    return float(seconds)
+
+
+class Alarm:
+    """Raise :class:`TaskTimeout` in the main thread after ``seconds`` (None: no limit); the
+    previous ``SIGALRM`` handler and timer are restored on exit."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+
+    def _fire(self, signum: int, frame: Any) -> None:
+        raise TaskTimeout(f"timed out after {self.seconds:g} s")
+
+    def __enter__(self) -> None:
+        if self.seconds is not None:
+            self.previous = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seconds is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
 
 
 class ThreadLimit:
@@ -295,7 +364,7 @@ class ThreadLimit:
         torch.set_num_threads(self.previous)
 
 
-def run_all(executor: Executor, tasks: Iterable[Task], *, progress: bool = False,
+def run_all(executor: Executor, tasks: Iterable[Task], *, progress: str | bool = False,
             desc: str = "tasks") -> list[Any]:
     """Run ``tasks`` and return their values in the given order; if any task failed (twice),
     raise a ValueError listing each with its error (one line for the CLI)."""

@@ -10,15 +10,17 @@ from thermo_kfac.experiments.noise_study.outputs import (
     METRICS,
     STUDY_METHOD,
     format_table,
+    format_warnings,
     point_label,
     summarize,
 )
-from thermo_kfac.experiments.noise_study.plots import write_plots
+from thermo_kfac.experiments.noise_study.plots import study_figures, write_plots
 from thermo_kfac.experiments.noise_study.study import (
     DEFAULT_OPTIMIZER,
     DEFAULT_REFERENCES,
     FORMAT_VERSION,
     STUDY_EVAL_POINTS,
+    StudyInterrupted,
     StudyRun,
     noise_study,
     parse_sweep,
@@ -29,6 +31,7 @@ from thermo_kfac.experiments.noise_study.study import (
 
 __all__ = [
     "DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "METRICS", "STUDY_EVAL_POINTS",
-    "STUDY_METHOD", "StudyRun", "format_table", "noise_study", "parse_sweep", "point_label", "register",
-    "row_key", "study_task", "summarize", "sweep_keys", "write_plots"
+    "STUDY_METHOD", "StudyInterrupted", "StudyRun", "format_table", "format_warnings", "noise_study",
+    "parse_sweep", "point_label", "register", "row_key", "study_figures", "study_task", "summarize",
+    "sweep_keys", "write_plots"
 ]

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +17,16 @@ from hw_models.validation import check_positive
 from thermo_kfac.data import DATASETS
 from thermo_kfac.experiments import executors
 from thermo_kfac.experiments._io import kv_list, widths_list
-from thermo_kfac.experiments.noise_study.outputs import format_table
+from thermo_kfac.experiments.noise_study.outputs import format_table, format_warnings
 from thermo_kfac.experiments.noise_study.study import (
     DEFAULT_OPTIMIZER,
     DEFAULT_REFERENCES,
     STUDY_EVAL_POINTS,
+    StudyInterrupted,
     noise_study,
     sweep_keys,
 )
+from thermo_kfac.experiments.progress import add_progress_argument, progress_mode
 from thermo_kfac.experiments.training import DEFAULT_BATCH_SIZE
 from thermo_kfac.models import available_models
 
@@ -37,18 +44,53 @@ def _cli(args: argparse.Namespace) -> int:
     dataset_options: dict[str, Any] = {}
     if args.max_train is not None:
         dataset_options["max_train"] = check_positive("--max-train", args.max_train, integer=True)
-    with executors.from_args(args, device=args.device) as executor:
-        study = noise_study(args.dataset, args.model, args.sweep, optimizer=args.optimizer,
-                            references=args.references, steps=args.steps, epochs=args.epochs,
-                            batch_size=args.batch_size, seeds=args.seeds, seed=args.seed,
-                            model_options=model_options, dataset_options=dataset_options,
-                            eval_every=args.eval_every, out=args.out, overwrite=args.overwrite,
-                            progress=not args.no_progress, device=args.device, executor=executor)
+    try:
+        with _children_ignore_sigint():  # worker processes started now leave Ctrl-C to us
+            executor = executors.from_args(args, device=args.device)
+        with executor:
+            study = noise_study(args.dataset, args.model, args.sweep, optimizer=args.optimizer,
+                                references=args.references, steps=args.steps, epochs=args.epochs,
+                                batch_size=args.batch_size, seeds=args.seeds, seed=args.seed,
+                                model_options=model_options, dataset_options=dataset_options,
+                                eval_every=args.eval_every, out=args.out, overwrite=args.overwrite,
+                                progress=progress_mode(args), device=args.device, executor=executor,
+                                log=_say)
+    except StudyInterrupted as stop:
+        _say(str(stop))
+        return 130
+    except KeyboardInterrupt:
+        _say("interrupted before the study started; nothing was run")
+        return 130
     print(format_table(study))
+    notes = format_warnings(study)
+    if notes:
+        print("warnings (once per layer and cause; per study line):")
+        print("\n".join(f"  {line}" for line in notes))
     if args.out:
         print(f"wrote {Path(args.out) / 'results.csv'}, study.json and plots "
               f"({', '.join(study.get('plots', []))})")
     return 0
+
+
+def _say(message: str) -> None:
+    """A one-line message for the user, on stderr (stdout holds the table)."""
+    print(f"noise-study: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Ignore SIGINT while worker processes are started, so that they inherit "ignore" (a
+    disposition that survives fork and exec, and that Python keeps): Ctrl-C in a terminal signals
+    the whole process group, and the workers would print tracebacks of their own. This process
+    gets its handler back, so Ctrl-C stops the study here and the executor cancels the rest."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def register(subparsers: Any) -> None:
@@ -101,6 +143,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads (per worker with --workers/--cluster)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_argument(parser)
     executors.add_arguments(parser)
     parser.set_defaults(func=_cli)

@@ -11,16 +11,23 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from thermo_kfac.experiments._io import atomic_write, jsonable, text_table
+from thermo_kfac.grammar import format_value
 
-__all__ = ["METRICS", "STUDY_METHOD", "csv_text", "finite", "format_table", "mean_or_none", "point_label",
-           "ROW_COLUMNS_HEAD", "ROW_COLUMNS_TAIL", "spec_text", "summarize", "write_rows"]
+__all__ = ["DIVERGENCE_FACTOR", "METRICS", "ROW_COLUMNS_HEAD", "ROW_COLUMNS_TAIL", "STUDY_METHOD",
+           "csv_text", "finite", "format_table", "format_warnings", "is_diverged", "mean_or_none",
+           "point_label", "spec_text", "summarize", "warning_causes", "write_rows"]
 
 STUDY_METHOD = "thermo"  # ``method`` column of the swept runs
+# A run whose training loss is not finite or exceeds this many times its initial loss has
+# diverged: no optimizer that is working multiplies the loss by a thousand, and a loss above
+# that bound would dominate any mean it took part in.
+DIVERGENCE_FACTOR = 1e3
 METRICS = ("final_train_loss", "final_test_loss", "train_accuracy", "test_accuracy", "wall_time_s",
            "predicted_hardware_s", "fallbacks", "cosine_to_exact", "rel_error_to_exact")
 ROW_COLUMNS_HEAD = ["method", "label", "optimizer", "seed"]
@@ -32,11 +39,7 @@ ROW_COLUMNS_TAIL = ["steps", "final_train_loss", "final_test_loss", "train_accur
 
 def spec_text(value: Any) -> str:
     """A sweep value as written in a spec (``none``, ``true``/``false``, ``8``, ``0.01``)."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    return format_value(value)
 
 
 
@@ -60,6 +63,22 @@ def finite(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def is_diverged(row: dict[str, Any]) -> bool:
+    """Whether a row's run diverged: flagged while training, or (rows written before the flag
+    covered it) a final training loss that is missing without an error, or above
+    :data:`DIVERGENCE_FACTOR` times the initial loss (the first point of the row's curve)."""
+    if row.get("diverged"):
+        return True
+    if row.get("error") or not row.get("steps"):
+        return False  # failed, counted as failed
+    loss = finite(row.get("final_train_loss"))
+    if loss is None:
+        return True
+    curve = row.get("curve") or []
+    initial = finite(curve[0][1]) if curve and len(curve[0]) > 1 else None
+    return initial is not None and loss > DIVERGENCE_FACTOR * abs(initial)
 
 
 def _csv_columns(grid_keys: Sequence[str]) -> list[str]:
@@ -87,7 +106,10 @@ def write_rows(out: Path, study: dict[str, Any], grid: dict[str, list[Any]]) -> 
 
 
 def summarize(rows: list[dict[str, Any]], grid_keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean, std (sample, n-1) and count over seeds of each metric, per (method, point)."""
+    """Mean, std (sample, n-1) and count over seeds of each metric, per (method, point).
+
+    Diverged runs (:func:`is_diverged`) are left out of every mean and counted in ``diverged``;
+    failed runs (an ``error``) have no metrics and are counted in ``failed``."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(json.dumps([row["method"], row.get("point", {})], sort_keys=True), []).append(row)
@@ -96,10 +118,11 @@ def summarize(rows: list[dict[str, Any]], grid_keys: Sequence[str]) -> list[dict
         first = members[0]
         entry: dict[str, Any] = {"method": first["method"], "label": first["label"],
                                  "point": first.get("point", {}), "n_seeds": len(members),
-                                 "diverged": sum(bool(m.get("diverged")) for m in members),
+                                 "diverged": sum(is_diverged(m) for m in members),
                                  "failed": sum(bool(m.get("error")) for m in members)}
+        healthy = [m for m in members if not is_diverged(m)]
         for metric in METRICS:
-            values = [v for v in (finite(m.get(metric)) for m in members) if v is not None]
+            values = [v for v in (finite(m.get(metric)) for m in healthy) if v is not None]
             mean = mean_or_none(values)
             std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
                    if len(values) > 1 and mean is not None else (0.0 if values else None))
@@ -148,6 +171,66 @@ def format_table(study: dict[str, Any]) -> str:
     lines.append(f"{config['model']} on {config['dataset']}, {config['steps']} steps, batch "
                  f"{config['batch_size']}; losses on the full train/test sets at the end; mean +- std "
                  f"over seeds; wall s: training steps only")
+    if any(e["diverged"] for e in summary):
+        lines.append(f"diverged: training loss not finite or above {DIVERGENCE_FACTOR:g}x its initial value; "
+                     "stopped there and left out of the means")
     return "\n".join(lines)
 
 
+
+
+# ------------------------------------------------------------------------------ warnings
+_SOLVER_FAILED = re.compile(r"on layer '(?P<layer>[^']+)' \((?P<reason>.*)\); (?:using|keeping)", re.S)
+_LAYER = re.compile(r"(?:in|on) layer '(?P<layer>[^']+)'")
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?", re.I)
+
+
+def warning_causes(messages: Sequence[str]) -> list[dict[str, Any]]:
+    """The distinct (layer, cause) pairs of a run's warning messages, with how often each came.
+
+    The cause is the message without the layer's name, the K-FAC prefix, the pointers to Python
+    methods (``skipped_updates()``, ``fallbacks()``) and measured numbers (``lambda_min =
+    -0.05``), so that a run's many warnings about one problem count as one cause."""
+    causes: dict[tuple[str | None, str], int] = {}
+    for message in messages:
+        text = " ".join(str(message).split())
+        match = _SOLVER_FAILED.search(text)
+        layer_match = match or _LAYER.search(text)
+        layer = layer_match.group("layer") if layer_match else None
+        if match:
+            cause = re.sub(r"^\w+ solver \(layer \d+\): ", "", match.group("reason"))
+        else:
+            cause = re.sub(r"^K-FAC: ", "", text)
+            if layer is not None:
+                cause = cause.replace(f" in layer {layer!r}", "").replace(f" on layer {layer!r}", "")
+            # "(see skipped_updates())": a pointer to a Python method, with its own "()"
+            cause = re.sub(r" ?\((?:see|counted in) [^()]*(?:\(\)[^()]*)*\)", "", cause)
+        cause = re.sub(r"[:,]?\s*\w+\s*=\s*" + _NUMBER.pattern, "", cause, flags=re.I)
+        key = (layer, cause.strip().rstrip(";."))
+        causes[key] = causes.get(key, 0) + 1
+    return [{"layer": layer, "cause": cause, "count": n} for (layer, cause), n in causes.items()]
+
+
+def format_warnings(study: dict[str, Any]) -> list[str]:
+    """One line per study line (method/point) and cause of its runs' warnings, naming each
+    layer with its fallback steps over all of the line's runs, e.g. ``thermo bits=4: layer '5'
+    fell back 300/300 steps (3 of 3 runs): ...``; empty when no run warned."""
+    causes: dict[tuple[str, str], dict[str | None, list[dict[str, Any]]]] = {}
+    members: dict[str, list[dict[str, Any]]] = {}
+    for row in study["rows"]:
+        members.setdefault(row["label"], []).append(row)
+        for item in row.get("warnings") or []:
+            layers = causes.setdefault((row["label"], item["cause"]), {})
+            layers.setdefault(item["layer"], []).append(row)
+    lines = []
+    for (label, cause), layers in causes.items():
+        runs = members[label]
+        steps = sum(int(r.get("steps") or 0) for r in runs)
+        parts = []
+        for layer, rows in layers.items():
+            where = f"layer {layer!r}" if layer is not None else "the model"
+            fell = sum(int((r.get("fallbacks_per_layer") or {}).get(layer) or 0) for r in rows)
+            what = f" fell back {fell}/{steps} steps" if fell else ""
+            parts.append(f"{where}{what} ({len(rows)} of {len(runs)} runs)")
+        lines.append(f"{label}: {', '.join(parts)}: {cause}")
+    return lines

@@ -33,12 +33,11 @@ fails twice (it raised, or its worker died) is recorded as a row with its ``erro
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import inspect
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,18 +45,19 @@ from typing import Any
 
 import torch
 
-from hw_models.noise import NoiseConfig
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.data import DATASETS, load_dataset
 from thermo_kfac.experiments._io import jsonable
 from thermo_kfac.experiments.executors import Executor, SerialExecutor, Task
 from thermo_kfac.experiments.noise_study.outputs import (
+    DIVERGENCE_FACTOR,
     ROW_COLUMNS_TAIL,
     STUDY_METHOD,
     mean_or_none,
     point_label,
     spec_text,
     summarize,
+    warning_causes,
     write_rows,
 )
 from thermo_kfac.experiments.noise_study.plots import write_plots
@@ -72,12 +72,13 @@ from thermo_kfac.experiments.training import (
     parse_optimizer_spec,
     resolve_options,
 )
+from thermo_kfac.grammar import parse_value
 from thermo_kfac.models import available_models, build_model
-from thermo_kfac.policy import parse_value
 from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
 
-__all__ = ["DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "STUDY_EVAL_POINTS", "StudyRun",
-           "noise_study", "parse_sweep", "row_key", "study_task", "sweep_keys"]
+__all__ = ["DEFAULT_OPTIMIZER", "DEFAULT_REFERENCES", "FORMAT_VERSION", "STUDY_EVAL_POINTS",
+           "StudyInterrupted", "StudyRun", "noise_study", "parse_sweep", "row_key", "study_task",
+           "sweep_keys"]
 
 FORMAT_VERSION = 1
 DEFAULT_OPTIMIZER = "kfac:solver=thermo"
@@ -85,13 +86,31 @@ DEFAULT_REFERENCES = ("adam", "kfac")
 STUDY_EVAL_POINTS = 50  # evaluations per run for the curves (fewer than compare's 200)
 
 
+# The option that sets each config entry, as the refusal of a resume names it.
+CONFIG_OPTIONS = {
+    "format_version": "the study file format (a newer thermo-kfac)", "dataset": "--dataset",
+    "dataset_options": "--max-train", "model": "--model", "model_options": "--widths/--model-options",
+    "loss": "loss", "batch_size": "--batch-size", "steps": "--steps/--epochs", "eval_every": "--eval-every",
+    "device": "--device", "optimizer": "--optimizer", "references": "--references",
+    "sweep_keys": "the --sweep keys",
+}
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a study: ``saved`` of the grid's ``total`` rows are in ``out`` (None: no
+    folder); the same call again resumes. ``str()`` is the one line the command prints."""
+
+    def __init__(self, saved: int, total: int, out: Path | None) -> None:
+        self.saved, self.total, self.out = saved, total, out
+        where = (f"{saved} of {total} rows saved in {out}; rerun the same command to resume"
+                 if out is not None else f"{saved} of {total} rows done, none saved (no --out)")
+        super().__init__(f"interrupted: {where}")
+
+
 def sweep_keys() -> list[str]:
-    """Names that ``--sweep`` accepts: the thermodynamic solver's options (its constructor's
-    parameters and every :class:`hw_models.NoiseConfig` field)."""
-    params = [p.name for p in inspect.signature(ThermodynamicSolver.__init__).parameters.values()
-              if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    fields = [f.name for f in dataclasses.fields(NoiseConfig)]
-    return sorted(set(params) | set(fields))
+    """Names that ``--sweep`` accepts: the thermodynamic solver's options, as it declares them
+    (:attr:`~thermo_kfac.solvers.KFACSolver.option_names`)."""
+    return sorted(ThermodynamicSolver.option_names)
 
 
 def parse_sweep(text: str) -> tuple[str, list[Any]]:
@@ -150,7 +169,10 @@ def row_key(config_id: str, method: str, point: dict[str, Any], seed: int) -> st
 
 class StudyRun(TrainingRun):
     """A training run that also collects the solver's accuracy against the exact direction
-    (``cosine_to_exact``/``rel_error_to_exact`` in the per-layer apply reports, when present)."""
+    (``cosine_to_exact``/``rel_error_to_exact`` in the per-layer apply reports, when present),
+    and that counts as diverged (and stops) as soon as its training loss (the step's batch loss
+    or an evaluation) is not finite or exceeds :data:`DIVERGENCE_FACTOR` times the initial
+    training loss, not only when it stops being finite."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -158,6 +180,12 @@ class StudyRun(TrainingRun):
 
     def step(self) -> dict[str, Any]:
         record = super().step()
+        bound = DIVERGENCE_FACTOR * abs(float(self.initial["eval_train_loss"]))
+        losses = [record.get("train_loss"), record.get("eval_train_loss")]
+        if any(v is not None and not (math.isfinite(float(v)) and float(v) <= bound) for v in losses):
+            self.diverged = True
+            if "eval_train_loss" not in record:  # the row's final losses: where it diverged
+                record.update(self.evaluation())
         if self.preconditioner is not None:
             reports = self.preconditioner.last_report.get("solver_reports", {})
             for name, report in reports.items():
@@ -181,7 +209,8 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
                 out: str | Path | None = None, overwrite: bool = False, progress: bool = False,
                 plots: bool = True, device: str = "cpu",
                 on_row: Callable[[dict[str, Any]], None] | None = None,
-                executor: Executor | None = None) -> dict[str, Any]:
+                executor: Executor | None = None,
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a noise-robustness study; return ``study.json``'s content.
 
     Args:
@@ -200,7 +229,13 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
         on_row: called with each new row after it has been written (a hook for logging).
         executor: runs the rows (default: :class:`SerialExecutor`, one after the other here);
             see :func:`thermo_kfac.experiments.executors.make_executor`.
+        log: called with one-line messages for the user (``resuming: N of M rows found in DIR``).
+
+    Raises:
+        StudyInterrupted: on Ctrl-C (a ``KeyboardInterrupt``) once the study has started; it
+            says how many rows are saved. Finished rows stay in ``out``.
     """
+    given_eval_every = eval_every is not None
     grid = _check_sweeps(sweeps)
     seeds = check_positive("seeds", seeds, integer=True)
     seed = check_number("seed", seed, low=0, integer=True)
@@ -271,7 +306,8 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
     rows: list[dict[str, Any]] = []
     created = datetime.now(UTC).isoformat(timespec="seconds")
     if out_dir is not None:
-        rows, created = _load_existing(out_dir, config, overwrite, created)
+        derived = set() if given_eval_every else {"eval_every"}
+        rows, created = _load_existing(out_dir, config, overwrite, created, derived)
     done = {r["key"] for r in rows}
     # The study covers every row in the folder: values and seeds of earlier runs of a grown grid
     # stay in the grid that the table and plots use.
@@ -286,6 +322,11 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
                              "grid": {"sweeps": all_values, "seeds": all_seeds}, "rows": rows}
 
     pending = [j for j in jobs if row_key(config_id, j[0], j[1], j[2]) not in done]
+    if rows and log is not None:
+        others = len(rows) - (len(jobs) - len(pending))
+        log(f"resuming: {len(jobs) - len(pending)} of {len(jobs)} rows found in {out_dir}"
+            + (f" (and {others} rows of other sweep values or seeds)" if others else "")
+            + ("; nothing to run" if not pending else ""))
     # A serial study's tasks run here: let them use the data loaded above.
     _DATA[_data_key(dataset, task, seed, dataset_options, str(torch_device))] = data0.to(torch_device)
     tasks = [Task(row_key(config_id, method, point, run_seed), study_task, dict(
@@ -310,14 +351,17 @@ def noise_study(dataset: str = "digits", model: str = "mlp",
                 write_rows(out_dir, study, grid)
             if on_row is not None:
                 on_row(row)
+        study["summary"] = summarize(rows, list(grid))
+        if out_dir is not None:
+            if plots:
+                study["plots"] = write_plots(study, out_dir)
+            write_rows(out_dir, study, grid)
+    except KeyboardInterrupt:
+        saved = sum(row_key(config_id, *job[:3]) in {r["key"] for r in rows} for job in jobs)
+        raise StudyInterrupted(saved, len(jobs), out_dir) from None
     finally:
         results.close()  # an interrupted study cancels the tasks not yet started
         _DATA.clear()
-    study["summary"] = summarize(rows, list(grid))
-    if out_dir is not None:
-        if plots:
-            study["plots"] = write_plots(study, out_dir)
-        write_rows(out_dir, study, grid)
     return study
 
 
@@ -372,21 +416,27 @@ def _train_row(data: Any, model: str, model_options: dict[str, Any], spec: Optim
         **{k: point.get(k) for k in grid}}
     tail = {"key": row_key(config_id, method, point, seed), "point": point, "options": options}
     errors = (ValueError, RuntimeError, torch.linalg.LinAlgError)
-    try:
-        run = StudyRun(data, model, model_options, spec, options, loss=loss, steps=steps,
-                        batch_size=batch_size, seed=seed, eval_every=eval_every, device=device)
-    except errors as err:  # the untimed warm-up steps already failed
-        empty = dict.fromkeys(c for c in ROW_COLUMNS_TAIL if c not in tail)
-        return jsonable({**base_row, **empty, "steps": 0, "diverged": False, "fallbacks": 0,
-                          "error": _error_text(0, err), **tail, "curve": []})
-    error = None
-    try:
-        while not run.done:
-            run.step()
-    except errors as err:
-        # e.g. a matrix that is no longer positive definite after 4-bit coupling quantization:
-        # a result of the study (recorded in the row), not a reason to stop the other runs.
-        error = _error_text(len(run.history) + 1, err)
+    # The run's warnings are recorded in the row (once per layer and cause) and summarised by
+    # the command at the end, instead of being printed by every run (and its warm-up copy).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            run = StudyRun(data, model, model_options, spec, options, loss=loss, steps=steps,
+                           batch_size=batch_size, seed=seed, eval_every=eval_every, device=device)
+        except errors as err:  # the untimed warm-up steps already failed
+            empty = dict.fromkeys(c for c in ROW_COLUMNS_TAIL if c not in tail)
+            return jsonable({**base_row, **empty, "steps": 0, "diverged": False, "fallbacks": 0,
+                             "error": _error_text(0, err), **tail, "curve": [],
+                             "warnings": warning_causes([str(w.message) for w in caught])})
+        caught.clear()  # the warm-up copy's warnings repeat the run's
+        error = None
+        try:
+            while not run.done:
+                run.step()
+        except errors as err:
+            # e.g. a matrix that is no longer positive definite after 4-bit coupling quantization:
+            # a result of the study (recorded in the row), not a reason to stop the other runs.
+            error = _error_text(len(run.history) + 1, err)
     result = run.result()
     run.close()
     n = max(int(result["steps"]), 1)
@@ -407,6 +457,8 @@ def _train_row(data: Any, model: str, model_options: dict[str, Any], spec: Optim
         "cosine_to_exact": mean_or_none(run.exact["cosine_to_exact"]),
         "rel_error_to_exact": mean_or_none(run.exact["rel_error_to_exact"]),
         **tail,
+        "fallbacks_per_layer": fallbacks if isinstance(fallbacks, dict) else {},
+        "warnings": warning_causes([str(w.message) for w in caught]),
         "curve": [[0, result["initial_train_loss"], result["initial_test_loss"]]] + [
             [r["step"], r.get("eval_train_loss"), r.get("test_loss")] for r in result["history"]
             if "eval_train_loss" in r],
@@ -419,8 +471,12 @@ def _error_text(step: int, err: BaseException) -> str:
     return f"{where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-def _load_existing(out: Path, config: dict[str, Any], overwrite: bool,
-                   created: str) -> tuple[list[dict[str, Any]], str]:
+def _load_existing(out: Path, config: dict[str, Any], overwrite: bool, created: str,
+                   derived: set[str] = frozenset()) -> tuple[list[dict[str, Any]], str]:
+    """The rows already in ``out`` (a study with the same config), and when it was created.
+
+    ``derived``: config entries that this call did not set but computed from others (the default
+    ``eval_every`` follows ``steps``); a refusal names them only when nothing else differs."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory")
     try:
@@ -442,10 +498,16 @@ def _load_existing(out: Path, config: dict[str, Any], overwrite: bool,
         raise ValueError(f"cannot read the study in {str(path)!r} ({err}); use another --out or "
                          "--overwrite") from None
     if old_config != config:
-        differ = sorted(k for k in set(old_config) | set(config) if old_config.get(k) != config.get(k))
-        detail = "; ".join(f"{k}: {old_config.get(k)!r} there, {config.get(k)!r} now" for k in differ)
-        raise ValueError(f"{str(out)!r} holds a noise study with a different config ({detail}); use "
-                         "another --out, or --overwrite to discard it")
+        order = list(CONFIG_OPTIONS)
+        differ = sorted((k for k in set(old_config) | set(config) if old_config.get(k) != config.get(k)),
+                        key=lambda k: (order.index(k) if k in order else len(order), k))
+        if any(k not in derived for k in differ):
+            differ = [k for k in differ if k not in derived]  # e.g. eval_every follows --steps
+        detail = "; ".join(f"{k} ({CONFIG_OPTIONS.get(k, k)}): {old_config.get(k)!r} there, "
+                           f"{config.get(k)!r} now" for k in differ)
+        raise ValueError(f"{str(out)!r} holds a noise study with a different config ({detail}); rerun "
+                         "with the same options to resume it, use another --out, or --overwrite to "
+                         "discard it")
     # A key seen twice (should not happen) is kept once, the first time. Rows of tasks that
     # failed (raised or lost their worker twice) are dropped, so that this run retries them.
     seen: set[str] = set()

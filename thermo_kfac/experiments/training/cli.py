@@ -21,6 +21,7 @@ from thermo_kfac.experiments import executors
 from thermo_kfac.experiments._io import kv_list, widths_list
 from thermo_kfac.experiments.executors import Executor
 from thermo_kfac.experiments.launch import add_arguments, config_from_args, launch_cli
+from thermo_kfac.experiments.progress import add_progress_argument, progress_mode
 from thermo_kfac.experiments.training.experiment import compare, train
 from thermo_kfac.experiments.training.options import (
     BASE_OPTIMIZERS,
@@ -139,11 +140,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     misc.add_argument("--out", default=None, metavar="DIR",
                       help="write results.json, metrics.csv and PNG plots here (created; files are "
                            "replaced only when the run completes)")
+    misc.add_argument("--tensorboard", default=None, metavar="DIR",
+                      help="also write TensorBoard scalars (losses, accuracy, predicted digital/hybrid "
+                           "time, fallbacks; per analog layer kappa, predicted and measured error, "
+                           "window, bits lost to ranging) to DIR/<run>; needs "
+                           "pip install 'thermo-kfac[tensorboard]'")
     misc.add_argument("--threads", type=int, default=None, metavar="N",
                       help="torch CPU threads (default: torch's choice; 1 is often faster for small "
                            "models such as the digits MLP, and much steadier on a busy machine)")
     misc.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    misc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(misc)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,7 +190,7 @@ def _experiment_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                 loss=args.loss, model_options=model_options, dataset_options=dataset_options,
                 overrides=_overrides(args), eval_every=args.eval_every, target_loss=args.target_loss,
-                out=args.out, progress=not args.no_progress, device=args.device,
+                out=args.out, progress=progress_mode(args), device=args.device, tensorboard=args.tensorboard,
                 print_assignment=True, distributed=config_from_args(args))
 
 
@@ -230,7 +236,8 @@ def register(subparsers: Any) -> None:
     """Add the ``train`` and ``compare`` sub-commands to the ``thermo-kfac`` CLI."""
     train_parser = subparsers.add_parser(
         "train", help="train one model with one optimizer (sgd, adam, kfac)",
-        description="Train a model with one optimizer; progress bar, then a summary table. With "
+        description="Train a model with one optimizer; progress (bars on a terminal, plain lines in a "
+                    "log), then a summary table. With "
                     "--out DIR: DIR/results.json, DIR/metrics.csv, DIR/loss.png, DIR/accuracy.png.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     train_parser.add_argument("--optimizer", default="kfac", metavar="SPEC",

@@ -20,6 +20,7 @@ import torch
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.data import DATASETS, Dataset, load_dataset
 from thermo_kfac.distributed import DistributedConfig, is_main_process, world_size
+from thermo_kfac.experiments.training.codesign import add_predicted_times
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import (
     ADAPTIVE,
@@ -36,6 +37,7 @@ from thermo_kfac.experiments.training.options import (
 )
 from thermo_kfac.experiments.training.outputs import time_to_target, write_results
 from thermo_kfac.experiments.training.run import TrainingRun, train_interleaved
+from thermo_kfac.experiments.training.tensorboard import check_tensorboard
 from thermo_kfac.models import available_models, build_model
 
 if TYPE_CHECKING:
@@ -50,10 +52,10 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             seed: int = 0, loss: str | None = None, model_options: dict[str, Any] | None = None,
             dataset_options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
             eval_every: int | None = None, target_loss: float | None = None,
-            target_from_first: bool = True, out: str | Path | None = None, progress: bool = False,
+            target_from_first: bool = True, out: str | Path | None = None, progress: str | bool = False,
             device: str = "cpu", command: str = "compare", print_assignment: bool = False,
             distributed: DistributedConfig | None = None,
-            executor: Executor | None = None) -> dict[str, Any]:
+            executor: Executor | None = None, tensorboard: str | Path | None = None) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` once per optimizer spec, from the same start on the same batches.
 
     Args:
@@ -74,14 +76,18 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             the final training loss of the first run.
         out: directory for ``results.json``, ``metrics.csv``, PNG plots and every K-FAC run's
             ``trace.json`` (written atomically at the end; nothing is written if a run fails).
-        progress: show a tqdm progress bar per run.
+        progress: ``"auto"`` (tqdm bars on a terminal, plain periodic lines otherwise), ``"bar"``,
+            ``"lines"`` or ``"none"``; ``True`` is ``"auto"``, ``False`` ``"none"``.
         device: torch device for model and data.
         print_assignment: print each K-FAC run's solver per layer before training.
         distributed: how K-FAC spreads its work inside a process group (``train --placement``
             ...); None: the preconditioner's default.
         executor: a parallel :class:`thermo_kfac.experiments.executors.Executor` runs each
             optimizer as a task (same results as serial; wall times then measured under the
-            load of the other runs, not interleaved). None or a serial executor: interleaved here.
+            load of the other runs, not interleaved); so does a serial one with a
+            ``task_timeout`` (one run after the other). None or a serial executor: interleaved here.
+        tensorboard: a folder for TensorBoard event files, one subfolder per run (needs the
+            ``[tensorboard]`` extra; :mod:`thermo_kfac.experiments.training.tensorboard`).
 
     Returns:
         ``{"command", "config", "seed", "target_loss", "target_source", "runs": [...]}``.
@@ -126,6 +132,10 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
     eval_every = check_positive("eval_every", eval_every, integer=True)
     if target_loss is not None:
         check_number("target_loss", target_loss)
+    if tensorboard is not None:
+        check_tensorboard()
+        if not is_main_process():
+            tensorboard = None  # one writer
     try:
         torch_device = torch.device(device)
     except RuntimeError as err:
@@ -144,13 +154,15 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
         else:
             build_model(model, data, **model_options)
     parallel = executor is not None and executor.parallel
-    if parallel and distributed is not None:
+    # a task timeout needs tasks: with it even a serial executor runs one task per optimizer
+    as_tasks = executor is not None and (parallel or executor.task_timeout is not None)
+    if as_tasks and distributed is not None:
         raise ValueError("a parallel executor (--workers/--cluster) runs each optimizer in its own "
                          "process; it cannot be combined with distributed K-FAC (a process group)")
     data = data.to(torch_device)
 
     labels = unique_labels([s.label for s in specs])
-    if parallel:  # one task per optimizer; a task loads a named dataset itself
+    if as_tasks:  # one task per optimizer; a task loads a named dataset itself
         from thermo_kfac.experiments.executors import Task, run_all
 
         source = dataset if isinstance(dataset, Dataset) else (
@@ -159,7 +171,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             data=source, model=model, model_options=model_options,
             spec=OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options=options,
             loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
-            device=str(torch_device))) for spec, options, label in zip(specs, resolved, labels, strict=True)]
+            device=str(torch_device), tensorboard=None if tensorboard is None else str(tensorboard)))
+            for spec, options, label in zip(specs, resolved, labels, strict=True)]
         outcomes = run_all(executor, tasks, progress=progress, desc=command)
         runs = [o["run"] for o in outcomes]
         traces = {label: o["trace"] for label, o in zip(labels, outcomes, strict=True)
@@ -169,11 +182,15 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             TrainingRun(data, model, model_options,
                         OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options,
                         loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
-                        device=torch_device, distributed=distributed)
+                        device=torch_device, distributed=distributed, tensorboard=tensorboard)
             for spec, options, label in zip(specs, resolved, labels, strict=True)]
         if print_assignment and is_main_process():
             _print_assignments(runners)
-        train_interleaved(runners, progress and is_main_process())
+        try:
+            train_interleaved(runners, progress if is_main_process() else "none")
+        finally:
+            for runner in runners:
+                runner.close_log()
         if print_assignment and is_main_process():
             _print_assignments(runners, after=True)
         runs = [runner.result() for runner in runners]
@@ -184,6 +201,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
         target_source = f"final train loss of {runs[0]['label']}"
     for run in runs:
         run["time_to_target_s"], run["steps_to_target"] = time_to_target(run, target_loss)
+    add_predicted_times({"runs": runs, "target_loss": target_loss}, model, model_options, data, batch_size)
     results = {
         "command": command,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -195,11 +213,12 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             "batch_size": batch_size, "steps": steps, "steps_per_epoch": steps_per_epoch,
             "epochs": steps / steps_per_epoch, "eval_every": eval_every, "seed": seed,
             "optimizers": [s.label for s in specs], "overrides": overrides, "device": str(torch_device),
+            "tensorboard": None if tensorboard is None else str(tensorboard),
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
             "world_size": world_size(),
             "wall_time_note": "training steps only; evaluation excluded" + (
                 f"; runs in parallel ({executor.describe()}), each timed under the others' load"
-                if parallel else ""),
+                if parallel else "; runs one after the other as tasks, not interleaved" if as_tasks else ""),
         },
         "runs": runs,
     }
@@ -210,7 +229,8 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
 
 def compare_task(*, data: Dataset | tuple[str, str | None, dict[str, Any]], model: str,
                  model_options: dict[str, Any], spec: OptimizerSpec, options: dict[str, Any], loss: str,
-                 steps: int, batch_size: int, seed: int, eval_every: int, device: str) -> dict[str, Any]:
+                 steps: int, batch_size: int, seed: int, eval_every: int, device: str,
+                 tensorboard: str | None = None) -> dict[str, Any]:
     """One optimizer's run of :func:`compare` as an executor task (top level: picklable by name).
 
     ``data``: a :class:`Dataset`, or ``(name, task, dataset_options)`` loaded here with ``seed``
@@ -221,7 +241,8 @@ def compare_task(*, data: Dataset | tuple[str, str | None, dict[str, Any]], mode
         name, task, dataset_options = data
         data = load_dataset(name, task=task, seed=seed, **dataset_options)
     run = TrainingRun(data.to(torch_device), model, model_options, spec, options, loss=loss, steps=steps,
-                      batch_size=batch_size, seed=seed, eval_every=eval_every, device=torch_device)
+                      batch_size=batch_size, seed=seed, eval_every=eval_every, device=torch_device,
+                      tensorboard=tensorboard)
     try:
         run.run()
         return {"run": run.result(), "trace": run.trace()}

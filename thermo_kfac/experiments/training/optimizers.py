@@ -7,9 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from thermo_kfac.distributed import DistributedConfig, is_distributed
-from thermo_kfac.experiments.training.options import ADAPTIVE, FACTOR_DTYPES, OptimizerSpec
-from thermo_kfac.optimizer import build_kfac
+from thermo_kfac.distributed import DistributedConfig, DistributedKFAC, is_distributed
+from thermo_kfac.experiments.training.options import (
+    ADAPTIVE,
+    FACTOR_DTYPES,
+    OptimizerSpec,
+    parse_adaptive_options,
+)
+from thermo_kfac.grammar import parse_solver_map
 
 __all__ = ["build_optimizer"]
 
@@ -36,6 +41,12 @@ def _curvature_optimizer(name: str, model: nn.Module, options: dict[str, Any]) -
                update_every=options["update_every"])
 
 
+def _strategy(config: DistributedConfig | None) -> DistributedKFAC | None:
+    """K-FAC's distribution strategy: inside a process group of more than one rank, ``config``
+    (None: ``DistributedConfig()``); outside one, none."""
+    return DistributedKFAC(config or DistributedConfig()) if is_distributed() else None
+
+
 def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, Any], loss: str,
                     seed: int = 0, *, distributed: DistributedConfig | None = None
                     ) -> tuple[torch.optim.Optimizer, Any]:
@@ -43,21 +54,23 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
     for ``kfac-adaptive`` ``(thermo_kfac.KFAC, its preconditioner)`` (a step is ``opt.train_step(x, y)``).
 
     ``distributed``: how K-FAC spreads its work when a process group of more than one rank is
-    running (the CLI's ``--placement`` ...); without a group it is ignored, and None means the
-    preconditioner's default (``distributed="auto"``).
+    running (the CLI's ``--placement`` ...; None: ``DistributedConfig()``); without a group it is
+    ignored. The preconditioner receives it as a :class:`~thermo_kfac.distributed.DistributedKFAC`.
     """
     if spec.name in ("adafisher", "eva"):
         return _curvature_optimizer(spec.name, model, options), None
     if spec.name == ADAPTIVE:  # thermo_kfac.KFAC: forward, backward and update in its train_step
+        from thermo_kfac import KFAC
+
         values = {k: v for k, v in options.items() if k != "solver_options"}
-        kfac = build_kfac(model, loss, {**values, **options.get("solver_options", {})}, seed=seed,
-                          **({"distributed": distributed} if distributed is not None and is_distributed()
-                             else {}))
+        kwargs = parse_adaptive_options({**values, **options.get("solver_options", {})})
+        preconditioner = {"seed": seed, "distributed": _strategy(distributed)}
+        kfac = KFAC(model, loss=loss, preconditioner_options=preconditioner, **kwargs)
         return kfac, kfac.preconditioner
     if spec.name != "kfac":
         return _base_optimizer(spec.name, model.parameters(), options), None
     from thermo_kfac import KFACPreconditioner
-    from thermo_kfac.policy import SolverPolicy, parse_solver_map
+    from thermo_kfac.policy import SolverPolicy
 
     opt = _base_optimizer(options["base"], model.parameters(), options)
     curvature = options.get("curvature", "kfac")
@@ -77,5 +90,5 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
         # the Kronecker-SVD curvatures bring their own solver: no per-layer map for them
         solver_map=policy if curvature == "kfac" else None,
         kfac_approx=options.get("kfac_approx", "expand"), curvature=curvature,
-        distributed=distributed if distributed is not None and is_distributed() else "auto")
+        distributed=_strategy(distributed))
     return opt, precond

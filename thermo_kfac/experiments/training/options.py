@@ -7,14 +7,15 @@ the K-FAC options come from the library (:mod:`thermo_kfac.fisher`, :mod:`thermo
 :mod:`thermo_kfac.solvers.kronecker_svd`, :mod:`thermo_kfac.preconditioner`), so they cannot drift.
 
 ``kfac-adaptive`` (:class:`thermo_kfac.KFAC`: adaptive damping, quadratic-model lr and momentum)
-has its own keys (:data:`thermo_kfac.optimizer.SPEC_OPTIONS`; any other key is a solver option),
-validated when the optimizer is built; no CLI flag applies to it.
+has its own keys (:data:`ADAPTIVE_OPTIONS`; any other key is a solver option), turned into typed
+``KFAC`` arguments by :func:`parse_adaptive_options` and validated when the optimizer is built; no
+CLI flag applies to it. Every spec is read with the one option grammar, :mod:`thermo_kfac.grammar`.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,46 +24,35 @@ import torch
 from hw_models.devices import DIGITAL_PRESETS, THERMO_PRESETS
 from hw_models.validation import check_choice, check_number
 from thermo_kfac.capture import KFAC_APPROXIMATIONS
+from thermo_kfac.defaults import BASE_OPTIMIZER_DEFAULTS, KFAC_DEFAULTS
 from thermo_kfac.fisher import FISHER_TYPES, LOSSES
-from thermo_kfac.optimizer import SPEC_OPTIONS
-from thermo_kfac.policy import parse_value
-from thermo_kfac.preconditioner import FACTOR_DTYPES as _PRECONDITIONER_DTYPES
+from thermo_kfac.grammar import (
+    DTYPES,
+    parse_bool,
+    parse_dtype,
+    parse_items,
+    parse_optional_float,
+    parse_value,
+)
+from thermo_kfac.preconditioner import FACTOR_DTYPES as PRECONDITIONER_FACTOR_DTYPES
 from thermo_kfac.solvers.kronecker_svd import CURVATURES
 
-__all__ = ["ADAPTIVE", "BASE_OPTIMIZERS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS", "EVAL_POINTS",
-           "FACTOR_DTYPES", "FISHER_TYPES", "KFAC_ADAM_LR", "LOSSES", "OPTIMIZERS", "OPTIMIZER_DEFAULTS",
-           "OPTIONS", "TASK_LOSSES", "Option", "OptimizerSpec", "check_option", "parse_optimizer_spec",
-           "resolve_options", "solver_option_hint"]
+__all__ = ["ADAPTIVE", "ADAPTIVE_OPTIONS", "BASE_OPTIMIZERS", "DEFAULT_BATCH_SIZE", "DEFAULT_EPOCHS",
+           "EVAL_POINTS", "FACTOR_DTYPES", "FISHER_TYPES", "KFAC_ADAM_LR", "LOSSES", "OPTIMIZERS",
+           "OPTIMIZER_DEFAULTS", "OPTIONS", "TASK_LOSSES", "Option", "OptimizerSpec", "check_option",
+           "parse_adaptive_options", "parse_optimizer_spec", "resolve_options", "solver_option_hint"]
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "adafisher", "eva")
-# thermo_kfac.KFAC: its own k=v options (thermo_kfac.optimizer.SPEC_OPTIONS), not in OPTIONS.
+# thermo_kfac.KFAC: its own k=v options (ADAPTIVE_OPTIONS below), not in OPTIONS.
 ADAPTIVE = "kfac-adaptive"
 BASE_OPTIMIZERS = ("sgd", "adam")
 # Losses that make sense for each task of thermo_kfac.data (a choice of the experiments).
 TASK_LOSSES = {"classification": ("cross_entropy",), "regression": ("mse",), "autoencoder": ("bce", "mse")}
-# The preconditioner's factor dtypes by their names ("float32", "float64").
-FACTOR_DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in _PRECONDITIONER_DTYPES}
+# The preconditioner's factor dtypes by their names (of the one dtype map, thermo_kfac.grammar.DTYPES).
+FACTOR_DTYPES: dict[str, torch.dtype] = {n: d for n, d in DTYPES.items() if d in PRECONDITIONER_FACTOR_DTYPES}
 
-
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _parse_optional_float(value: Any) -> float | None:
-    if value is None or str(value).strip().lower() in ("none", "off", "null"):
-        return None
-    return float(value)
-
-
-_KINDS = {float: "a number", int: "an integer", _parse_bool: "true or false",
-          _parse_optional_float: "a number or none"}
+_KINDS = {float: "a number", int: "an integer", parse_bool: "true or false",
+          parse_optional_float: "a number or none"}
 
 
 @dataclass(frozen=True)
@@ -94,13 +84,13 @@ OPTIONS: dict[str, Option] = {
                    choices=BASE_OPTIMIZERS),
     "damping": Option(float, "Tikhonov damping of each Kronecker block", ("kfac", "adafisher", "eva"),
                       low=0.0),
-    "pi_damping": Option(_parse_bool, "factored pi-damping (true/false)", ("kfac",)),
+    "pi_damping": Option(parse_bool, "factored pi-damping (true/false)", ("kfac",)),
     "factor_decay": Option(float, "EMA decay of the factors", ("kfac",), low=0.0, high=1.0,
                            high_inclusive=False),
     "factor_update_every": Option(int, "update the factors every N steps", ("kfac",), low=1, integer=True),
     "inverse_update_every": Option(int, "re-factorize every N steps", ("kfac",), low=1, integer=True),
     "fisher_type": Option(str, "curvature estimate", ("kfac",), choices=FISHER_TYPES),
-    "kl_clip": Option(_parse_optional_float, "KL clipping bound (none disables)", ("kfac", "eva"), low=0.0,
+    "kl_clip": Option(parse_optional_float, "KL clipping bound (none disables)", ("kfac", "eva"), low=0.0,
                       low_inclusive=False),
     "solver": Option(str, "per-layer Kronecker solver (or the rules auto, fits)", ("kfac",)),
     "solver_map": Option(str, "per-layer solvers 'pattern=spec;...' or a JSON file", ("kfac",)),
@@ -115,7 +105,7 @@ OPTIONS: dict[str, Option] = {
                      low=0.0, high=1.0, low_inclusive=False),
     "gamma2": Option(float, "AdaFisher factor EMA weight of the new statistics", ("adafisher",), low=0.0,
                      high=1.0, low_inclusive=False),
-    "decoupled_weight_decay": Option(_parse_bool, "AdaFisherW: decoupled weight decay (true/false)",
+    "decoupled_weight_decay": Option(parse_bool, "AdaFisherW: decoupled weight decay (true/false)",
                                      ("adafisher",)),
     "update_every": Option(int, "refresh the curvature statistics every N steps", ("adafisher", "eva"),
                            low=1, integer=True),
@@ -127,16 +117,38 @@ OPTIONS: dict[str, Option] = {
                         choices=CURVATURES),
 }
 
-# Defaults per optimizer. kfac's were chosen by sweeps on digits (MLP 64-128-128-10, batch 256,
-# 30-40 epochs, seeds 0 and 1): fastest to Adam's final loss while keeping a test loss close to
-# Adam's (docs/cli.md).
+#: Keys of the ``kfac-adaptive`` spec (``kfac-adaptive:key=value,...``) that configure
+#: :class:`thermo_kfac.KFAC` itself; ``lr``/``momentum`` take a number or ``auto``/``none``
+#: (adapted). Any other key is a solver option (as for the ``kfac`` spec).
+ADAPTIVE_OPTIONS: dict[str, str] = {
+    "lr": "fixed learning rate (auto: quadratic model)",
+    "momentum": "fixed momentum (auto: quadratic model)",
+    "damping": "initial damping lambda",
+    "adapt_damping": "Levenberg-Marquardt adaptation of lambda (true/false)",
+    "damping_adaptation_every": "steps between damping adaptations (T1)",
+    "damping_decay": "omega = damping_decay ** T1",
+    "min_damping": "lower bound of lambda",
+    "max_damping": "upper bound of lambda",
+    "max_momentum": "upper bound of an adapted momentum",
+    "weight_decay": "L2 coefficient eta (also added to the damping)",
+    "curvature_examples": "examples of the batch used for the curvature products (none: all)",
+    "loss_dtype": "float64 (default), float32 or none: dtype of the loss and its output gradient",
+    "fisher_type": "empirical, mc or type2",
+    "factor_decay": "EMA decay of the Kronecker factors",
+    "factor_update_every": "update the factors every N steps",
+    "inverse_update_every": "re-prepare the solvers every N steps",
+    "solver": "per-layer Kronecker solver (eigh, cholesky, sre, rsvd, cg, thermo, ...)",
+    "pi_damping": "pi split of the factored damping (true/false)",
+    "factor_dtype": "float32 or float64",
+}
+
+# Defaults per optimizer. kfac's K-FAC and base-optimizer values are the library's
+# (thermo_kfac.defaults, the one source; docs/preconditioner.md has the table).
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
     "adam": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-    "kfac": {"base": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 0.0, "beta1": 0.9,
-             "beta2": 0.999, "eps": 1e-8, "damping": 0.1, "pi_damping": False, "factor_decay": 0.95,
-             "factor_update_every": 10, "inverse_update_every": 50, "fisher_type": "empirical",
-             "kl_clip": 1e-3, "solver": "eigh", "factor_dtype": "float32", "solver_map": None,
+    "kfac": {"base": "sgd", **BASE_OPTIMIZER_DEFAULTS["sgd"], "weight_decay": 0.0, "beta1": 0.9,
+             "beta2": 0.999, "eps": 1e-8, **KFAC_DEFAULTS, "factor_dtype": "float32", "solver_map": None,
              "hardware": "chip", "digital": "h100", "kfac_approx": "expand", "curvature": "kfac"},
 }
 # AdaFisher: the authors' defaults (lr, beta, lambda, T_cov = 100, EMA pair of their code).
@@ -146,7 +158,7 @@ OPTIMIZER_DEFAULTS["adafisher"] = {"lr": 1e-3, "beta": 0.9, "gamma1": 0.92, "gam
 OPTIMIZER_DEFAULTS["eva"] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "damping": 0.03,
                              "kl_clip": 1e-3, "stat_decay": 0.95, "update_every": 1}
 # Learning rate of kfac when its base optimizer is Adam (unless lr is given).
-KFAC_ADAM_LR = 1e-3
+KFAC_ADAM_LR = BASE_OPTIMIZER_DEFAULTS["adam"]["lr"]
 DEFAULT_EPOCHS = {"digits": 40}
 DEFAULT_BATCH_SIZE = 256
 EVAL_POINTS = 200  # default evaluations per run (time-to-target resolution)
@@ -205,19 +217,13 @@ def parse_optimizer_spec(text: str | OptimizerSpec) -> OptimizerSpec:
     check_choice("optimizer", name, OPTIMIZERS + (ADAPTIVE,))
     spec = OptimizerSpec(name, text=text.strip())
     context = f"optimizer spec {text!r}: "
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key or not value.strip():
-            raise ValueError(f"{context}{item!r} is not key=value")
-        if key in spec.options or key in spec.solver_options:
-            raise ValueError(f"{context}{key} is given twice")
+    for key, value in parse_items(rest, context).items():
         if name == ADAPTIVE:  # validated when the optimizer is built
-            (spec.options if key in SPEC_OPTIONS else spec.solver_options)[key] = value.strip()
+            (spec.options if key in ADAPTIVE_OPTIONS else spec.solver_options)[key] = value
             continue
         option = OPTIONS.get(key)
         if option is not None and name in option.optimizers:
-            spec.options[key] = check_option(key, value.strip(), context)
+            spec.options[key] = check_option(key, value, context)
         elif name == "kfac" and option is None:
             spec.solver_options[key] = parse_value(value)
         else:
@@ -245,10 +251,38 @@ def solver_option_hint(spec: OptimizerSpec) -> str:
     optimizer, and close matches."""
     if not spec.solver_options:
         return ""
-    valid = list(SPEC_OPTIONS) if spec.name == ADAPTIVE else \
+    valid = list(ADAPTIVE_OPTIONS) if spec.name == ADAPTIVE else \
         [k for k, o in OPTIONS.items() if "kfac" in o.optimizers]
     close = {k: difflib.get_close_matches(k, valid, n=1) for k in spec.solver_options}
     guesses = [f"{k!r} -> {m[0]!r}" for k, m in close.items() if m]
     hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
     return (f"{hint}; keys that are not {spec.name} options ({', '.join(valid)}) are passed to the "
             "solver as solver_options")
+
+
+def parse_adaptive_options(options: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Typed :class:`thermo_kfac.KFAC` keyword arguments of ``kfac-adaptive`` options, given as
+    ``"key=value,key=value"`` or a dict (values as text or typed).
+
+    Keys of :data:`ADAPTIVE_OPTIONS` become arguments (``auto``/``none`` for ``lr``/``momentum``
+    means adapted; dtypes by name); other keys are collected into ``solver_options``. Text values
+    are read by :func:`thermo_kfac.grammar.parse_value`; ``KFAC`` validates the rest.
+    """
+    if options is None:
+        return {}
+    items = parse_items(options, f"kfac-adaptive options {options!r}: ") if isinstance(options, str) \
+        else {str(k).strip().replace("-", "_"): v for k, v in options.items()}
+    kwargs: dict[str, Any] = {}
+    solver_options: dict[str, Any] = {}
+    for key, value in items.items():
+        if not key or (isinstance(value, str) and not value.strip()):
+            raise ValueError(f"kfac-adaptive option {key!r}: expected key=value")
+        parsed = parse_value(value) if isinstance(value, str) else value
+        if key in ("lr", "momentum") and isinstance(parsed, str) and parsed.lower() == "auto":
+            parsed = None
+        if key in ("factor_dtype", "loss_dtype") and (parsed is None or isinstance(parsed, str)):
+            parsed = parse_dtype(key, parsed, allow_none=key == "loss_dtype")
+        (kwargs if key in ADAPTIVE_OPTIONS else solver_options)[key] = parsed
+    if solver_options:
+        kwargs["solver_options"] = solver_options
+    return kwargs

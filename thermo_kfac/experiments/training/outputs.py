@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from thermo_kfac.experiments._io import atomic_write, format_seconds, jsonable, text_table
+from thermo_kfac.experiments.training.codesign import MACHINES, predicted_curve
 
 __all__ = ["CSV_COLUMNS", "format_table", "metrics_csv", "render_plots", "time_to_target", "trace_files",
            "write_results"]
@@ -95,22 +96,26 @@ def render_plots(results: dict[str, Any]) -> dict[str, bytes]:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    priced = any(r.get("predicted_step_s") for r in runs)  # the co-design panel (codesign.py)
+    fig, axes = plt.subplots(1, 3 if priced else 2, figsize=(16.5 if priced else 11, 4.2))
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
-        for ax, x_key in zip(axes, ("step", "wall_time_s"), strict=True):
+        for ax, x_key in zip(axes, ("step", "wall_time_s"), strict=False):
             ax.plot(*series(run, "train_loss", x_key), color=color, alpha=0.25, lw=0.8)
             ax.plot(*series(run, "eval_train_loss", x_key), color=color, lw=1.6,
                     label=f"{run['label']} train")
             ax.plot(*series(run, "test_loss", x_key), color=color, lw=1.2, ls="--",
                     label=f"{run['label']} test")
-    for ax, xlabel in zip(axes, ("step", "training wall time [s]"), strict=True):
+    for ax, xlabel in zip(axes, ("step", "training wall time [s]"), strict=False):
         if results.get("target_loss"):
             ax.axhline(results["target_loss"], color="gray", lw=0.8, ls=":", label="target")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("loss")
         positive(ax)
     axes[0].legend(fontsize=8)
+    if priced:
+        _predicted_panel(axes[2], results, colors)
+        positive(axes[2])
     fig.suptitle(_title(results) + " (faint: batch loss)")
     fig.tight_layout()
     files["loss.png"] = _png(fig)
@@ -135,16 +140,16 @@ def render_plots(results: dict[str, Any]) -> dict[str, bytes]:
 
     if results.get("command") == "compare":
         panels = ["eval_train_loss", "test_loss"] + (["test_accuracy"] if classification else [])
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+        fig, axes = plt.subplots(1, len(panels) + priced, figsize=(5 * (len(panels) + priced), 4.2))
         for i, run in enumerate(runs):
             color = colors[i % len(colors)]
-            for ax, key in zip(axes, panels, strict=True):
+            for ax, key in zip(axes, panels, strict=False):
                 ax.plot(*series(run, key, "wall_time_s"), color=color, lw=1.6, label=run["label"])
             if run.get("time_to_target_s") is not None:
                 axes[0].axvline(run["time_to_target_s"], color=color, lw=0.8, ls=":")
         titles = {"eval_train_loss": "training loss", "test_loss": "test loss",
                   "test_accuracy": "test accuracy"}
-        for ax, key in zip(axes, panels, strict=True):
+        for ax, key in zip(axes, panels, strict=False):
             ax.set_xlabel("training wall time [s]")
             ax.set_title(titles[key])
             if key == "test_accuracy":
@@ -154,10 +159,49 @@ def render_plots(results: dict[str, Any]) -> dict[str, bytes]:
         if results.get("target_loss"):
             axes[0].axhline(results["target_loss"], color="gray", lw=0.8, ls=":", label="target")
         axes[0].legend(fontsize=8)
+        if priced:
+            _predicted_panel(axes[-1], results, colors)
+            positive(axes[-1])
         fig.suptitle(_title(results) + " (dotted: time to target)")
         fig.tight_layout()
         files["compare.png"] = _png(fig)
     return files
+
+
+def _hardware_to_target(run: dict[str, Any]) -> str:
+    """``"digital / hybrid"`` predicted time to target of a run (``-``: not priced there)."""
+    reached = run.get("predicted_time_to_target_s")
+    if not reached:
+        return "-"
+    if all(v is None for v in reached.values()):
+        return "not reached"
+    return " / ".join(format_seconds(reached.get(m)) for m in ("digital", "hybrid"))
+
+
+def _predicted_panel(ax: Any, results: dict[str, Any], colors: list[str]) -> None:
+    """Training loss against the predicted hardware time: per priced run one curve per machine
+    (solid: the all-digital preset, dashed: the hybrid machine); first-order runs on the digital
+    preset only. Dotted verticals: predicted time to target."""
+    styles = {"digital": "-", "hybrid": "--"}
+    for i, run in enumerate(results["runs"]):
+        color = colors[i % len(colors)]
+        curves = {m: predicted_curve(run, m) for m in MACHINES}
+        same = curves["hybrid"] == curves["digital"]  # no analog layer: one curve for both
+        for machine in MACHINES:
+            xs, ys = curves[machine]
+            if not xs or (machine == "hybrid" and same):
+                continue
+            ax.plot(xs, ys, color=color, lw=1.6, ls=styles[machine],
+                    label=f"{run['label']} (digital {run['predicted_preset']}{' = hybrid' if same else ''})"
+                    if machine == "digital" else f"{run['label']} (hybrid)")
+            reached = (run.get("predicted_time_to_target_s") or {}).get(machine)
+            if reached is not None:
+                ax.axvline(reached, color=color, lw=0.6, ls=":")
+    if results.get("target_loss"):
+        ax.axhline(results["target_loss"], color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("predicted hardware time [s]")
+    ax.set_title("training loss vs predicted hardware time")
+    ax.legend(fontsize=7)
 
 
 def _title(results: dict[str, Any]) -> str:
@@ -194,6 +238,9 @@ def format_table(results: dict[str, Any]) -> str:
         header += ["hw digital/step", "hw hybrid/step"]
     if target is not None:
         header += ["to target s", "speed-up"]
+    on_hardware = any(r.get("predicted_time_to_target_s") for r in runs)
+    if on_hardware:
+        header.append("hw to target digital / hybrid")
     rows = []
 
     def number(value: Any, fmt: str) -> str:
@@ -214,6 +261,8 @@ def format_table(results: dict[str, Any]) -> str:
             ttt = run.get("time_to_target_s")
             row.append("not reached" if ttt is None else f"{ttt:.2f}")
             row.append(f"{reference / ttt:.2f}x" if reference is not None and ttt else "-")
+        if on_hardware:
+            row.append(_hardware_to_target(run))
         rows.append(row)
     lines = text_table(header, rows).splitlines()
     if target is not None:
@@ -222,6 +271,11 @@ def format_table(results: dict[str, Any]) -> str:
     if predicted:
         lines.append("hw digital/hybrid: predicted K-FAC curvature time per step of the all-digital "
                      "machine and of the hybrid one (analog layers on the thermodynamic device)")
+    if on_hardware:
+        presets = sorted({r["predicted_preset"] for r in runs if r.get("predicted_preset")})
+        lines.append(f"hw to target: predicted time of the whole steps to the target (forward, backward "
+                     f"and update on {', '.join(presets)} plus the curvature work) on the all-digital / "
+                     "the hybrid machine; first-order runs on the digital preset")
     for run in runs:
         used = {layer: n for layer, n in (run.get("fallbacks") or {}).items() if n}
         if used:

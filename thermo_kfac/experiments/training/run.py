@@ -12,25 +12,29 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hw_models.units import format_seconds
 from hw_models.validation import check_choice
 from thermo_kfac import KFAC
 from thermo_kfac.data import Dataset
 from thermo_kfac.distributed import DistributedConfig
 from thermo_kfac.experiments.launch import global_mean, shard, wrap_model
+from thermo_kfac.experiments.progress import LineThrottle, print_line, resolve_progress
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import ADAPTIVE, LOSSES, OptimizerSpec
+from thermo_kfac.experiments.training.tensorboard import TensorBoardLogger
 from thermo_kfac.layer_pricing import AutoSolver
 from thermo_kfac.models import build_model
 from thermo_kfac.trace import TraceRecorder
 
 __all__ = ["MAX_EVAL_EXAMPLES", "WARMUP_STEPS", "TrainingRun", "evaluate", "loss_function",
-           "train_interleaved"]
+           "progress_line", "train_interleaved"]
 
 MAX_EVAL_EXAMPLES = 10_000  # the "full training set" loss uses at most this many examples
 WARMUP_STEPS = 5
@@ -110,6 +114,8 @@ class TrainingRun:
         batch_size, seed, device: as in :func:`~thermo_kfac.experiments.training.compare`.
         distributed: the K-FAC work split inside a process group (None: the default).
         warmup_steps: untimed steps before the run (0: none).
+        tensorboard: a folder for TensorBoard event files (the run writes its scalars to a
+            subfolder named after its label; :mod:`~.tensorboard`); None: none.
 
     Attributes:
         model: the trained module (not wrapped); optimizer: the torch optimizer;
@@ -121,7 +127,8 @@ class TrainingRun:
     def __init__(self, data: Dataset, model_name: str, model_options: dict[str, Any],
                  spec: OptimizerSpec, options: dict[str, Any], *, loss: str, steps: int,
                  batch_size: int, seed: int, eval_every: int, device: torch.device,
-                 distributed: DistributedConfig | None = None, warmup_steps: int = WARMUP_STEPS) -> None:
+                 distributed: DistributedConfig | None = None, warmup_steps: int = WARMUP_STEPS,
+                 tensorboard: str | Path | None = None) -> None:
         torch.manual_seed(seed)  # same initial parameters for every run
         self.model = build_model(model_name, data, **model_options).to(device)
         trained = wrap_model(self.model)  # DDP inside a process group, else the model
@@ -145,6 +152,7 @@ class TrainingRun:
             "model": model_name, "dataset": data.name, "optimizer": spec.label, "options": dict(options)})
             if spec.name == "kfac" and self.preconditioner is not None else None)
         self.initial = self.evaluation()
+        self.tensorboard = None if tensorboard is None else TensorBoardLogger(tensorboard, spec.label)
         self._warm_up(data, model_name, model_options, batch_size, seed, device, distributed, warmup_steps)
 
     @property
@@ -193,6 +201,9 @@ class TrainingRun:
         if step % self.eval_every == 0 or step == self.steps or self.diverged:
             record.update(self.evaluation())
         self.history.append(record)
+        if self.tensorboard is not None:
+            self.tensorboard.log_step(record, None if self.preconditioner is None else
+                                      self.preconditioner.last_report.get("solver_reports"))
         return record
 
     def run(self) -> None:
@@ -249,9 +260,17 @@ class TrainingRun:
         return None if self.recorder is None else self.recorder.to_dict()
 
     def close(self) -> None:
-        """Remove the preconditioner's hooks from the model (the run takes no more steps)."""
+        """Remove the preconditioner's hooks from the model and close the TensorBoard writer
+        (the run takes no more steps)."""
         if self.preconditioner is not None:
             self.preconditioner.remove_hooks()
+        self.close_log()
+
+    def close_log(self) -> None:
+        """Flush and close the run's TensorBoard event file (if any)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def _warm_up(self, data: Dataset, model_name: str, model_options: dict[str, Any], batch_size: int,
                  seed: int, device: torch.device, distributed: DistributedConfig | None, steps: int) -> None:
@@ -272,34 +291,64 @@ class TrainingRun:
             torch.random.set_rng_state(rng)
 
 
-def _progress_bar(total: int, label: str, enabled: bool, position: int = 0) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class _RunProgress:
+    """Progress of interleaved runs: a tqdm bar per run, or a plain line per run every few
+    steps/seconds (:mod:`thermo_kfac.experiments.progress`), or nothing."""
 
-    return tqdm(total=total, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True,
-                position=position)
+    def __init__(self, runs: Sequence[TrainingRun], mode: str) -> None:
+        self.mode = mode
+        self.bars: list[Any] = []
+        self.throttles = [LineThrottle(r.steps) for r in runs]
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bars = [tqdm(total=r.steps, desc=r.spec.label, unit="step", file=sys.stderr,
+                              dynamic_ncols=True, position=i) for i, r in enumerate(runs)]
+
+    def update(self, index: int, run: TrainingRun, record: dict[str, Any]) -> None:
+        if self.mode == "bar":
+            bar = self.bars[index]
+            bar.update(1)
+            if record["step"] % 10 == 0 or run.done:
+                postfix = {"loss": f"{record['train_loss']:.4f}",
+                           "ms/step": f"{1e3 * run.wall / record['step']:.2f}"}
+                if "train_accuracy" in record:
+                    postfix["acc"] = f"{record['train_accuracy']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+        elif self.mode == "lines" and self.throttles[index].due(record["step"], final=run.done):
+            print_line(progress_line(run, record))
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
 
 
-def train_interleaved(runs: Sequence[TrainingRun], progress: bool = False) -> None:
+def progress_line(run: TrainingRun, record: dict[str, Any]) -> str:
+    """One plain progress line of a run: step, loss, accuracy, ms/step, predicted hardware time."""
+    parts = [f"{run.spec.label}: step {record['step']}/{run.steps}",
+             f"loss {record['train_loss']:.4g}"]
+    if "train_accuracy" in record:
+        parts.append(f"acc {record['train_accuracy']:.3f}")
+    parts.append(f"{1e3 * run.wall / record['step']:.2f} ms/step")
+    if "predicted_digital_s" in record:
+        parts.append(f"predicted curvature/step digital {format_seconds(record['predicted_digital_s'])}, "
+                     f"hybrid {format_seconds(record['predicted_hybrid_s'])}")
+    if run.diverged:
+        parts.append("diverged")
+    return ", ".join(parts)
+
+
+def train_interleaved(runs: Sequence[TrainingRun], progress: str | bool = False) -> None:
     """Advance all runs step by step, round robin (A B A B ...), so that load changes on the
-    machine affect every run alike; a diverged run drops out. ``progress``: a tqdm bar per run."""
-    bars = [_progress_bar(r.steps, r.spec.label, progress, position=i) for i, r in enumerate(runs)]
+    machine affect every run alike; a diverged run drops out. ``progress``: a ``--progress`` mode
+    (``auto``, ``bar``, ``lines``, ``none``; ``True`` is ``auto``, ``False`` ``none``)."""
+    display = _RunProgress(runs, resolve_progress(progress))
     try:
         while any(not r.done for r in runs):
-            for run, bar in zip(runs, bars, strict=True):
+            for index, run in enumerate(runs):
                 if run.done:
                     continue
                 record = run.step()
-                if bar is not None:
-                    bar.update(1)
-                    if record["step"] % 10 == 0 or run.done:
-                        postfix = {"loss": f"{record['train_loss']:.4f}",
-                                   "ms/step": f"{1e3 * run.wall / record['step']:.2f}"}
-                        if "train_accuracy" in record:
-                            postfix["acc"] = f"{record['train_accuracy']:.3f}"
-                        bar.set_postfix(postfix, refresh=False)
+                display.update(index, run, record)
     finally:
-        for bar in bars:
-            if bar is not None:
-                bar.close()
+        display.close()
