@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hw_models.validation import check_choice, check_positive
+from thermo_kfac.kron_layers import KronLinear as KronLinear  # re-exported: thermo_kfac.models.KronLinear
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
