@@ -109,7 +109,7 @@ class KFACPreconditioner:
             qualified name matches (``re.search``, first match wins).
         linear_maps: ``{name: weight}`` or ``{name: (weight, bias)}``: extra parameters used as
             linear maps through :func:`thermo_kfac.capture.linear_map` in the model's forward
-            (see :meth:`register_linear_map`); modules listing theirs (``module_linear_maps``) are added.
+            (see :meth:`register_linear_map`); ``kfac_linear_maps()`` of modules (KronLinear) are added.
         mc_samples: labels drawn per example for ``fisher_type="mc"``.
         seed: seed of the preconditioner's own generator (MC labels).
         fallback_solver: digital solver (name, class or instance) used for a layer's step when
