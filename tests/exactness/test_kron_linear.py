@@ -87,6 +87,7 @@ def test_kronecker_adapter_starts_at_the_frozen_base_and_is_registered():
     assert not base.weight.requires_grad and not base.bias.requires_grad
     precond = KFACPreconditioner(model, loss="mse")
     assert sorted(precond.layers) == ["0.A", "0.B", "2"]  # the frozen base is not registered
+    assert KFACPreconditioner(model, loss="mse", skip=[r"^0$"]).layers == ["2"]  # skip= applies
     with torch.no_grad():
         model[0].B.normal_()
     torch.testing.assert_close(model[0](x), base(x) + 0.5 * F.linear(x, torch.kron(model[0].A, model[0].B)))
