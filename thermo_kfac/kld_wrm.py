@@ -176,6 +176,11 @@ class KLDWRM(torch.optim.Optimizer):
             layer.A_bar.mul_(self.rho).add_(A_loc, alpha=1 - self.rho)
             layer.G_bar.mul_(self.rho).add_(G_loc, alpha=1 - self.rho)
         layer.A_loc, layer.G_loc = A_loc, G_loc
+        self._rebuild(layer)
+
+    def _rebuild(self, layer: _Layer) -> None:
+        """The damped factors and what the step solves with, from the layer's current factors."""
+        A_loc, G_loc = layer.A_loc, layer.G_loc
         root = math.sqrt(self.damping)
         A_d = layer.A_bar + root * torch.eye(len(A_loc), dtype=A_loc.dtype, device=A_loc.device)
         G_d = layer.G_bar + root * torch.eye(len(G_loc), dtype=G_loc.dtype, device=G_loc.device)
@@ -294,6 +299,29 @@ class KLDWRM(torch.optim.Optimizer):
             if layer.name == name:
                 return layer
         raise ValueError(f"no preconditioned layer named {name!r}; layers: {self.layers}")
+
+    _SAVED = ("A_bar", "G_bar", "A_loc", "G_loc", "wake")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["kld_wrm"] = {"steps": self.steps, "variant": self.variant, "layers": {
+            layer.name: {k: getattr(layer, k) for k in self._SAVED} for layer in self._layers}}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("kld_wrm")
+        if set(saved["layers"]) != set(self.layers) or saved["variant"] != self.variant:
+            raise ValueError(f"state_dict of variant {saved['variant']!r} with layers "
+                             f"{sorted(saved['layers'])} does not match {self.variant!r}, {self.layers}")
+        super().load_state_dict(state_dict)
+        self.steps = int(saved["steps"])
+        for layer in self._layers:
+            for key, value in saved["layers"][layer.name].items():
+                setattr(layer, key, None if value is None else value.clone())
+            layer.solve = {}
+            if layer.A_bar is not None:
+                self._rebuild(layer)  # the factors only change at a refresh, so this is that solve
 
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model."""

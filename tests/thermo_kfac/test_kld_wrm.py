@@ -166,3 +166,33 @@ def test_compare_runs_kld_wrm_kfac_and_adam_on_digits(tmp_path, monkeypatch, cap
         assert math.isfinite(run["final_train_loss"])
         assert run["final_train_loss"] < run["history"][0]["train_loss"]  # it trains
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("variant", ["so", "q"])
+def test_state_dict_resumes_bitwise(variant):
+    import copy
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(D)
+        return model, KLDWRM(model, lr=2.0, variant=variant, momentum=0.5, update_every=2)
+
+    def run(model, opt, steps):
+        for i in steps:
+            x, y = _batch(i)
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+
+    model, opt = make()
+    run(model, opt, range(5))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    run(model, opt, range(5, 9))
+    model2, opt2 = make()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    run(model2, opt2, range(5, 9))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
+    other = KLDWRM(nn.Linear(5, 3).to(D), variant=variant)
+    with pytest.raises(ValueError, match="does not match"):
+        other.load_state_dict(saved[1])
