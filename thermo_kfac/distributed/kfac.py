@@ -11,6 +11,7 @@ from torch import nn
 
 from thermo_kfac.distributed.communication import Communicator, PendingReduction
 from thermo_kfac.distributed.config import DistributedConfig
+from thermo_kfac.distributed.overlap import BackwardFactorReduction
 from thermo_kfac.distributed.placement import assign_layers, layer_solve_tasks
 from thermo_kfac.layers import PreconditionedGradient, StepHooks
 from thermo_kfac.solvers.base import digital_method_of
@@ -54,14 +55,23 @@ class DistributedKFAC(StepHooks):
         self._pending: PendingReduction | None = None
         self._dirty = False  # local factors changed since the last reduction
         self._ready: set[str] = set()  # layers whose owner holds a prepared solver (mem_opt)
+        self.overlap: BackwardFactorReduction | None = None
+        if config.overlap_backward:
+            if precond.fisher_type != "empirical":
+                raise ValueError(f"overlap_backward=True needs fisher_type='empirical', got "
+                                 f"{precond.fisher_type!r} (its extra backward passes are not followed)")
+            self.overlap = BackwardFactorReduction(self.comm, layers)
 
     # -------------------------------------------------------------------- step hooks
     def owns(self, name: str) -> bool:
         return name in self.owned
 
     def begin_step(self, precond: KFACPreconditioner) -> None:
-        """Finish a pending factor reduction; average gradients if DDP did not."""
+        """Finish a pending factor (or, overlapped, statistics) reduction; average gradients if DDP
+        did not."""
         self.wait()
+        if self.overlap is not None:
+            self.overlap.wait()
         if self.average_gradients:
             grads = [p.grad for p in precond.model.parameters() if p.grad is not None]
             if grads:
@@ -74,6 +84,8 @@ class DistributedKFAC(StepHooks):
 
     def factors_updated(self, precond: KFACPreconditioner, inverse_update: bool) -> None:
         """After a factor update: launch the (asynchronous) all-reduce unless it is deferred."""
+        if self.overlap is not None:
+            return  # the statistics were averaged before the update: the factors are global
         self._dirty = True
         if not self.config.defer_factor_reduction or inverse_update:
             self.reduce_factors(precond, async_op=not inverse_update)
@@ -195,8 +207,11 @@ class DistributedKFAC(StepHooks):
 
     def report(self) -> dict[str, Any]:
         """Communication so far and the placement, for ``precond.last_report``."""
-        return {"bytes": dict(self.comm.bytes), "collectives": dict(self.comm.collectives),
-                "owned_layers": sorted(self.owned), "makespan_s": self.placement.makespan_s}
+        report = {"bytes": dict(self.comm.bytes), "collectives": dict(self.comm.collectives),
+                  "owned_layers": sorted(self.owned), "makespan_s": self.placement.makespan_s}
+        if self.overlap is not None:
+            report["overlap"] = self.overlap.report()
+        return report
 
 
 def check_resume(state: dict[str, Any], world_size: int) -> None:
