@@ -22,6 +22,7 @@ from thermo_kfac.experiments import launch
 from thermo_kfac.models import RecurrentLayer
 
 STEPS, BATCH = 4, 16
+KINDS = ("mlp", "rnn", "mlp-accum")
 
 
 class _RNN(nn.Module):
@@ -43,8 +44,10 @@ def _model(kind: str) -> nn.Module:
 
 
 def _train(kind: str, overlap: bool | None) -> dict[str, Any]:
-    """``overlap`` None: no process group (the reference); else the DistributedConfig flag."""
-    model = _model(kind)
+    """``overlap`` None: no process group (the reference); else the DistributedConfig flag.
+    ``kind`` "mlp-accum": two backward passes (halves of the batch) per step."""
+    model = _model(kind.removesuffix("-accum"))
+    parts = 2 if kind.endswith("-accum") else 1
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     precond = KFACPreconditioner(
         model, loss="cross_entropy", damping=0.1, factor_decay=0.9, factor_update_every=1,
@@ -56,7 +59,8 @@ def _train(kind: str, overlap: bool | None) -> dict[str, Any]:
     for step in range(STEPS):
         x, y = (xs[step], ys[step]) if overlap is None else launch.shard(xs[step], ys[step])
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        for xp, yp in zip(x.chunk(parts), y.chunk(parts), strict=True):
+            (F.cross_entropy(model(xp), yp) / parts).backward()
         precond.step()
         opt.step()
     return {"params": [p.detach().clone() for p in model.parameters()],
@@ -69,7 +73,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results: dict[Any, Any] = {(kind, overlap): _train(kind, overlap) for kind in ("mlp", "rnn")
+        results: dict[Any, Any] = {(kind, overlap): _train(kind, overlap) for kind in KINDS
                                    for overlap in (True, False)}
         try:
             KFACPreconditioner(_model("mlp"), fisher_type="mc",
@@ -87,7 +91,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[Any, Any]:
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("overlap")
-    results: dict[Any, Any] = {"serial": {kind: _train(kind, None) for kind in ("mlp", "rnn")}}
+    results: dict[Any, Any] = {"serial": {kind: _train(kind, None) for kind in KINDS}}
     for world in (1, 2):
         out = folder / f"world{world}.pt"
         mp.start_processes(_worker, args=(world, launch.free_port(), str(out)), nprocs=world, join=True,
@@ -97,7 +101,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[Any, Any]:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("kind", ["mlp", "rnn"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_overlapped_reduction_gives_the_serial_result(runs, world, kind):
     reference = runs["serial"][kind]
     run = runs[world][(kind, True)]
@@ -122,6 +126,12 @@ def test_every_layer_is_reduced_from_the_backward_pass(runs, kind):
     assert 0.0 <= overlap["overlap_fraction"] <= 1.0
     assert report["bytes"]["factor_statistics"] > 0 and "factors" not in report["bytes"]
     assert "factor_statistics" not in runs[2][(kind, False)]["report"]["bytes"]
+
+
+def test_gradient_accumulation_relaunches_the_reduction(runs):
+    # the second backward pass of a step replaces the statistics: each layer is launched twice
+    overlap = runs[2][("mlp-accum", True)]["report"]["overlap"]
+    assert overlap["launched_in_backward"] == 2 * STEPS * 3 and overlap["reduced_in_step"] == 0
 
 
 def test_overlap_needs_the_empirical_fisher(runs):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from thermo_kfac.distributed.communication import Communicator, PendingReduction
 
 if TYPE_CHECKING:
@@ -35,9 +37,11 @@ class BackwardFactorReduction:
 
     def __init__(self, comm: Communicator, table: LayerTable) -> None:
         self.comm = comm
-        self.states = [state for _, state in table.items()]
+        self.states = list({id(state): state for _, state in table.items()}.values())  # tied: once
         self._pending: list[tuple[LayerState, PendingReduction]] = []
-        self._launched: set[int] = set()
+        # id(state) -> the (a_sum, g_sum) tensors whose reduction was launched: another backward
+        # before step() (gradient accumulation) replaces them, and they are launched again
+        self._launched: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.launched = 0          # layers reduced from the backward pass, over all steps
         self.finished_early = 0    # ... whose all-reduce had completed when step() began
         self.reduced_in_step = 0   # layers reduced in wait() (statistics incomplete at backward end)
@@ -45,10 +49,15 @@ class BackwardFactorReduction:
         for state in self.states:
             state.on_statistics.append(self._launch)
 
+    def _current(self, state: LayerState) -> bool:
+        """Whether the launched reduction of ``state`` covers its statistics as they are now."""
+        launched = self._launched.get(id(state))
+        return launched is not None and launched[0] is state.a_sum and launched[1] is state.g_sum
+
     def _launch(self, state: LayerState) -> None:
-        if id(state) in self._launched or state.a_sum is None or state.g_sum is None:
+        if state.a_sum is None or state.g_sum is None or self._current(state):
             return
-        self._launched.add(id(state))
+        self._launched[id(state)] = (state.a_sum, state.g_sum)
         pending = self.comm.allreduce_mean([state.a_sum, state.g_sum], "factor_statistics",
                                            symmetric=True, async_op=True)
         self._pending.append((state, pending))
@@ -60,13 +69,13 @@ class BackwardFactorReduction:
         for _, pending in self._pending:
             self.finished_early += int(all(work.is_completed() for work in pending.works))
             pending.wait()
-        late = [state for state in self.states if id(state) not in self._launched
+        late = [state for state in self.states if not self._current(state)
                 and state.a_sum is not None and state.g_sum is not None]
         if late:
             self.comm.allreduce_mean([m for s in late for m in (s.a_sum, s.g_sum)], "factor_statistics",
                                      symmetric=True)
             self.reduced_in_step += len(late)
-        self._pending, self._launched = [], set()
+        self._pending, self._launched = [], {}
         self.wait_s += time.perf_counter() - start
 
     def report(self) -> dict[str, Any]:
