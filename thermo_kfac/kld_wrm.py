@@ -24,12 +24,19 @@ with factored damping ``(G_bar + sqrt(gamma) I) (x) (A_bar + sqrt(gamma) I)``:
   closed form ``rho r_{k-1} = -rho lr_{k-1} (g_{k-1} + F_{k-1} s_{k-1})``. The sum of two
   Kronecker products is inverted exactly by the simultaneous diagonalisation of
   ``(A_bar_gamma, A_k)`` and ``(G_bar_gamma, G_k)`` (two ``eigh`` per factor);
+* ``"qe"`` (QE-KLD-WRM): the Q step is the starting point of ``qe_steps`` inner SGD iterations
+  (step ``qe_lr_factor lr``, per-parameter gradient RMS clipped to ``qe_clip``) on the sub-problem
+  with the *exact* KL to the last ``qe_models`` models on the current batch instead of its
+  quadratic expansion: ``g_k^T s + s^T F_k s / 2 + (1 / (2 lr)) W``, ``W`` the rho-weighted
+  average (recursively ``W <- rho W + (1 - rho) KL_j``, oldest first) of the symmetric KL between
+  the softmax outputs (``qe_output="softmax"``, logits over dim 1) or ``|f - f_j|^2 / 2``
+  (``"gaussian"``) of the model and model ``j``. The batch is the model's latest training input
+  (a forward pre-hook keeps it); until ``qe_models`` models are stored the step is Q's.
 * ``"kfac"``: ``r = 0``, i.e. EA-CM K-FAC in the same code (the ablation).
 
-The wake vector tracks the displacement actually taken (after the KL clip and momentum), so it
-stays the wake of the models visited even when a step is not the exact minimiser. The paper's
-third instantiation (QE-KLD-WRM: inner SGD iterations on the exact KL to stored previous
-networks) is not implemented. Parameters outside the preconditioned layers get SGD with momentum.
+The wake vector tracks the displacement actually taken (after the KL clip, momentum and QE's
+inner iterations), so it stays the wake of the models visited even when a step is not the exact
+minimiser. Parameters outside the preconditioned layers get SGD with momentum.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.capture import (
@@ -52,7 +60,8 @@ from thermo_kfac.capture import (
     remove_handles,
 )
 
-VARIANTS = ("so", "q", "kfac")
+VARIANTS = ("so", "q", "qe", "kfac")
+QE_OUTPUTS = ("softmax", "gaussian")
 
 
 @dataclass
@@ -98,7 +107,7 @@ class KLDWRM(torch.optim.Optimizer):
         model: every ``nn.Linear`` and ``nn.Conv2d`` (groups=1) whose weight requires grad is
             preconditioned unless matched by ``skip``.
         lr: ``1 / lambda``, the weight of the loss against the wake (a scheduler may change it).
-        variant: ``"so"``, ``"q"`` or ``"kfac"`` (module docs).
+        variant: ``"so"``, ``"q"``, ``"qe"`` or ``"kfac"`` (module docs).
         stat_decay: ``rho``, the EMA decay of the factors and the wake's decay.
         damping: ``gamma``, added to each wake model's curvature (factored: ``sqrt(gamma)`` per factor).
         kl_clip: scale a step down to ``sum_l s^T (F_bar + gamma) s <= kl_clip`` (None: never).
@@ -107,12 +116,16 @@ class KLDWRM(torch.optim.Optimizer):
         update_every: refresh the factors and their decompositions every this many steps.
         batch_averaged: the loss is a mean over the batch (output gradients carry ``1/N``).
         skip: regular expressions of layers left to SGD.
+        qe_steps, qe_lr_factor, qe_clip, qe_models, qe_output: QE's inner iterations, their step
+            (times ``lr``), gradient RMS clip per parameter, the stored models and the output
+            divergence (``"softmax"`` or ``"gaussian"``).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.1, variant: str = "so", stat_decay: float = 0.95,
                  damping: float = 0.1, kl_clip: float | None = 1e-3, momentum: float = 0.0,
                  weight_decay: float = 0.0, update_every: int = 1, batch_averaged: bool = True,
-                 skip: str | Sequence[str] = ()) -> None:
+                 skip: str | Sequence[str] = (), qe_steps: int = 10, qe_lr_factor: float = 0.1,
+                 qe_clip: float | None = 1.5, qe_models: int = 3, qe_output: str = "softmax") -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_positive("lr", lr)
@@ -126,6 +139,17 @@ class KLDWRM(torch.optim.Optimizer):
         if not isinstance(batch_averaged, bool):
             raise ValueError(f"batch_averaged={batch_averaged!r} must be True or False")
         self.batch_averaged = batch_averaged
+        self.qe_steps = check_positive("qe_steps", qe_steps, integer=True, allow_zero=True)
+        self.qe_lr_factor = check_positive("qe_lr_factor", qe_lr_factor)
+        self.qe_clip = None if qe_clip is None else check_positive("qe_clip", qe_clip)
+        self.qe_models = check_positive("qe_models", qe_models, integer=True)
+        self.qe_output = check_choice("qe_output", qe_output, QE_OUTPUTS)
+        self.model = model
+        self._inputs: tuple[Any, ...] | None = None
+        self._in_qe = False  # QE's inner forwards: no capture
+        self._snapshots: list[dict[str, torch.Tensor]] = []
+        self._input_handle = (model.register_forward_pre_hook(self._keep_inputs) if self.variant == "qe"
+                              else None)
         self.steps = 0
         self.last_kl_scale = 1.0
         self._layers: list[_Layer] = []
@@ -146,7 +170,12 @@ class KLDWRM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ capture
     def _capturing(self) -> bool:
-        return self.steps % self.update_every == 0
+        return not self._in_qe and self.steps % self.update_every == 0
+
+    def _keep_inputs(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """QE: the latest training batch, the sub-problem's data."""
+        if module.training and torch.is_grad_enabled() and not self._in_qe:
+            self._inputs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
     def _hooks(self, layer: _Layer):
         adapter = layer.adapter
@@ -185,7 +214,7 @@ class KLDWRM(torch.optim.Optimizer):
         A_d = layer.A_bar + root * torch.eye(len(A_loc), dtype=A_loc.dtype, device=A_loc.device)
         G_d = layer.G_bar + root * torch.eye(len(G_loc), dtype=G_loc.dtype, device=G_loc.device)
         solve = {"A": A_d, "G": G_d}
-        if self.variant == "q":
+        if self.variant in ("q", "qe"):
             solve["K_A"], solve["s_A"] = two_term_basis(A_d, A_loc)
             solve["K_G"], solve["s_G"] = two_term_basis(G_d, G_loc)
         else:
@@ -200,7 +229,7 @@ class KLDWRM(torch.optim.Optimizer):
 
     def _direction(self, layer: _Layer, rhs: torch.Tensor, lr: float) -> torch.Tensor:
         solve = layer.solve
-        if self.variant == "q":
+        if self.variant in ("q", "qe"):
             return -two_term_solve(rhs, solve["K_G"], solve["s_G"], solve["K_A"], solve["s_A"], lr)
         return -(solve["G_inv"] @ rhs @ solve["A_inv"])
 
@@ -214,6 +243,9 @@ class KLDWRM(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         lr, wd = group["lr"], group["weight_decay"]
+        qe = self.variant == "qe" and self.qe_steps and len(self._snapshots) == self.qe_models \
+            and self._inputs is not None
+        start = self._qe_start(wd) if qe else None
         steps: dict[str, torch.Tensor] = {}
         for layer in self._layers:
             if layer.a_stat is not None and layer.g_stat is not None and layer.a_rows:
@@ -243,8 +275,69 @@ class KLDWRM(torch.optim.Optimizer):
                 moved = self.curvature_product(layer.name, taken)
                 layer.wake = moved if layer.wake is None else layer.wake.mul_(self.rho).add_(moved)
         self._sgd_rest(group, done)
+        if start is not None:
+            self._qe_iterations(group, *start)
+        if self.variant == "qe":
+            self._snapshots = (self._snapshots + [{n: p.detach().clone() for n, p in
+                                                  self.model.named_parameters()}])[-self.qe_models:]
         self.steps += 1
         return loss
+
+    # ------------------------------------------------------------------ QE-KLD-WRM
+    def _qe_start(self, wd: float) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+        """``g_k`` of every parameter (with weight decay) and ``theta_k`` of every layer."""
+        grads = {id(p): (p.grad + wd * p if wd else p.grad).detach().clone()
+                 for group in self.param_groups for p in group["params"] if p.grad is not None}
+        return grads, {layer.name: self._param_matrix(layer) for layer in self._layers}
+
+    def _divergence(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.qe_output == "gaussian":
+            return 0.5 * (out - target).square().flatten(1).sum(1).mean()
+        log_p, log_q = torch.log_softmax(out, dim=1), torch.log_softmax(target, dim=1)
+        sym = 0.5 * (log_p.exp() - log_q.exp()) * (log_p - log_q)  # (KL(p|q) + KL(q|p)) / 2
+        return sym.sum(dim=1).mean()
+
+    def _qe_iterations(self, group: dict[str, Any], g_k: dict[int, torch.Tensor],
+                       theta_k: dict[str, torch.Tensor]) -> None:
+        """SGD on ``g_k^T s + s^T F_k s / 2 + W / (2 lr)`` from the Q step (module docs)."""
+        lr = group["lr"]
+        params = [p for p in group["params"] if id(p) in g_k]
+        after_q = {layer.name: self._param_matrix(layer) for layer in self._layers if layer.solve}
+        self._in_qe = True
+        try:
+            with torch.no_grad():
+                targets = [functional_call(self.model, snap, self._inputs) for snap in self._snapshots]
+            for _ in range(self.qe_steps):
+                with torch.enable_grad():
+                    out = self.model(*self._inputs)
+                    wake = None
+                    for target in targets:  # oldest first
+                        kl = self._divergence(out, target)
+                        wake = kl if wake is None else self.rho * wake + (1 - self.rho) * kl
+                    kl_grads = torch.autograd.grad(wake / (2 * lr), params, allow_unused=True)
+                total = {id(p): g_k[id(p)] + (0 if g is None else g)
+                         for p, g in zip(params, kl_grads, strict=True)}
+                for layer in self._layers:
+                    if layer.name not in after_q or layer.A_loc is None:
+                        continue
+                    curv = layer.G_loc @ (self._param_matrix(layer) - theta_k[layer.name]) @ layer.A_loc
+                    w, b = layer.adapter.weight, layer.adapter.bias
+                    n_w = w[0].numel()
+                    total[id(w)] = total[id(w)] + curv[:, :n_w].reshape(w.shape).to(w.dtype)
+                    if b is not None:
+                        total[id(b)] = total[id(b)] + curv[:, n_w].to(b.dtype)
+                for p in params:
+                    d = total[id(p)]
+                    if self.qe_clip is not None:
+                        rms = float(d.norm()) / math.sqrt(d.numel())
+                        d = d * min(1.0, self.qe_clip / rms) if rms > 0 else d
+                    p.sub_(self.qe_lr_factor * lr * d)
+        finally:
+            self._in_qe = False
+        for layer in self._layers:  # the wake follows the inner iterations' displacement
+            if layer.name in after_q and layer.wake is not None:
+                moved = self._param_matrix(layer) - after_q[layer.name]
+                layer.wake.add_(self.curvature_product(layer.name, moved))
 
     def _param_matrix(self, layer: _Layer) -> torch.Tensor:
         w, b = layer.adapter.weight, layer.adapter.bias
@@ -304,8 +397,9 @@ class KLDWRM(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["kld_wrm"] = {"steps": self.steps, "variant": self.variant, "layers": {
-            layer.name: {k: getattr(layer, k) for k in self._SAVED} for layer in self._layers}}
+        state["kld_wrm"] = {"steps": self.steps, "variant": self.variant, "snapshots": self._snapshots,
+                            "layers": {layer.name: {k: getattr(layer, k) for k in self._SAVED}
+                                       for layer in self._layers}}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -316,6 +410,7 @@ class KLDWRM(torch.optim.Optimizer):
                              f"{sorted(saved['layers'])} does not match {self.variant!r}, {self.layers}")
         super().load_state_dict(state_dict)
         self.steps = int(saved["steps"])
+        self._snapshots = [{n: t.clone() for n, t in snap.items()} for snap in saved["snapshots"]]
         for layer in self._layers:
             for key, value in saved["layers"][layer.name].items():
                 setattr(layer, key, None if value is None else value.clone())
@@ -327,3 +422,5 @@ class KLDWRM(torch.optim.Optimizer):
         """Detach the capture hooks from the model."""
         for layer in self._layers:
             remove_handles(layer.handles)
+        if self._input_handle is not None:
+            self._input_handle.remove()

@@ -115,7 +115,7 @@ def test_two_term_solve_inverts_a_sum_of_two_kronecker_products():
     torch.testing.assert_close(X, _kron_solve(M, V), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["so", "q"])
+@pytest.mark.parametrize("variant", ["so", "q", "qe"])
 def test_kld_wrm_trains_a_small_classifier(variant):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4))
@@ -136,7 +136,7 @@ def test_kld_wrm_trains_a_small_classifier(variant):
 
 def test_bad_arguments_are_named():
     model = nn.Linear(3, 2)
-    for kwargs, match in (({"variant": "qe"}, "variant"), ({"stat_decay": 1.0}, "stat_decay"),
+    for kwargs, match in (({"variant": "qx"}, "variant"), ({"stat_decay": 1.0}, "stat_decay"),
                           ({"lr": 0.0}, "lr"), ({"update_every": 0}, "update_every")):
         with pytest.raises(ValueError, match=match):
             KLDWRM(model, **kwargs)
@@ -154,8 +154,8 @@ def test_compare_runs_kld_wrm_kfac_and_adam_on_digits(tmp_path, monkeypatch, cap
     spec = parse_optimizer_spec("kld-wrm:kld_variant=q,lr=3")
     options = resolve_options(spec)
     assert options["kld_variant"] == "q" and options["lr"] == 3.0 and options["stat_decay"] == 0.95
-    with pytest.raises(ValueError, match="kld_variant='qe' is not valid"):
-        parse_optimizer_spec("kld-wrm:kld_variant=qe")
+    with pytest.raises(ValueError, match="kld_variant='qx' is not valid"):
+        parse_optimizer_spec("kld-wrm:kld_variant=qx")
     out = tmp_path / "cmp"
     assert cli.main(["compare", "--model", "mlp", "--dataset", "digits", "--optimizers", "kld-wrm", "kfac",
                      "adam", "kld-wrm:kld_variant=q", "--steps", "8", "--out", str(out),
@@ -168,14 +168,15 @@ def test_compare_runs_kld_wrm_kfac_and_adam_on_digits(tmp_path, monkeypatch, cap
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("variant", ["so", "q"])
+@pytest.mark.parametrize("variant", ["so", "q", "qe"])
 def test_state_dict_resumes_bitwise(variant):
     import copy
 
     def make():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(D)
-        return model, KLDWRM(model, lr=2.0, variant=variant, momentum=0.5, update_every=2)
+        return model, KLDWRM(model, lr=2.0, variant=variant, momentum=0.5, update_every=2, qe_models=2,
+                             qe_steps=2, qe_output="gaussian")
 
     def run(model, opt, steps):
         for i in steps:
@@ -196,3 +197,59 @@ def test_state_dict_resumes_bitwise(variant):
     other = KLDWRM(nn.Linear(5, 3).to(D), variant=variant)
     with pytest.raises(ValueError, match="does not match"):
         other.load_state_dict(saved[1])
+
+
+def test_qe_inner_iteration_is_sgd_on_the_exact_kl_sub_problem():
+    """Step 2 of QE (two stored models) = the Q step, then one SGD step on
+    g_k^T s + s^T F_k s / 2 + W / (2 lr), W = rho KL_sym(model 0) + (1 - rho) KL_sym(model 1)."""
+    from torch.func import functional_call
+
+    lr, rho, factor = 0.5, 0.8, 0.3
+
+    def make(variant):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3).to(D)
+        return model, KLDWRM(model, lr=lr, variant=variant, stat_decay=rho, kl_clip=None, qe_models=2,
+                             qe_steps=1, qe_lr_factor=factor, qe_clip=None)
+
+    (m_qe, opt_qe), (m_q, opt_q) = make("qe"), make("q")
+    snapshots = []
+    for k in range(3):
+        x = torch.randn(16, 5, generator=torch.Generator().manual_seed(k), dtype=D)
+        y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(50 + k))
+        for model, opt in ((m_qe, opt_qe), (m_q, opt_q)):
+            opt.zero_grad()
+            out = model(x)
+            out.retain_grad()
+            F.cross_entropy(out, y).backward()
+            if model is m_qe:
+                theta_k = {n: p.detach().clone() for n, p in model.named_parameters()}
+                g_k = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1).clone()
+                a = torch.cat([x, torch.ones(16, 1, dtype=D)], 1)
+                A_loc, G_loc = a.T @ a / 16, 16 * out.grad.T @ out.grad
+            opt.step()
+        if k < 2:  # QE needs two stored models: steps 0 and 1 are Q steps
+            torch.testing.assert_close(m_qe.weight, m_q.weight, rtol=0, atol=0)
+            snapshots.append({n: p.detach().clone() for n, p in m_qe.named_parameters()})
+    theta_q = {n: p.detach().clone() for n, p in m_q.named_parameters()}
+    params = {n: p.clone().requires_grad_(True) for n, p in theta_q.items()}
+
+    def sym_kl(o, t):
+        lp, lq = torch.log_softmax(o, 1), torch.log_softmax(t, 1)
+        return (0.5 * (lp.exp() - lq.exp()) * (lp - lq)).sum(1).mean()
+
+    out = functional_call(m_q, params, (x,))
+    with torch.no_grad():
+        t0, t1 = (functional_call(m_q, snap, (x,)) for snap in snapshots)
+    wake = rho * sym_kl(out, t0) + (1 - rho) * sym_kl(out, t1)
+    gw, gb = torch.autograd.grad(wake / (2 * lr), [params["weight"], params["bias"]])
+    s_mat = torch.cat([theta_q["weight"] - theta_k["weight"],
+                       (theta_q["bias"] - theta_k["bias"])[:, None]], 1)
+    total = g_k + G_loc @ s_mat @ A_loc + torch.cat([gw, gb[:, None]], 1)
+    expected = torch.cat([theta_q["weight"], theta_q["bias"][:, None]], 1) - factor * lr * total
+    got = torch.cat([m_qe.weight, m_qe.bias[:, None]], 1).detach()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert (got - torch.cat([theta_q["weight"], theta_q["bias"][:, None]], 1)).norm() > 1e-6
+    # the wake follows the extra displacement
+    moved = got - torch.cat([theta_q["weight"], theta_q["bias"][:, None]], 1)
+    torch.testing.assert_close(opt_qe.wake(""), opt_q.wake("") + opt_q.curvature_product("", moved))
