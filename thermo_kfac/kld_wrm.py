@@ -124,7 +124,7 @@ class KLDWRM(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 0.1, variant: str = "so", stat_decay: float = 0.95,
                  damping: float = 0.1, kl_clip: float | None = 1e-3, momentum: float = 0.0,
                  weight_decay: float = 0.0, update_every: int = 1, batch_averaged: bool = True,
-                 skip: str | Sequence[str] = (), qe_steps: int = 10, qe_lr_factor: float = 0.1,
+                 skip: str | Sequence[str] = (), qe_steps: int = 10, qe_lr_factor: float = 0.01,
                  qe_clip: float | None = 1.5, qe_models: int = 3, qe_output: str = "softmax") -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
