@@ -2,6 +2,7 @@
 
 from thermo_kfac.adafisher import AdaFisher
 from thermo_kfac.eva import Eva
+from thermo_kfac.kld_wrm import KLDWRM
 from thermo_kfac.optimizer import KFAC
 from thermo_kfac.preconditioner import KFACPreconditioner
 from thermo_kfac.singd import SINGD
@@ -14,6 +15,7 @@ __all__ = [
     "KFAC",
     "KFACPreconditioner",
     "KFACSolver",
+    "KLDWRM",
     "SINGD",
     "SolverReport",
     "available_solvers",

@@ -13,7 +13,9 @@ What others may do with it:
   (:meth:`LayerTable.drop_fallbacks`).
 
 The statistics fields (``a_sum``, ``a_rows``, ``g_sum``, ``a_batch``, ``g_batch``) belong to the
-capture of the current step and are written only by the preconditioner's hooks.
+capture of the current step and are written only by the preconditioner's hooks, except that a
+distributed ``on_statistics`` callback may average ``a_sum`` and ``g_sum`` across ranks in place
+before the factor update (:mod:`thermo_kfac.distributed.overlap`).
 
 :class:`StepHooks` is the other half of the seam: the points of ``step()``, ``state_dict()`` and
 ``load_state_dict()`` at which an extension (:class:`thermo_kfac.distributed.DistributedKFAC`)
@@ -67,6 +69,9 @@ class LayerState:
         last_fallback_step: the last step (``precond.steps`` then) that fell back.
         prepare_warned: the failed-prepare warning was issued (once per layer).
         handles: removable hook handles of the layer.
+        step_calls, step_grads: calls of the layer captured in this factor step, and output
+            gradients received for them; when equal, ``on_statistics`` callbacks are told (the
+            step's statistics are complete: distributed reduction overlapped with the backward).
     """
 
     adapter: LayerAdapter
@@ -88,6 +93,9 @@ class LayerState:
     last_fallback_step: int = -1
     prepare_warned: bool = False
     handles: list[Any] = field(default_factory=list)
+    step_calls: int = 0
+    step_grads: int = 0
+    on_statistics: list[Callable[[LayerState], None]] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -102,7 +110,7 @@ class LayerState:
     def reset_statistics(self) -> None:
         """Forget the current step's accumulated statistics."""
         self.a_sum = self.g_sum = None
-        self.a_rows = 0
+        self.a_rows = self.step_calls = self.step_grads = 0
 
     # ------------------------------------------------------- capture (the preconditioner's hooks)
     def add_inputs(self, a: torch.Tensor, dtype: torch.dtype, factor_step: bool) -> None:
@@ -120,6 +128,7 @@ class LayerState:
                 # out of place: the hooks may run under a torch.func transform (no in-place ops)
                 self.a_sum = contribution if self.a_sum is None else self.a_sum + contribution
                 self.a_rows += n_rows
+                self.step_calls += 1
         self.fired_forward = True
 
     def add_output_grads(self, g: torch.Tensor, weight: float, dtype: torch.dtype,
@@ -137,7 +146,11 @@ class LayerState:
                     self.g_sum, self.g_weight = contribution, weight
                 else:
                     self.g_sum = self.g_sum + contribution * (weight / self.g_weight)
+                self.step_grads += 1
         self.fired_backward = True
+        if factor_step and self.step_grads == self.step_calls:
+            for callback in self.on_statistics:
+                callback(self)
 
     def update_factors(self, decay: float) -> bool:
         """Fold the step's statistics into the EMA factors and reset them. Returns False when the

@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 from hw_models.validation import check_choice, check_positive
+from thermo_kfac.kron_layers import KronLinear as KronLinear  # re-exported: thermo_kfac.models.KronLinear
+from thermo_kfac.recurrent import RecurrentLayer as RecurrentLayer  # re-exported
+from thermo_kfac.recurrent import RowRNN
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -277,6 +280,14 @@ def _build_gcn(spec: Any, widths: Sequence[int] = (32, 32), activation: str = "r
     return GCN(shape[1] - shape[0], spec.output_dim, widths, activation)
 
 
+def _build_rnn(spec: Any, hidden: int = 64, nonlinearity: str = "tanh", kron: bool = False) -> nn.Module:
+    side = math.isqrt(hidden)
+    if kron and side * side != hidden:
+        raise ValueError(f"kron=True needs a square hidden size (A, B of side sqrt), got hidden={hidden}")
+    return RowRNN(spec.input_shape, spec.output_dim, hidden, nonlinearity,
+                  ((side, side), (side, side)) if kron else None)
+
+
 MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "mlp": (_build_mlp, "fully connected net; options widths=(128, 128), activation='relu'"),
     "autoencoder": (_build_autoencoder, "deep auto-encoder with mirror decoder (autoencoder task); "
@@ -286,6 +297,8 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
             "heads=4, mlp_ratio=2, dropout=0.0"),
     "gcn": (_build_gcn, "graph convolutional node classifier (dataset 'sbm'); options "
             "widths=(32, 32), activation='relu'"),
+    "rnn": (_build_rnn, "images read row by row by an Elman RNN (K-FAC over time steps); options "
+            "hidden=64, nonlinearity='tanh', kron=False (recurrent weight A (x) B)"),
 }
 
 

@@ -40,6 +40,7 @@ from thermo_kfac.capture import (
     flavour_for,
     flavour_rules,
     make_adapter,
+    module_linear_maps,
     remove_handles,
     tap_hooks,
 )
@@ -116,7 +117,7 @@ class KFACPreconditioner:
             qualified name matches (``re.search``, first match wins).
         linear_maps: ``{name: weight}`` or ``{name: (weight, bias)}``: extra parameters used as
             linear maps through :func:`thermo_kfac.capture.linear_map` in the model's forward
-            (see :meth:`register_linear_map`).
+            (see :meth:`register_linear_map`); ``kfac_linear_maps()`` of modules (KronLinear) are added.
         mc_samples: labels drawn per example for ``fisher_type="mc"``.
         seed: seed of the preconditioner's own generator (MC labels).
         fallback_solver: digital solver (name, class or instance) used for a layer's step when
@@ -230,9 +231,8 @@ class KFACPreconditioner:
         self.last_report: dict[str, Any] = {}
         self._layers = LayerTable()
         self._register(unwrap(model))  # DDP: layer names without the "module." prefix
-        for map_name, spec in (linear_maps or {}).items():
-            weight, bias = spec if isinstance(spec, tuple) else (spec, None)
-            self.register_linear_map(map_name, weight, bias)
+        for key, spec in {**module_linear_maps(unwrap(model), self._skip), **(linear_maps or {})}.items():
+            self.register_linear_map(key, *(spec if isinstance(spec, tuple) else (spec, None)))
         if not self._layers:
             raise ValueError("the model has no nn.Linear or nn.Conv2d layer to precondition "
                              "(after applying skip)")

@@ -1,9 +1,13 @@
 """SINGD / IKFAC (Lin, Dangel et al., ICML 2024, arXiv 2312.05705): inverse-free structured K-FAC.
 
-Each ``nn.Linear`` layer keeps structured roots ``K`` (``d_in + 1``, bias column included) and ``C``
-(``d_out``) with ``K K^T ~ A^-1`` and ``C C^T ~ G^-1``, initialised to the identity. Every ``T``
-steps, from the captured inputs ``a`` and output gradients ``g`` of the step's batch
-(``U = a^T a / N``, ``G_hat = N g^T g`` for a batch-averaged loss)::
+Each preconditioned layer (``nn.Linear``, ``nn.Conv2d`` with groups=1, and both projections of
+every ``nn.MultiheadAttention``, including those inside ``nn.TransformerEncoderLayer``) keeps
+structured roots ``K`` (``d_in + 1``, bias column included) and ``C`` (``d_out``) with
+``K K^T ~ A^-1`` and ``C C^T ~ G^-1``, initialised to the identity. Every ``T`` steps, from the
+captured input rows ``a`` and output-gradient rows ``g`` of the step's batch (the K-FAC-expand
+rows of :mod:`thermo_kfac.capture.adapters`: one row per example and position; a convolution's
+rows are its unfolded patches; ``U = a^T a / rows``, ``G_hat = N g^T g`` for a batch-averaged loss
+over ``N`` examples, the scaling of K-FAC's factors)::
 
     H_K = Pi(K^T U K),  H_C = Pi(C^T G_hat C)
     IKFAC (kfac_like=True):  m_K <- alpha1 m_K + (H_K + lambda Pi(K^T K) - I) / 2
@@ -14,46 +18,71 @@ and every step the parameters move by ``m <- momentum m + C C^T grad K K^T + wd 
 ``W <- W - lr m``. No inverse or eigendecomposition is computed, so the preconditioner can live
 in bfloat16/float16 (``dtype``) with every operation in that precision. With ``alpha1 = 0`` IKFAC
 tracks K-FAC with the damping inside the EMA, ``S <- (1 - beta1) S + beta1 (U + lambda I)``, to first
-order in ``beta1``. Parameters outside ``nn.Linear`` layers get plain SGD with momentum.
+order in ``beta1``. Other parameters (norms, embeddings, position tables) get plain SGD with momentum.
 
-Capture uses the shared hooks of :mod:`thermo_kfac.capture` (inputs and output gradients), active
-in training mode on steps where the preconditioner is updated. ``Conv2d`` layers are not supported (treated as
-other parameters).
+Capture uses the shared hooks and adapters of :mod:`thermo_kfac.capture`, active in training mode on
+steps where the preconditioner is updated; attention modules get the explicit forward of
+:class:`~thermo_kfac.capture.AttentionCapture` (restored by :meth:`SINGD.remove_hooks`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from hw_models.validation import check_number, check_positive
-from thermo_kfac.capture import register_capture, remove_handles
+from thermo_kfac.capture import (
+    AttentionCapture,
+    LayerAdapter,
+    LinearMapAdapter,
+    candidate_modules,
+    capture_hooks,
+    check_attention,
+    compile_skip,
+    make_adapter,
+    remove_handles,
+    tap_hooks,
+)
 from thermo_kfac.structures import Structure, get_structure
 
 
 class _Layer:
-    """State and captured statistics of one preconditioned ``nn.Linear``."""
+    """State and captured statistics of one preconditioned layer."""
 
-    def __init__(self, name: str, module: nn.Linear) -> None:
+    def __init__(self, name: str, adapter: LayerAdapter) -> None:
         self.name = name
-        self.module = module
-        self.a: torch.Tensor | None = None
-        self.g: torch.Tensor | None = None
+        self.adapter = adapter
+        self.module = adapter.module
+        # this step's calls: (input rows, output-gradient rows, examples) per backward reached
+        self.inputs: list[torch.Tensor] = []
+        self.grads: list[tuple[torch.Tensor, int]] = []
         self.K: Structure | None = None
         self.C: Structure | None = None
         self.m_K: Structure | None = None
         self.m_C: Structure | None = None
         self.handles: list[Any] = []
 
+    def clear(self) -> None:
+        self.inputs, self.grads = [], []
+
+
+def _examples(adapter: LayerAdapter, g: torch.Tensor) -> int:
+    """Examples in one call's output gradient: its first dim, 1 for an unbatched call."""
+    unbatched_dim = 3 if isinstance(adapter.module, nn.Conv2d) else 1
+    return 1 if g.dim() == unbatched_dim else int(g.shape[0])
+
 
 class SINGD(torch.optim.Optimizer):
     """Structured inverse-free natural gradient descent (SINGD) and its K-FAC-like variant IKFAC.
 
     Args:
-        model: the network; every ``nn.Linear`` whose weight requires grad is preconditioned.
+        model: the network; every ``nn.Linear``, ``nn.Conv2d`` (groups=1) and
+            ``nn.MultiheadAttention`` projection whose weight requires grad is preconditioned
+            unless matched by ``skip``.
         lr: step size ``beta2`` of the parameter update.
         momentum: parameter momentum ``alpha2``.
         damping: ``lambda``.
@@ -68,13 +97,15 @@ class SINGD(torch.optim.Optimizer):
         dtype: precision of ``K``, ``C``, their momenta and all preconditioner arithmetic
             (default: the parameters' dtype).
         batch_averaged: the loss is a mean over the batch (output gradients carry ``1/N``).
+        skip: regular expressions; matching layers (qualified or class name) are left to SGD.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9,
                  damping: float = 1e-3, alpha1: float = 0.5, beta1: float = 1e-2, T: int = 10,
                  weight_decay: float = 0.0, structure: str = "dense",
                  structure_options: dict[str, Any] | None = None, kfac_like: bool = False,
-                 dtype: torch.dtype | None = None, batch_averaged: bool = True) -> None:
+                 dtype: torch.dtype | None = None, batch_averaged: bool = True,
+                 skip: str | Sequence[str] = ()) -> None:
         check_positive("lr", lr, allow_zero=True)
         check_number("momentum", momentum, low=0, high=1, high_inclusive=False)
         check_positive("damping", damping, allow_zero=True)
@@ -95,11 +126,8 @@ class SINGD(torch.optim.Optimizer):
         self.dtype = dtype
         self.steps = 0
         self._layers: list[_Layer] = []
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and module.weight.requires_grad:
-                layer = _Layer(name, module)
-                layer.handles = register_capture(module, self._capturing, *self._stores(layer))
-                self._layers.append(layer)
+        self._attention: list[AttentionCapture] = []
+        self._register(model, compile_skip(skip))
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters")
@@ -107,29 +135,58 @@ class SINGD(torch.optim.Optimizer):
                     "beta1": beta1, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
+    def _register(self, model: nn.Module, skip: list[Any]) -> None:
+        modules = list(candidate_modules(model, skip, patched_attention=True))
+        for name, module in modules:
+            if isinstance(module, nn.MultiheadAttention):
+                check_attention(name, module)  # before any patch is installed
+        for name, module in modules:
+            if isinstance(module, nn.MultiheadAttention):
+                # in_proj goes through linear_map in the explicit forward, out_proj is a module call
+                self._attention.append(AttentionCapture(module))
+                if module.in_proj_weight.requires_grad:
+                    adapter = LinearMapAdapter(f"{name}.in_proj" if name else "in_proj",
+                                               module.in_proj_weight, module.in_proj_bias, module=module)
+                    layer = _Layer(adapter.name, adapter)
+                    layer.handles.append(tap_hooks(module.in_proj_weight, adapter.module,
+                                                   *self._hooks(layer)))
+                    self._layers.append(layer)
+                continue
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
+                continue
+            adapter = make_adapter(name, module)
+            if adapter is None:
+                continue
+            layer = _Layer(name, adapter)
+            pre_hook, forward_hook = self._hooks(layer)
+            layer.handles += [module.register_forward_pre_hook(pre_hook),
+                              module.register_forward_hook(forward_hook)]
+            self._layers.append(layer)
+
     # ------------------------------------------------------------------ capture
     def _capturing(self) -> bool:
         return self.steps % self.T == 0
 
-    @staticmethod
-    def _stores(layer: _Layer):
-        """Callbacks of the shared capture hooks: keep the step's input and output gradient."""
-        def store_input(a: torch.Tensor) -> None:
-            layer.a = a
+    def _hooks(self, layer: _Layer):
+        """The shared capture hooks, keeping this step's input and output-gradient rows."""
+        adapter = layer.adapter
 
-        def store_grad(_: torch.Tensor, g: torch.Tensor) -> None:
-            layer.g = g
+        def on_input(a: torch.Tensor) -> None:
+            layer.inputs.append(adapter.input_rows(a.to(self._pdtype(layer))))
 
-        return store_input, store_grad
+        def on_output_grad(_: torch.Tensor, g: torch.Tensor) -> None:
+            layer.grads.append((adapter.output_rows(g.to(self._pdtype(layer))), _examples(adapter, g)))
+
+        return capture_hooks(self._capturing, on_input, on_output_grad)
 
     # ------------------------------------------------------------------ helpers
     def _pdtype(self, layer: _Layer) -> torch.dtype:
         return self.dtype or layer.module.weight.dtype
 
     def _init_layer(self, layer: _Layer) -> None:
-        w = layer.module.weight
-        d_in = w.shape[1] + (layer.module.bias is not None)
-        d_out = w.shape[0]
+        w = layer.adapter.weight
+        d_in, d_out = layer.adapter.d_in, layer.adapter.d_out
         dt, dev, cls, opts = self._pdtype(layer), w.device, self.structure_cls, self.structure_options
         layer.K = cls.identity(d_in, dt, dev, **opts)
         layer.C = cls.identity(d_out, dt, dev, **opts)
@@ -137,18 +194,15 @@ class SINGD(torch.optim.Optimizer):
         layer.m_C = cls.zeros(d_out, dt, dev, **opts)
 
     def _update_factors(self, layer: _Layer, group: dict[str, Any]) -> None:
-        assert layer.a is not None and layer.g is not None
-        dt = self._pdtype(layer)
-        a = layer.a.reshape(-1, layer.a.shape[-1]).to(dt)
-        g = layer.g.reshape(-1, layer.g.shape[-1]).to(dt)
-        if layer.module.bias is not None:
-            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=dt, device=a.device)], dim=1)
-        n = a.shape[0]
+        a = torch.cat(layer.inputs) if len(layer.inputs) > 1 else layer.inputs[0]
+        g = torch.cat([rows for rows, _ in layer.grads]) if len(layer.grads) > 1 else layer.grads[0][0]
+        n_rows, examples = a.shape[0], layer.grads[0][1]
         K, C, m_K, m_C = layer.K, layer.C, layer.m_K, layer.m_C
         assert K is not None and C is not None and m_K is not None and m_C is not None
         cls, opts = self.structure_cls, self.structure_options
-        H_K = cls.from_inner(K.rmatmul(a) / math.sqrt(n), **opts)
-        g_scale = math.sqrt(n) if self.batch_averaged else 1 / math.sqrt(n)
+        H_K = cls.from_inner(K.rmatmul(a) / math.sqrt(n_rows), **opts)
+        # per-example gradients are N times the captured ones of a batch-mean loss
+        g_scale = math.sqrt(examples) if self.batch_averaged else 1 / math.sqrt(examples)
         H_C = cls.from_inner(C.rmatmul(g) * g_scale, **opts)
         lam, alpha1, beta1 = group["damping"], group["alpha1"], group["beta1"]
         KtK, CtC = K.gram(), C.gram()
@@ -171,13 +225,9 @@ class SINGD(torch.optim.Optimizer):
         (``None`` without grad)."""
         if isinstance(layer, str):
             layer = self._layer_named(layer)
-        w, b = layer.module.weight, layer.module.bias
-        if w.grad is None:
+        grad = layer.adapter.grad_matrix()
+        if grad is None:
             return None
-        grad = w.grad.reshape(w.shape[0], -1)
-        if b is not None:
-            bg = b.grad if b.grad is not None else torch.zeros_like(b)
-            grad = torch.cat([grad, bg[:, None]], dim=1)
         grad = grad.to(self._pdtype(layer))
         assert layer.K is not None and layer.C is not None
         X = layer.C.matmul(layer.C.matmul(grad, transpose=True))
@@ -196,13 +246,13 @@ class SINGD(torch.optim.Optimizer):
         for layer in self._layers:
             if layer.K is None:
                 self._init_layer(layer)
-            if self.steps % self.T == 0 and layer.a is not None and layer.g is not None:
+            if self.steps % self.T == 0 and layer.inputs and layer.grads:
                 self._update_factors(layer, group)
-            layer.a = layer.g = None
+            layer.clear()
             nat = self.preconditioned_gradient(layer)
             if nat is None:
                 continue
-            w, b = layer.module.weight, layer.module.bias
+            w, b = layer.adapter.weight, layer.adapter.bias
             updates[w] = nat[:, : w[0].numel()].reshape(w.shape).to(w.dtype)
             if b is not None:
                 updates[b] = nat[:, -1].to(b.dtype)
@@ -275,6 +325,9 @@ class SINGD(torch.optim.Optimizer):
                 setattr(layer, k, None if saved is None else Structure.from_state_dict(saved[k]))
 
     def remove_hooks(self) -> None:
-        """Detach the capture hooks from the model."""
+        """Detach the capture hooks from the model and restore the attention modules' forward."""
         for layer in self._layers:
             remove_handles(layer.handles)
+        for capture in self._attention:
+            capture.remove()
+        self._attention.clear()

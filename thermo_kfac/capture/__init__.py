@@ -31,6 +31,7 @@ from thermo_kfac.capture.hooks import (
     capture_hooks,
     compile_skip,
     is_skipped,
+    module_linear_maps,
     register_capture,
     remove_handles,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "is_skipped",
     "linear_map",
     "make_adapter",
+    "module_linear_maps",
     "register_capture",
     "remove_handles",
     "tap_hooks",

@@ -64,6 +64,21 @@ def candidate_modules(model: nn.Module, skip: Sequence[re.Pattern[str]], *,
         yield name, module
 
 
+def module_linear_maps(model: nn.Module, skip: Sequence[re.Pattern[str]]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{name.suffix: (weight, bias)}`` of the modules (not matched by ``skip``) that compute
+    parameter products through :func:`~thermo_kfac.capture.linear_map` and list them in a
+    ``kfac_linear_maps() -> {suffix: (weight, bias)}`` method (e.g. ``models.KronLinear``);
+    only weights that require grad."""
+    maps = {}
+    for name, module in candidate_modules(model, skip):
+        listed = getattr(module, "kfac_linear_maps", None)
+        if callable(listed):
+            prefix = f"{name}." if name else ""
+            maps.update({prefix + suffix: (w, b) for suffix, (w, b) in listed().items() if w.requires_grad})
+    return maps
+
+
 def capture_hooks(active: Callable[[], bool], on_input: InputCallback | None = None,
                   on_output_grad: OutputGradCallback | None = None
                   ) -> tuple[Callable[..., None], Callable[..., None]]:

@@ -28,6 +28,9 @@ class DistributedConfig:
         analog_units_per_rank: thermodynamic solver units attached to each rank, priced as extra
             machines by the cost model (the code that runs is the configured solver).
         defer_factor_reduction: all-reduce the factors only on inverse-update steps.
+        overlap_backward: all-reduce each layer's step statistics during the backward pass, as soon
+            as they are complete, instead of the factors after it (:mod:`.overlap`; empirical
+            Fisher only).
         average_gradients: average all parameter gradients across ranks in ``step()``; ``None``
             means "unless the model is wrapped in DistributedDataParallel".
         bucket_mb: size of one fused all-reduce/broadcast buffer, in MiB.
@@ -40,6 +43,7 @@ class DistributedConfig:
     assignment: str = "balanced"
     analog_units_per_rank: int = 0
     defer_factor_reduction: bool = False
+    overlap_backward: bool = False
     average_gradients: bool | None = None
     bucket_mb: float = 25.0
     digital: str = "h100"
@@ -52,7 +56,7 @@ class DistributedConfig:
         check_choice("placement", self.placement, PLACEMENT_MODES)
         check_choice("assignment", self.assignment, ASSIGNMENT_RULES)
         check_positive("analog_units_per_rank", self.analog_units_per_rank, integer=True, allow_zero=True)
-        for name in ("defer_factor_reduction",):
+        for name in ("defer_factor_reduction", "overlap_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.average_gradients is not None and not isinstance(self.average_gradients, bool):

@@ -14,6 +14,7 @@ from torch import nn
 
 from thermo_kfac.distributed.communication import Communicator, PendingReduction
 from thermo_kfac.distributed.config import DistributedConfig
+from thermo_kfac.distributed.overlap import BackwardFactorReduction
 from thermo_kfac.distributed.placement import Placement, SolveTask, assign_layers, layer_solve_tasks
 from thermo_kfac.layers import PreconditionedGradient, Preconditioner, StepHooks
 from thermo_kfac.solvers.base import digital_method_of
@@ -80,6 +81,12 @@ class DistributedKFAC(StepHooks):
         self.placement = assign_layers(self.tasks, self.world_size, rule=config.assignment,
                                        analog_units_per_rank=config.analog_units_per_rank)
         self.owned = set(self.placement.layers_of(self.rank))
+        self.overlap: BackwardFactorReduction | None = None
+        if config.overlap_backward:
+            if precond.fisher_type != "empirical":
+                raise ValueError(f"overlap_backward=True needs fisher_type='empirical', got "
+                                 f"{precond.fisher_type!r} (its extra backward passes are not followed)")
+            self.overlap = BackwardFactorReduction(self.comm, layers)
         self.attached = True
         return self
 
@@ -88,8 +95,11 @@ class DistributedKFAC(StepHooks):
         return name in self.owned
 
     def begin_step(self, precond: Preconditioner) -> None:
-        """Finish a pending factor reduction; average gradients if DDP did not."""
+        """Finish a pending factor (or, overlapped, statistics) reduction; average gradients if DDP
+        did not."""
         self.wait()
+        if self.overlap is not None:
+            self.overlap.wait()
         if self.average_gradients:
             grads = [p.grad for p in precond.model.parameters() if p.grad is not None]
             if grads:
@@ -102,6 +112,8 @@ class DistributedKFAC(StepHooks):
 
     def factors_updated(self, precond: Preconditioner, inverse_update: bool) -> None:
         """After a factor update: launch the (asynchronous) all-reduce unless it is deferred."""
+        if self.overlap is not None:
+            return  # the statistics were averaged before the update: the factors are global
         self._dirty = True
         if not self.config.defer_factor_reduction or inverse_update:
             self.reduce_factors(precond, async_op=not inverse_update)
@@ -225,5 +237,8 @@ class DistributedKFAC(StepHooks):
     def report(self) -> dict[str, Any]:
         """Communication so far and the placement, for ``precond.last_report``."""
         makespan = None if self.placement is None else self.placement.makespan_s
-        return {"bytes": dict(self.comm.bytes), "collectives": dict(self.comm.collectives),
-                "owned_layers": sorted(self.owned), "makespan_s": makespan}
+        report = {"bytes": dict(self.comm.bytes), "collectives": dict(self.comm.collectives),
+                  "owned_layers": sorted(self.owned), "makespan_s": makespan}
+        if self.overlap is not None:
+            report["overlap"] = self.overlap.report()
+        return report

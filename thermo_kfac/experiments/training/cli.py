@@ -227,7 +227,7 @@ def _compare_cli(args: argparse.Namespace) -> int:
         return _run_cli(args, list(args.optimizers), "compare", executor=executor)
 
 
-_SPEC_HELP = ("optimizer spec name[:key=value,...]; name: sgd, adam, kfac, adafisher, eva; keys: "
+_SPEC_HELP = ("optimizer spec name[:key=value,...]; name: sgd, adam, kfac, adafisher, eva, kld-wrm; keys: "
               + ", ".join(OPTIONS) + " (kfac: other keys go to the solver), e.g. "
               "kfac:solver=cholesky,damping=0.1")
 

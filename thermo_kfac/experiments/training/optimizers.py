@@ -59,6 +59,11 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
     """
     if spec.name in ("adafisher", "eva"):
         return _curvature_optimizer(spec.name, model, options), None
+    if spec.name == "kld-wrm":
+        from thermo_kfac.kld_wrm import KLDWRM
+
+        keys = ("lr", "stat_decay", "damping", "kl_clip", "momentum", "weight_decay", "update_every")
+        return KLDWRM(model, variant=options["kld_variant"], **{k: options[k] for k in keys}), None
     if spec.name == ADAPTIVE:  # thermo_kfac.KFAC: forward, backward and update in its train_step
         from thermo_kfac import KFAC
 

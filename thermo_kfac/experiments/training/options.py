@@ -34,6 +34,7 @@ from thermo_kfac.grammar import (
     parse_optional_float,
     parse_value,
 )
+from thermo_kfac.kld_wrm import VARIANTS as KLD_VARIANTS
 from thermo_kfac.preconditioner import FACTOR_DTYPES as PRECONDITIONER_FACTOR_DTYPES
 from thermo_kfac.solvers.kronecker_svd import CURVATURES
 
@@ -42,7 +43,7 @@ __all__ = ["ADAPTIVE", "ADAPTIVE_OPTIONS", "BASE_OPTIMIZERS", "DEFAULT_BATCH_SIZ
            "OPTIMIZER_DEFAULTS", "OPTIONS", "TASK_LOSSES", "Option", "OptimizerSpec", "check_option",
            "parse_adaptive_options", "parse_optimizer_spec", "resolve_options", "solver_option_hint"]
 
-OPTIMIZERS = ("sgd", "adam", "kfac", "adafisher", "eva")
+OPTIMIZERS = ("sgd", "adam", "kfac", "adafisher", "eva", "kld-wrm")
 # thermo_kfac.KFAC: its own k=v options (ADAPTIVE_OPTIONS below), not in OPTIONS.
 ADAPTIVE = "kfac-adaptive"
 BASE_OPTIMIZERS = ("sgd", "adam")
@@ -74,7 +75,8 @@ class Option:
 # them for every run that takes them.
 OPTIONS: dict[str, Option] = {
     "lr": Option(float, "learning rate", OPTIMIZERS, low=0.0, low_inclusive=False),
-    "momentum": Option(float, "SGD momentum (sgd, kfac with base sgd, eva)", ("sgd", "kfac", "eva"), low=0.0,
+    "momentum": Option(float, "SGD momentum (sgd, kfac with base sgd, eva, kld-wrm)",
+                       ("sgd", "kfac", "eva", "kld-wrm"), low=0.0,
                        high=1.0, high_inclusive=False),
     "weight_decay": Option(float, "L2 weight decay", OPTIMIZERS, low=0.0),
     "beta1": Option(float, "Adam beta1", ("adam", "kfac"), low=0.0, high=1.0, high_inclusive=False),
@@ -82,7 +84,8 @@ OPTIONS: dict[str, Option] = {
     "eps": Option(float, "Adam epsilon", ("adam", "kfac"), low=0.0, low_inclusive=False),
     "base": Option(str, "optimizer that applies K-FAC's preconditioned gradient", ("kfac",),
                    choices=BASE_OPTIMIZERS),
-    "damping": Option(float, "Tikhonov damping of each Kronecker block", ("kfac", "adafisher", "eva"),
+    "damping": Option(float, "Tikhonov damping of each Kronecker block",
+                      ("kfac", "adafisher", "eva", "kld-wrm"),
                       low=0.0),
     "pi_damping": Option(parse_bool, "factored pi-damping (true/false)", ("kfac",)),
     "factor_decay": Option(float, "EMA decay of the factors", ("kfac",), low=0.0, high=1.0,
@@ -90,7 +93,8 @@ OPTIONS: dict[str, Option] = {
     "factor_update_every": Option(int, "update the factors every N steps", ("kfac",), low=1, integer=True),
     "inverse_update_every": Option(int, "re-factorize every N steps", ("kfac",), low=1, integer=True),
     "fisher_type": Option(str, "curvature estimate", ("kfac",), choices=FISHER_TYPES),
-    "kl_clip": Option(parse_optional_float, "KL clipping bound (none disables)", ("kfac", "eva"), low=0.0,
+    "kl_clip": Option(parse_optional_float, "KL clipping bound (none disables)", ("kfac", "eva", "kld-wrm"),
+                      low=0.0,
                       low_inclusive=False),
     "solver": Option(str, "per-layer Kronecker solver (or the rules auto, fits)", ("kfac",)),
     "solver_map": Option(str, "per-layer solvers 'pattern=spec;...' or a JSON file", ("kfac",)),
@@ -107,14 +111,18 @@ OPTIONS: dict[str, Option] = {
                      high=1.0, low_inclusive=False),
     "decoupled_weight_decay": Option(parse_bool, "AdaFisherW: decoupled weight decay (true/false)",
                                      ("adafisher",)),
-    "update_every": Option(int, "refresh the curvature statistics every N steps", ("adafisher", "eva"),
+    "update_every": Option(int, "refresh the curvature statistics every N steps",
+                           ("adafisher", "eva", "kld-wrm"),
                            low=1, integer=True),
-    "stat_decay": Option(float, "Eva: EMA decay of the Kronecker vectors", ("eva",), low=0.0, high=1.0,
+    "stat_decay": Option(float, "EMA decay (Eva: Kronecker vectors; kld-wrm: factors and wake)",
+                         ("eva", "kld-wrm"), low=0.0, high=1.0,
                          high_inclusive=False),
     "kfac_approx": Option(str, "K-FAC flavour for weight sharing (expand/reduce)", ("kfac",),
                           choices=KFAC_APPROXIMATIONS),
     "curvature": Option(str, "curvature block: kfac, or a Kronecker-SVD approximation", ("kfac",),
                         choices=CURVATURES),
+    "kld_variant": Option(str, "KLD-WRM instantiation (thermo_kfac.kld_wrm)", ("kld-wrm",),
+                          choices=KLD_VARIANTS),
 }
 
 #: Keys of the ``kfac-adaptive`` spec (``kfac-adaptive:key=value,...``) that configure
@@ -157,6 +165,9 @@ OPTIMIZER_DEFAULTS["adafisher"] = {"lr": 1e-3, "beta": 0.9, "gamma1": 0.92, "gam
 # Eva: the paper's defaults (SGD momentum 0.9 as in its experiments).
 OPTIMIZER_DEFAULTS["eva"] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "damping": 0.03,
                              "kl_clip": 1e-3, "stat_decay": 0.95, "update_every": 1}
+# KLD-WRM: lr is 1/lambda; its steady-state step is (1 - rho) lr F^-1 g, so lr 6 = K-FAC's 0.3 at rho 0.95.
+OPTIMIZER_DEFAULTS["kld-wrm"] = {"lr": 6.0, "momentum": 0.5, "weight_decay": 0.0, "damping": 0.1,
+                                 "kl_clip": 1e-3, "stat_decay": 0.95, "update_every": 1, "kld_variant": "so"}
 # Learning rate of kfac when its base optimizer is Adam (unless lr is given).
 KFAC_ADAM_LR = BASE_OPTIMIZER_DEFAULTS["adam"]["lr"]
 DEFAULT_EPOCHS = {"digits": 40}
