@@ -19,6 +19,9 @@ import torch
 
 from hw_models import pricing
 
+#: The shortest window analog_time="auto" picks (tau of the normalised programmed matrix).
+MIN_WINDOW = 1.0
+
 
 class ThermoPricing:
     """Pricing methods of the thermodynamic solver (module docs)."""
@@ -81,7 +84,10 @@ class ThermoPricing:
                                 input_scale=f.scale if f.peak is not None else None)
         price = pricing.price(job, self.device, self.host)
         if self.auto_window:
-            f.window = min(price.window_tau, self.max_analog_time)
+            # at least one tau of averaging: the law may prefer a single read-out after a long
+            # burn-in, but a read-out integrates over the fastest mode's time constant, and the
+            # clipping integrator (the rail fallback) steps at that scale
+            f.window = min(max(price.window_tau, MIN_WINDOW), self.max_analog_time)
             f.burn_in = min(price.burn_in_tau, self.max_analog_time)
         longest = self.max_analog_time if self.auto_window else max(self.analog_time, 1.0)
         return bool(price.info["reachable"]) and price.window_tau <= longest * (1 + 1e-9)
