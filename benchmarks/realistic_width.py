@@ -20,7 +20,7 @@ condition numbers before/after deflation, feasibility, windows, predicted vs mea
 bits lost to ranging) plus the median predicted/measured error ratio over every solve of the run.
 ``--trace PATH`` writes that run's ``trace.json`` (``thermo-kfac project --trace PATH`` prices it).
 
-    python benchmarks/realistic_width.py [--steps 150] [--out result.json] [--trace trace.json]
+    python benchmarks/realistic_width.py [--steps 150] [--quick] [--out result.json] [--trace trace.json]
 """
 
 from __future__ import annotations
@@ -99,11 +99,14 @@ def _spread(ratios: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--quick", action="store_true", help="12 steps (a smoke run; figures not comparable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--trace", default=None, help="write the thermo+exact run's trace.json here")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = min(args.steps, 12)
     torch.set_num_threads(args.threads)
     data = load_dataset("digits28", seed=args.seed)
     runs = {name: _build(name, data, args.seed) for name in RUNS}

@@ -565,12 +565,8 @@ def _chip() -> ThermoDevice:
     - state_range 8 full-scale units [assumed];
     - mismatch 2e-3 (on-chip capacitor matching after trimming) [assumed]; read_noise 2e-4
       (about one LSB of a 12-bit ADC over +-1) [assumed];
-    - diagonal_resistors: each cell's self-coupling (the factor's diagonal with the damping) on its
-      own resistor to ground, exact, as TNGD App. C adds the damping; the coupling DACs then
-      range over the off-diagonal couplings only (their full scale follows the matrix's
-      off-diagonal abs-max, at most coupling_range: a programmable reference) [assumed: without
-      it a 10-bit fixed-range coupling array cannot program any factor wider than about 256
-      whose damped condition number exceeds about 30, docs/thermodynamic_kfac.md];
+    - diagonal_resistors: the diagonal (damping included) on exact resistors (TNGD App. C), the
+      coupling DACs ranged over the off-diagonal abs-max [assumed: needed for 785-wide factors];
     - 1 mW per cell (integrator, noise source, share of converters), 1 uW per coupling (tens of
       mV across tens of kOhm);
     - on-chip covariance accumulators at 1 pJ per 16-bit MAC (Horowitz, ISSCC 2014, 45 nm:

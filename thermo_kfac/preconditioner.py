@@ -173,7 +173,8 @@ class KFACPreconditioner:
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.fisher_type = check_choice("fisher_type", fisher_type, FISHER_TYPES)
         self.damping = Damping(check_positive("damping", damping, allow_zero=True), bool(pi_damping))
-        self.factor_decay = check_number("factor_decay", factor_decay, low=0, high=1, high_inclusive=False)
+        self.factor_decay = check_number("factor_decay", factor_decay, low=0.0, high=1.0,
+                                         high_inclusive=False)
         self.factor_update_every = check_positive("factor_update_every", factor_update_every, integer=True)
         self.inverse_update_every = check_positive("inverse_update_every", inverse_update_every, integer=True)
         if isinstance(kl_clip, str) and kl_clip == "default":  # on only where the lr is known
@@ -546,7 +547,6 @@ class KFACPreconditioner:
             state.adapter.set_grad(update if scale == 1.0 else update * scale)
         return scale
 
-    # --------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Factors, solver states, counters and RNG state (everything needed to resume exactly).
 

@@ -86,11 +86,14 @@ def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor
     plus ``RAIL_SIGMAS`` standard deviations per coordinate (their largest over the run)."""
     assert law.coord_sd is not None
     margin = RAIL_SIGMAS * law.coord_sd
-    # A bound over the whole run first (two products, where the screen below takes one per check
-    # time): since 0 < exp(-lam t) <= 1, |x(t) - x*| <= |Q| |d| for every t, so a run inside this
-    # bound cannot leave the rails between check times either.
-    bound = (Q @ ustar).abs_().add_(Q.abs() @ d.abs()).add_(margin)
-    if float(bound.amax()) <= state_range:
+    # Bounds over the whole run first (one or two products, where the screen below takes one per
+    # check time). Since 0 < exp(-lam t) <= 1 and Q is orthogonal, every coordinate of
+    # x(t) - x* = Q exp(-Lambda t) d is at most ||d|| (the column's 2-norm) and at most (|Q| |d|)_i,
+    # so a run inside either bound cannot leave the rails between check times either.
+    xstar = (Q @ ustar).abs_().add_(margin)
+    if float((xstar + d.norm(dim=-2, keepdim=True)).amax()) <= state_range:
+        return True
+    if float(xstar.add_(Q.abs() @ d.abs()).amax()) <= state_range:
         return True
     for t in law.rail_times:
         path = ustar + torch.exp(-law.lam * t) * d

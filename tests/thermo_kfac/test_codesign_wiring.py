@@ -41,7 +41,7 @@ def _factors(seed: int = 0, n_a: int = 24, n_g: int = 16) -> tuple[torch.Tensor,
 # ------------------------------------------------------------------ the solver's own report
 def test_thermo_report_is_the_pricing_api_on_the_programmed_spectrum():
     A, G = _factors()
-    solver = ThermodynamicSolver(device="chip", host="h100", ideal=True)  # priced as ideal
+    solver = ThermodynamicSolver(device="chip", host="h100", ideal=True, analog_time=50.0)  # priced as ideal
     solver.prepare(A, G, Damping(1e-2))
     chip, h100 = thermo_device("chip").ideal(), digital_device("h100")  # exact converters: 32-bit words
     assert solver.device == chip

@@ -145,7 +145,7 @@ def test_a_factor_no_depth_can_serve_fails_with_the_reason():
     A = _factor(64, 1e3, seed=8).float()
     G = _factor(16, 10.0, seed=9, top=0).float()
     solver = ThermodynamicSolver(coupling_bits=2, diagonal_resistors=False, max_deflate=4)
-    with pytest.raises(SolverFailure, match="deflate=4"):
+    with pytest.raises(SolverFailure, match="deflation depth 4"):
         solver.prepare(A, G, Damping(1e-3))
 
 

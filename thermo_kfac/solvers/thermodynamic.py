@@ -284,7 +284,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         # the second factor's inverse, harmless when that one is well conditioned
         first, second = self.solve_order
         R1 = grad if first == "G" else grad.T
-        y_prev = self.Y_prev if self.Y_prev is not None and self._order_prev == first else None
+        y_prev = self.Y_prev if self.Y_prev is not None and self.Y_prev.shape == R1.shape \
+            and self._order_prev == first else None
         x0_1 = {"previous": y_prev, "gradient": R1, "zero": None}[self.warm_start]
         res1, Y, run1 = self._solve(self.factors[first], first, R1, x0_1)
         R2 = Y.T
@@ -333,7 +334,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         if not self.factors:
             return {}
         return {"factors": {k: f.state() for k, f in self.factors.items()}, "X_prev": self.X_prev,
-                "Y_prev": self.Y_prev, "calls": self.calls, "X_stale": self.X_stale}
+                "Y_prev": self.Y_prev, "calls": self.calls, "X_stale": self.X_stale,
+                "solve_order": self.solve_order, "_order_prev": self._order_prev}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -372,13 +374,10 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         return self._scaled(M, M, lam, None)
 
     def _setup(self, F: torch.Tensor, lam: float, key: str, n_rhs: int) -> DeviceFactor:
-        """Deflate, scale and program one damped factor (``method="solve"``).
-
-        ``deflate="auto"`` tries the depths of :func:`~thermo_kfac.solvers.deflation.auto_depths`
-        and keeps the first one whose remainder the feasibility law accepts, that programs
-        positive definite, and whose error-law window for ``target_error`` fits
-        ``max_analog_time``; the last depth tried is programmed whatever the law says. Raises
-        :class:`SolverFailure` with the law's reason when no depth can be programmed."""
+        """Deflate, scale and program one damped factor (``method="solve"``). ``deflate="auto"``
+        keeps the first depth (:func:`~thermo_kfac.solvers.deflation.auto_depths`) the feasibility
+        law accepts, that programs positive definite and whose law window fits; the last depth is
+        tried whatever the law says. Raises :class:`SolverFailure` with the law's reason."""
         Fs = 0.5 * (F + F.T)
         n = Fs.shape[0]
         if self.deflate == "auto":
@@ -395,13 +394,13 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             defl, S = deflate(Fs, k, lam, self._next_seed())
             f = self._scaled(Fs + lam * eye, S, lam, defl)
             f.feasibility = feasibility(f.P, self._placed(key).noise, f.lambda_min, self.feasibility_margin)
-            reason = f"deflate={k}: {f.feasibility.reason()}"
+            reason = f"deflation depth {k}: {f.feasibility.reason()}"
             if not (f.feasibility.feasible or last):
                 continue
             try:
                 self._program(f, key)
             except ValueError as err:  # not positive definite after programming
-                reason = f"deflate={k}: {err}"
+                reason = f"deflation depth {k}: {err}"
                 if last:
                     raise SolverFailure(f"thermo solver (layer {self.layer_index}): factor {key} "
                                         f"cannot be programmed ({reason})") from err
@@ -528,7 +527,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             f.peak = peak if math.isfinite(peak) and peak > 0 else f.peak
         f.scale = scale
         r_out = torch.where(sent, r_eff, 0.0)  # a column not sent has the solution 0 exactly
-        X = Yn.mul_(r_out / f.c) if res is not None else Yn * (r_out / f.c)
+        X = Yn * (r_out / f.c)  # a new tensor: the simulator's result keeps its device units
         return res, (X if f.d is None else f.d[:, None] * X), run
 
     def _factor_config(self, f: DeviceFactor, key: str) -> AnalogConfig:
