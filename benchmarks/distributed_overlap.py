@@ -44,7 +44,7 @@ def _setup(widths: list[int], overlap: bool) -> tuple[nn.Module, Any, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     precond = KFACPreconditioner(model, loss="cross_entropy", optimizer=opt, factor_update_every=1,
                                  inverse_update_every=STEPS_PER_BLOCK,
-                                 distributed=kd.DistributedConfig(overlap_backward=overlap))
+                                 distributed=kd.DistributedKFAC(kd.DistributedConfig(overlap_backward=overlap)))
     return model, opt, precond
 
 

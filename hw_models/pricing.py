@@ -508,6 +508,28 @@ def gemm_time(m: float, k: float, n: float, device: DigitalDevice, precision: st
     return device.gemm.time(2.0 * m * k * n, min(m, k, n), device.peak(precision))
 
 
+def deflation_gemms(n: int, k: int, n_rhs: int | None = None, *, oversample: int = 8,
+                    power_iterations: int = 2) -> list[tuple[int, int, int]]:
+    """The host's ``(m, k, n)`` GEMM shapes of deflating ``k`` top modes of a size-``n`` factor:
+    once per inverse update (``n_rhs=None``: randomized range, power iterations, Rayleigh-Ritz,
+    the remainder) or per solve with ``n_rhs`` columns (split, combine, output projection)."""
+    if k <= 0:
+        return []
+    if n_rhs is not None:
+        return [(k, n, n_rhs), (n, k, n_rhs), (k, n, n_rhs), (n, k, n_rhs)]
+    w = min(k + oversample, n)
+    shapes = [(n, n, w)] * (1 + power_iterations) + [(n, n, w), (w, n, w)]
+    return shapes + [(n, n, k), (k, n, k), (n, k, n), (n, k, n), (n, k, k)]
+
+
+def price_host_gemms(shapes: list[tuple[int, int, int]], host: DigitalDevice | str,
+                     component: str = "host_deflation", precision: str = "fp32") -> Cost:
+    """Seconds and joules of GEMMs of the given ``(m, k, n)`` shapes on ``host`` (one component)."""
+    dev = digital_device(host)
+    seconds = sum(gemm_time(m, k, n, dev, precision) for m, k, n in shapes)
+    return Cost(seconds, seconds * dev.power_w, {component: seconds}, {component: seconds * dev.power_w})
+
+
 def price_digital(op: str, n: int, n_rhs: int = 1, device: DigitalDevice | str = "h100", *,
                   precision: str = "fp32") -> Price:
     """One digital operation on an ``n x n`` operand.

@@ -23,9 +23,11 @@ from hw_models.pricing import (
     AnalogJob,
     SpectrumSummary,
     ThermoCapacityError,
+    deflation_gemms,
     gemm_time,
     price,
     price_digital,
+    price_host_gemms,
 )
 from hw_models.validation import check_choice, check_positive
 
@@ -307,7 +309,8 @@ def price_trace(trace: dict[str, Any], *, thermo: ThermoDevice | str, digital: D
     Per layer: ``kappa_measured`` (largest damped-factor kappa seen), ``digital_s`` (one
     ``digital_method`` decomposition of each factor per inverse update plus the preconditioning
     GEMMs of every step), ``thermo_s`` (the listed solves at their simulated window and burn-in,
-    times ``calls``; ``None`` when a factor does not fit), the law's ``predicted_rel_error`` on this
+    times ``calls``, plus the host's deflation work of updates that deflated (``deflate``: the
+    depth per factor); ``None`` when a factor does not fit), the law's ``predicted_rel_error`` on this
     device (RHS model; an update's solves combined in quadrature), the run's own law prediction
     (``run_predicted_rel_error``: the simulated device, actual right-hand sides) and its measured
     ``rel_error_to_exact``; medians over updates. Step totals divide by the trace's ``steps``.
@@ -356,6 +359,14 @@ def price_trace(trace: dict[str, Any], *, thermo: ThermoDevice | str, digital: D
             entry["run_predicted_rel_error"].append(float(upd["predicted_rel_error"]))
         entry["fallbacks"] += int(upd.get("fallbacks", 0))
         applies = max(calls_total, int(upd.get("steps_until_next", 1)))
+        depths = upd.get("deflate") or {}
+        if depths and entry["fits"]:  # the host's deflation: once per update, then every solve
+            sizes, columns = {"A": n_a, "G": n_g}, {"A": n_g, "G": n_a}
+            for factor, k in depths.items():
+                n = sizes[factor]
+                entry["thermo_s"] += price_host_gemms(deflation_gemms(n, int(k)), host).seconds
+                entry["thermo_s"] += applies * price_host_gemms(
+                    deflation_gemms(n, int(k), columns[factor]), host).seconds
         decomposition = sum(price_digital(digital_method, n, device=host, precision=precision).seconds
                             for n in (n_a, n_g))
         apply = gemm_time(n_g, n_g, n_a, host, precision) + gemm_time(n_g, n_a, n_a, host, precision)

@@ -114,6 +114,8 @@ class TraceRecorder:
         }
         if "auto" in info:
             entry["auto"] = _jsonable(info["auto"])
+        if info.get("deflate") is not None:  # the thermo solver's depths per factor ([G, A])
+            entry["deflate"] = dict(zip(("G", "A"), (int(k) for k in info["deflate"]), strict=True))
         for solve in pricing_info.get("solves", []):  # method "inverse": sampled in prepare
             self._add_solve(entry, solve)
         return entry

@@ -52,7 +52,8 @@ def _train(kind: str, overlap: bool | None) -> dict[str, Any]:
     precond = KFACPreconditioner(
         model, loss="cross_entropy", damping=0.1, factor_decay=0.9, factor_update_every=1,
         inverse_update_every=2, factor_dtype=torch.float64, optimizer=opt, kl_clip=1e-2,
-        distributed=False if overlap is None else kd.DistributedConfig(overlap_backward=overlap))
+        distributed=False if overlap is None
+        else kd.DistributedKFAC(kd.DistributedConfig(overlap_backward=overlap)))
     gen = torch.Generator().manual_seed(1)
     xs = torch.randn(STEPS, BATCH, 12, generator=gen, dtype=torch.float64)
     ys = torch.randint(0, 3, (STEPS, BATCH), generator=gen)
@@ -77,7 +78,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                                    for overlap in (True, False)}
         try:
             KFACPreconditioner(_model("mlp"), fisher_type="mc",
-                               distributed=kd.DistributedConfig(overlap_backward=True))
+                               distributed=kd.DistributedKFAC(kd.DistributedConfig(overlap_backward=True)))
             results["mc_refused"] = None
         except ValueError as err:
             results["mc_refused"] = str(err)

@@ -154,3 +154,51 @@ def test_deflate_larger_than_the_factor_is_refused():
     solver = ThermodynamicSolver(deflate=40)
     with pytest.raises(ValueError, match="deflate=40 must be smaller than the factor size n=16"):
         solver.prepare(A, A, Damping(0.1))
+
+
+def test_trace_prices_the_deflation_host_work():
+    """project --trace adds the host's deflation (per update, and per solve) to the hybrid side:
+    the difference with and without the recorded depths is the GEMMs of the sketch, the
+    remainder and the projections, priced by hand here."""
+    import copy
+
+    from hw_models import pricing
+    from hw_models.projection import price_trace
+    from thermo_kfac import KFACPreconditioner
+    from thermo_kfac.trace import TraceRecorder
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    precond = KFACPreconditioner(model, optimizer=opt, solver="thermo", factor_update_every=1,
+                                 inverse_update_every=3, solver_options={"deflate": 2})
+    recorder = TraceRecorder(precond)
+    x, y = torch.randn(64, 20), torch.randint(0, 3, (64,))
+    for _ in range(6):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+        opt.step()
+        recorder.observe()
+    trace = recorder.to_dict()
+    assert all(u["deflate"] == {"G": 2, "A": 2} for u in trace["updates"])
+    bare = copy.deepcopy(trace)
+    for u in bare["updates"]:
+        del u["deflate"]
+    host = hm.digital_device("h100")
+    with_host = price_trace(trace, thermo="chip", digital="h100")
+    without = price_trace(bare, thermo="chip", digital="h100")
+    expected = 0.0
+    for u in trace["updates"]:
+        n_a, n_g = u["factor_sizes"]
+        applies = max(max((s.get("calls", 1) for s in u["solves"]), default=1), u["steps_until_next"])
+        for n, m in ((n_a, n_g), (n_g, n_a)):
+            w = min(2 + 8, n)
+            once = [(n, n, w)] * 3 + [(n, n, w), (w, n, w), (n, n, 2), (2, n, 2), (n, 2, n), (n, 2, n),
+                                      (n, 2, 2)]
+            per_solve = [(2, n, m), (n, 2, m), (2, n, m), (n, 2, m)]
+            expected += sum(pricing.gemm_time(*s, host) for s in once)
+            expected += applies * sum(pricing.gemm_time(*s, host) for s in per_solve)
+    steps = trace["steps"]
+    extra = with_host["step"]["thermo_kfac_solver_s"] - without["step"]["thermo_kfac_solver_s"]
+    assert extra == pytest.approx(expected / steps, rel=1e-9)

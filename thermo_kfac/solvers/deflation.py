@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hw_models import pricing
 from thermo_kfac.solvers.randomized import top_eigenpairs
 
 #: Deflation depths ``deflate="auto"`` tries, in order (each capped by ``max_deflate``).
@@ -82,20 +83,14 @@ def deflate(F: torch.Tensor, k: int, lam: float, seed: int) -> tuple[Deflated | 
 
 
 def prepare_gemms(n: int, k: int) -> list[tuple[int, int, int]]:
-    """The ``(m, k, n)`` GEMM shapes of one factor's deflation (sketch, power iterations,
-    Rayleigh-Ritz, remainder), for pricing the host's work."""
-    if k == 0:
-        return []
-    w = min(k + OVERSAMPLE, n)
-    shapes = [(n, n, w)] * (1 + POWER_ITERATIONS)  # range finder products
-    shapes += [(n, n, w), (w, n, w)]  # Rayleigh-Ritz Q^T M Q
-    shapes += [(n, n, k), (k, n, k), (n, k, n), (n, k, n), (n, k, k)]  # F U, U^T F U, remainder
-    return shapes
+    """The host GEMM shapes of one factor's deflation (:func:`hw_models.pricing.deflation_gemms`
+    with this module's sketch settings)."""
+    return pricing.deflation_gemms(n, k, oversample=OVERSAMPLE, power_iterations=POWER_ITERATIONS)
 
 
 def apply_gemms(n: int, k: int, m: int) -> list[tuple[int, int, int]]:
     """The GEMM shapes deflation adds to one solve with ``m`` right-hand sides."""
-    return [] if k == 0 else [(k, n, m), (n, k, m), (k, n, m), (n, k, m)]
+    return pricing.deflation_gemms(n, k, m)
 
 
 def auto_depths(n: int, max_deflate: int, start: int = 0) -> list[int]:

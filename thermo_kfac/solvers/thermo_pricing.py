@@ -94,9 +94,7 @@ class ThermoPricing:
 
     def _gemm_cost(self, shapes: list[tuple[int, int, int]]) -> pricing.Cost:
         """Host GEMMs of the deflation (``(m, k, n)`` shapes), priced on the host preset."""
-        seconds = sum(pricing.gemm_time(m, k, n, self.host) for m, k, n in shapes)
-        return pricing.Cost(seconds, seconds * self.host.power_w, {"host_deflation": seconds},
-                            {"host_deflation": seconds * self.host.power_w})
+        return pricing.price_host_gemms(shapes, self.host)
 
     def _window(self, key: str) -> tuple[float, float]:
         """``(window, burn-in)`` of factor ``key``'s solves (its own with ``analog_time="auto"``)."""
