@@ -532,6 +532,9 @@ def register(subparsers: Any) -> None:
                            "scenario, with a verdict and a requirements table")
     proj.add_argument("--steps-ratio", type=float, default=DEFAULT_STEPS_RATIO,
                       help="K-FAC's steps to a target / Adam's (time-to-result comparison with Adam)")
+    proj.add_argument("--steps-ratio-from", default=None, metavar="RUN/results.json",
+                      help="take the steps ratio measured by `compare` (thermodynamic K-FAC's steps to "
+                           "the run's target loss / Adam's), shown beside the assumed --steps-ratio")
     proj.add_argument("--trace", default=None, metavar="RUN/trace.json",
                       help="price exactly the solves listed in a training run's trace file")
     proj.add_argument("--spectra-from", default=None, metavar="RUN/trace.json",

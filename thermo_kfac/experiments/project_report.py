@@ -159,10 +159,42 @@ def write_csv(path: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) 
         writer.writerows(rows)
 
 
+def measured_steps_ratio(path: str) -> tuple[float, str]:
+    """``(ratio, description)``: thermodynamic K-FAC's steps to the run's target loss over Adam's,
+    from a ``compare`` ``results.json`` (the first run whose label names ``solver=thermo``, else
+    the first K-FAC run; Adam's run by its label). Raises ``ValueError`` naming what is missing."""
+    try:
+        with open(path) as handle:
+            results = json.load(handle)
+        runs = {str(r["label"]): r for r in results["runs"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--steps-ratio-from {path!r} is not a compare results.json: {err}") from None
+    adam = next((r for label, r in runs.items() if label.split(":")[0] == "adam"), None)
+    kfac = next((r for label, r in runs.items() if "solver=thermo" in label), None) or next(
+        (r for label, r in runs.items() if label.split(":")[0].startswith("kfac")), None)
+    if adam is None or kfac is None:
+        raise ValueError(f"--steps-ratio-from {path!r} needs an adam run and a K-FAC run; it has "
+                         f"{', '.join(runs) or 'none'}")
+    steps = (kfac.get("steps_to_target"), adam.get("steps_to_target"))
+    if not all(isinstance(s, int) and s > 0 for s in steps):
+        raise ValueError(f"--steps-ratio-from {path!r}: a run did not reach the target loss "
+                         f"{results.get('target_loss')} (steps to target: {kfac['label']} {steps[0]}, "
+                         f"adam {steps[1]})")
+    return steps[0] / steps[1], f"{kfac['label']} {steps[0]} vs adam {steps[1]} steps, {path}"
+
+
 def run_paper(args: Any, scenario: Scenario, work: Workload) -> int:
     """``project --scenario paper``: both scenarios, the verdict, the deciding assumption and the
     requirements table (printed; ``--json`` writes the report)."""
+    assumed = args.steps_ratio
+    measured = None
+    if getattr(args, "steps_ratio_from", None):
+        measured, source = measured_steps_ratio(args.steps_ratio_from)
+        args.steps_ratio = measured
     report = paper_report(work, scenario, steps_ratio=args.steps_ratio)
+    if measured is not None:
+        report["steps_ratio_assumed"], report["steps_ratio_measured"] = assumed, measured
+        report["steps_ratio_source"] = source
     rows = []
     for name in ("default", "paper"):
         sc = report["scenarios"][name]
@@ -177,6 +209,8 @@ def run_paper(args: Any, scenario: Scenario, work: Workload) -> int:
                       "vs Adam (time to result)", "analog"], rows))
     print(f"(time to result vs Adam: K-FAC taking {report['steps_ratio']:g} of Adam's steps; "
           "> 1 means faster)")
+    if measured is not None:
+        print(f"(steps ratio measured {measured:.3g} ({source}), beside the assumed {assumed:g})")
     print("\nThe paper's assumptions as we read them (docs/hardware_model.md):")
     print(text_table(["assumption", "value", "source"], [list(a) for a in PAPER_ASSUMPTIONS], "lll"))
     print("\nEffect of setting each assumption back to the default scenario's value:")
