@@ -56,9 +56,13 @@ class DeviceFactor:
         return 0 if self.defl is None else self.defl.k
 
     def state(self) -> dict[str, Any]:
+        """What a resume needs (the programmed state and the spectra are rebuilt from it)."""
+        defl = None if self.defl is None else {"U": self.defl.U, "L": self.defl.L, "lam": self.defl.lam,
+                                                "residual": self.defl.residual}
         return {"M": self.M, "P": self.P, "c": self.c, "d": self.d, "seed": self.seed,
                 "held": self.held, "held_cols": self.held_cols, "peak": self.peak,
-                "scale": self.scale}
+                "scale": self.scale, "defl": defl, "lambda_min": self.lambda_min,
+                "window": self.window, "burn_in": self.burn_in, "max_coupling": self.max_coupling}
 
 
 
@@ -111,14 +115,16 @@ def lambda_max_estimate(S: torch.Tensor, iterations: int, seed: int = 0) -> floa
 def inverse_rms(f: DeviceFactor) -> float | None:
     """``sqrt(mean 1/mu^2)`` over the damped factor's eigenvalues ``mu``, from the programmed
     spectrum (``c lambda_P``; the ``k`` deflated modes count at ``L + lam`` instead of the damping).
-    ``None`` with Jacobi scaling (the programmed spectrum is then not the factor's)."""
-    if f.d is not None or f.prog is None:
-        return None
+    ``None`` with Jacobi scaling (the programmed spectrum is then not the factor's). Cached on the
+    factor (computed on first use, also after a resume)."""
+    if f.inv_rms is not None or f.d is not None or f.prog is None:
+        return f.inv_rms
     mu = np.sort(np.asarray(f.prog.eigenvalues[0], dtype=np.float64)) * f.c
     total = float(np.sum(mu**-2.0))
     if f.defl is not None and f.k:
         total += float(((f.defl.L.double() + f.defl.lam) ** -2.0).sum()) - float(np.sum(mu[: f.k] ** -2.0))
-    return math.sqrt(max(total, 0.0) / mu.size)
+    f.inv_rms = math.sqrt(max(total, 0.0) / mu.size)
+    return f.inv_rms
 
 
 def layer_setup_info(factors: dict[str, DeviceFactor]) -> dict[str, Any]:

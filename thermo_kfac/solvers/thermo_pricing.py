@@ -127,9 +127,9 @@ class ThermoPricing:
         """The programmed spectrum of factor ``key`` (rebuilt after a state load)."""
         if key not in self.spectra:
             f = self.factors[key]
-            self.spectra[key] = (pricing.SpectrumSummary.from_matrix(f.P) if self.method == "inverse"
-                                 else pricing.SpectrumSummary.from_eigenvalues(
-                                     self._program(f, key).eigenvalues[0]))
+            spectrum = (pricing.SpectrumSummary.from_matrix(f.P) if self.method == "inverse"
+                        else pricing.SpectrumSummary.from_eigenvalues(self._program(f, key).eigenvalues[0]))
+            self.spectra[key] = dataclasses.replace(spectrum, max_coupling=f.max_coupling)
         return self.spectra[key]
 
     def _reload_cost(self, key: str, n_rhs: int, values: int) -> pricing.Cost:

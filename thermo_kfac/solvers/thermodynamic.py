@@ -41,7 +41,7 @@ from hw_models.langevin.feasibility import DEFAULT_MARGIN, feasibility
 from hw_models.noise import abs_max, read_out
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure, SolverReport, register_solver
-from thermo_kfac.solvers.deflation import apply_gemms, auto_depths, deflate, prepare_gemms
+from thermo_kfac.solvers.deflation import Deflated, apply_gemms, auto_depths, deflate, prepare_gemms
 from thermo_kfac.solvers.thermo_device import (
     FEASIBILITY_ITERATIONS,
     LAMBDA_SAFETY,
@@ -313,7 +313,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         info.update(self._programming_info(self.factors))
         info["predicted_error"] = combined(info["predicted_rel_error"])
         info["predicted_relative_residual"] = combined(info["predicted_residual"])
-        x_norm, inv_rms = float(X.norm()), self.factors[second].inv_rms
+        x_norm, inv_rms = float(X.norm()), inverse_rms(self.factors[second])
         amp = float(Y.norm()) * inv_rms / x_norm if inv_rms and x_norm > 0 else 1.0
         info["error_amplification"] = amp
         info["pricing"] = self._pricing_info(self.factors, jobs if self.analog_time > 0 else [],
@@ -335,14 +335,16 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             return {}
         return {"factors": {k: f.state() for k, f in self.factors.items()}, "X_prev": self.X_prev,
                 "Y_prev": self.Y_prev, "calls": self.calls, "X_stale": self.X_stale,
-                "solve_order": self.solve_order, "_order_prev": self._order_prev}
+                "solve_order": self.solve_order, "_order_prev": self._order_prev, "applies": self.applies}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
         factors = state.pop("factors", None)
         self.spectra, self._prices = {}, {}
         if factors is not None:  # programmed lazily from (P, seed): bit-identical to the original
-            self.factors = {k: DeviceFactor(**v) for k, v in factors.items()}
+            self.factors = {k: DeviceFactor(**{**v, "defl": None if v.get("defl") is None
+                                                 else Deflated(**v["defl"])})
+                            for k, v in factors.items()}
         super().load_state_dict(state)
 
     # ---------------------------------------------------------------------------- internals
@@ -408,7 +410,6 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             self.spectra[key] = dataclasses.replace(
                 pricing.SpectrumSummary.from_eigenvalues(f.prog.eigenvalues[0]),
                 max_coupling=f.max_coupling)
-            f.inv_rms = inverse_rms(f)
             reachable = self._choose_window(f, key, n_rhs)
             if reachable or last or self.deflate != "auto":
                 self.depths[key] = k
