@@ -219,3 +219,21 @@ def test_a_deflated_solver_resumes_bit_identically():
     for grad in grads[1:]:
         assert torch.equal(solver.apply(grad), clone.apply(grad))
         assert [f.k for f in clone.factors.values()] == [f.k for f in solver.factors.values()]
+
+
+def test_held_end_states_are_converted_to_the_current_calls_units():
+    """Issue 28: a held end state is in the units of the call that left it (its columns' r / s);
+    the next call, whose input scale differs, must continue from the same host-unit state."""
+    from thermo_kfac.solvers.thermo_device import DeviceFactor, hold_end_states, reload_start
+
+    n, m = 6, 5
+    f = DeviceFactor(M=torch.eye(n), P=torch.eye(n), c=1.0, d=None, seed=0)
+    host = torch.randn(n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    r_then = torch.linspace(1.0, 2.0, m, dtype=torch.float64)
+    hold_end_states(f, host / r_then, units=2, r_eff=r_then)  # device units of that call
+    r_now = torch.linspace(0.5, 4.0, m, dtype=torch.float64)
+    noise = hm.NoiseConfig()  # an ideal DAC: the reload adds nothing
+    start, _ = reload_start(f, torch.zeros(n, m, dtype=torch.float64), torch.ones(m, dtype=torch.bool),
+                            noise, seed=0, r_eff=r_now)
+    cols = f.held_cols
+    assert torch.allclose(start[:, cols] * r_now[cols], host[:, cols])  # the same host-unit state

@@ -39,6 +39,7 @@ class DeviceFactor:
     chol: torch.Tensor | None = None  # Cholesky factor of M (track_exact)
     held: torch.Tensor | None = None  # end states the device units hold (device units, (n, h))
     held_cols: torch.Tensor | None = None  # and which right-hand-side columns they belong to
+    held_r: torch.Tensor | None = None  # and those columns' input scale r/s when they were held
     peak: float | None = None  # last read-out peak |y| per unit input scale (input ranging)
     scale: float = 1.0  # last input scale s
     defl: Any = None  # the deflated top modes (thermo_kfac.solvers.deflation.Deflated) or None
@@ -60,7 +61,7 @@ class DeviceFactor:
         defl = None if self.defl is None else {"U": self.defl.U, "L": self.defl.L, "lam": self.defl.lam,
                                                 "residual": self.defl.residual}
         return {"M": self.M, "P": self.P, "c": self.c, "d": self.d, "seed": self.seed,
-                "held": self.held, "held_cols": self.held_cols, "peak": self.peak,
+                "held": self.held, "held_cols": self.held_cols, "held_r": self.held_r, "peak": self.peak,
                 "scale": self.scale, "defl": defl, "lambda_min": self.lambda_min,
                 "window": self.window, "burn_in": self.burn_in, "max_coupling": self.max_coupling}
 
@@ -171,7 +172,7 @@ def input_scale(f: DeviceFactor, lam: np.ndarray, n: int, rails: float | None) -
 
 
 def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise: NoiseConfig,
-                 seed: int) -> tuple[torch.Tensor, int]:
+                 seed: int, r_eff: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The "previous" start as the device has it: the columns whose end state a unit still holds
     continue from it; every other column in ``resend`` is re-sent by the host through the DAC
     (quantized over the rails, stochastic rounding drawn from ``seed``), the rest start from 0.
@@ -181,12 +182,16 @@ def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise
     resend = resend.clone()
     if f.held is not None and f.held_cols is not None and f.held.shape[0] == start.shape[0] \
             and int(f.held_cols.max()) < start.shape[1]:
-        start[:, f.held_cols] = f.held.to(start.dtype)
+        held = f.held.to(start.dtype)
+        if f.held_r is not None and r_eff is not None:  # into this call's units: x r_then / r_now
+            held = held * (f.held_r.to(start.dtype) / r_eff[f.held_cols].to(start.dtype))
+        start[:, f.held_cols] = held
         resend[f.held_cols] = False
     return start, int(resend.sum()) * start.shape[0]
 
 
-def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int) -> None:
+def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int,
+                    r_eff: torch.Tensor | None = None) -> None:
     """Keep the end states of the last round of columns, one per unit: the device runs the held
     columns first in the next call, then the rest in order."""
     m = end.shape[1]
@@ -195,6 +200,7 @@ def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int) -> None:
     order = held + [j for j in range(m) if j not in taken]
     last = torch.tensor(order[-min(units, m):], dtype=torch.long, device=end.device)
     f.held_cols, f.held = last, end[:, last].clone()
+    f.held_r = None if r_eff is None else r_eff[last].clone()
 
 
 def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig,

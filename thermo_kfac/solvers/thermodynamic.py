@@ -191,7 +191,6 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         self._prices: dict[tuple, pricing.Price] = {}
         self._measured: list[float | None] | None = None  # apply(): the law per call, actual RHS
 
-    # ----------------------------------------------------------------------------- protocol
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
         """Scale and program (``solve``) or invert (``inverse``) the damped factors.
 
@@ -215,9 +214,10 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 kappas.append(float(lam[:, -1].max() / lam[:, 0].min()))
                 costs.append(pricing.price_program(f.P.shape[0], self.device, oversize="block"))
             old = self.factors
-            for key, f in factors.items():  # the device keeps its end states across updates
+            for key, f in factors.items():  # ranging carries over; held end states only unrescaled
                 if key in old and old[key].P.shape == f.P.shape:
-                    f.held, f.held_cols = old[key].held, old[key].held_cols
+                    same = old[key].c == f.c
+                    f.held, f.held_cols = (old[key].held, old[key].held_cols) if same else (None, None)
                     f.peak, f.scale = old[key].peak, old[key].scale
             self.factors = factors
             info = {"method": "solve", "programmed": True, "condition_number": kappas,
@@ -507,7 +507,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                     x0n = torch.where(far, 0.0, x0n)
                 else:
                     far = torch.zeros(x0n.shape[1], dtype=torch.bool, device=x0n.device)
-                x0n, run["reloaded_values"] = self._reload(f, x0n, ~far)
+                x0n, run["reloaded_values"] = self._reload(f, x0n, ~far, r_eff)
             elif self.warm_start == "gradient" and f.d is None:
                 rhs_scale, x0n = f.c, None  # x0n = c Rn: the loaded input itself, no product
             res = solve_programmed(prog, Rn, cfg, x0n, seed=self._next_seed(), x0_rhs_scale=rhs_scale,
@@ -523,7 +523,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                        range_fallback=dg["range_fallback"], predicted_rel_error=err,
                        predicted_residual=resid)
             if res.end_state is not None:
-                self._hold(f, res.end_state)
+                self._hold(f, res.end_state, r_eff)
             peak = float(abs_max(Yn)) / scale
             f.peak = peak if math.isfinite(peak) and peak > 0 else f.peak
         f.scale = scale
@@ -541,12 +541,12 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
     def _input_scale(self, f: DeviceFactor, prog: ProgrammedMatrix, n: int) -> float:
         return input_scale(f, prog.eigenvalues[0], n, self.noise.state_range)
 
-    def _reload(self, f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor
+    def _reload(self, f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, r_eff: torch.Tensor
                 ) -> tuple[torch.Tensor, int]:
-        return reload_start(f, x0n, resend, self.noise, self._next_seed())
+        return reload_start(f, x0n, resend, self.noise, self._next_seed(), r_eff)
 
-    def _hold(self, f: DeviceFactor, end: torch.Tensor) -> None:
-        hold_end_states(f, end, self.device.units)
+    def _hold(self, f: DeviceFactor, end: torch.Tensor, r_eff: torch.Tensor) -> None:
+        hold_end_states(f, end, self.device.units, r_eff)
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor,
                   predicted: float | None) -> dict[str, Any]:
