@@ -74,10 +74,13 @@ class DistributedKFAC(StepHooks):
         wrapped = isinstance(precond.model, nn.parallel.DistributedDataParallel)
         average = config.average_gradients
         self.average_gradients = (not wrapped) if average is None else average
+        # the analog solvers' own method (a resident solve by default, a sampled inverse if asked)
+        analog = [s.solver.pricing_settings().get("method") for s in layers.values() if s.solver.analog]
         self.tasks = layer_solve_tasks(
             [(name, s.adapter.d_in, s.adapter.d_out) for name, s in layers.items()],
             digital=config.digital, thermo=config.thermo, method=digital_method_of(precond.solver_spec),
-            kappa=config.kappa, eps=config.eps)
+            kappa=config.kappa, eps=config.eps,
+            analog_method="inverse" if analog and all(m == "inverse" for m in analog) else "solve")
         self.placement = assign_layers(self.tasks, self.world_size, rule=config.assignment,
                                        analog_units_per_rank=config.analog_units_per_rank)
         self.owned = set(self.placement.layers_of(self.rank))

@@ -57,33 +57,43 @@ class Placement:
 def layer_solve_tasks(layers: Iterable[tuple[str, int, int]], *, digital: str = "h100",
                       thermo: str = "chip", method: str = "eigh", kappa: float = 100.0,
                       eps: float = 0.1, bits: int | None = None,
-                      granularity: str = "layer") -> list[SolveTask]:
+                      granularity: str = "layer", analog_method: str = "solve") -> list[SolveTask]:
     """Predicted solve times of layers given as ``(name, size of A, size of G)``.
 
-    Digital: one ``method`` decomposition per factor (``hw_models`` op model of ``digital``).
-    Analog: a sampling inverse per factor on the ``thermo`` device
-    (:func:`hw_models.pricing.price`, the geometric model spectrum at condition number ``kappa``,
-    target accuracy ``eps``; ``inf`` where the factor does not fit). ``granularity="layer"``: one
-    task per layer (both factors, as one solver prepares them); ``"factor"``: one task per factor (``name/A``,
-    ``name/G``), the 2L inversion tasks that SPD-KFAC places.
+    Digital: one ``method`` decomposition per factor (:func:`hw_models.pricing.price_digital`).
+    Analog, on the ``thermo`` device (:func:`hw_models.pricing.price`, the geometric model spectrum
+    at condition number ``kappa``, target accuracy ``eps``; ``inf`` where the factor does not fit),
+    by the thermodynamic solver's ``analog_method``: ``"solve"`` (its default) programs the factor
+    and runs one resident solve with the other factor's size of right-hand sides; ``"inverse"``
+    samples the inverse (SPD-KFAC's inversion tasks, what the ``placement`` command compares).
+    ``granularity="layer"``: one task per layer (both factors, as one solver prepares them);
+    ``"factor"``: one task per factor (``name/A``, ``name/G``), the 2L inversion tasks that SPD-KFAC
+    places.
     """
     check_choice("method", method, DIGITAL_SOLVE_METHODS)
     check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("analog_method", analog_method, ("solve", "inverse"))
     host = digital_device(digital)
     device = thermo_device(thermo)
 
-    def times(n: int) -> tuple[float, float]:
+    def times(n: int, n_rhs: int) -> tuple[float, float]:
         check_positive("factor size", n, integer=True)
         try:
-            job = pricing.AnalogJob("inverse", n, kappa=kappa, target_eps=eps, bits=bits)
-            analog = pricing.price(job, device, host).seconds
+            if analog_method == "inverse":
+                job = pricing.AnalogJob("inverse", n, kappa=kappa, target_eps=eps, bits=bits)
+                analog = pricing.price(job, device, host).seconds
+            else:
+                job = pricing.AnalogJob("solve", n, n_rhs, kappa=kappa, target_eps=eps, bits=bits,
+                                        resident=True)
+                analog = (pricing.price_program(n, device, bits=bits).seconds
+                          + pricing.price(job, device, host).seconds)
         except pricing.ThermoCapacityError:
             analog = math.inf  # the factor does not fit: it stays digital
-        return host.op_time(method, n), analog
+        return pricing.price_digital(method, n, device=host).seconds, analog
 
     tasks = []
     for name, n_a, n_g in layers:
-        (da, aa), (dg, ag) = times(n_a), times(n_g)
+        (da, aa), (dg, ag) = times(n_a, n_g), times(n_g, n_a)
         if granularity == "layer":
             tasks.append(SolveTask(name, da + dg, aa + ag))
         else:

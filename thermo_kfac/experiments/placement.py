@@ -43,7 +43,7 @@ def simulate(models: Sequence[str] = ("resnet50",), ranks: Sequence[int] = (8, 1
         work = workload(name)
         tasks = layer_solve_tasks([(layer.name, *layer.factor_sizes) for layer in work.layers],
                                   digital=digital, thermo=thermo, method=method, kappa=kappa, eps=eps,
-                                  bits=bits, granularity=granularity)
+                                  bits=bits, granularity=granularity, analog_method="inverse")
         serial = sum(t.digital_s for t in tasks)
         for p in ranks:
             check_positive("ranks", p, integer=True)
