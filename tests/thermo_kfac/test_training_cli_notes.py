@@ -194,3 +194,22 @@ def test_help_shows_one_default_per_flag(command, capsys):
             assert _DEFAULT.search(text), f"{command} {action.option_strings[0]}: no default shown: {text}"
             checked += 1
     assert checked >= 5
+
+
+def test_warnings_of_task_runs_come_back_from_the_tasks():
+    """``compare`` with an executor (as with --workers) runs each optimizer as a task: its warnings
+    are recorded in the task and merged, not printed by the worker."""
+    from thermo_kfac.experiments.executors import SerialExecutor
+
+    specs = ["kfac:solver=test-unrepresentable", "kfac:solver=test-unrepresentable,damping=0.01"]
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        with SerialExecutor(threads=1, task_timeout=300) as executor:  # a timeout makes tasks
+            results = compare("digits", "mlp", specs, steps=6, eval_every=3, model_options={"widths": [16]},
+                              executor=executor)
+    assert [str(w.message) for w in escaped] == []
+    layers = results["runs"][0]["layers"]
+    assert "one after the other as tasks" in results["config"]["wall_time_note"]
+    # two runs, each warned once per layer: merged into one entry per layer with both counts
+    assert results["warnings"] == [{"layer": name, "cause": "factor not representable on the test device",
+                                    "count": 2} for name in layers]
