@@ -176,11 +176,12 @@ def bandwidth_gbps(text: str) -> float:
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Shows ``(default: X)`` after an option's help once: not when the help already names its
-    default, and not for options whose default is None or False (nothing to show)."""
+    default, and not for options whose default is None, False or empty (nothing to show)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+        empty = isinstance(action.default, (list, tuple, dict)) and not action.default
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS) or empty
                 or not action.option_strings or action.nargs == 0):
             return text
         return text + " (default: %(default)s)"

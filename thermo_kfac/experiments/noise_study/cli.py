@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +23,7 @@ from thermo_kfac.experiments.noise_study.study import (
     sweep_keys,
 )
 from thermo_kfac.experiments.progress import add_progress_argument, progress_mode
+from thermo_kfac.experiments.run_notes import children_ignore_sigint
 from thermo_kfac.experiments.training import DEFAULT_BATCH_SIZE
 from thermo_kfac.models import available_models
 
@@ -45,7 +42,7 @@ def _cli(args: argparse.Namespace) -> int:
     if args.max_train is not None:
         dataset_options["max_train"] = check_positive("--max-train", args.max_train, integer=True)
     try:
-        with _children_ignore_sigint():  # worker processes started now leave Ctrl-C to us
+        with children_ignore_sigint():  # worker processes started now leave Ctrl-C to us
             executor = executors.from_args(args, device=args.device)
         with executor:
             study = noise_study(args.dataset, args.model, args.sweep, optimizer=args.optimizer,
@@ -75,22 +72,6 @@ def _cli(args: argparse.Namespace) -> int:
 def _say(message: str) -> None:
     """A one-line message for the user, on stderr (stdout holds the table)."""
     print(f"noise-study: {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _children_ignore_sigint() -> Iterator[None]:
-    """Ignore SIGINT while worker processes are started, so that they inherit "ignore" (a
-    disposition that survives fork and exec, and that Python keeps): Ctrl-C in a terminal signals
-    the whole process group, and the workers would print tracebacks of their own. This process
-    gets its handler back, so Ctrl-C stops the study here and the executor cancels the rest."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def register(subparsers: Any) -> None:

@@ -11,12 +11,12 @@ import csv
 import io
 import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from thermo_kfac.experiments._io import atomic_write, jsonable, text_table
+from thermo_kfac.experiments.run_notes import warning_causes
 from thermo_kfac.grammar import format_value
 
 __all__ = ["DIVERGENCE_FACTOR", "METRICS", "ROW_COLUMNS_HEAD", "ROW_COLUMNS_TAIL", "STUDY_METHOD",
@@ -177,38 +177,6 @@ def format_table(study: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
-
-# ------------------------------------------------------------------------------ warnings
-_SOLVER_FAILED = re.compile(r"on layer '(?P<layer>[^']+)' \((?P<reason>.*)\); (?:using|keeping)", re.S)
-_LAYER = re.compile(r"(?:in|on) layer '(?P<layer>[^']+)'")
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?", re.I)
-
-
-def warning_causes(messages: Sequence[str]) -> list[dict[str, Any]]:
-    """The distinct (layer, cause) pairs of a run's warning messages, with how often each came.
-
-    The cause is the message without the layer's name, the K-FAC prefix, the pointers to Python
-    methods (``skipped_updates()``, ``fallbacks()``) and measured numbers (``lambda_min =
-    -0.05``), so that a run's many warnings about one problem count as one cause."""
-    causes: dict[tuple[str | None, str], int] = {}
-    for message in messages:
-        text = " ".join(str(message).split())
-        match = _SOLVER_FAILED.search(text)
-        layer_match = match or _LAYER.search(text)
-        layer = layer_match.group("layer") if layer_match else None
-        if match:
-            cause = re.sub(r"^\w+ solver \(layer \d+\): ", "", match.group("reason"))
-        else:
-            cause = re.sub(r"^K-FAC: ", "", text)
-            if layer is not None:
-                cause = cause.replace(f" in layer {layer!r}", "").replace(f" on layer {layer!r}", "")
-            # "(see skipped_updates())": a pointer to a Python method, with its own "()"
-            cause = re.sub(r" ?\((?:see|counted in) [^()]*(?:\(\)[^()]*)*\)", "", cause)
-        cause = re.sub(r"[:,]?\s*\w+\s*=\s*" + _NUMBER.pattern, "", cause, flags=re.I)
-        key = (layer, cause.strip().rstrip(";."))
-        causes[key] = causes.get(key, 0) + 1
-    return [{"layer": layer, "cause": cause, "count": n} for (layer, cause), n in causes.items()]
 
 
 def format_warnings(study: dict[str, Any]) -> list[str]:

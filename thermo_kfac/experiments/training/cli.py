@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,11 @@ from hw_models.devices import DIGITAL_PRESETS, THERMO_PRESETS
 from thermo_kfac.data import DATASETS
 from thermo_kfac.distributed import is_main_process
 from thermo_kfac.experiments import executors
-from thermo_kfac.experiments._io import kv_list, widths_list
+from thermo_kfac.experiments._io import DefaultsHelpFormatter, kv_list, widths_list
 from thermo_kfac.experiments.executors import Executor
 from thermo_kfac.experiments.launch import add_arguments, config_from_args, launch_cli
 from thermo_kfac.experiments.progress import add_progress_argument, progress_mode
+from thermo_kfac.experiments.run_notes import children_ignore_sigint
 from thermo_kfac.experiments.training.experiment import compare, train
 from thermo_kfac.experiments.training.options import (
     BASE_OPTIMIZERS,
@@ -33,7 +35,7 @@ from thermo_kfac.experiments.training.options import (
     OPTIMIZER_DEFAULTS,
     OPTIONS,
 )
-from thermo_kfac.experiments.training.outputs import format_table
+from thermo_kfac.experiments.training.outputs import format_table, format_warnings
 from thermo_kfac.models import available_models
 
 __all__ = ["add_common_arguments", "register"]
@@ -55,8 +57,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"model: {', '.join(available_models())} (default: mlp; 'autoencoder' "
                            "trains the dataset's images as an auto-encoder task)")
     task.add_argument("--widths", type=widths_list, default=None, metavar="W,W,...",
-                      help="hidden widths of mlp (default 128,128) or encoder widths of autoencoder "
-                           "(default 1000,500,250,30 for 784 inputs, scaled for smaller inputs)")
+                      help="hidden widths of mlp or encoder widths of autoencoder (default: 128,128 "
+                           "for mlp; 1000,500,250,30 for autoencoder on 784 inputs, scaled for smaller "
+                           "inputs)")
     task.add_argument("--activation", default=None, metavar="NAME",
                       help="hidden activation: relu, tanh, sigmoid, gelu, elu, silu (default: relu; "
                            "sigmoid for autoencoder)")
@@ -211,6 +214,10 @@ def _run_cli(args: argparse.Namespace, optimizers: list[str], command: str,
     if not is_main_process():
         return 0
     print(format_table(results))
+    notes = format_warnings(results)
+    if notes:
+        print("warnings (once per layer and cause, for the whole run):")
+        print("\n".join(f"  {line}" for line in notes))
     if out is not None:
         note = " (replaced the previous results)" if replacing else ""
         print(f"wrote {out / 'results.json'}, metrics.csv and plots{note}")
@@ -219,12 +226,33 @@ def _run_cli(args: argparse.Namespace, optimizers: list[str], command: str,
 
 def _train_cli(args: argparse.Namespace) -> int:
     # --nproc N: relaunch through torchrun; under torchrun/SLURM: join the process group
-    return launch_cli(args, lambda: _run_cli(args, [args.optimizer], "train"))
+    try:
+        return launch_cli(args, lambda: _run_cli(args, [args.optimizer], "train"))
+    except KeyboardInterrupt:
+        return _interrupted("train", args)
 
 
 def _compare_cli(args: argparse.Namespace) -> int:
-    with executors.from_args(args, device=args.device) as executor:  # --workers/--cluster
-        return _run_cli(args, list(args.optimizers), "compare", executor=executor)
+    try:
+        with children_ignore_sigint():  # worker processes started now leave Ctrl-C to us
+            executor = executors.from_args(args, device=args.device)  # --workers/--cluster
+        with executor:
+            return _run_cli(args, list(args.optimizers), "compare", executor=executor)
+    except KeyboardInterrupt:
+        return _interrupted("compare", args)
+
+
+def _interrupted(command: str, args: argparse.Namespace) -> int:
+    """Ctrl-C: one line on stderr saying what was saved and how to rerun; exit status 130."""
+    if not is_main_process():
+        return 130
+    if args.out and (Path(args.out) / "results.json").exists():
+        saved = f"{Path(args.out)} keeps its previous results (files are replaced only when a run completes)"
+    else:
+        saved = "nothing was saved (results are written only when the run completes)"
+    print(f"{command}: interrupted; {saved}; rerun the same command to start again", file=sys.stderr,
+          flush=True)
+    return 130
 
 
 _SPEC_HELP = ("optimizer spec name[:key=value,...]; name: sgd, adam, kfac, adafisher, eva, kld-wrm; keys: "
@@ -239,7 +267,7 @@ def register(subparsers: Any) -> None:
         description="Train a model with one optimizer; progress (bars on a terminal, plain lines in a "
                     "log), then a summary table. With "
                     "--out DIR: DIR/results.json, DIR/metrics.csv, DIR/loss.png, DIR/accuracy.png.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)  # "(default: X)" once per option
     train_parser.add_argument("--optimizer", default="kfac", metavar="SPEC",
                               help=_SPEC_HELP + " (default: kfac)")
     add_common_arguments(train_parser)
@@ -252,7 +280,7 @@ def register(subparsers: Any) -> None:
                     "print a table (final train/test loss, accuracy, wall time, time to a target "
                     "training loss) and, with --out DIR, write DIR/results.json, DIR/metrics.csv, "
                     "DIR/loss.png, DIR/accuracy.png and the combined DIR/compare.png.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)  # "(default: X)" once per option
     compare_parser.add_argument("--optimizers", nargs="+", default=["adam", "kfac"], metavar="SPEC",
                                 help=_SPEC_HELP + " (default: adam kfac); the first run sets the "
                                      "default target loss")

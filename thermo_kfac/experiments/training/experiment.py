@@ -20,6 +20,7 @@ import torch
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.data import DATASETS, Dataset, load_dataset
 from thermo_kfac.distributed import DistributedConfig, is_main_process, world_size
+from thermo_kfac.experiments.run_notes import merge_causes, recorded_warnings, warning_causes
 from thermo_kfac.experiments.training.codesign import add_predicted_times
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import (
@@ -90,7 +91,9 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             ``[tensorboard]`` extra; :mod:`thermo_kfac.experiments.training.tensorboard`).
 
     Returns:
-        ``{"command", "config", "seed", "target_loss", "target_source", "runs": [...]}``.
+        ``{"command", "config", "seed", "target_loss", "target_source", "runs": [...], "warnings"}``;
+        ``warnings``: the runs' warnings, recorded instead of printed, once per layer and cause
+        (``{"layer", "cause", "count"}``; :func:`~thermo_kfac.experiments.run_notes.warning_causes`).
     """
     specs = [parse_optimizer_spec(s) for s in optimizers]
     if not specs:
@@ -175,19 +178,24 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             for spec, options, label in zip(specs, resolved, labels, strict=True)]
         outcomes = run_all(executor, tasks, progress=progress, desc=command)
         runs = [o["run"] for o in outcomes]
+        causes = merge_causes(*(o.get("warnings") or [] for o in outcomes))
         traces = {label: o["trace"] for label, o in zip(labels, outcomes, strict=True)
                   if o["trace"] is not None}
     else:
-        runners = [
-            TrainingRun(data, model, model_options,
-                        OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options,
-                        loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
-                        device=torch_device, distributed=distributed, tensorboard=tensorboard)
-            for spec, options, label in zip(specs, resolved, labels, strict=True)]
+        setup_messages: list[str] = []  # the warm-up's warnings repeat the run's
+        messages: list[str] = []
+        with recorded_warnings(setup_messages):
+            runners = [
+                TrainingRun(data, model, model_options,
+                            OptimizerSpec(spec.name, spec.options, spec.solver_options, label), options,
+                            loss=loss, steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
+                            device=torch_device, distributed=distributed, tensorboard=tensorboard)
+                for spec, options, label in zip(specs, resolved, labels, strict=True)]
         if print_assignment and is_main_process():
             _print_assignments(runners)
         try:
-            train_interleaved(runners, progress if is_main_process() else "none")
+            with recorded_warnings(messages):
+                train_interleaved(runners, progress if is_main_process() else "none")
         finally:
             for runner in runners:
                 runner.close_log()
@@ -195,6 +203,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
             _print_assignments(runners, after=True)
         runs = [runner.result() for runner in runners]
         traces = {runner.spec.label: trace for runner in runners if (trace := runner.trace()) is not None}
+        causes = _with_setup_causes(warning_causes(messages), warning_causes(setup_messages))
     target_source = "given"
     if target_loss is None and target_from_first:
         target_loss = runs[0]["final_train_loss"]
@@ -221,6 +230,7 @@ def compare(dataset: str | Dataset = "digits", model: str = "mlp",
                 if parallel else "; runs one after the other as tasks, not interleaved" if as_tasks else ""),
         },
         "runs": runs,
+        "warnings": causes,
     }
     if out is not None and is_main_process():  # one writer
         write_results(results, out, traces)
@@ -234,20 +244,33 @@ def compare_task(*, data: Dataset | tuple[str, str | None, dict[str, Any]], mode
     """One optimizer's run of :func:`compare` as an executor task (top level: picklable by name).
 
     ``data``: a :class:`Dataset`, or ``(name, task, dataset_options)`` loaded here with ``seed``
-    (as :func:`compare` loads it). Returns ``{"run": ..., "trace": ...}``: the run's entry of
-    ``results["runs"]`` and its ``trace.json`` entry (``None`` when the run records none)."""
+    (as :func:`compare` loads it). Returns ``{"run": ..., "trace": ..., "warnings": ...}``: the
+    run's entry of ``results["runs"]``, its ``trace.json`` entry (``None`` when the run records
+    none) and its warnings once per layer and cause
+    (:func:`~thermo_kfac.experiments.run_notes.warning_causes`)."""
     torch_device = torch.device(device)
     if not isinstance(data, Dataset):
         name, task, dataset_options = data
         data = load_dataset(name, task=task, seed=seed, **dataset_options)
-    run = TrainingRun(data.to(torch_device), model, model_options, spec, options, loss=loss, steps=steps,
-                      batch_size=batch_size, seed=seed, eval_every=eval_every, device=torch_device,
-                      tensorboard=tensorboard)
+    setup_messages: list[str] = []  # the warm-up's warnings repeat the run's
+    messages: list[str] = []
+    with recorded_warnings(setup_messages):
+        run = TrainingRun(data.to(torch_device), model, model_options, spec, options, loss=loss,
+                          steps=steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
+                          device=torch_device, tensorboard=tensorboard)
     try:
-        run.run()
-        return {"run": run.result(), "trace": run.trace()}
+        with recorded_warnings(messages):
+            run.run()
+        causes = _with_setup_causes(warning_causes(messages), warning_causes(setup_messages))
+        return {"run": run.result(), "trace": run.trace(), "warnings": causes}
     finally:
         run.close()
+
+
+def _with_setup_causes(causes: list[dict[str, Any]], setup: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training loop's warning causes plus those only the set-up (warm-up) raised."""
+    seen = {(c["layer"], c["cause"]) for c in causes}
+    return causes + [c for c in setup if (c["layer"], c["cause"]) not in seen]
 
 
 def train(dataset: str | Dataset = "digits", model: str = "mlp", optimizer: str | OptimizerSpec = "kfac",

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from thermo_kfac.experiments._io import atomic_write, format_seconds, jsonable, text_table
+from thermo_kfac.experiments.run_notes import format_causes
 from thermo_kfac.experiments.training.codesign import MACHINES, predicted_curve
 
-__all__ = ["CSV_COLUMNS", "format_table", "metrics_csv", "render_plots", "time_to_target", "trace_files",
-           "write_results"]
+__all__ = ["CSV_COLUMNS", "format_table", "format_warnings", "metrics_csv", "render_plots", "time_to_target",
+           "trace_files", "write_results"]
 
 CSV_COLUMNS = ["run", "optimizer", "step", "epoch", "train_loss", "train_accuracy", "step_time_s",
                "wall_time_s", "eval_train_loss", "eval_train_accuracy", "test_loss", "test_accuracy",
@@ -286,3 +287,13 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"wall time: training steps only (evaluation excluded), {config['torch_threads']} "
                  f"torch threads; losses on the full train/test sets")
     return "\n".join(lines)
+
+
+def format_warnings(results: dict[str, Any]) -> list[str]:
+    """The runs' warnings, one line per layer and cause (``results["warnings"]``), with the layer's
+    fallback steps when one K-FAC run has fallbacks, e.g. ``layer '5' fell back 300/300 steps:
+    not positive definite ...``; empty when no run warned."""
+    with_fallbacks = [r for r in results["runs"] if any((r.get("fallbacks") or {}).values())]
+    fallbacks = with_fallbacks[0]["fallbacks"] if len(with_fallbacks) == 1 else None
+    steps = int(with_fallbacks[0]["steps"]) if len(with_fallbacks) == 1 else None
+    return format_causes(results.get("warnings") or [], fallbacks, steps)
