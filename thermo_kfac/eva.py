@@ -30,9 +30,9 @@ from thermo_kfac.capture import (
     batch_size_of,
     candidate_modules,
     compile_skip,
-    make_adapter,
     register_capture,
     remove_handles,
+    trainable_adapters,
 )
 
 
@@ -122,13 +122,7 @@ class Eva(torch.optim.Optimizer):
         self.steps = 0
         self.last_kl_scale = 1.0
         self._layers: dict[str, _Layer] = {}
-        for name, module in candidate_modules(model, compile_skip(skip)):
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
-                continue
-            adapter = make_adapter(name, module)
-            if adapter is None:
-                continue
+        for name, module, adapter in trainable_adapters(candidate_modules(model, compile_skip(skip))):
             layer = _Layer(name, adapter)
             layer.handles = register_capture(module, self._capture_step,
                                              on_output_grad=self._make_hook(layer))

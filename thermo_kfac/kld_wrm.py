@@ -55,9 +55,9 @@ from thermo_kfac.capture import (
     LayerAdapter,
     candidate_modules,
     compile_skip,
-    make_adapter,
     register_capture,
     remove_handles,
+    trainable_adapters,
 )
 
 VARIANTS = ("so", "q", "qe", "kfac")
@@ -153,13 +153,7 @@ class KLDWRM(torch.optim.Optimizer):
         self.steps = 0
         self.last_kl_scale = 1.0
         self._layers: list[_Layer] = []
-        for name, module in candidate_modules(model, compile_skip(skip)):
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
-                continue
-            adapter = make_adapter(name, module)
-            if adapter is None:
-                continue
+        for name, module, adapter in trainable_adapters(candidate_modules(model, compile_skip(skip))):
             layer = _Layer(name, adapter)
             layer.handles = register_capture(module, self._capturing, *self._hooks(layer))
             self._layers.append(layer)

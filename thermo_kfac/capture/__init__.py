@@ -24,6 +24,7 @@ from thermo_kfac.capture.adapters import (
     linear_map,
     make_adapter,
     tap_hooks,
+    trainable_adapters,
 )
 from thermo_kfac.capture.hooks import (
     batch_size_of,
@@ -58,6 +59,7 @@ __all__ = [
     "flavour_for",
     "flavour_rules",
     "is_skipped",
+    "trainable_adapters",
     "linear_map",
     "make_adapter",
     "module_linear_maps",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -512,3 +512,17 @@ def make_adapter(name: str, module: nn.Module, approx: str = "expand",
                 cls = adapter
                 break
     return None if cls is None else cls(name, module, approx)
+
+
+def trainable_adapters(modules: Iterator[tuple[str, nn.Module]]
+                       ) -> Iterator[tuple[str, nn.Module, LayerAdapter]]:
+    """``(name, module, adapter)`` of the given ``(name, module)`` pairs (e.g.
+    :func:`~thermo_kfac.capture.candidate_modules`) whose weight is trained and which an adapter
+    supports: the layers a second-order optimizer preconditions."""
+    for name, module in modules:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
+            continue
+        adapter = make_adapter(name, module)
+        if adapter is not None:
+            yield name, module, adapter
