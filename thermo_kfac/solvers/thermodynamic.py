@@ -12,8 +12,8 @@ reports, failures) is ``docs/thermodynamic_kfac.md``; in short:
   factor's top modes digitally (``deflate``, :mod:`~thermo_kfac.solvers.deflation`; ``"auto"``
   picks the smallest depth the feasibility law of :mod:`hw_models.langevin.feasibility` accepts),
   scales the remainder to ``lambda_max <= 1`` and programs it once; :meth:`apply` runs two analog
-  solves ``(G + lam_G I) Y = grad``, ``(A + lam_A I) X^T = Y^T`` with the gradient's columns as
-  right-hand sides (ranged to the DAC's full scale and to the rails), each from the
+  solves, one per damped factor, the worse-conditioned first (``solve_order``), with the gradient's
+  columns as right-hand sides (ranged to the DAC's full scale and to the rails), each from the
   ``warm_start`` state, over ``analog_time`` tau (``"auto"``: the window the error law needs for
   ``target_error`` on the programmed spectrum, chosen at every prepare).
 - ``method="inverse"`` ("Method 1"): :meth:`prepare` inverts each damped factor by covariance
@@ -214,7 +214,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 kappas.append(float(lam[:, -1].max() / lam[:, 0].min()))
                 costs.append(pricing.price_program(f.P.shape[0], self.device, oversize="block"))
             old = self.factors
-            for key, f in factors.items():  # ranging carries over; held end states only unrescaled
+            for key, f in factors.items():  # ranging carries over; held end states only at the same c
                 if key in old and old[key].P.shape == f.P.shape:
                     same = old[key].c == f.c
                     f.held, f.held_cols = (old[key].held, old[key].held_cols) if same else (None, None)
