@@ -435,11 +435,6 @@ class ThermoDevice:
         ``kappa0``, timing and power unchanged)."""
         return dataclasses.replace(self, noise=NoiseConfig(device_seed=self.noise.device_seed))
 
-    @property
-    def is_ideal(self) -> bool:
-        """True when the device adds no converter, rail, mismatch or read-noise error."""
-        return self.noise.ideal and self.noise.state_range is None
-
     def link_bits(self, converter: str) -> int:
         """Bits per value on the link for ``"coupling"``, ``"input"`` or ``"output"`` values."""
         check_choice("converter", converter, ("coupling", "input", "output"))

@@ -14,12 +14,12 @@ import torch
 
 from hw_models.langevin import ProgrammedMatrix, error_model
 from hw_models.noise import NoiseConfig, load_state
+from hw_models.pricing import RANGE_TARGET
 
 #: lambda_max estimate: Lanczos' top Ritz value plus its residual bound, times this safety factor
 LAMBDA_SAFETY = 1.01
-#: the solver aims the largest state value at this fraction of state_range (input ranging), and
-#: trusts the previous call's peak up to this margin
-RANGE_TARGET = 0.5
+#: the solver aims the largest state value at pricing's RANGE_TARGET fraction of state_range (input
+#: ranging, one rule for both), and trusts the previous call's peak up to this margin
 RANGE_MARGIN = 1.5
 #: power iterations of the feasibility law's rounding-error norm (host work per prepare)
 FEASIBILITY_ITERATIONS = 30

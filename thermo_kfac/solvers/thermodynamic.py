@@ -45,7 +45,6 @@ from thermo_kfac.solvers.deflation import Deflated, apply_gemms, auto_depths, de
 from thermo_kfac.solvers.thermo_device import (
     FEASIBILITY_ITERATIONS,
     LAMBDA_SAFETY,
-    RANGE_TARGET,
     DeviceFactor,
     combined,
     hold_end_states,
@@ -410,7 +409,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             self.spectra[key] = dataclasses.replace(
                 pricing.SpectrumSummary.from_eigenvalues(f.prog.eigenvalues[0]),
                 max_coupling=f.max_coupling)
-            reachable = self._choose_window(f, key, n_rhs)
+            reachable = (self.auto_window or self.deflate == "auto") and self._choose_window(f, key, n_rhs)
             if reachable or last or self.deflate != "auto":
                 self.depths[key] = k
                 return f
@@ -502,7 +501,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                     # a previous solution that lies beyond the range target in this call's units
                     # (its column's input scale changed a lot) is no useful start: such columns
                     # start from 0 instead of being re-sent (counted)
-                    far = abs_max(x0n, (0,)).squeeze(0) > RANGE_TARGET * rails
+                    far = abs_max(x0n, (0,)).squeeze(0) > pricing.RANGE_TARGET * rails
                     run["zero_started_columns"] = int(far.sum())
                     x0n = torch.where(far, 0.0, x0n)
                 else:
