@@ -7,21 +7,32 @@ jointly with it (:func:`hw_models.langevin.laws.od_end_state`), so a caller can 
 next run from the device's own end state.
 
 **Rails.** With ``NoiseConfig.state_range`` the state saturates at ``+-R``, which the Gaussian law
-does not model. Before drawing, :func:`draw` checks the trajectory: the mean path
-``x* + Q exp(-Lambda t) d`` (``d = Q^T x0 - u*``) at ``t = 0`` and :data:`RAIL_TIMES` (a
-geometric grid up to the run's end) plus ``RAIL_SIGMAS`` standard deviations per coordinate
-(the largest over the run, at its end:
-``sum_k Q_ik^2 kappa0/lam_k (1 - exp(-2 lam_k s))``). When that reaches ``R`` the law is not valid and
-:func:`draw` returns ``None``: the caller then runs the clipping ``"exact"`` integrator instead
-(``range_fallback`` in the diagnostics). A run whose bound ``|x*| + |Q| |d|`` (valid at every
-time) plus the margin stays inside passes at once; otherwise the grid check is a screen, not a
-proof: an excursion between grid points, or a thermal one beyond 4 sigma, is not caught (a
-thermal excursion that brief moves the time average by little). Callers that want the fast law
-keep the state well inside the rails by scaling their input (the thermodynamic solver does).
+does not model. Before drawing, :func:`draw` checks that the mean path
+``x(t) = x* + Q exp(-Lambda t) d`` (``d = Q^T x0 - u*``) plus ``RAIL_SIGMAS`` thermal standard
+deviations per coordinate (the largest over the run: the end's,
+``sum_k Q_ik^2 kappa0/lam_k (1 - exp(-2 lam_k s))``) stays inside; when it cannot show that, the law
+is not valid and :func:`draw` returns ``None``: the caller then runs the clipping ``"exact"``
+integrator instead (``range_fallback`` in the diagnostics). The checks, cheapest first, each a
+bound valid at EVERY time (no excursion between check points escapes them):
+
+1. the midpoint bound (:func:`midpoint_peak`): every ``exp(-lam_k t)`` lies in ``(0, 1]``, i.e.
+   ``1/2 + delta_k`` with ``|delta_k| <= 1/2``, so
+   ``|x_i(t)| <= |x* + x0|_i / 2 + (|Q| |d|)_i / 2``: two products, computed in bfloat16 where the
+   hardware multiplies it fast (:func:`low_precision_dtype`), with the rounding of the operands and
+   the result added to the bound, so the screen never passes a run the exact bound would fail;
+2. ``|x*| + ||d||`` and ``|x*| + |Q| |d|`` in the working precision (each a bound at every time:
+   ``0 < exp(-lam t) <= 1`` and the rows of ``Q`` have unit norm);
+3. the mean path at :data:`RAIL_TIMES` (a screen, not a proof: an excursion between those times,
+   or a thermal one beyond 4 sigma, is not caught; a brief excursion moves the time average by
+   little).
+
+Callers that want the fast law keep the state well inside the rails by scaling their input (the
+thermodynamic solver does), and the midpoint bound then passes almost always.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,9 +43,29 @@ from hw_models.langevin import laws
 
 #: Thermal standard deviations added to the mean path in the rail check.
 RAIL_SIGMAS = 4.0
-#: Times (tau) at which the rail check samples the mean path (besides 0; capped at the run's
+#: Times (tau) at which the last rail check samples the mean path (besides 0; capped at the run's
 #: end): the slowest and fastest modes' excursions peak between 1/lambda_max = 1 and the end.
 RAIL_TIMES = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
+#: Unit roundoff of bfloat16 (8 significant bits): the rounding allowance of the screen products.
+BF16_ROUNDOFF = 2.0**-8
+
+
+@functools.cache
+def low_precision_dtype(device_type: str) -> torch.dtype | None:
+    """``torch.bfloat16`` on a CPU whose bfloat16 products are fast and accumulate in float32 (AMX
+    or AVX-512 bf16 instructions), else ``None`` (the rail screen then runs in the working
+    precision: GPUs, other CPUs). Read from the CPU's feature flags, not timed: deterministic."""
+    if device_type != "cpu":  # GPU products are fast in float32, and may reduce in bfloat16
+        return None
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & flags else None
+    except OSError:
+        pass
+    return None
 
 
 @dataclass(frozen=True)
@@ -50,7 +81,12 @@ class Law:
     end_sd: torch.Tensor  # conditional std of u(s) given ubar
     var_sum: float  # per-system sum of the mode variances (mean over copies)
     coord_sd: torch.Tensor | None  # (K, n, 1) largest std per coordinate over the run (rails)
-    rail_times: tuple[float, ...] = ()  # where the rail check samples the mean path
+    rail_times: tuple[float, ...] = ()  # where the last rail check samples the mean path
+    lam2: torch.Tensor | None = None  # lam^2 (K, n): the diagnostics' weights
+    w2: torch.Tensor | None = None  # w^2 (K, n)
+    resid_var: torch.Tensor | None = None  # (K,) sum_k lam_k^2 sd_k^2 (the variance's residual)
+    screen_Q: torch.Tensor | None = None  # Q and |Q| in the screen's precision (rails)
+    screen_absQ: torch.Tensor | None = None
 
 
 def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, kappa0: float,
@@ -66,7 +102,7 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(x, **opts).unsqueeze(-1)
 
-    coord_sd = None
+    coord_sd = screen_Q = screen_absQ = None
     times: tuple[float, ...] = ()
     if rails:
         # the state's variance grows monotonically from a given start, so its largest value over
@@ -74,22 +110,58 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
         coord_sd = torch.sqrt((Q * Q) @ t(var_end))
         end = burn_in + window
         times = tuple(sorted({0.0, *(min(v, end) for v in RAIL_TIMES)}))
+        low = low_precision_dtype(Q.device.type)
+        screen_Q = (Q if low is None else Q.to(low)).contiguous()
+        screen_absQ = screen_Q.abs().contiguous()
+    lam2 = lam**2
     return Law(lam=t(lam), w=t(w), sd=t(np.sqrt(var)), decay=t(decay), gain=t(gain),
                end_sd=t(end_sd), var_sum=float(np.mean(np.sum(var, axis=1))), coord_sd=coord_sd,
-               rail_times=times)
+               rail_times=times, lam2=torch.as_tensor(lam2, **opts),
+               w2=torch.as_tensor(w**2, **opts),
+               resid_var=torch.as_tensor(np.sum(lam2 * var, axis=1), **opts),
+               screen_Q=screen_Q, screen_absQ=screen_absQ)
 
 
-def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor,
+def midpoint_peak(law: Law, ustar: torch.Tensor, d: torch.Tensor | None) -> float:
+    """An upper bound of ``max |x_i(t)|`` over coordinates, columns and times plus the thermal
+    margin (module docs, check 1): ``|Q (u* + d/2)|_i + (|Q| |d|)_i / 2`` (``d = None``: a zero
+    start, ``d = -u*``, where it is ``|x*|_i / 2 + (|Q| |u*|)_i / 2``), computed with the law's
+    screen matrices, every rounding of the screen's precision added."""
+    assert law.screen_Q is not None and law.screen_absQ is not None and law.coord_sd is not None
+    Qs, absQ = law.screen_Q, law.screen_absQ
+    u = BF16_ROUNDOFF if Qs.dtype != ustar.dtype else float(torch.finfo(ustar.dtype).eps)
+    acc = ustar.shape[-2] * float(torch.finfo(torch.float32).eps)  # float32 accumulation
+    margin = RAIL_SIGMAS * float(law.coord_sd.amax())
+    # Rounding allowances: each operand rounded once (u), the product accumulated (acc, relative to
+    # |Q| |v|) and rounded (u); |Q| |v| is itself bounded by the |Q| product over (1 - 2u - acc).
+    if d is None:  # a zero start: both products of u*, in place on one rounded copy
+        v = ustar.to(Qs.dtype)
+        a = (Qs @ v).abs_()
+        b = absQ @ v.abs_()
+        ca = 0.5 / (1.0 - u)
+        cb = (0.5 + 0.5 * (2.01 * u + acc)) / (1.0 - 3.0 * u - acc)
+        # the two scalings and the sum in the screen's precision: three more roundings
+        return float(b.mul_(cb).add_(a, alpha=ca).amax()) * (1.0 + u) ** 3 + margin
+    mid = ustar + 0.5 * d
+    a = (Qs @ mid.to(Qs.dtype)).to(ustar.dtype).abs_()
+    b = (absQ @ d.abs().to(Qs.dtype)).to(ustar.dtype)
+    slack = torch.linalg.vector_norm(mid, dim=-2, keepdim=True).mul_(2.01 * u + acc)
+    a.div_(1.0 - u).add_(slack)
+    return float(a.add_(b, alpha=0.5 / (1.0 - 3.0 * u - acc)).amax()) + margin
+
+
+def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor | None,
                  state_range: float) -> bool:
-    """Whether the run stays inside ``+-state_range`` (module docs): the mean path
-    ``x* + Q exp(-Lambda t) d`` at the check times :data:`RAIL_TIMES` (scaled to the run's end)
-    plus ``RAIL_SIGMAS`` standard deviations per coordinate (their largest over the run)."""
+    """Whether the run stays inside ``+-state_range`` (module docs: the three checks in turn).
+    ``d = None`` is a zero start (``d = -u*``)."""
     assert law.coord_sd is not None
+    if midpoint_peak(law, ustar, d) <= state_range:
+        return True
+    if d is None:
+        d = -ustar
     margin = RAIL_SIGMAS * law.coord_sd
-    # Bounds over the whole run first (one or two products, where the screen below takes one per
-    # check time). Since 0 < exp(-lam t) <= 1 and Q is orthogonal, every coordinate of
-    # x(t) - x* = Q exp(-Lambda t) d is at most ||d|| (the column's 2-norm) and at most (|Q| |d|)_i,
-    # so a run inside either bound cannot leave the rails between check times either.
+    # Since 0 < exp(-lam t) <= 1 and Q is orthogonal, every coordinate of
+    # x(t) - x* = Q exp(-Lambda t) d is at most ||d|| (the column's 2-norm) and at most (|Q| |d|)_i
     xstar = (Q @ ustar).abs_().add_(margin)
     if float((xstar + d.norm(dim=-2, keepdim=True)).amax()) <= state_range:
         return True
@@ -104,8 +176,9 @@ def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor
 
 @dataclass
 class Draw:
-    """One analytic draw: the time averages and (if asked) end states, ``(K, n, m)`` in x-space,
-    and the bias of the mean path in the eigenbasis (``w d``) for the error prediction."""
+    """One analytic draw: the time averages and (if asked) end states, ``(K, n, m)`` in x-space
+    (end states: ``(K, n, len(end_cols))`` when only some columns were asked for), and the bias of
+    the mean path in the eigenbasis (``w d``) for the error prediction."""
 
     mean: torch.Tensor
     eigen: torch.Tensor  # the time averages in the eigenbasis
@@ -114,41 +187,64 @@ class Draw:
     xstar2: torch.Tensor  # (K,) squared norm of x* (of the loaded input)
     resid2: torch.Tensor  # (K,) expected squared residual ||P xbar - b||^2 (bias and variance)
     b2: torch.Tensor  # (K,) squared norm of the loaded input
+    read_noise_drawn: bool = False  # the read-out's noise is in ``mean`` already (``read_sd``)
 
 
 def draw(law: Law, Q: torch.Tensor, B_hw: torch.Tensor, normal: Callable[[tuple[int, ...]],
          torch.Tensor], *, x0: torch.Tensor | None = None, x0_eigen: torch.Tensor | None = None,
          x0_rhs_scale: float | None = None, want_end: bool = False,
-         state_range: float | None = None) -> Draw | None:
+         end_cols: torch.Tensor | None = None, state_range: float | None = None,
+         read_sd: float = 0.0) -> Draw | None:
     """Draw the time average (and end state) for the loaded inputs ``B_hw`` ``(K, n, m)``.
 
     The start is ``x0`` (``(K, n, m)``, x-space), or ``x0_eigen`` (eigenbasis), or
     ``x0_rhs_scale * B_hw``, or 0. ``normal(shape)`` draws the thermal noise (the end state's
-    conditional noise second). Returns ``None`` when ``state_range`` may be exceeded (module docs).
+    conditional noise second). ``end_cols``: the columns whose end state is wanted (default all;
+    the others' end states are neither computed nor drawn). ``read_sd``: the read-out's noise
+    (std per value); without ``want_end`` it is drawn with the thermal noise, since isotropic noise
+    ``read_sd * xi`` added to ``Q U`` is ``Q (read_sd * xi')`` with ``xi' = Q^T xi`` isotropic too:
+    each mode's variance grows by ``read_sd**2`` and no second draw is needed
+    (``Draw.read_noise_drawn``). Returns ``None`` when ``state_range`` may be exceeded (module
+    docs).
     """
-    Qt = Q.transpose(1, 2)
-    QtB = Qt @ B_hw
-    ustar = QtB / law.lam
+    ustar = (Q.transpose(1, 2) @ B_hw).div_(law.lam)
+    d: torch.Tensor | None  # None: a zero start, d = -u* (never materialised)
     if x0_eigen is not None:
         d = x0_eigen.to(ustar.dtype) - ustar
-    elif x0_rhs_scale is not None:
-        d = QtB.mul_(x0_rhs_scale).sub_(ustar)
+    elif x0_rhs_scale is not None:  # x0 = g B: Q^T x0 = g lam u*
+        d = ustar * (law.lam * x0_rhs_scale - 1.0)
     elif x0 is not None and bool(x0.count_nonzero()):
-        d = (Qt @ x0).sub_(ustar)
+        d = (Q.transpose(1, 2) @ x0).sub_(ustar)
     else:
-        d = -ustar
+        d = None
     if state_range is not None and not within_rails(law, Q, ustar, d, state_range):
         return None
-    bias = law.w * d
-    noise = law.sd * normal(tuple(ustar.shape))
-    U = ustar + bias + noise
+    fold = read_sd > 0 and not want_end
+    noise = normal(tuple(ustar.shape)).mul_(law.sd.square().add(read_sd**2).sqrt_() if fold else law.sd)
+    cols = None if end_cols is None else end_cols.to(ustar.device)
+    end_noise = None
+    if want_end:
+        end_noise = noise if cols is None else noise[..., cols]
+        end_noise = end_noise.clone()
+    # the time average U = u* + w d + noise, in place on the noise
+    if d is None:
+        U = noise.addcmul_(ustar, 1.0 - law.w)
+    else:
+        U = noise.add_(ustar).addcmul_(law.w, d)
     end = None
     if want_end:
-        U_end = ustar + law.decay * d + law.gain * noise + law.end_sd * normal(tuple(ustar.shape))
+        assert end_noise is not None
+        u_c = ustar if cols is None else ustar[..., cols]
+        d_c = -u_c if d is None else (d if cols is None else d[..., cols])
+        U_end = u_c + law.decay * d_c + law.gain * end_noise \
+            + law.end_sd * normal(tuple(u_c.shape))
         end = Q @ U_end
+    # the diagnostics from per-mode sums over the columns (one pass each)
+    u2 = torch.linalg.vector_norm(ustar, dim=-1).square_()
+    d2 = u2 if d is None else torch.linalg.vector_norm(d, dim=-1).square_()
     m = ustar.shape[-1]
-    lam2 = law.lam.square()
-    resid2 = (lam2 * bias.square()).sum(dim=(1, 2)) + m * (lam2 * law.sd.square()).sum(dim=(1, 2))
-    return Draw(mean=Q @ U, eigen=U, end=end, bias2=bias.square().sum(dim=(1, 2)),
-                xstar2=ustar.square().sum(dim=(1, 2)), resid2=resid2,
-                b2=(ustar * law.lam).square().sum(dim=(1, 2)))
+    assert law.lam2 is not None and law.w2 is not None and law.resid_var is not None
+    bias2 = (law.w2 * d2).sum(dim=-1)
+    resid2 = (law.lam2 * law.w2 * d2).sum(dim=-1) + m * law.resid_var
+    return Draw(mean=Q @ U, eigen=U, end=end, bias2=bias2, xstar2=u2.sum(dim=-1), resid2=resid2,
+                b2=(law.lam2 * u2).sum(dim=-1), read_noise_drawn=fold)

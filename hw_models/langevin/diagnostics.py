@@ -66,7 +66,7 @@ def solve_laws(cfg: AnalogConfig, lam: np.ndarray, *, symmetric: bool, k: int, c
 def relative_input_error(B_hw: torch.Tensor, B: torch.Tensor, k: int, copies: int,
                          batched: bool) -> Any:
     """``||B_hw - B|| / ||B||`` of the DAC-loaded inputs ``(copies*k, n, m)``, mean over copies."""
-    num = torch.linalg.vector_norm(B_hw - B.repeat(copies, 1, 1), dim=(1, 2))
+    num = torch.linalg.vector_norm(B_hw - (B.repeat(copies, 1, 1) if copies > 1 else B), dim=(1, 2))
     den = torch.linalg.vector_norm(B, dim=(1, 2)).repeat(copies).clamp_min(1e-300)
     return per_system(copy_mean((num / den).cpu().numpy(), k, copies), batched)
 

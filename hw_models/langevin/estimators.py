@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,7 @@ def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | No
                      x0: Array | None = None, *, seed: int | None = None,
                      x0_eigen: torch.Tensor | None = None, x0_rhs_scale: float | None = None,
                      rhs_absmax: torch.Tensor | None = None, end_state: bool = False,
+                     end_cols: torch.Tensor | None = None, input_error: bool = True,
                      path: str = "auto") -> AnalogResult:
     """Estimate ``A^-1 B`` on the matrix ``prog`` programmed by :func:`program`.
 
@@ -184,6 +186,10 @@ def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | No
             caller has it (e.g. it scaled the columns to full scale): the analytic path's DAC then
             skips its range scan. A hint; other paths ignore it.
         end_state: also return the state at the end of the run (see :func:`solve`).
+        end_cols: with ``end_state``, only these columns' end states (a ``(n, len(end_cols))``
+            ``end_state``; the analytic path then computes and draws no others).
+        input_error: measure the DAC's relative error (``diagnostics["input_error"]``, an extra
+            pass over the inputs); a caller that reads it only now and then turns it off.
         path: ``"auto"`` (the fast path where it applies) or ``"general"`` (always the general
             simulator: for validating one against the other).
 
@@ -196,7 +202,8 @@ def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | No
     if path == "auto" and _fast_path(prog, B, x0, cfg):
         seed = draw_seed(cfg.seed) if seed is None else int(seed)
         res = _solve_analytic(prog, B, x0, cfg, seed, x0_eigen=x0_eigen, x0_rhs_scale=x0_rhs_scale,
-                              rhs_absmax=rhs_absmax, end_state=end_state)
+                              rhs_absmax=rhs_absmax, end_state=end_state, end_cols=end_cols,
+                              input_error=input_error)
         if res is not None:
             return res
     if x0 is None and x0_rhs_scale is not None:
@@ -211,7 +218,12 @@ def solve_programmed(prog: ProgrammedMatrix, B: Array, config: AnalogConfig | No
         X = X.reshape(tuple(B.shape))
         x0 = X if isinstance(B, torch.Tensor) else X.cpu().numpy()
     A = prog.A if prog.batched else prog.A[0]
-    return _solve_general(A, B, cfg, x0, seed, prog, end_state)
+    res = _solve_general(A, B, cfg, x0, seed, prog, end_state)
+    if end_cols is not None and res.end_state is not None:  # the general path draws them all
+        end = res.end_state
+        cols = end_cols.to(end.device) if isinstance(end, torch.Tensor) else end_cols.cpu().numpy()
+        res = dataclasses.replace(res, end_state=end[..., cols])
+    return res
 
 
 def _fast_path(prog: ProgrammedMatrix, B: Array, x0: Array | None, cfg: AnalogConfig) -> bool:
@@ -253,7 +265,7 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
         integrator = "euler"  # the rails are modelled by the Euler kernel for underdamped dynamics
     end = None
     saturated = 0
-    fallback = False
+    fallback = read_drawn = False
     pred: dict[str, Any] = {}
     if integrator == "analytic":
         dt, n_burn, n_avg = None, 0, 0
@@ -263,12 +275,13 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
         else:
             law = _law(programmed, spec, cfg, window, rails is not None)
             drawn = analytic.draw(law, spec.Q, B_hw, lambda shape: run.backend.normal(shape, B_hw),
-                                  x0=X0, want_end=end_state, state_range=rails)
+                                  x0=X0, want_end=end_state, state_range=rails,
+                                  read_sd=float(cfg.noise.read_noise or 0.0))
             if drawn is None:  # the Gaussian law would cross the rails: the clipping integrator
                 fallback = True
                 integrator = "exact"
             else:
-                Xbar, end = drawn.mean, drawn.end
+                Xbar, end, read_drawn = drawn.mean, drawn.end, drawn.read_noise_drawn
                 mode_var = laws.od_time_average(lam, burn, window, cfg.kappa0)[1]
                 pred = _predicted(drawn, law.var_sum, c)
     if integrator != "analytic":
@@ -295,7 +308,8 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
                 ab, _ = laws.od_transition(lam, burn, cfg.kappa0)
                 mode_var = laws.discrete_average(a, cfg.kappa0 / lam, ab, n_avg)[1]
 
-    Xbar, clipped_out = hw_noise.read_out(Xbar, cfg.noise, dims=(1,), generator=run.noise_gen)
+    Xbar, clipped_out = hw_noise.read_out(Xbar, cfg.noise, dims=(1,), generator=run.noise_gen,
+                                          noise=not read_drawn)
     X = hw_noise.average_copies(Xbar, c)
 
     errors: dict[str, Any] = {}
@@ -361,7 +375,8 @@ def _predicted(drawn: analytic.Draw, var_sum: float, copies: int) -> dict[str, n
 def _solve_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | None,
                     cfg: AnalogConfig, seed: int, x0_eigen: torch.Tensor | None = None,
                     x0_rhs_scale: float | None = None, rhs_absmax: torch.Tensor | None = None,
-                    end_state: bool = False) -> AnalogResult | None:
+                    end_state: bool = False, end_cols: torch.Tensor | None = None,
+                    input_error: bool = True) -> AnalogResult | None:
     """The analytic solve of a programmed ``(n, n)`` matrix for a torch ``(n, m)`` right-hand side.
 
     The same model as the general path (DAC, :func:`analytic.draw`, read noise and ADC, copies
@@ -392,10 +407,12 @@ def _solve_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | 
         X0 = x0.unsqueeze(0).repeat(c, 1, 1) if c > 1 else x0.unsqueeze(0)
     drawn = analytic.draw(law, Q, B_hw, lambda shape: torch.randn(
         shape, generator=dyn, dtype=B_hw.dtype, device=B_hw.device), x0=X0, x0_eigen=x0_eigen,
-        x0_rhs_scale=x0_rhs_scale, want_end=end_state, state_range=noise.state_range)
+        x0_rhs_scale=x0_rhs_scale, want_end=end_state, end_cols=end_cols,
+        state_range=noise.state_range, read_sd=float(noise.read_noise or 0.0))
     if drawn is None:
         return None
-    Xbar, clipped_out = hw_noise.read_out(drawn.mean, noise, dims=(1,), generator=gen)
+    Xbar, clipped_out = hw_noise.read_out(drawn.mean, noise, dims=(1,), generator=gen,
+                                          noise=not drawn.read_noise_drawn, inplace=True)
     X = hw_noise.average_copies(Xbar, c)[0]
     m = B.shape[1]
     k = prog.A.shape[0]
@@ -417,8 +434,8 @@ def _solve_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | 
         dt=None, n_steps=0, burn_in=cfg.burn_in, window=window, laws=law_d,
         rails=diagnostics.rails(noise.state_range, 0, 1, False, "analytic"),
         coupling_error=prog.coupling_error,
-        input_error=None if noise.input_bits is None else diagnostics.relative_input_error(
-            B_hw, B.unsqueeze(0), k, c, False))
+        input_error=None if noise.input_bits is None or not input_error
+        else diagnostics.relative_input_error(B_hw, B.unsqueeze(0), k, c, False))
     end_x = None if drawn.end is None else hw_noise.average_copies(drawn.end, c)[0]
     return AnalogResult(x=X, analog_time=float((cfg.burn_in + window) * c), n_samples=0,
                         diagnostics=d, state=drawn.eigen, end_state=end_x)

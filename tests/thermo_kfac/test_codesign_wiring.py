@@ -278,9 +278,10 @@ def test_overlap_option_trains_through_the_preconditioner():
 
 def test_default_solver_is_priced_as_simulated_and_charges_its_reloads():
     """Merged issues 14 and 15: the priced device is the simulated preset (its kappa0 and coupling
-    bits), and a warm start's re-sent values (``reloaded_values``) are charged as DAC transfers."""
+    bits), and a warm start's re-sent values (``reloaded_values``) are charged as DAC transfers
+    (the previous-solution start; the default under the law's window is a zero start)."""
     A, G = _factors(3)
-    solver = ThermodynamicSolver()
+    solver = ThermodynamicSolver(warm_start="previous")
     chip = thermo_device("chip")
     settings = solver.pricing_settings()
     assert settings["kappa0"] == chip.kappa0 and settings["thermo_device"] == chip

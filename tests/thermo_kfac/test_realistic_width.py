@@ -224,13 +224,14 @@ def test_a_deflated_solver_resumes_bit_identically():
 def test_held_end_states_are_converted_to_the_current_calls_units():
     """Issue 28: a held end state is in the units of the call that left it (its columns' r / s);
     the next call, whose input scale differs, must continue from the same host-unit state."""
-    from thermo_kfac.solvers.thermo_device import DeviceFactor, hold_end_states, reload_start
+    from thermo_kfac.solvers.thermo_device import DeviceFactor, end_columns, hold_end_states, reload_start
 
     n, m = 6, 5
     f = DeviceFactor(M=torch.eye(n), P=torch.eye(n), c=1.0, d=None, seed=0)
     host = torch.randn(n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     r_then = torch.linspace(1.0, 2.0, m, dtype=torch.float64)
-    hold_end_states(f, host / r_then, units=2, r_eff=r_then)  # device units of that call
+    cols = end_columns(f, m, units=2)
+    hold_end_states(f, (host / r_then)[:, cols], cols, r_eff=r_then)  # device units of that call
     r_now = torch.linspace(0.5, 4.0, m, dtype=torch.float64)
     noise = hm.NoiseConfig()  # an ideal DAC: the reload adds nothing
     start, _ = reload_start(f, torch.zeros(n, m, dtype=torch.float64), torch.ones(m, dtype=torch.bool),

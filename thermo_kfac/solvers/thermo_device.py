@@ -190,17 +190,22 @@ def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise
     return start, int(resend.sum()) * start.shape[0]
 
 
-def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int,
-                    r_eff: torch.Tensor | None = None) -> None:
-    """Keep the end states of the last round of columns, one per unit: the device runs the held
-    columns first in the next call, then the rest in order."""
-    m = end.shape[1]
+def end_columns(f: DeviceFactor, m: int, units: int) -> torch.Tensor:
+    """The columns of an ``m``-column call whose end states the units hold afterwards: the last
+    round, one per unit (the device runs the held columns first, then the rest in order); only
+    their end states are simulated."""
     held = [] if f.held_cols is None else [int(j) for j in f.held_cols if int(j) < m]
     taken = set(held)
     order = held + [j for j in range(m) if j not in taken]
-    last = torch.tensor(order[-min(units, m):], dtype=torch.long, device=end.device)
-    f.held_cols, f.held = last, end[:, last].clone()
-    f.held_r = None if r_eff is None else r_eff[last].clone()
+    return torch.tensor(order[-min(units, m):], dtype=torch.long, device=f.P.device)
+
+
+def hold_end_states(f: DeviceFactor, end: torch.Tensor, cols: torch.Tensor,
+                    r_eff: torch.Tensor | None = None) -> None:
+    """Keep the end states ``end`` ``(n, len(cols))`` of the columns ``cols`` (:func:`end_columns`)
+    and those columns' input scales."""
+    f.held_cols, f.held = cols, end.clone()
+    f.held_r = None if r_eff is None else r_eff[cols].clone()
 
 
 def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig,

@@ -47,6 +47,7 @@ from thermo_kfac.solvers.thermo_device import (
     LAMBDA_SAFETY,
     DeviceFactor,
     combined,
+    end_columns,
     hold_end_states,
     input_scale,
     inverse_rms,
@@ -62,7 +63,7 @@ __all__ = ["LAMBDA_SAFETY", "ThermodynamicSolver", "lambda_max_estimate"]
 
 METHODS = ("inverse", "solve")
 INTEGRATORS = ("euler", "exact", "analytic", "sde")
-WARM_STARTS = ("previous", "gradient", "zero")
+WARM_STARTS = ("auto", "previous", "gradient", "zero")
 
 
 @register_solver
@@ -91,7 +92,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                  kappa0: float | None = None, dt: float | str = "auto",
                  integrator: str = "analytic", backend: str = "torch", bits: int | None = None,
                  device: str = "chip", host: str = "h100", seed: int = 0,
-                 warm_start: str = "previous", track_exact: bool = False, jacobi: bool = False,
+                 warm_start: str = "auto", track_exact: bool = False, jacobi: bool = False,
                  power_iterations: int = 20, dynamics: str = "overdamped", mass: float = 1.0,
                  friction: float = 1.0, residual_every: int = 10, ideal: bool = False,
                  residual_limit: float | None = None, overlap: bool = False,
@@ -101,7 +102,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         super().__init__()
         self.method = check_choice("method", method, METHODS)
         check_choice("integrator", integrator, INTEGRATORS)
-        self.warm_start = check_choice("warm_start", warm_start, WARM_STARTS)
+        check_choice("warm_start", warm_start, WARM_STARTS)
         unknown = sorted(set(noise) - set(NOISE_FIELDS))
         if unknown:
             raise ValueError(f"unknown thermo solver option(s) {', '.join(map(repr, unknown))}; valid "
@@ -121,6 +122,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         if analog_time is None:  # the method's default: the law's window, or 50 tau of sampling
             analog_time = "auto" if self.method == "solve" else 50.0
         self.auto_window = analog_time == "auto"
+        # "auto": zero under the law's window (priced exactly, nothing reloaded), else the previous
+        self.warm_start = ("zero" if self.auto_window else "previous") if warm_start == "auto" else warm_start
         if self.auto_window:
             if self.method == "inverse":
                 raise ValueError("analog_time='auto' needs method='solve' (the window comes from "
@@ -509,9 +512,11 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 x0n, run["reloaded_values"] = self._reload(f, x0n, ~far, r_eff)
             elif self.warm_start == "gradient" and f.d is None:
                 rhs_scale, x0n = f.c, None  # x0n = c Rn: the loaded input itself, no product
+            cols = end_columns(f, Rn.shape[1], self.device.units) if self.warm_start == "previous" else None
             res = solve_programmed(prog, Rn, cfg, x0n, seed=self._next_seed(), x0_rhs_scale=rhs_scale,
                                    rhs_absmax=torch.where(sent, scale, 0.0).to(Rn.dtype),
-                                   end_state=self.warm_start == "previous")
+                                   end_state=cols is not None, end_cols=cols,
+                                   input_error=self._measured is not None)
             Yn = res.x
             if self._measured is not None:  # the law on this call's actual inputs and start
                 self._measured.append(self._call_error(f, res, Rn, torch.where(sent, r_eff, 0.0),
@@ -522,7 +527,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                        range_fallback=dg["range_fallback"], predicted_rel_error=err,
                        predicted_residual=resid)
             if res.end_state is not None:
-                self._hold(f, res.end_state, r_eff)
+                hold_end_states(f, res.end_state, cols, r_eff)
             peak = float(abs_max(Yn)) / scale
             f.peak = peak if math.isfinite(peak) and peak > 0 else f.peak
         f.scale = scale
@@ -543,9 +548,6 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
     def _reload(self, f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, r_eff: torch.Tensor
                 ) -> tuple[torch.Tensor, int]:
         return reload_start(f, x0n, resend, self.noise, self._next_seed(), r_eff)
-
-    def _hold(self, f: DeviceFactor, end: torch.Tensor, r_eff: torch.Tensor) -> None:
-        hold_end_states(f, end, self.device.units, r_eff)
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor,
                   predicted: float | None) -> dict[str, Any]:
