@@ -6,6 +6,7 @@ layers called several times per step (reduced once all their calls' gradients ar
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from thermo_kfac.models import RecurrentLayer
 
 STEPS, BATCH = 4, 16
 KINDS = ("mlp", "rnn", "mlp-accum")
-MODES = ("dynamic", "layer", "one-bucket", "after")  # "after": the reduction after the backward
+# "after": the reduction after the backward; "preset": dynamic buckets on the eth10 network model
+MODES = ("dynamic", "layer", "one-bucket", "preset", "after")
 WORLDS = (1, 2, 4)
 
 
@@ -53,7 +55,8 @@ def _train(kind: str, mode: str | None) -> dict[str, Any]:
     parts = 2 if kind.endswith("-accum") else 1
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     strategy = None if mode is None else kd.DistributedKFAC(kd.DistributedConfig(
-        overlap_backward=mode != "after", fusion="layer" if mode == "layer" else "dynamic"))
+        overlap_backward=mode != "after", fusion="layer" if mode == "layer" else "dynamic",
+        fusion_network="eth10" if mode == "preset" else "measured"))
     precond = KFACPreconditioner(
         model, loss="cross_entropy", damping=0.1, factor_decay=0.9, factor_update_every=1,
         inverse_update_every=2, factor_dtype=torch.float64, optimizer=opt, kl_clip=1e-2,
@@ -89,6 +92,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             results["mc_refused"] = None
         except ValueError as err:
             results["mc_refused"] = str(err)
+        parser = argparse.ArgumentParser()
+        launch.add_arguments(parser)
+        config = launch.config_from_args(parser.parse_args(["--overlap-backward", "--fusion", "layer"]))
+        results["cli_config"] = (config.overlap_backward, config.fusion) if config is not None else None
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -159,6 +166,19 @@ def test_gradient_accumulation_relaunches_the_reduction(runs):
     for mode in ("layer", "one-bucket", "dynamic"):
         overlap = runs[2][("mlp-accum", mode)]["report"]["overlap"]
         assert overlap["launched_in_backward"] == 2 * STEPS * 3 and overlap["reduced_in_step"] == 0
+
+
+def test_command_line_flags_build_the_config(runs):
+    assert runs[2]["cli_config"] == (True, "layer")
+    assert runs[1]["cli_config"] is None  # one rank: no distributed config
+
+
+def test_preset_network_plan_uses_its_alpha_beta(runs):
+    from hw_models.cost import NETWORKS
+
+    overlap = runs[2][("mlp", "preset")]["report"]["overlap"]
+    assert (overlap["alpha_s"], overlap["beta_s_per_byte"]) == pytest.approx(NETWORKS["eth10"].alpha_beta(2))
+    assert "fusion_calibration" not in runs[2][("mlp", "preset")]["report"]["bytes"]
 
 
 def test_overlap_needs_the_empirical_fisher(runs):
