@@ -22,7 +22,9 @@ Fusion buckets (``fusion``):
   to blocking all-reduces of 256 B and 1 MiB timed on the group, the slowest rank's; or a
   :data:`hw_models.cost.NETWORKS` preset) and cuts the layers, in ready order, into the buckets
   whose pipelined all-reduces finish earliest (:func:`hw_models.cost.fusion_plan`). From then on
-  a bucket is one collective, launched when its last member's statistics are complete.
+  a bucket is one collective, launched when its last member's statistics are complete. On a GPU
+  the ready times are those at which the host issued the layers' statistics (the kernels run
+  asynchronously), an approximation of when they complete.
 * ``"layer"``: one all-reduce per layer, always.
 
 Requirements: ``fisher_type="empirical"`` (the Monte-Carlo and type-2 Fishers deliver their
@@ -150,6 +152,8 @@ class BackwardFactorReduction:
             for _ in range(4):
                 t0 = time.perf_counter()
                 self.comm.allreduce_mean([buffer], "fusion_calibration")
+                if buffer.is_cuda:  # NCCL's wait() only orders streams: time the completion
+                    torch.cuda.synchronize(buffer.device)
                 samples.append(time.perf_counter() - t0)
             times.append(statistics.median(samples[1:]))  # the first warms the path up
         everyone = self.comm.all_gather_object(times, "metadata")
