@@ -226,6 +226,7 @@ def distributed_step(workload: Any, scenario: Scenario, *, world_size: int, net:
     check_choice("fusion", fusion, FUSIONS)
     check_positive("world_size", world_size, integer=True)
     check_positive("bucket_mb", bucket_mb)
+    check_positive("bytes_per_element", bytes_per_element, integer=True)
     link = network(net)
     names, ready, nbytes, backward = backward_timeline(workload, scenario,
                                                        bytes_per_element=bytes_per_element)

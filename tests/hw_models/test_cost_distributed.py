@@ -139,5 +139,7 @@ def test_one_bucket_closed_form_and_one_rank():
     assert alone.exposed_s == 0.0 and alone.step_s == pytest.approx(alone.compute_s)
     with pytest.raises(ValueError, match="mode"):
         distributed_step(work, SCENARIO, world_size=2, mode="sometimes")
+    with pytest.raises(ValueError, match="bytes_per_element"):
+        distributed_step(work, SCENARIO, world_size=2, bytes_per_element=0)
     with pytest.raises(ValueError, match="network"):
         distributed_step(work, SCENARIO, world_size=2, net="carrier-pigeon")
