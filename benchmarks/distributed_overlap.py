@@ -1,11 +1,19 @@
-"""Factor statistics reduced during the backward pass vs factors reduced after it (2 gloo ranks, CPU).
+"""Factor statistics reduced during the backward pass vs factors reduced after it (2 gloo ranks, CPU),
+and the cost model's distributed step for the same choices at cluster scale.
 
 Two ranks train an MLP 784-1024-1024-1024-10 (``--quick``: 64-256-256-10) with K-FAC on halves of
-a global batch of 512 (factors every step, inverses every 10 steps, eigh), once with
-``DistributedConfig(overlap_backward=True)`` and once without, interleaved round by round.
-Reported: mean step time (forward, backward, ``precond.step``, SGD step) per mode, the bytes each
-mode sent for factors or statistics per step, and the overlap counters (share of per-layer
-reductions already complete when ``step()`` began, time blocked waiting for them).
+a global batch of 512 (factors every step, inverses every 10 steps, eigh) in three modes,
+interleaved round by round: ``overlap`` (``DistributedConfig(overlap_backward=True)``, dynamic
+fusion buckets), ``overlap-layer`` (the same, one all-reduce per layer) and ``after_backward``.
+Reported: mean and median step time (forward, backward, ``precond.step``, SGD step) per mode, the
+bytes each mode sent for factors or statistics per step, and the overlap counters (share of the
+backward-launched reductions, and of their bytes, already complete when ``step()`` began;
+collectives; the planned buckets; the fitted all-reduce ``alpha``/``beta``; time blocked waiting).
+
+``cost_model``: :func:`hw_models.cost.distributed_step` for ResNet-50 and ViT-B/16 (per-rank batch
+32, H100, factors every step) on 8 and 64 ranks over the ``ib100`` network: the step time, exposed
+communication and overlap fraction of ``after_backward`` and of ``overlap`` with per-layer and
+dynamic buckets.
 
     python benchmarks/distributed_overlap.py [--quick] [--rounds 3] [--out result.json]
 """
@@ -35,7 +43,10 @@ from _report import emit
 STEPS_PER_BLOCK = 10
 
 
-def _setup(widths: list[int], overlap: bool) -> tuple[nn.Module, Any, Any]:
+MODES = ("overlap", "overlap-layer", "after_backward")
+
+
+def _setup(widths: list[int], mode: str) -> tuple[nn.Module, Any, Any]:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for a, b in zip(widths[:-1], widths[1:], strict=True):
@@ -44,7 +55,9 @@ def _setup(widths: list[int], overlap: bool) -> tuple[nn.Module, Any, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     precond = KFACPreconditioner(model, loss="cross_entropy", optimizer=opt, factor_update_every=1,
                                  inverse_update_every=STEPS_PER_BLOCK,
-                                 distributed=kd.DistributedKFAC(kd.DistributedConfig(overlap_backward=overlap)))
+                                 distributed=kd.DistributedKFAC(kd.DistributedConfig(
+                                     overlap_backward=mode != "after_backward",
+                                     fusion="layer" if mode == "overlap-layer" else "dynamic")))
     return model, opt, precond
 
 
@@ -53,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out: str, widths: list[int], round
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        runs = {mode: _setup(widths, mode == "overlap") for mode in ("overlap", "after_backward")}
+        runs = {mode: _setup(widths, mode) for mode in MODES}
         times: dict[str, list[float]] = {mode: [] for mode in runs}
         gen = torch.Generator().manual_seed(0)
         for _ in range(rounds):
@@ -83,6 +96,23 @@ def _worker(rank: int, world: int, port: int, out: str, widths: list[int], round
         dist.destroy_process_group()
 
 
+def _cost_model() -> list[dict[str, Any]]:
+    from hw_models.cost import KFACSchedule, Scenario, distributed_step
+    from hw_models.devices import digital_device, thermo_device
+    from hw_models.workloads import workload
+
+    scenario = Scenario(digital_device("h100"), thermo_device("chip"),
+                        schedule=KFACSchedule(factor_every=1, inverse_every=10))
+    rows = []
+    for name in ("resnet50", "vit-b16"):
+        work = workload(name, batch=32)
+        for ranks in (8, 64):
+            for mode, fusion in (("after_backward", "fixed"), ("overlap", "layer"), ("overlap", "dynamic")):
+                rows.append(distributed_step(work, scenario, world_size=ranks, net="ib100", mode=mode,
+                                             fusion=fusion).summary())
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -97,7 +127,8 @@ def main() -> None:
         result = torch.load(out, weights_only=False)
     emit({"script": "benchmarks/distributed_overlap.py" + (" --quick" if args.quick else ""),
           "world_size": 2, "backend": "gloo", "widths": widths, "global_batch": 512,
-          "steps": args.rounds * STEPS_PER_BLOCK, "python": sys.version.split()[0], "results": result},
+          "steps": args.rounds * STEPS_PER_BLOCK, "python": sys.version.split()[0], "results": result,
+          "cost_model": _cost_model()},
          args.out)
 
 

@@ -29,10 +29,22 @@ Breakdown components on the analog side are ``transfer``, ``programming``, ``bur
 :func:`hw_models.pricing.fit_blocks`.
 
 Modules: :mod:`hw_models.cost.layers` (per-layer digital and thermodynamic costs) and
-:mod:`hw_models.cost.steps` (whole training steps, break-even, sweeps); every public name is
-importable from ``hw_models.cost``.
+:mod:`hw_models.cost.steps` (whole training steps, break-even, sweeps),
+:mod:`hw_models.cost.distributed` (data-parallel step: all-reduce model, dynamic tensor fusion,
+statistics reduced during the backward pass); every public name is importable from ``hw_models.cost``.
 """
 
+from hw_models.cost.distributed import (
+    NETWORKS,
+    DistributedStep,
+    Network,
+    backward_timeline,
+    distributed_step,
+    fixed_buckets,
+    fusion_plan,
+    network,
+    pipeline,
+)
 from hw_models.cost.layers import (
     ADAM_BYTES_PER_PARAM,
     ANALOG_COMPONENTS,
@@ -67,21 +79,30 @@ __all__ = [
     "Cost",
     "DIGITAL_METHODS",
     "KFACSchedule",
+    "DistributedStep",
     "LayerComparison",
+    "NETWORKS",
+    "Network",
     "Price",
     "SWEEP_AXES",
     "Scenario",
     "StepCost",
     "THERMO_METHODS",
     "ThermoCapacityError",
+    "backward_timeline",
     "break_even_kappa",
     "check_accuracy",
     "compare_layer",
     "default_sweep_values",
     "digital_layer_cost",
+    "distributed_step",
     "error_floor",
+    "fixed_buckets",
     "forward_backward_time",
+    "fusion_plan",
     "gemm_time",
+    "network",
+    "pipeline",
     "step_cost",
     "sweep",
     "thermo_inverse_cost",

@@ -87,6 +87,27 @@ def test_one_step_of_a_linear_rnn_is_exact():
         assert not torch.allclose(torch.kron(A, G), exact, rtol=1e-3)
 
 
+def test_one_step_of_a_kronecker_recurrent_weight_against_the_ggn():
+    # KP-compressed cell, W_hh = A (x) B applied once to a given h0 (linear, MSE on the output):
+    # B's block is exact; A's couples its positions through B^T B, exact when B^T B = beta I
+    torch.manual_seed(3)
+    rnn = RecurrentLayer(3, 4, nonlinearity="linear", kron=((2, 2), (2, 2)))
+    model = _Wrap(rnn, torch.randn(7, 4))
+    x, y = torch.randn(7, 1, 3), torch.randn(7, 4)
+    for orthogonal in (True, False):
+        with torch.no_grad():
+            rnn.hh.B.copy_(torch.tensor([[1.5, -0.9], [0.9, 1.5]]) if orthogonal else torch.randn(2, 2))
+        factors = _factors(model, x, y)
+        A, G = factors["rnn.hh.B"]
+        torch.testing.assert_close(torch.kron(G, A), _ggn(model, ["rnn.hh.B"], x, y), rtol=1e-10, atol=1e-12)
+        A, G = factors["rnn.hh.A"]
+        exact = _ggn(model, ["rnn.hh.A"], x, y)
+        if orthogonal:
+            torch.testing.assert_close(torch.kron(G, A), exact, rtol=1e-10, atol=1e-12)
+        else:
+            assert not torch.allclose(torch.kron(G, A), exact, rtol=1e-3)
+
+
 def test_several_steps_use_every_time_step_as_a_position_and_are_not_exact():
     torch.manual_seed(2)
     rnn = RecurrentLayer(3, 4, nonlinearity="tanh")

@@ -168,6 +168,26 @@ def test_compare_runs_kld_wrm_kfac_and_adam_on_digits(tmp_path, monkeypatch, cap
     capsys.readouterr()
 
 
+@pytest.mark.slow  # 785-wide factors decomposed every KLD-WRM step: ~20 s of CPU
+def test_compare_runs_kld_wrm_kfac_and_adam_at_realistic_width(tmp_path, monkeypatch, capsys):
+    # the realistic-width workload: digits28 (28x28), MLP 784-512-512-10, batch 512
+    import json
+
+    from thermo_kfac import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["thermo_kfac.experiments.training"])
+    out = tmp_path / "width"
+    assert cli.main(["compare", "--model", "mlp", "--dataset", "digits28", "--widths", "512,512",
+                     "--batch-size", "512", "--optimizers", "kld-wrm", "kfac", "adam", "--steps", "2",
+                     "--out", str(out), "--no-progress"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["kld-wrm", "kfac", "adam"]
+    for run in runs:
+        assert math.isfinite(run["final_train_loss"])
+        assert run["final_train_loss"] < run["history"][0]["train_loss"]  # it trains
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("variant", ["so", "q", "qe"])
 def test_state_dict_resumes_bitwise(variant):
     import copy

@@ -37,13 +37,15 @@ purpose). Solvers that work from the current batch's rows (``uses_batch_statisti
 matrix-free CG) are not supported across ranks.
 
 Layout: :mod:`.config` (the config), :mod:`.placement` (predicted solve
-times, assignment rules), :mod:`.communication` (fused collectives), :mod:`.kfac` (the glue). The
+times, assignment rules), :mod:`.communication` (fused collectives), :mod:`.overlap` (statistics
+reduced from the backward pass, dynamic fusion buckets), :mod:`.kfac` (the glue). The
 torchrun launcher and its command-line options live in :mod:`thermo_kfac.experiments.launch`.
 """
 
 from thermo_kfac.distributed.communication import Communicator, PendingReduction
-from thermo_kfac.distributed.config import ASSIGNMENT_RULES, PLACEMENT_MODES, DistributedConfig
+from thermo_kfac.distributed.config import ASSIGNMENT_RULES, FUSIONS, PLACEMENT_MODES, DistributedConfig
 from thermo_kfac.distributed.kfac import DistributedKFAC
+from thermo_kfac.distributed.overlap import PROFILE_STEPS, BackwardFactorReduction
 from thermo_kfac.distributed.placement import (
     DIGITAL_SOLVE_METHODS,
     GRANULARITIES,
@@ -64,9 +66,12 @@ from thermo_kfac.solvers.base import digital_method_of
 
 __all__ = [
     "ASSIGNMENT_RULES",
+    "BackwardFactorReduction",
     "DIGITAL_SOLVE_METHODS",
+    "FUSIONS",
     "GRANULARITIES",
     "PLACEMENT_MODES",
+    "PROFILE_STEPS",
     "Communicator",
     "DistributedConfig",
     "DistributedKFAC",

@@ -3,6 +3,7 @@ triangles) and broadcast, with payload bytes counted per purpose."""
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections import Counter
 from typing import Any
@@ -25,7 +26,7 @@ class PendingReduction:
         self.works, self.unpack = [], []
 
 
-def _buckets(tensors: list[torch.Tensor], sizes: list[int], limit: int) -> list[list[int]]:
+def _buckets(tensors: list[torch.Tensor], sizes: list[int], limit: float) -> list[list[int]]:
     """Indices grouped by (dtype, device), each group cut into buckets of at most ``limit`` bytes."""
     groups: dict[tuple[Any, Any], list[int]] = {}
     for i, t in enumerate(tensors):
@@ -60,14 +61,16 @@ class Communicator:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
     def allreduce_mean(self, tensors: list[torch.Tensor], purpose: str, *, symmetric: bool = False,
-                       async_op: bool = False) -> PendingReduction:
-        """Average ``tensors`` across ranks in place; symmetric matrices travel as upper triangles."""
+                       async_op: bool = False, fuse_all: bool = False) -> PendingReduction:
+        """Average ``tensors`` across ranks in place; symmetric matrices travel as upper triangles.
+        ``fuse_all``: one collective per dtype and device, whatever ``bucket_mb`` says (a bucket
+        planned by the caller)."""
         tensors = list(tensors)
         triu = [torch.triu_indices(t.shape[0], t.shape[0], device=t.device) if symmetric else None
                 for t in tensors]
         sizes = [t.shape[0] * (t.shape[0] + 1) // 2 if symmetric else t.numel() for t in tensors]
         works, unpack = [], []
-        for bucket in _buckets(tensors, sizes, self.bucket_bytes):
+        for bucket in _buckets(tensors, sizes, math.inf if fuse_all else self.bucket_bytes):
             parts = []
             for i in bucket:
                 t = tensors[i]

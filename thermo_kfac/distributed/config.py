@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hw_models.cost import NETWORKS
 from hw_models.devices import digital_device, thermo_device
 from hw_models.validation import check_choice, check_number, check_positive
 
 PLACEMENT_MODES = ("comm_opt", "mem_opt")
 ASSIGNMENT_RULES = ("balanced", "round_robin")
+FUSIONS = ("dynamic", "layer")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,11 @@ class DistributedConfig:
         overlap_backward: all-reduce each layer's step statistics during the backward pass, as soon
             as they are complete, instead of the factors after it (:mod:`.overlap`; empirical
             Fisher only).
+        fusion: with ``overlap_backward``, how the per-layer reductions are fused: ``"dynamic"``
+            (buckets planned from the profiled backward timing and the all-reduce cost model,
+            SPD-KFAC's dynamic tensor fusion) or ``"layer"`` (one all-reduce per layer).
+        fusion_network: the all-reduce cost model of the dynamic plan: ``"measured"`` (fitted to
+            timed all-reduces on the group) or a ``hw_models.cost.NETWORKS`` preset.
         average_gradients: average all parameter gradients across ranks in ``step()``; ``None``
             means "unless the model is wrapped in DistributedDataParallel".
         bucket_mb: size of one fused all-reduce/broadcast buffer, in MiB.
@@ -44,6 +51,8 @@ class DistributedConfig:
     analog_units_per_rank: int = 0
     defer_factor_reduction: bool = False
     overlap_backward: bool = False
+    fusion: str = "dynamic"
+    fusion_network: str = "measured"
     average_gradients: bool | None = None
     bucket_mb: float = 25.0
     digital: str = "h100"
@@ -55,6 +64,8 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         check_choice("placement", self.placement, PLACEMENT_MODES)
         check_choice("assignment", self.assignment, ASSIGNMENT_RULES)
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("fusion_network", self.fusion_network, ("measured", *NETWORKS))
         check_positive("analog_units_per_rank", self.analog_units_per_rank, integer=True, allow_zero=True)
         for name in ("defer_factor_reduction", "overlap_backward"):
             if not isinstance(getattr(self, name), bool):

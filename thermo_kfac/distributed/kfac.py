@@ -89,7 +89,8 @@ class DistributedKFAC(StepHooks):
             if precond.fisher_type != "empirical":
                 raise ValueError(f"overlap_backward=True needs fisher_type='empirical', got "
                                  f"{precond.fisher_type!r} (its extra backward passes are not followed)")
-            self.overlap = BackwardFactorReduction(self.comm, layers)
+            self.overlap = BackwardFactorReduction(self.comm, layers, fusion=config.fusion,
+                                                   network_model=config.fusion_network)
         self.attached = True
         return self
 

@@ -22,6 +22,7 @@ from torch import nn
 from hw_models.validation import check_positive
 from thermo_kfac.distributed import (
     ASSIGNMENT_RULES,
+    FUSIONS,
     PLACEMENT_MODES,
     DistributedConfig,
     is_distributed,
@@ -231,6 +232,12 @@ def add_arguments(parser: Any) -> None:
                        help="thermodynamic units per rank priced by the placement cost model (default 0)")
     group.add_argument("--defer-factor-reduction", action="store_true",
                        help="all-reduce the factors only on inverse-update steps")
+    group.add_argument("--overlap-backward", action="store_true",
+                       help="all-reduce each layer's factor statistics during the backward pass "
+                            "(empirical Fisher only)")
+    group.add_argument("--fusion", default="dynamic", choices=FUSIONS,
+                       help="with --overlap-backward: dynamic fusion buckets planned from the profiled "
+                            "backward (default) or one all-reduce per layer")
 
 
 def config_from_args(args: Any) -> DistributedConfig | None:
@@ -242,7 +249,9 @@ def config_from_args(args: Any) -> DistributedConfig | None:
         return None
     return DistributedConfig(placement=args.placement, assignment=args.assignment,
                              analog_units_per_rank=args.analog_units_per_rank,
-                             defer_factor_reduction=args.defer_factor_reduction)
+                             defer_factor_reduction=args.defer_factor_reduction,
+                             overlap_backward=getattr(args, "overlap_backward", False),
+                             fusion=getattr(args, "fusion", "dynamic"))
 
 
 def launch_cli(args: Any, run: Any) -> int:
