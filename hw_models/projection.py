@@ -19,14 +19,13 @@ import numpy as np
 from hw_models.cost import KFACSchedule, Scenario, StepCost, compare_layer, step_cost
 from hw_models.cost.steps import SquareLayer
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
+from hw_models.layer_cost import decomposition_seconds, preconditioning_seconds
 from hw_models.pricing import (
     AnalogJob,
     SpectrumSummary,
     ThermoCapacityError,
     deflation_gemms,
-    gemm_time,
     price,
-    price_digital,
     price_host_gemms,
 )
 from hw_models.validation import check_choice, check_positive
@@ -367,10 +366,8 @@ def price_trace(trace: dict[str, Any], *, thermo: ThermoDevice | str, digital: D
                 entry["thermo_s"] += price_host_gemms(deflation_gemms(n, int(k)), host).seconds
                 entry["thermo_s"] += applies * price_host_gemms(
                     deflation_gemms(n, int(k), columns[factor]), host).seconds
-        decomposition = sum(price_digital(digital_method, n, device=host, precision=precision).seconds
-                            for n in (n_a, n_g))
-        apply = gemm_time(n_g, n_g, n_a, host, precision) + gemm_time(n_g, n_a, n_a, host, precision)
-        entry["digital_s"] += decomposition + applies * apply * (2 if digital_method == "eigh" else 1)
+        entry["digital_s"] += (decomposition_seconds(digital_method, (n_a, n_g), host, precision)
+                               + applies * preconditioning_seconds(digital_method, n_a, n_g, host, precision))
     rows = []
     for entry in layers.values():
         thermo_s = entry["thermo_s"] if entry["fits"] else None

@@ -45,10 +45,12 @@ from typing import Any
 from hw_models import pricing
 from hw_models.cost import KFACSchedule
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
+from hw_models.layer_cost import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.units import format_seconds
 from hw_models.validation import check_number, check_positive
 from thermo_kfac.grammar import format_spec, parse_solver_map, parse_spec
-from thermo_kfac.layer_pricing import AutoSolver, price_digital_layer, price_layer
+from thermo_kfac.layer_pricing import price_digital_layer, price_layer
+from thermo_kfac.solvers.auto import AutoSolver
 from thermo_kfac.solvers.base import (
     KFACSolver,
     SolverFactory,
@@ -178,12 +180,12 @@ class SolverPolicy:
 
     rules: Any = ()
     default: Any = None
-    hardware: str | ThermoDevice = "chip"
-    digital: str | DigitalDevice = "h100"
+    hardware: str | ThermoDevice = DEFAULT_THERMO
+    digital: str | DigitalDevice = DEFAULT_DIGITAL
     analog: Any = "thermo"
     digital_solver: Any = "eigh"
-    kappa: float = 100.0
-    eps: float = 0.1
+    kappa: float = DEFAULT_KAPPA
+    eps: float = DEFAULT_EPS
     auto_margin: float = 0.2
     auto_patience: int = 2
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hw_models.layer_cost import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.validation import check_choice, check_positive
 from hw_models.workloads import WORKLOADS, workload
 from thermo_kfac.distributed import (
@@ -31,8 +32,9 @@ from thermo_kfac.experiments._io import atomic_write, int_list
 
 
 def simulate(models: Sequence[str] = ("resnet50",), ranks: Sequence[int] = (8, 16, 64),
-             analog_units: Sequence[int] = (0,), *, digital: str = "h100", thermo: str = "chip",
-             method: str = "eigh", kappa: float = 100.0, eps: float = 0.1,
+             analog_units: Sequence[int] = (0,), *, digital: str = DEFAULT_DIGITAL,
+             thermo: str = DEFAULT_THERMO, method: str = "eigh", kappa: float = DEFAULT_KAPPA,
+             eps: float = DEFAULT_EPS,
              bits: int | None = None, granularity: str = "factor") -> dict[str, Any]:
     """Round-robin vs balanced makespan for every model, rank count and analog units per rank."""
     if not models or not ranks or not analog_units:

@@ -1,0 +1,268 @@
+"""The one place a K-FAC layer's per-step solver cost is built, for every caller.
+
+A layer with damped factors ``A`` (``n_a x n_a``, bias column included) and ``G`` (``n_g x n_g``)
+pays, per inverse update, one decomposition (or one programming, one sampled inverse, one
+deflation) per factor, and, per training step, the preconditioning of its ``n_g x n_a`` gradient.
+The method costs are stated here once:
+
+- **digital** (:data:`APPLY_PAIRS`): ``eigh``, ``cholesky`` or ``inverse`` of each factor
+  (:func:`hw_models.pricing.price_digital`), then GEMM pairs ``(n_g n_g n_a, n_g n_a n_a)`` per
+  step: two pairs for ``eigh`` (into the eigenbasis and back), one for a Cholesky solve or an
+  explicit inverse (:func:`digital_layer_seconds`);
+- **analog solve** (the thermodynamic solver's default): program both factors per update, two
+  resident solves per step with the gradient's columns (``G`` with ``n_a``, ``A`` with ``n_g``);
+- **analog inverse**: sample both inverses per update, then one host GEMM pair per step
+  (:func:`analog_layer_seconds`).
+
+Callers: the solvers' reports and the policy (``thermo_kfac.layer_pricing``), ``auto``
+(``thermo_kfac.solvers.auto``), the hardware pricer, distributed placement, trace projection
+(:func:`hw_models.projection.price_trace`) and the step model (:mod:`hw_models.cost.layers`).
+
+With ``deflate`` set (what the thermodynamic solver's ``deflate`` / ``analog_time="auto"`` do),
+:func:`analog_layer_seconds` prices a solve exactly as that solver picks its settings: for each
+factor the first depth of :data:`AUTO_DEPTHS` the **feasibility law**
+(:mod:`hw_models.langevin.feasibility`) accepts and whose law window for
+``target / SOLVE_SHARES`` fits ``max_window``; the device then solves the deflated remainder
+(eigenvalues ``lam`` on the deflated modes, the rest unchanged) at that window, and the host pays
+the deflation's GEMMs (:func:`hw_models.pricing.deflation_gemms`). A factor no depth can serve
+makes the layer digital, with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hw_models import pricing
+from hw_models.devices import DigitalDevice, ThermoDevice
+from hw_models.langevin.feasibility import DEFAULT_MARGIN, perturbation_model
+from hw_models.spectrum import SpectrumSummary
+from hw_models.validation import check_choice, check_positive
+
+#: Defaults every caller shares: the presets, the nominal condition number of a damped factor
+#: and the target relative error of an analog solve.
+DEFAULT_THERMO = "chip"
+DEFAULT_DIGITAL = "h100"
+DEFAULT_KAPPA = 100.0
+DEFAULT_EPS = 0.1
+
+#: Preconditioning GEMM pairs per step of each digital method (eigh: into the eigenbasis and back).
+APPLY_PAIRS = {"eigh": 2, "cholesky": 1, "inverse": 1}
+DIGITAL_METHODS = tuple(APPLY_PAIRS)
+ANALOG_METHODS = ("solve", "inverse")
+
+#: Deflation depths ``deflate="auto"`` tries, in order (each capped by ``max_deflate``).
+AUTO_DEPTHS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: The two solves of an apply share the target: each gets ``target / SOLVE_SHARES`` (the first
+#: solve's error reaches the result through the second factor's inverse and the two are not
+#: independent; a ``sqrt 2`` split overshot the target by 30 % on seeded spectra).
+SOLVE_SHARES = 2.0
+#: The shortest window ``analog_time="auto"`` picks (tau of the normalised programmed matrix): a
+#: read-out integrates over the fastest mode's time constant.
+MIN_WINDOW = 1.0
+
+#: ``feasible(key, k) -> (feasible, reason, max_coupling)``: the feasibility law on factor ``key``
+#: (``"A"``/``"G"``) deflated by ``k`` modes.
+FeasibilityCheck = Callable[[str, int], tuple[bool, str, float | None]]
+
+
+def preconditioning_seconds(method: str, n_a: int, n_g: int, host: DigitalDevice,
+                            precision: str = "fp32") -> float:
+    """Seconds per step of preconditioning an ``n_g x n_a`` gradient by ``method``'s GEMM pairs."""
+    check_choice("digital_method", method, DIGITAL_METHODS)
+    pair = (pricing.gemm_time(n_g, n_g, n_a, host, precision)
+            + pricing.gemm_time(n_g, n_a, n_a, host, precision))
+    return APPLY_PAIRS[method] * pair
+
+
+def decomposition_seconds(method: str, sizes: Iterable[int], host: DigitalDevice,
+                          precision: str = "fp32") -> float:
+    """Seconds of one ``method`` decomposition of each factor of the given ``sizes`` (once per
+    inverse update)."""
+    check_choice("digital_method", method, DIGITAL_METHODS)
+    return sum(pricing.price_digital(method, n, device=host, precision=precision).seconds for n in sizes)
+
+
+def analog_factor_seconds(n: int, n_rhs: int, *, device: ThermoDevice, host: DigitalDevice,
+                          method: str, spectrum: SpectrumSummary, eps: float = DEFAULT_EPS) -> float | None:
+    """One inverse update's analog work on one factor of size ``n`` at the target ``eps``
+    (``None``: it does not fit): ``"solve"`` programs it and runs one resident solve with
+    ``n_rhs`` columns; ``"inverse"`` samples its inverse."""
+    check_choice("method", method, ANALOG_METHODS)
+    try:
+        if method == "inverse":
+            return pricing.price(pricing.AnalogJob("inverse", n, spectrum=spectrum, target_eps=eps),
+                                 device, host).seconds
+        job = pricing.AnalogJob("solve", n, n_rhs, spectrum=spectrum, target_eps=eps, resident=True)
+        return pricing.price_program(n, device).seconds + pricing.price(job, device, host).seconds
+    except pricing.ThermoCapacityError:
+        return None
+
+
+def digital_layer_seconds(method: str, n_a: int, n_g: int, *, host: DigitalDevice,
+                          inverse_every: int = 1, precision: str = "fp32") -> float:
+    """Digital solver work per step: decompositions amortized over ``inverse_every``, then the
+    preconditioning GEMMs."""
+    check_positive("inverse_every", inverse_every, integer=True)
+    return (decomposition_seconds(method, (n_a, n_g), host, precision) / inverse_every
+            + preconditioning_seconds(method, n_a, n_g, host, precision))
+
+
+def auto_depths(n: int, max_deflate: int, start: int = 0) -> list[int]:
+    """The depths ``deflate="auto"`` tries for a size-``n`` factor, from the one before ``start``
+    (a factor that needed ``k`` last time rarely needs much less)."""
+    depths = [k for k in AUTO_DEPTHS if k <= min(max_deflate, n - 1)]
+    if start in depths:
+        depths = depths[max(depths.index(start) - 1, 0):]
+    return depths
+
+
+def deflated_spectrum(eigenvalues: Any, k: int, lam: float) -> SpectrumSummary:
+    """The spectrum the device sees after deflating the top ``k`` modes of a damped factor with
+    eigenvalues ``eigenvalues`` and damping ``lam``: ``lam`` on the deflated modes, the rest kept."""
+    mu = np.sort(np.asarray(eigenvalues, dtype=np.float64).reshape(-1))
+    if k > 0:
+        mu = mu.copy()
+        mu[mu.size - k:] = lam
+    return SpectrumSummary.from_eigenvalues(mu)
+
+
+def model_feasibility(device: ThermoDevice, eigenvalues: Mapping[str, Any], lam: Mapping[str, float],
+                      margin: float = DEFAULT_MARGIN) -> FeasibilityCheck:
+    """The feasibility law from spectra only (no matrix at hand): the predicted ``||dP||`` of
+    :func:`~hw_models.langevin.feasibility.perturbation_model` (off-diagonal abs-max taken as 1,
+    the pessimistic end) against the deflated remainder's normalised ``lambda_min``."""
+
+    def check(key: str, k: int) -> tuple[bool, str, float | None]:
+        mu = np.sort(np.asarray(eigenvalues[key], dtype=np.float64))
+        top = max(float(mu[mu.size - k - 1]), lam[key])
+        smallest = lam[key] / top
+        norm = perturbation_model(mu.size, device.noise)
+        ok = smallest >= margin * norm
+        verdict = "feasible" if ok else "not representable"
+        return ok, (f"{verdict}: lambda_min {smallest:.3g} vs {margin:g} x predicted ||dP|| "
+                    f"{norm:.3g} (model)"), None
+
+    return check
+
+
+@dataclass(frozen=True)
+class AnalogPlan:
+    """What a thermodynamic solve of one layer would run: per factor the deflation depth, the
+    window and burn-in, and the priced jobs; ``seconds`` per step (``None``: the analog side
+    cannot serve the layer, ``reason`` says why)."""
+
+    seconds: float | None
+    reason: str = ""
+    depths: dict[str, int] = field(default_factory=dict)
+    windows: dict[str, float] = field(default_factory=dict)
+    host_s: float = 0.0  # the deflation's host GEMMs per step (amortized prepare included)
+
+
+def analog_layer_seconds(n_a: int, n_g: int, *, device: ThermoDevice, host: DigitalDevice,
+                         spectra: Mapping[str, SpectrumSummary], method: str = "solve",
+                         eps: float = DEFAULT_EPS, window: float | None = None,
+                         burn_in: float | None = None, start: str = "zero", copies: int = 1,
+                         oversize: str | None = None, inverse_every: int = 1, precision: str = "fp32",
+                         require_reachable: bool = False, deflate: int | str | None = None,
+                         max_deflate: int = 128, max_window: float = 200.0,
+                         eigenvalues: Mapping[str, Any] | None = None,
+                         lam: Mapping[str, float] | None = None,
+                         feasible: FeasibilityCheck | None = None) -> AnalogPlan:
+    """Analog solver work per step of one layer (module docs).
+
+    ``method="inverse"``: both inverses sampled per update, one host GEMM pair per step;
+    ``"solve"``: both factors programmed per update, two resident solves per step. The window is
+    ``window`` (with ``burn_in``) or, when ``None``, the one the error law needs for ``eps`` on
+    ``spectra`` (``{"A", "G"}``); ``require_reachable`` makes an unreachable target "cannot serve".
+    ``deflate`` (solve only; an int or ``"auto"``) prices the thermodynamic solver's own rule:
+    ``eigenvalues`` and ``lam`` (per factor, the damped eigenvalues and the damping) give the
+    deflated remainders, ``feasible`` the feasibility law (default :func:`model_feasibility`).
+    A factor larger than the device under ``"refuse"`` cannot serve.
+    """
+    check_choice("method", method, ANALOG_METHODS)
+    check_positive("inverse_every", inverse_every, integer=True)
+    common = dict(window_tau=window, target_eps=None if window else eps,
+                  burn_in_tau=burn_in if window else None, copies=int(copies), oversize=oversize)
+    sizes, columns = {"A": n_a, "G": n_g}, {"A": n_g, "G": n_a}
+    try:
+        if method == "inverse":
+            jobs = [pricing.price(pricing.AnalogJob("inverse", sizes[k], spectrum=spectra[k], **common),
+                                  device, host) for k in ("A", "G")]
+            if require_reachable and not all(p.info["reachable"] for p in jobs):
+                return AnalogPlan(None, f"eps {eps:g} out of reach")
+            apply = preconditioning_seconds("inverse", n_a, n_g, host, precision)
+            return AnalogPlan(sum(p.seconds for p in jobs) / inverse_every + apply)
+        prepare = sum(pricing.price_program(n, device, oversize=oversize).seconds for n in (n_a, n_g))
+        if deflate is None:
+            jobs = [pricing.price(pricing.AnalogJob("solve", sizes[k], columns[k], spectrum=spectra[k],
+                                                    start=start, resident=True, **common), device)
+                    for k in ("G", "A")]
+            if require_reachable and not all(p.info["reachable"] for p in jobs):
+                return AnalogPlan(None, f"eps {eps:g} out of reach")
+            return AnalogPlan(prepare / inverse_every + sum(p.seconds for p in jobs))
+    except pricing.ThermoCapacityError as err:
+        return AnalogPlan(None, str(err))
+    return _deflated_solve(n_a, n_g, device=device, host=host, spectra=spectra, eps=eps, window=window,
+                           burn_in=burn_in, start=start, copies=copies, inverse_every=inverse_every,
+                           deflate=deflate, max_deflate=max_deflate, max_window=max_window,
+                           eigenvalues=eigenvalues, lam=lam, feasible=feasible, prepare=prepare)
+
+
+def _deflated_solve(n_a: int, n_g: int, *, device: ThermoDevice, host: DigitalDevice,
+                    spectra: Mapping[str, SpectrumSummary], eps: float, window: float | None,
+                    burn_in: float | None, start: str, copies: int, inverse_every: int,
+                    deflate: int | str, max_deflate: int, max_window: float,
+                    eigenvalues: Mapping[str, Any] | None, lam: Mapping[str, float] | None,
+                    feasible: FeasibilityCheck | None, prepare: float) -> AnalogPlan:
+    sizes, columns = {"A": n_a, "G": n_g}, {"A": n_g, "G": n_a}
+    if eigenvalues is None:  # the summaries' normalised modes stand for the eigenvalues
+        eigenvalues = {k: np.repeat(np.asarray(s.normalized_modes()[0]) * s.lambda_max,
+                                    np.maximum(np.rint(s.normalized_modes()[1]), 1).astype(int))
+                       for k, s in spectra.items()}
+    lam = lam or {k: float(s.lambda_min) for k, s in spectra.items()}
+    feasible = feasible or model_feasibility(device, eigenvalues, lam)
+    target = eps / SOLVE_SHARES
+    longest = max_window if window is None else max(window, 1.0)
+    seconds, host_s = prepare / inverse_every, 0.0
+    depths: dict[str, int] = {}
+    windows: dict[str, float] = {}
+    for key in ("G", "A"):
+        n, m = sizes[key], columns[key]
+        tries = auto_depths(n, max_deflate) if deflate == "auto" else [int(deflate)]
+        chosen, reason = None, ""
+        for k in tries:
+            ok, why, max_coupling = feasible(key, k)
+            reason = f"factor {key}, deflation depth {k}: {why}"
+            if not ok:
+                continue
+            spectrum = deflated_spectrum(eigenvalues[key], k, lam[key])
+            if max_coupling is not None:
+                spectrum = dataclasses.replace(spectrum, max_coupling=max_coupling)
+            law = pricing.price(pricing.AnalogJob("solve", n, m, spectrum=spectrum, target_eps=target,
+                                                  start=start, resident=True, copies=copies,
+                                                  oversize="block"), device, host)
+            reachable = bool(law.info["reachable"]) and law.window_tau <= longest * (1 + 1e-9)
+            if not reachable:
+                reason = (f"factor {key}, deflation depth {k}: eps {target:g} out of reach within "
+                          f"{longest:g} tau")
+                continue
+            win = (min(max(law.window_tau, MIN_WINDOW), max_window) if window is None else window)
+            burn = min(law.burn_in_tau, max_window) if window is None else (burn_in or 0.0)
+            job = pricing.AnalogJob("solve", n, m, spectrum=spectrum, window_tau=win, burn_in_tau=burn,
+                                    start=start, resident=True, copies=copies, oversize="block")
+            chosen = (k, win, pricing.price(job, device, host).seconds)
+            break
+        if chosen is None:
+            return AnalogPlan(None, f"no deflation depth serves: {reason}", depths, windows)
+        k, win, solve_s = chosen
+        depths[key], windows[key] = k, win
+        gemms = (pricing.price_host_gemms(pricing.deflation_gemms(n, k), host).seconds / inverse_every
+                 + pricing.price_host_gemms(pricing.deflation_gemms(n, k, m), host).seconds)
+        host_s += gemms
+        seconds += solve_s + gemms
+    return AnalogPlan(seconds, "", depths, windows, host_s)
