@@ -38,17 +38,17 @@ from typing import Any
 import numpy as np
 
 from hw_models import pricing
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.devices import DigitalDevice, ThermoDevice
 from hw_models.langevin.feasibility import DEFAULT_MARGIN, perturbation_model
 from hw_models.spectrum import SpectrumSummary
 from hw_models.validation import check_choice, check_positive
 
-#: Defaults every caller shares: the presets, the nominal condition number of a damped factor
-#: and the target relative error of an analog solve.
-DEFAULT_THERMO = "chip"
-DEFAULT_DIGITAL = "h100"
-DEFAULT_KAPPA = 100.0
-DEFAULT_EPS = 0.1
+__all__ = ["ANALOG_METHODS", "APPLY_PAIRS", "AUTO_DEPTHS", "DEFAULT_DIGITAL", "DEFAULT_EPS",
+           "DEFAULT_KAPPA", "DEFAULT_THERMO", "DIGITAL_METHODS", "MIN_WINDOW", "SOLVE_SHARES", "AnalogPlan",
+           "FeasibilityCheck", "analog_factor_seconds", "analog_layer_seconds", "auto_depths",
+           "decomposition_seconds", "deflated_spectrum", "digital_layer_seconds", "model_feasibility",
+           "preconditioning_seconds"]
 
 #: Preconditioning GEMM pairs per step of each digital method (eigh: into the eigenbasis and back).
 APPLY_PAIRS = {"eigh": 2, "cholesky": 1, "inverse": 1}

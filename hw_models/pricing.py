@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from hw_models.defaults import DEFAULT_DIGITAL
 from hw_models.devices import (
     OPS,
     OVERSIZE_POLICIES,
@@ -535,7 +536,7 @@ def price_host_gemms(shapes: list[tuple[int, int, int]], host: DigitalDevice | s
     return Cost(seconds, seconds * dev.power_w, {component: seconds}, {component: seconds * dev.power_w})
 
 
-def price_digital(op: str, n: int, n_rhs: int = 1, device: DigitalDevice | str = "h100", *,
+def price_digital(op: str, n: int, n_rhs: int = 1, device: DigitalDevice | str = DEFAULT_DIGITAL, *,
                   precision: str = "fp32") -> Price:
     """One digital operation on an ``n x n`` operand.
 

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hw_models import layer_cost, pricing
+from hw_models.defaults import DEFAULT_EPS, DEFAULT_KAPPA
 from hw_models.devices import DigitalDevice, ThermoDevice
-from hw_models.layer_cost import DEFAULT_EPS, DEFAULT_KAPPA, FeasibilityCheck
+from hw_models.layer_cost import FeasibilityCheck
 from hw_models.validation import check_choice
 
 if TYPE_CHECKING:
@@ -36,19 +37,11 @@ def price_digital_layer(digital_method: str, n_a: int, n_g: int, *, digital: Dig
                                             inverse_every=inverse_every, precision=precision)
 
 
-def price_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g: int, *,
-                hardware: ThermoDevice, digital: DigitalDevice,
-                spectra: Mapping[str, pricing.SpectrumSummary] | None = None,
-                kappa: float = DEFAULT_KAPPA, eps: float = DEFAULT_EPS, inverse_every: int = 1,
-                oversize: str | None = None, precision: str = "fp32", accuracy: str = "window",
-                eigenvalues: Mapping[str, Any] | None = None, lam: Mapping[str, float] | None = None,
-                feasible: FeasibilityCheck | None = None) -> tuple[float | None, float]:
-    """``(analog seconds or None when the analog side cannot serve, digital seconds)`` per step
-    (:func:`plan_layer`'s seconds)."""
-    plan, digital_s = plan_layer(settings, digital_method, n_a, n_g, hardware=hardware, digital=digital,
-                                 spectra=spectra, kappa=kappa, eps=eps, inverse_every=inverse_every,
-                                 oversize=oversize, precision=precision, accuracy=accuracy,
-                                 eigenvalues=eigenvalues, lam=lam, feasible=feasible)
+def price_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g: int,
+                **options: Any) -> tuple[float | None, float]:
+    """``(analog seconds or None when the analog side cannot serve, digital seconds)`` per step:
+    :func:`plan_layer`'s seconds (the same keywords)."""
+    plan, digital_s = plan_layer(settings, digital_method, n_a, n_g, **options)
     return plan.seconds, digital_s
 
 

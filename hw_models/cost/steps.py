@@ -21,8 +21,8 @@ from hw_models.cost.layers import (
     digital_layer_cost,
     thermo_layer_cost,
 )
+from hw_models.defaults import DEFAULT_EPS, DEFAULT_KAPPA
 from hw_models.devices import PRECISIONS, DigitalDevice, ThermoDevice
-from hw_models.layer_cost import DEFAULT_EPS, DEFAULT_KAPPA
 from hw_models.pricing import (
     Cost,
     SpectrumSummary,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.devices import digital_device, thermo_device
-from hw_models.layer_cost import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.validation import check_choice, check_number, check_positive
 
 PLACEMENT_MODES = ("comm_opt", "mem_opt")

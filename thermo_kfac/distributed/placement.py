@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hw_models import layer_cost
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.devices import digital_device, thermo_device
-from hw_models.layer_cost import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.spectrum import SpectrumSummary
 from hw_models.validation import check_choice, check_positive
 from thermo_kfac.distributed.config import ASSIGNMENT_RULES

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from hw_models.defaults import DEFAULT_EPS
 from hw_models.devices import DigitalDevice, ThermoDevice
 from hw_models.langevin.feasibility import DEFAULT_MARGIN, feasibility
-from hw_models.layer_cost import DEFAULT_EPS
 from hw_models.units import format_seconds
 from hw_models.validation import check_number, check_positive
 from thermo_kfac.layer_pricing import damped_spectra, plan_layer

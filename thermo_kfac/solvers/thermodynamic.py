@@ -38,6 +38,7 @@ from hw_models.devices import NOISE_FIELDS, digital_device, thermo_device
 from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program, solve_programmed
 from hw_models.langevin import inverse as analog_inverse
 from hw_models.langevin.feasibility import DEFAULT_MARGIN, feasibility
+from hw_models.layer_cost import DEFAULT_DIGITAL, DEFAULT_THERMO, preconditioning_seconds
 from hw_models.noise import abs_max, read_out
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure, SolverReport, register_solver
@@ -90,7 +91,7 @@ class ThermodynamicSolver(KFACSolver):
     def __init__(self, method: str = "solve", analog_time: float | str | None = None, burn_in: float = 10.0,
                  kappa0: float | None = None, dt: float | str = "auto",
                  integrator: str = "analytic", backend: str = "torch", bits: int | None = None,
-                 device: str = "chip", host: str = "h100", seed: int = 0,
+                 device: str = DEFAULT_THERMO, host: str = DEFAULT_DIGITAL, seed: int = 0,
                  warm_start: str = "previous", track_exact: bool = False, jacobi: bool = False,
                  power_iterations: int = 20, dynamics: str = "overdamped", mass: float = 1.0,
                  friction: float = 1.0, residual_every: int = 10, ideal: bool = False,
@@ -264,8 +265,7 @@ class ThermodynamicSolver(KFACSolver):
             info = {"method": "inverse", "digital_apply": True}
             info.update(self._accuracy(grad, X, None))
             n_g, n_a = grad.shape
-            seconds = (pricing.gemm_time(n_g, n_g, n_a, self.host)
-                       + pricing.gemm_time(n_g, n_a, n_a, self.host))  # the two host GEMMs
+            seconds = preconditioning_seconds("inverse", n_a, n_g, self.host)  # the two host GEMMs
             self.last_report = _report([pricing.Cost(seconds, seconds * self.host.power_w,
                                                      {"preconditioning": seconds},
                                                      {"preconditioning": seconds * self.host.power_w})],
