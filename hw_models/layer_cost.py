@@ -46,7 +46,8 @@ from hw_models.validation import check_choice, check_positive
 
 __all__ = ["ANALOG_METHODS", "APPLY_PAIRS", "AUTO_DEPTHS", "DEFAULT_DIGITAL", "DEFAULT_EPS",
            "DEFAULT_KAPPA", "DEFAULT_THERMO", "DIGITAL_METHODS", "MIN_WINDOW", "SOLVE_SHARES", "AnalogPlan",
-           "FeasibilityCheck", "analog_factor_seconds", "analog_layer_seconds", "auto_depths",
+           "FeasibilityCheck", "analog_factor_seconds", "analog_layer_ledger", "analog_layer_seconds",
+           "auto_depths",
            "decomposition_seconds", "deflated_spectrum", "digital_layer_seconds", "model_feasibility",
            "preconditioning_seconds"]
 
@@ -163,6 +164,53 @@ class AnalogPlan:
     host_s: float = 0.0  # the deflation's host GEMMs per step (amortized prepare included)
 
 
+def analog_layer_ledger(n_a: int, n_g: int, *, device: ThermoDevice, host: DigitalDevice,
+                        spectra: Mapping[str, SpectrumSummary], method: str = "solve",
+                        eps: float = DEFAULT_EPS, window: float | None = None, burn_in: float | None = None,
+                        start: str = "zero", bits: int | None = None, copies: int = 1,
+                        oversize: str | None = None, resident: bool = True, inverse_every: int = 1,
+                        precision: str = "fp32") -> tuple[pricing.Ledger, list[pricing.Price]]:
+    """Per-step seconds and joules by component of one layer's analog solver work, and the priced
+    jobs (per factor: ``A, G`` for an inverse, ``G, A`` for solves).
+
+    ``"inverse"``: both inverses sampled once per update (amortized over ``inverse_every``), one
+    host GEMM pair per step. ``"solve"``: two solves per step (``G`` with ``n_a`` columns, ``A``
+    with ``n_g``); ``resident`` keeps the couplings programmed between updates, so their transfer
+    and programming are amortized, else every solve pays them. The window is ``window`` (``None``:
+    the law's for ``eps``) with ``burn_in`` (``None``: the law's). Raises
+    :class:`~hw_models.pricing.ThermoCapacityError` for a factor the device refuses.
+    """
+    check_choice("method", method, ANALOG_METHODS)
+    check_positive("inverse_every", inverse_every, integer=True)
+    common = dict(window_tau=window, target_eps=None if window is not None else eps, burn_in_tau=burn_in,
+                  bits=bits, copies=int(copies), oversize=oversize)
+    sizes, columns = {"A": n_a, "G": n_g}, {"A": n_g, "G": n_a}
+    ledger = pricing.Ledger()
+    parts: list[pricing.Price] = []
+    if method == "inverse":
+        parts = [pricing.price(pricing.AnalogJob("inverse", sizes[k], spectrum=spectra[k], **common),
+                               device, host) for k in ("A", "G")]
+        for part in parts:
+            ledger.merge(part, 1.0 / inverse_every)
+        apply = preconditioning_seconds("inverse", n_a, n_g, host, precision)
+        ledger.add("preconditioning", apply, apply * host.power_w)
+        return ledger, parts
+    for k in ("G", "A"):
+        job = pricing.AnalogJob("solve", sizes[k], columns[k], spectrum=spectra[k], start=start, **common)
+        fresh = pricing.price(job, device)
+        if resident:
+            kept = pricing.price(job.replace(resident=True), device)
+            ledger.merge(kept)
+            for key in fresh.breakdown_s:  # what a fresh programming adds, once per update
+                extra_s = fresh.breakdown_s[key] - kept.breakdown_s.get(key, 0.0)
+                extra_j = fresh.breakdown_j[key] - kept.breakdown_j.get(key, 0.0)
+                ledger.add(key, extra_s, extra_j, 1.0 / inverse_every)
+        else:
+            ledger.merge(fresh)
+        parts.append(fresh)
+    return ledger, parts
+
+
 def analog_layer_seconds(n_a: int, n_g: int, *, device: ThermoDevice, host: DigitalDevice,
                          spectra: Mapping[str, SpectrumSummary], method: str = "solve",
                          eps: float = DEFAULT_EPS, window: float | None = None,
@@ -185,26 +233,16 @@ def analog_layer_seconds(n_a: int, n_g: int, *, device: ThermoDevice, host: Digi
     A factor larger than the device under ``"refuse"`` cannot serve.
     """
     check_choice("method", method, ANALOG_METHODS)
-    check_positive("inverse_every", inverse_every, integer=True)
-    common = dict(window_tau=window, target_eps=None if window else eps,
-                  burn_in_tau=burn_in if window else None, copies=int(copies), oversize=oversize)
-    sizes, columns = {"A": n_a, "G": n_g}, {"A": n_g, "G": n_a}
     try:
-        if method == "inverse":
-            jobs = [pricing.price(pricing.AnalogJob("inverse", sizes[k], spectrum=spectra[k], **common),
-                                  device, host) for k in ("A", "G")]
+        if method == "inverse" or deflate is None:
+            ledger, jobs = analog_layer_ledger(n_a, n_g, device=device, host=host, spectra=spectra,
+                                               method=method, eps=eps, window=window, burn_in=burn_in,
+                                               start=start, copies=copies, oversize=oversize,
+                                               inverse_every=inverse_every, precision=precision)
             if require_reachable and not all(p.info["reachable"] for p in jobs):
                 return AnalogPlan(None, f"eps {eps:g} out of reach")
-            apply = preconditioning_seconds("inverse", n_a, n_g, host, precision)
-            return AnalogPlan(sum(p.seconds for p in jobs) / inverse_every + apply)
+            return AnalogPlan(ledger.cost().seconds)
         prepare = sum(pricing.price_program(n, device, oversize=oversize).seconds for n in (n_a, n_g))
-        if deflate is None:
-            jobs = [pricing.price(pricing.AnalogJob("solve", sizes[k], columns[k], spectrum=spectra[k],
-                                                    start=start, resident=True, **common), device)
-                    for k in ("G", "A")]
-            if require_reachable and not all(p.info["reachable"] for p in jobs):
-                return AnalogPlan(None, f"eps {eps:g} out of reach")
-            return AnalogPlan(prepare / inverse_every + sum(p.seconds for p in jobs))
     except pricing.ThermoCapacityError as err:
         return AnalogPlan(None, str(err))
     return _deflated_solve(n_a, n_g, device=device, host=host, spectra=spectra, eps=eps, window=window,

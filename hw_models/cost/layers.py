@@ -8,7 +8,12 @@ from dataclasses import dataclass
 
 from hw_models.devices import PRECISIONS, DigitalDevice, ThermoDevice
 from hw_models.langevin import error_model
-from hw_models.layer_cost import DIGITAL_METHODS, decomposition_seconds, preconditioning_seconds
+from hw_models.layer_cost import (
+    DIGITAL_METHODS,
+    analog_layer_ledger,
+    decomposition_seconds,
+    preconditioning_seconds,
+)
 from hw_models.pricing import (
     AnalogJob,
     Cost,
@@ -190,32 +195,13 @@ def thermo_layer_cost(n_in: int, n_out: int, batch: int, *, kappa: float, eps: f
                                                           SpectrumSummary.from_kappa(n_g, kappa))
     ledger = Ledger()
     _factor_accumulation(ledger, n_a, n_g, rows, host, schedule)
-    target = None if window_tau is not None else eps
-    parts: list[Price]
-    if method == "inverse":
-        parts = [price(AnalogJob("inverse", n, spectrum=spec, window_tau=window_tau, target_eps=target,
-                                 burn_in_tau=burn_in_tau, bits=bits), device, host)
-                 for n, spec in ((n_a, spec_a), (n_g, spec_g))]
-        for part in parts:
-            ledger.merge(part, 1.0 / schedule.inverse_every)
-        apply = preconditioning_seconds("inverse", n_a, n_g, host, schedule.precision)
-        ledger.add("preconditioning", apply, apply * host.power_w)
-    else:
-        parts = []
-        for n, n_rhs, spec in ((n_g, n_a, spec_g), (n_a, n_g, spec_a)):
-            job = AnalogJob("solve", n, n_rhs, spectrum=spec, window_tau=window_tau, target_eps=target,
-                            burn_in_tau=burn_in_tau, bits=bits, start=start)
-            fresh = price(job, device)
-            if resident:
-                kept = price(job.replace(resident=True), device)
-                ledger.merge(kept)
-                for key in fresh.breakdown_s:
-                    extra_s = fresh.breakdown_s[key] - kept.breakdown_s.get(key, 0.0)
-                    extra_j = fresh.breakdown_j[key] - kept.breakdown_j.get(key, 0.0)
-                    ledger.add(key, extra_s, extra_j, 1.0 / schedule.inverse_every)
-            else:
-                ledger.merge(fresh)
-            parts.append(fresh)
+    analog, parts = analog_layer_ledger(n_a, n_g, device=device, host=host,
+                                        spectra={"A": spec_a, "G": spec_g}, method=method, eps=eps,
+                                        window=window_tau, burn_in=burn_in_tau, start=start, bits=bits,
+                                        resident=resident, inverse_every=schedule.inverse_every,
+                                        precision=schedule.precision)
+    for key, seconds in analog.s.items():
+        ledger.add(key, seconds, analog.j[key])
     errors = [p.predicted_rel_error or 0.0 for p in parts]
     return ledger.cost(device=device.name, host=host.name, method=method, factor_sizes=(n_a, n_g),
                        approximate=any(p.info["approximate"] for p in parts),
