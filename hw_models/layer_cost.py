@@ -47,9 +47,8 @@ from hw_models.validation import check_choice, check_positive
 __all__ = ["ANALOG_METHODS", "APPLY_PAIRS", "AUTO_DEPTHS", "DEFAULT_DIGITAL", "DEFAULT_EPS",
            "DEFAULT_KAPPA", "DEFAULT_THERMO", "DIGITAL_METHODS", "MIN_WINDOW", "SOLVE_SHARES", "AnalogPlan",
            "FeasibilityCheck", "analog_factor_seconds", "analog_layer_ledger", "analog_layer_seconds",
-           "auto_depths",
-           "decomposition_seconds", "deflated_spectrum", "digital_layer_seconds", "model_feasibility",
-           "preconditioning_seconds"]
+           "auto_depths", "decomposition_seconds", "deflated_spectrum", "deflation_host_seconds",
+           "digital_layer_seconds", "model_feasibility", "preconditioning_seconds"]
 
 #: Preconditioning GEMM pairs per step of each digital method (eigh: into the eigenbasis and back).
 APPLY_PAIRS = {"eigh": 2, "cholesky": 1, "inverse": 1}
@@ -111,6 +110,13 @@ def digital_layer_seconds(method: str, n_a: int, n_g: int, *, host: DigitalDevic
     check_positive("inverse_every", inverse_every, integer=True)
     return (decomposition_seconds(method, (n_a, n_g), host, precision) / inverse_every
             + preconditioning_seconds(method, n_a, n_g, host, precision))
+
+
+def deflation_host_seconds(n: int, k: int, n_rhs: int, host: DigitalDevice) -> tuple[float, float]:
+    """``(per inverse update, per solve)`` host seconds of deflating ``k`` top modes of a size-``n``
+    factor whose solves have ``n_rhs`` columns (:func:`hw_models.pricing.deflation_gemms`)."""
+    return (pricing.price_host_gemms(pricing.deflation_gemms(n, k), host).seconds,
+            pricing.price_host_gemms(pricing.deflation_gemms(n, k, n_rhs), host).seconds)
 
 
 def auto_depths(n: int, max_deflate: int, start: int = 0) -> list[int]:
@@ -299,8 +305,8 @@ def _deflated_solve(n_a: int, n_g: int, *, device: ThermoDevice, host: DigitalDe
             return AnalogPlan(None, f"no deflation depth serves: {reason}", depths, windows)
         k, win, solve_s = chosen
         depths[key], windows[key] = k, win
-        gemms = (pricing.price_host_gemms(pricing.deflation_gemms(n, k), host).seconds / inverse_every
-                 + pricing.price_host_gemms(pricing.deflation_gemms(n, k, m), host).seconds)
+        per_update, per_solve = deflation_host_seconds(n, k, m, host)
+        gemms = per_update / inverse_every + per_solve
         host_s += gemms
         seconds += solve_s + gemms
     return AnalogPlan(seconds, "", depths, windows, host_s)
