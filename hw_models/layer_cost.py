@@ -48,7 +48,7 @@ __all__ = ["ANALOG_METHODS", "APPLY_PAIRS", "AUTO_DEPTHS", "DEFAULT_DIGITAL", "D
            "DEFAULT_KAPPA", "DEFAULT_THERMO", "DIGITAL_METHODS", "MIN_WINDOW", "SOLVE_SHARES", "AnalogPlan",
            "FeasibilityCheck", "analog_factor_seconds", "analog_layer_ledger", "analog_layer_seconds",
            "auto_depths", "decomposition_seconds", "deflated_spectrum", "deflation_host_seconds",
-           "digital_layer_seconds", "model_feasibility", "preconditioning_seconds"]
+           "digital_layer_seconds", "law_window", "model_feasibility", "preconditioning_seconds"]
 
 #: Preconditioning GEMM pairs per step of each digital method (eigh: into the eigenbasis and back).
 APPLY_PAIRS = {"eigh": 2, "cholesky": 1, "inverse": 1}
@@ -136,6 +136,24 @@ def deflated_spectrum(eigenvalues: Any, k: int, lam: float) -> SpectrumSummary:
         mu = mu.copy()
         mu[mu.size - k:] = lam
     return SpectrumSummary.from_eigenvalues(mu)
+
+
+def law_window(n: int, n_rhs: int, *, spectrum: SpectrumSummary, device: ThermoDevice,
+               host: DigitalDevice, target: float, start: str = "zero", copies: int = 1,
+               max_window: float = 200.0, fixed: float | None = None,
+               input_scale: float | None = None) -> tuple[float, float, bool]:
+    """``(window, burn-in, reachable)`` of one resident solve whose target is ``target`` (each of
+    a layer's two solves gets ``target_error / SOLVE_SHARES``): the error law's window, at least
+    :data:`MIN_WINDOW` (a read-out integrates over the fastest mode's time constant, and the
+    clipping integrator steps at that scale) and at most ``max_window``. ``reachable``: the law
+    meets the target within the longest window allowed, ``max_window`` or a ``fixed`` window
+    (at least one tau)."""
+    job = pricing.AnalogJob("solve", n, n_rhs, spectrum=spectrum, target_eps=target, start=start,
+                            resident=True, copies=int(copies), oversize="block", input_scale=input_scale)
+    law = pricing.price(job, device, host)
+    longest = max_window if fixed is None else max(fixed, 1.0)
+    reachable = bool(law.info["reachable"]) and law.window_tau <= longest * (1 + 1e-9)
+    return (min(max(law.window_tau, MIN_WINDOW), max_window), min(law.burn_in_tau, max_window), reachable)
 
 
 def model_feasibility(device: ThermoDevice, eigenvalues: Mapping[str, Any], lam: Mapping[str, float],
@@ -271,7 +289,6 @@ def _deflated_solve(n_a: int, n_g: int, *, device: ThermoDevice, host: DigitalDe
     lam = lam or {k: float(s.lambda_min) for k, s in spectra.items()}
     feasible = feasible or model_feasibility(device, eigenvalues, lam)
     target = eps / SOLVE_SHARES
-    longest = max_window if window is None else max(window, 1.0)
     seconds, host_s = prepare / inverse_every, 0.0
     depths: dict[str, int] = {}
     windows: dict[str, float] = {}
@@ -287,16 +304,14 @@ def _deflated_solve(n_a: int, n_g: int, *, device: ThermoDevice, host: DigitalDe
             spectrum = deflated_spectrum(eigenvalues[key], k, lam[key])
             if max_coupling is not None:
                 spectrum = dataclasses.replace(spectrum, max_coupling=max_coupling)
-            law = pricing.price(pricing.AnalogJob("solve", n, m, spectrum=spectrum, target_eps=target,
-                                                  start=start, resident=True, copies=copies,
-                                                  oversize="block"), device, host)
-            reachable = bool(law.info["reachable"]) and law.window_tau <= longest * (1 + 1e-9)
+            law_win, law_burn, reachable = law_window(n, m, spectrum=spectrum, device=device, host=host,
+                                                      target=target, start=start, copies=copies,
+                                                      max_window=max_window, fixed=window)
             if not reachable:
                 reason = (f"factor {key}, deflation depth {k}: eps {target:g} out of reach within "
-                          f"{longest:g} tau")
+                          f"{max_window if window is None else max(window, 1.0):g} tau")
                 continue
-            win = (min(max(law.window_tau, MIN_WINDOW), max_window) if window is None else window)
-            burn = min(law.burn_in_tau, max_window) if window is None else (burn_in or 0.0)
+            win, burn = (law_win, law_burn) if window is None else (window, burn_in or 0.0)
             job = pricing.AnalogJob("solve", n, m, spectrum=spectrum, window_tau=win, burn_in_tau=burn,
                                     start=start, resident=True, copies=copies, oversize="block")
             chosen = (k, win, pricing.price(job, device, host).seconds)

@@ -23,7 +23,7 @@ import torch
 from hw_models import pricing
 from hw_models.devices import DigitalDevice, ThermoDevice
 from hw_models.langevin.config import AnalogConfig
-from hw_models.layer_cost import MIN_WINDOW, SOLVE_SHARES
+from hw_models.layer_cost import MIN_WINDOW, SOLVE_SHARES, law_window
 
 __all__ = ["MIN_WINDOW", "PRICED_OPTIONS", "ThermoPricing"]
 
@@ -115,25 +115,19 @@ class ThermoPricing:
 
     def plan(self, f: Any, key: str, n_rhs: int) -> bool:
         """The error law's window (and burn-in) for ``target_error`` on factor ``key``'s programmed
-        spectrum (each solve gets ``target_error / 2``: the first solve's error reaches the result
-        through the second factor's inverse, and the two are not independent -- measured on seeded
-        spectra, a ``sqrt 2`` split overshot the target by 30 %),
-        capped at ``max_analog_time``; with ``analog_time="auto"`` the factor's solves use it.
+        spectrum (:func:`hw_models.layer_cost.law_window`: each solve gets ``target_error /
+        SOLVE_SHARES``, at least ``MIN_WINDOW``, capped at ``max_analog_time``); with
+        ``analog_time="auto"`` the factor's solves use it.
         Returns whether the law meets the target within the longest window allowed: the cap, or a
         fixed ``analog_time`` (``deflate="auto"`` goes deeper when it does not)."""
-        job = pricing.AnalogJob("solve", f.P.shape[0], n_rhs, spectrum=self.spectra[key],
-                                target_eps=self.target_error / SOLVE_SHARES, start=self.start,
-                                resident=True, copies=self.noise.mitigation_copies, oversize="block",
-                                input_scale=f.scale if f.peak is not None else None)
-        price = pricing.price(job, self.device, self.host)
+        window, burn_in, reachable = law_window(
+            f.P.shape[0], n_rhs, spectrum=self.spectra[key], device=self.device, host=self.host,
+            target=self.target_error / SOLVE_SHARES, start=self.start, copies=self.noise.mitigation_copies,
+            max_window=self.max_analog_time, fixed=None if self.auto_window else self.options["analog_time"],
+            input_scale=f.scale if f.peak is not None else None)
         if self.auto_window:
-            # at least one tau of averaging: the law may prefer a single read-out after a long
-            # burn-in, but a read-out integrates over the fastest mode's time constant, and the
-            # clipping integrator (the rail fallback) steps at that scale
-            f.window = min(max(price.window_tau, MIN_WINDOW), self.max_analog_time)
-            f.burn_in = min(price.burn_in_tau, self.max_analog_time)
-        longest = self.max_analog_time if self.auto_window else max(self.options["analog_time"], 1.0)
-        return bool(price.info["reachable"]) and price.window_tau <= longest * (1 + 1e-9)
+            f.window, f.burn_in = window, burn_in
+        return reachable
 
     def gemm_cost(self, shapes: list[tuple[int, int, int]]) -> pricing.Cost:
         """Host GEMMs of the deflation (``(m, k, n)`` shapes), priced on the host preset."""
