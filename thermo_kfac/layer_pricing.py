@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from hw_models import layer_cost, pricing
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from thermo_kfac.solvers.base import Damping
 
 __all__ = ["AutoSolver", "damped_spectra",  # noqa: F822 (AutoSolver: module __getattr__)
-           "plan_layer", "price_digital_layer", "price_layer"]
+           "damped_eigenvalues", "plan_layer", "price_digital_layer", "price_layer"]
 
 
 def price_digital_layer(digital_method: str, n_a: int, n_g: int, *, digital: DigitalDevice,
@@ -89,15 +90,22 @@ def plan_layer(settings: Mapping[str, Any], digital_method: str, n_a: int, n_g: 
     return plan, digital_s
 
 
-def damped_spectra(A: torch.Tensor, G: torch.Tensor, damping: Damping) -> dict[str, pricing.SpectrumSummary]:
-    """The measured spectra of the damped factors ``A + lam_A I`` and ``G + lam_G I``."""
+def damped_eigenvalues(A: torch.Tensor, G: torch.Tensor, damping: Damping) -> dict[str, np.ndarray]:
+    """The eigenvalues (ascending, float64) of the damped factors ``A + lam_A I`` and ``G + lam_G I``."""
     lam_a, lam_g = damping.split(A, G)
     out = {}
     for key, F, lam in (("A", A, lam_a), ("G", G, lam_g)):
         M = 0.5 * (F + F.T).double() + lam * torch.eye(F.shape[0], dtype=torch.float64, device=F.device)
-        out[key] = pricing.SpectrumSummary.from_eigenvalues(
-            torch.linalg.eigvalsh(M).clamp_min(1e-300).cpu().numpy())
+        out[key] = torch.linalg.eigvalsh(M).clamp_min(1e-300).cpu().numpy()
     return out
+
+
+def damped_spectra(A: torch.Tensor, G: torch.Tensor, damping: Damping,
+                   eigenvalues: Mapping[str, np.ndarray] | None = None) -> dict[str, pricing.SpectrumSummary]:
+    """The measured spectra of the damped factors ``A + lam_A I`` and ``G + lam_G I`` (from their
+    :func:`damped_eigenvalues` when given)."""
+    eigenvalues = eigenvalues or damped_eigenvalues(A, G, damping)
+    return {k: pricing.SpectrumSummary.from_eigenvalues(eigenvalues[k]) for k in ("A", "G")}
 
 
 def __getattr__(name: str) -> Any:

@@ -24,24 +24,24 @@ from hw_models.devices import DigitalDevice, ThermoDevice
 from hw_models.langevin.feasibility import DEFAULT_MARGIN, feasibility
 from hw_models.units import format_seconds
 from hw_models.validation import check_number, check_positive
-from thermo_kfac.layer_pricing import damped_spectra, plan_layer
+from thermo_kfac.layer_pricing import damped_eigenvalues, damped_spectra, plan_layer
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverReport
 from thermo_kfac.solvers.deflation import deflate
 
 
 def measured_law(A: torch.Tensor, G: torch.Tensor, damping: Damping, settings: Mapping[str, Any],
-                 hardware: ThermoDevice) -> dict[str, Any]:
+                 hardware: ThermoDevice, eigenvalues: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The measured inputs of a deflating thermodynamic solver's pricing rule: each damped
-    factor's eigenvalues, its damping, and the feasibility law on its deflated remainder
+    factor's eigenvalues (``eigenvalues``: :func:`~thermo_kfac.layer_pricing.damped_eigenvalues`,
+    computed when not given), its damping, and the feasibility law on its deflated remainder
     (``feasible(key, k)``: deflated as the solver deflates, normalised by the remainder's largest
     eigenvalue, the law of :mod:`hw_models.langevin.feasibility` on the solver's device)."""
     lam_a, lam_g = damping.split(A, G)
     device = settings.get("thermo_device") or hardware
     margin = float(settings.get("feasibility_margin") or DEFAULT_MARGIN)
-    factors = {"A": (0.5 * (A + A.T)).double(), "G": (0.5 * (G + G.T)).double()}
+    factors = {"A": 0.5 * (A + A.T).double(), "G": 0.5 * (G + G.T).double()}
     lam = {"A": float(lam_a), "G": float(lam_g)}
-    eigenvalues = {k: (torch.linalg.eigvalsh(F) + lam[k]).clamp_min(1e-300).cpu().numpy()
-                   for k, F in factors.items()}
+    eigenvalues = dict(eigenvalues) if eigenvalues is not None else damped_eigenvalues(A, G, damping)
 
     def feasible(key: str, k: int) -> tuple[bool, str, float | None]:
         F, n = factors[key], factors[key].shape[0]
@@ -101,12 +101,13 @@ class AutoSolver(KFACSolver):
         return self.current.pricing_settings()
 
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
-        spectra = damped_spectra(A, G, damping)
+        eigenvalues = damped_eigenvalues(A, G, damping)
+        spectra = damped_spectra(A, G, damping, eigenvalues)
         analog, digital = self.solvers["analog"], self.solvers["digital"]
         settings = analog.pricing_settings()
         law: dict[str, Any] = {}
         if settings.get("method") == "solve" and settings.get("deflate") is not None:
-            law = measured_law(A, G, damping, settings, self.hardware)
+            law = measured_law(A, G, damping, settings, self.hardware, eigenvalues)
         plan, digital_s = plan_layer(settings, digital.digital_method, self.n_a, self.n_g,
                                      hardware=self.hardware, digital=self.host, spectra=spectra,
                                      eps=self.eps, inverse_every=self.inverse_every, accuracy="eps", **law)
