@@ -25,8 +25,9 @@ def test_per_layer_copies_own_their_pricing_state():
     # the priced spectrum is the one the copy programmed: its condition number is the report's
     reported = layer.last_report.info["condition_number"]  # per factor in setup order: A, G
     priced = [layer.pricing.spectra[k].kappa for k in ("A", "G")]
-    torch.testing.assert_close(torch.tensor(priced), torch.tensor(reported, dtype=torch.float64), rtol=1e-9,
-                               atol=0.0)
+    f64 = torch.float64
+    torch.testing.assert_close(torch.tensor(priced, dtype=f64), torch.tensor(reported, dtype=f64),
+                               rtol=1e-9, atol=0.0)
 
 
 def test_pricing_settings_carry_what_auto_needs_from_the_solver():
