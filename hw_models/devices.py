@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hw_models.noise import NoiseConfig
-from hw_models.validation import check_choice, check_number, check_positive
+from hw_models.validation import check_bits, check_choice, check_positive
 
 if TYPE_CHECKING:
     from hw_models.langevin.config import AnalogConfig
@@ -420,7 +420,7 @@ class ThermoDevice:
         bits = changes.pop("bits", None)
         noise = {k: changes.pop(k) for k in list(changes) if k in NOISE_FIELDS}
         if bits is not None:
-            check_number("bits", bits, low=2, high=32, integer=True)
+            check_bits("bits", bits)
             for key in ("coupling_bits", "input_bits", "output_bits"):
                 noise.setdefault(key, bits)
         base = changes.pop("noise", self.noise)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hw_models.validation import check_choice, check_number, check_positive
+from hw_models.validation import check_bits, check_choice, check_number, check_positive
 
 ROUNDING_MODES = ("nearest", "stochastic")
 MISMATCH_KINDS = ("absolute", "proportional")
@@ -94,7 +94,7 @@ class NoiseConfig:
         for name in ("coupling_bits", "input_bits", "output_bits"):
             value = getattr(self, name)
             if value is not None:
-                check_number(name, value, low=2, high=32, integer=True)
+                check_bits(name, value)
         check_choice("rounding", self.rounding, ROUNDING_MODES)
         check_choice("mismatch_kind", self.mismatch_kind, MISMATCH_KINDS)
         for name in ("mismatch_std", "read_noise"):
@@ -111,7 +111,7 @@ class NoiseConfig:
         if not isinstance(self.diagonal_resistors, bool):
             raise ValueError(f"diagonal_resistors={self.diagonal_resistors!r} must be True or False")
         if self.diagonal_bits is not None:
-            check_number("diagonal_bits", self.diagonal_bits, low=2, high=32, integer=True)
+            check_bits("diagonal_bits", self.diagonal_bits)
             if not self.diagonal_resistors:
                 raise ValueError(f"diagonal_bits={self.diagonal_bits} needs diagonal_resistors=True "
                                  "(without them the diagonal is programmed by the coupling DACs)")
@@ -156,7 +156,7 @@ def quantize(x: torch.Tensor, bits: int, *, rounding: str = "nearest", bound: fl
     the scan; with a ``bound``, a ``span`` inside it says that nothing clips. ``inplace``: reuse
     ``x``'s storage for the result.
     """
-    check_number("bits", bits, low=2, high=32, integer=True)
+    check_bits("bits", bits)
     check_choice("rounding", rounding, ROUNDING_MODES)
     levels = float(2 ** (bits - 1) - 1)
     inside = False

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from hw_models.defaults import DEFAULT_DIGITAL
 from hw_models.devices import (
     OPS,
     OVERSIZE_POLICIES,
@@ -59,7 +60,7 @@ from hw_models.devices import (
 )
 from hw_models.langevin import error_model, laws
 from hw_models.spectrum import MAX_MODES, SKETCH_GROUPS, SPECTRUM_SHAPES, SpectrumSummary  # noqa: F401 (re-exported)
-from hw_models.validation import check_choice, check_number, check_positive
+from hw_models.validation import check_bits, check_choice, check_number, check_positive
 
 ANALOG_OPS = ("solve", "inverse")
 #: Rails an inverse's noise source is tuned against on a device without rails (``state_range``
@@ -226,7 +227,7 @@ class AnalogJob:
         starts = error_model.SOLVE_STARTS if self.op == "solve" else error_model.INVERSE_STARTS
         check_choice("start", self.start, starts)
         if self.bits is not None:
-            check_number("bits", self.bits, low=2, high=32, integer=True)
+            check_bits("bits", self.bits)
         check_positive("copies", self.copies, integer=True)
         if self.units is not None:
             check_positive("units", self.units, integer=True)
@@ -508,8 +509,13 @@ def gemm_time(m: float, k: float, n: float, device: DigitalDevice, precision: st
     return device.gemm.time(2.0 * m * k * n, min(m, k, n), device.peak(precision))
 
 
-def deflation_gemms(n: int, k: int, n_rhs: int | None = None, *, oversample: int = 8,
-                    power_iterations: int = 2) -> list[tuple[int, int, int]]:
+#: The deflation's eigenpair sketch: oversampling and power iterations (what its host GEMMs cost).
+DEFLATION_OVERSAMPLE = 8
+DEFLATION_POWER_ITERATIONS = 2
+
+
+def deflation_gemms(n: int, k: int, n_rhs: int | None = None, *, oversample: int = DEFLATION_OVERSAMPLE,
+                    power_iterations: int = DEFLATION_POWER_ITERATIONS) -> list[tuple[int, int, int]]:
     """The host's ``(m, k, n)`` GEMM shapes of deflating ``k`` top modes of a size-``n`` factor:
     once per inverse update (``n_rhs=None``: randomized range, power iterations, Rayleigh-Ritz,
     the remainder) or per solve with ``n_rhs`` columns (split, combine, output projection)."""
@@ -530,7 +536,7 @@ def price_host_gemms(shapes: list[tuple[int, int, int]], host: DigitalDevice | s
     return Cost(seconds, seconds * dev.power_w, {component: seconds}, {component: seconds * dev.power_w})
 
 
-def price_digital(op: str, n: int, n_rhs: int = 1, device: DigitalDevice | str = "h100", *,
+def price_digital(op: str, n: int, n_rhs: int = 1, device: DigitalDevice | str = DEFAULT_DIGITAL, *,
                   precision: str = "fp32") -> Price:
     """One digital operation on an ``n x n`` operand.
 

@@ -19,15 +19,12 @@ import numpy as np
 from hw_models.cost import KFACSchedule, Scenario, StepCost, compare_layer, step_cost
 from hw_models.cost.steps import SquareLayer
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
+from hw_models.layer_cost import decomposition_seconds, deflation_host_seconds, preconditioning_seconds
 from hw_models.pricing import (
     AnalogJob,
     SpectrumSummary,
     ThermoCapacityError,
-    deflation_gemms,
-    gemm_time,
     price,
-    price_digital,
-    price_host_gemms,
 )
 from hw_models.validation import check_choice, check_positive
 
@@ -363,14 +360,11 @@ def price_trace(trace: dict[str, Any], *, thermo: ThermoDevice | str, digital: D
         if depths and entry["fits"]:  # the host's deflation: once per update, then every solve
             sizes, columns = {"A": n_a, "G": n_g}, {"A": n_g, "G": n_a}
             for factor, k in depths.items():
-                n = sizes[factor]
-                entry["thermo_s"] += price_host_gemms(deflation_gemms(n, int(k)), host).seconds
-                entry["thermo_s"] += applies * price_host_gemms(
-                    deflation_gemms(n, int(k), columns[factor]), host).seconds
-        decomposition = sum(price_digital(digital_method, n, device=host, precision=precision).seconds
-                            for n in (n_a, n_g))
-        apply = gemm_time(n_g, n_g, n_a, host, precision) + gemm_time(n_g, n_a, n_a, host, precision)
-        entry["digital_s"] += decomposition + applies * apply * (2 if digital_method == "eigh" else 1)
+                per_update, per_solve = deflation_host_seconds(sizes[factor], int(k), columns[factor], host)
+                entry["thermo_s"] += per_update
+                entry["thermo_s"] += applies * per_solve
+        entry["digital_s"] += (decomposition_seconds(digital_method, (n_a, n_g), host, precision)
+                               + applies * preconditioning_seconds(digital_method, n_a, n_g, host, precision))
     rows = []
     for entry in layers.values():
         thermo_s = entry["thermo_s"] if entry["fits"] else None

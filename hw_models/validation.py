@@ -17,6 +17,16 @@ import torch
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
+#: Converter and coupling resolution: a signed ``b``-bit converter has ``2^(b-1) - 1`` levels per
+#: side, so ``b >= 2`` for a single level; 32 bits is beyond any analog converter.
+MIN_BITS, MAX_BITS = 2, 32
+
+
+def check_bits(name: str, value: Any) -> int:
+    """Return ``value`` if it is an integer number of converter bits in ``[MIN_BITS, MAX_BITS]``."""
+    return check_number(name, value, low=MIN_BITS, high=MAX_BITS, integer=True)
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``choices``, else raise listing the valid choices."""
     choices = tuple(choices)

@@ -26,136 +26,35 @@ Options given to a rule (``"auto:bits=8"``) configure its analog solver. The the
 solver built by a policy prices its reports on the policy's ``hardware`` / ``digital`` presets
 unless its spec sets ``device`` / ``host``.
 
-:class:`HardwarePricer` turns an assignment into predicted seconds per training step of the
-*all-digital* machine (every layer's curvature work on the digital preset) and of the *hybrid*
-machine (analog layers on the thermodynamic device, the rest digital), periodic work amortized
-over the preconditioner's ``factor_update_every`` / ``inverse_update_every``. An analog layer's
-hybrid time is its factor statistics plus exactly what its solver reported (prepare amortized,
-apply every step); nothing in this module prices hardware except through
-:mod:`hw_models.pricing`.
+This module holds the policy; by job, the rest lives beside it and is re-exported here:
+specs (:mod:`thermo_kfac.solver_spec`), the assignment table (:mod:`thermo_kfac.assignment`),
+the machines' predicted times (:class:`~thermo_kfac.hardware_pricer.HardwarePricer`) and the
+``auto`` solver (:mod:`thermo_kfac.solvers.auto`); a solver map as text is read by
+:func:`thermo_kfac.grammar.parse_solver_map` (:meth:`SolverPolicy.coerce`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hw_models import pricing
 from hw_models.cost import KFACSchedule
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.devices import DigitalDevice, ThermoDevice, digital_device, thermo_device
 from hw_models.units import format_seconds
 from hw_models.validation import check_number, check_positive
-from thermo_kfac.grammar import format_spec, parse_solver_map, parse_spec
-from thermo_kfac.layer_pricing import AutoSolver, price_digital_layer, price_layer
-from thermo_kfac.solvers.base import (
-    KFACSolver,
-    SolverFactory,
-    available_solvers,
-    registered_solver,
-    solver_factory,
-)
+from thermo_kfac.assignment import LayerAssignment, format_assignment
+from thermo_kfac.grammar import parse_solver_map
+from thermo_kfac.hardware_pricer import HardwarePricer
+from thermo_kfac.layer_pricing import price_layer
+from thermo_kfac.solver_spec import RULES, SolverSpec, is_analog
+from thermo_kfac.solvers.auto import AutoSolver
 
-#: Spec names that are rules resolved per layer rather than solvers.
-RULES = ("auto", "fits")
-
-
-@dataclass(frozen=True)
-class SolverSpec:
-    """One solver spec: a registered name (or rule) with options, or a solver class/instance."""
-
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-    solver: KFACSolver | type[KFACSolver] | None = None
-
-    @classmethod
-    def parse(cls, value: Any, options: Mapping[str, Any] | None = None) -> SolverSpec:
-        """Read ``"name[:key=value,...]"``, a dict ``{"solver": name, key: value}``, a solver
-        class or instance, or a :class:`SolverSpec`; ``options`` are merged in (spec wins)."""
-        extra = dict(options or {})
-        if isinstance(value, SolverSpec):
-            spec = value
-        elif isinstance(value, KFACSolver) or (isinstance(value, type) and issubclass(value, KFACSolver)):
-            spec = SolverSpec(value.name, {}, value)
-        elif isinstance(value, Mapping):
-            opts = {str(k).replace("-", "_"): v for k, v in value.items()}
-            name = opts.pop("solver", opts.pop("name", None))
-            if not isinstance(name, str):
-                raise ValueError(f"solver spec {dict(value)!r} needs a 'solver' key naming the solver "
-                                 f"({', '.join(_valid_names())})")
-            spec = SolverSpec(name.strip(), opts)
-        elif isinstance(value, str) and value.strip():
-            spec = SolverSpec(*parse_spec(value, f"solver spec {value!r}: "))
-        else:
-            raise ValueError(f"solver spec {value!r} is not valid; use a solver name "
-                             f"({', '.join(_valid_names())}) with optional ':key=value,...', a dict "
-                             "{'solver': name, ...}, or a KFACSolver subclass or instance")
-        if spec.solver is None and spec.name not in RULES and spec.name not in available_solvers():
-            raise ValueError(f"solver={spec.name!r} is not valid; choose one of: "
-                             f"{', '.join(_valid_names())}")
-        if extra:
-            if spec.solver is not None and isinstance(spec.solver, KFACSolver):
-                raise ValueError("solver_options cannot be combined with a solver instance; "
-                                 "configure the instance instead")
-            spec = SolverSpec(spec.name, {**extra, **spec.options}, spec.solver)
-        return spec
-
-    @property
-    def is_rule(self) -> bool:
-        return self.solver is None and self.name in RULES
-
-    @property
-    def text(self) -> str:
-        """The spec as written on the command line (``thermo:bits=8``)."""
-        return format_spec(self.name, self.options)
-
-    def factory(self) -> SolverFactory:
-        """Per-layer solver factory (validates the options); rules have none."""
-        if self.is_rule:
-            raise ValueError(f"solver rule {self.name!r} is resolved per layer by a SolverPolicy")
-        return solver_factory(self.solver if self.solver is not None else self.name,
-                              self.options or None)
-
-    def solver_class(self) -> type[KFACSolver] | None:
-        if isinstance(self.solver, KFACSolver):
-            return type(self.solver)
-        if isinstance(self.solver, type):
-            return self.solver
-        return registered_solver(self.name)
-
-
-def _valid_names() -> list[str]:
-    return [*available_solvers(), *RULES]
-
-
-def is_analog(solver: KFACSolver) -> bool:
-    """Whether ``solver`` runs on the (simulated) thermodynamic device (:attr:`KFACSolver.analog`)."""
-    return solver.analog
-
-
-@dataclass(frozen=True)
-class LayerAssignment:
-    """The solver chosen for one layer and why."""
-
-    layer: str
-    module_type: str
-    factor_sizes: tuple[int, int]  # (n_A incl. bias column, n_G)
-    spec: SolverSpec
-    reason: str
-    label: str = ""  # the spec as chosen, before the policy's presets were filled in
-
-    @property
-    def solver(self) -> str:
-        return self.spec.name
-
-    @property
-    def text(self) -> str:
-        return self.label or self.spec.text
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "type": self.module_type, "factor_sizes": list(self.factor_sizes),
-                "solver": self.solver, "spec": self.text, "reason": self.reason}
+__all__ = ["RULES", "AutoSolver", "HardwarePricer", "LayerAssignment", "SolverPolicy", "SolverSpec",
+           "format_assignment", "is_analog"]
 
 
 @dataclass(frozen=True)
@@ -178,12 +77,12 @@ class SolverPolicy:
 
     rules: Any = ()
     default: Any = None
-    hardware: str | ThermoDevice = "chip"
-    digital: str | DigitalDevice = "h100"
+    hardware: str | ThermoDevice = DEFAULT_THERMO
+    digital: str | DigitalDevice = DEFAULT_DIGITAL
     analog: Any = "thermo"
     digital_solver: Any = "eigh"
-    kappa: float = 100.0
-    eps: float = 0.1
+    kappa: float = DEFAULT_KAPPA
+    eps: float = DEFAULT_EPS
     auto_margin: float = 0.2
     auto_patience: int = 2
 
@@ -330,97 +229,3 @@ class SolverPolicy:
         for option, preset in cls.preset_options.items():
             options.setdefault(option, presets[preset])
         return SolverSpec(spec.name, options) if options != spec.options else spec
-
-
-def format_assignment(assignments: Iterable[LayerAssignment],
-                      solvers: Mapping[str, KFACSolver] | None = None) -> str:
-    """A small terminal table: layer, type, factor sizes, solver spec, reason.
-
-    With ``solvers`` (``{layer: solver}``, e.g. from ``precond.layer_table``), an ``auto`` layer's
-    row shows its latest decision: measured kappa of A and G, predicted analog and digital seconds
-    per step and the current choice.
-    """
-    rows = [["layer", "type", "A x G", "solver", "why"]]
-    for a in assignments:
-        solver = (solvers or {}).get(a.layer)
-        text, why = a.text, a.reason
-        if isinstance(solver, AutoSolver):
-            text, why = solver.current.name, solver.describe()
-        rows.append([a.layer, a.module_type, f"{a.factor_sizes[0]} x {a.factor_sizes[1]}", text, why])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------ pricing
-class HardwarePricer:
-    """Predicted curvature seconds per training step of the all-digital and the hybrid machine.
-
-    Per layer, both machines pay the factor statistics (two GEMMs per factor update on the
-    digital preset). The all-digital machine adds the layer's digital solver work
-    (:func:`~thermo_kfac.layer_pricing.price_layer`: decompositions amortized over
-    ``inverse_every``, preconditioning GEMMs every step). The hybrid machine adds, for an analog
-    layer, exactly what its solver reported: ``prepare / inverse_every + apply`` (before the first
-    report: :func:`price_layer` with the solver's settings at the policy's nominal ``kappa``).
-    Model prices depend only on sizes, rows and settings, so they are cached.
-    """
-
-    def __init__(self, policy: SolverPolicy, schedule: KFACSchedule) -> None:
-        self.policy = policy
-        self.schedule = schedule
-        self._rows: dict[str, int] = {}
-        self._cache: dict[tuple, tuple[float, float]] = {}  # (statistics, digital solver work)
-        self._analog: dict[tuple, float | None] = {}  # model price of an analog layer, until it reports
-        self._reported: dict[str, list[float | None]] = {}
-
-    def observe_rows(self, rows: Mapping[str, int]) -> None:
-        """Rows of statistics per layer in a factor-update step (batch times positions)."""
-        for name, count in rows.items():
-            if count > 0:
-                self._rows[name] = int(count)
-
-    def observe_reports(self, reports: Mapping[str, Any]) -> None:
-        """Solver reports of one step (``"<layer>/prepare"``, ``"<layer>/apply"``)."""
-        for key, report in reports.items():
-            name, _, kind = key.rpartition("/")
-            seconds = getattr(report, "hardware_time_s", None)
-            slot = self._reported.setdefault(name, [None, None])
-            if kind == "prepare" and seconds is not None:
-                slot[0] = float(seconds)
-            elif kind == "apply":
-                slot[1] = None if seconds is None else float(seconds)
-
-    def layer_cost(self, name: str, solver: KFACSolver, n_a: int, n_g: int, has_bias: bool
-                   ) -> tuple[float, float]:
-        """``(all-digital seconds, hybrid seconds)`` per step of one layer."""
-        rows = self._rows.get(name, 1)
-        analog = is_analog(solver)
-        settings = solver.pricing_settings()
-        key = (name, rows, analog, tuple(sorted((k, str(v)) for k, v in settings.items())))
-        if key not in self._cache:
-            self._cache[key] = self._model_costs(settings, n_a, n_g, rows)
-        statistics, digital_s = self._cache[key]
-        if not analog:
-            return statistics + digital_s, statistics + digital_s
-        prepared, applied = self._reported.get(name, [None, None])
-        if prepared is not None or applied is not None:
-            analog_s = (prepared or 0.0) / self.schedule.inverse_every + (applied or 0.0)
-        else:  # no report yet (or a solver that reports none): the model price of its settings
-            if key not in self._analog:
-                self._analog[key] = price_layer(
-                    settings, settings["digital_method"], n_a, n_g, hardware=self.policy.hardware,
-                    digital=self.policy.digital, kappa=self.policy.kappa, eps=self.policy.eps,
-                    inverse_every=self.schedule.inverse_every, oversize="block",
-                    precision=self.schedule.precision)[0]
-            analog_s = self._analog[key] or 0.0
-        return statistics + digital_s, statistics + analog_s
-
-    def _model_costs(self, settings: Mapping[str, Any], n_a: int, n_g: int, rows: int
-                     ) -> tuple[float, float]:
-        host, prec = self.policy.digital, self.schedule.precision
-        statistics = (pricing.gemm_time(n_a, rows, n_a, host, prec)
-                      + pricing.gemm_time(n_g, rows, n_g, host, prec)) / self.schedule.factor_every
-        digital_s = price_digital_layer(settings["digital_method"], n_a, n_g, digital=host,
-                                        inverse_every=self.schedule.inverse_every, precision=prec)
-        return statistics, digital_s

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 from hw_models.devices import PRECISIONS, DigitalDevice, ThermoDevice
 from hw_models.langevin import error_model
+from hw_models.layer_cost import (
+    DIGITAL_METHODS,
+    analog_layer_ledger,
+    decomposition_seconds,
+    preconditioning_seconds,
+)
 from hw_models.pricing import (
     AnalogJob,
     Cost,
@@ -16,13 +22,11 @@ from hw_models.pricing import (
     SpectrumSummary,
     gemm_time,
     price,
-    price_digital,
     price_program,
 )
-from hw_models.validation import check_choice, check_number, check_positive
+from hw_models.validation import check_bits, check_choice, check_number, check_positive
 
 THERMO_METHODS = ("inverse", "solve", "best")
-DIGITAL_METHODS = ("eigh", "cholesky", "inverse")
 SWEEP_AXES = ("width", "kappa", "bits", "bandwidth", "eps", "tau", "units", "inverse_every", "precision")
 
 #: Bytes moved per parameter by one fused Adam update in fp32: read p, g, m, v; write p, m, v.
@@ -80,11 +84,9 @@ def digital_layer_cost(n_in: int, n_out: int, batch: int, *, device: DigitalDevi
     ledger = Ledger()
     _factor_accumulation(ledger, n_a, n_g, rows, device, schedule)
     method, prec = schedule.digital_method, schedule.precision
-    decomposition = (price_digital(method, n_a, device=device, precision=prec).seconds
-                     + price_digital(method, n_g, device=device, precision=prec).seconds)
+    decomposition = decomposition_seconds(method, (n_a, n_g), device, prec)
     ledger.add("decomposition", decomposition, decomposition * device.power_w, 1.0 / schedule.inverse_every)
-    pair = gemm_time(n_g, n_g, n_a, device, prec) + gemm_time(n_g, n_a, n_a, device, prec)
-    apply = pair * (2 if method == "eigh" else 1)
+    apply = preconditioning_seconds(method, n_a, n_g, device, prec)
     ledger.add("preconditioning", apply, apply * device.power_w)
     return ledger.cost(device=device.name, method=method, factor_sizes=(n_a, n_g))
 
@@ -98,7 +100,7 @@ def check_accuracy(kappa: float, eps: float, bits: int | None) -> None:
     check_number("kappa", kappa, low=1.0)
     check_number("eps", eps, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
     if bits is not None:
-        check_number("bits", bits, low=1, high=32, integer=True)
+        check_bits("bits", bits)
 
 
 def error_floor(n: int, kappa: float, bits: int) -> float:
@@ -107,7 +109,7 @@ def error_floor(n: int, kappa: float, bits: int) -> float:
     (:func:`hw_models.langevin.error_model.static_solve_error`'s coupling term)."""
     check_positive("n", n, integer=True)
     check_number("kappa", kappa, low=1.0)
-    check_number("bits", bits, low=2, high=32, integer=True)
+    check_bits("bits", bits)
     lam, w = SpectrumSummary.from_kappa(n, kappa).normalized_modes()
     return error_model.static_solve_error(lam, weights=w, solution_norm2=1.0, coupling_bits=bits)
 
@@ -193,33 +195,13 @@ def thermo_layer_cost(n_in: int, n_out: int, batch: int, *, kappa: float, eps: f
                                                           SpectrumSummary.from_kappa(n_g, kappa))
     ledger = Ledger()
     _factor_accumulation(ledger, n_a, n_g, rows, host, schedule)
-    target = None if window_tau is not None else eps
-    parts: list[Price]
-    if method == "inverse":
-        parts = [price(AnalogJob("inverse", n, spectrum=spec, window_tau=window_tau, target_eps=target,
-                                 burn_in_tau=burn_in_tau, bits=bits), device, host)
-                 for n, spec in ((n_a, spec_a), (n_g, spec_g))]
-        for part in parts:
-            ledger.merge(part, 1.0 / schedule.inverse_every)
-        apply = (gemm_time(n_g, n_g, n_a, host, schedule.precision)
-                 + gemm_time(n_g, n_a, n_a, host, schedule.precision))
-        ledger.add("preconditioning", apply, apply * host.power_w)
-    else:
-        parts = []
-        for n, n_rhs, spec in ((n_g, n_a, spec_g), (n_a, n_g, spec_a)):
-            job = AnalogJob("solve", n, n_rhs, spectrum=spec, window_tau=window_tau, target_eps=target,
-                            burn_in_tau=burn_in_tau, bits=bits, start=start)
-            fresh = price(job, device)
-            if resident:
-                kept = price(job.replace(resident=True), device)
-                ledger.merge(kept)
-                for key in fresh.breakdown_s:
-                    extra_s = fresh.breakdown_s[key] - kept.breakdown_s.get(key, 0.0)
-                    extra_j = fresh.breakdown_j[key] - kept.breakdown_j.get(key, 0.0)
-                    ledger.add(key, extra_s, extra_j, 1.0 / schedule.inverse_every)
-            else:
-                ledger.merge(fresh)
-            parts.append(fresh)
+    analog, parts = analog_layer_ledger(n_a, n_g, device=device, host=host,
+                                        spectra={"A": spec_a, "G": spec_g}, method=method, eps=eps,
+                                        window=window_tau, burn_in=burn_in_tau, start=start, bits=bits,
+                                        resident=resident, inverse_every=schedule.inverse_every,
+                                        precision=schedule.precision)
+    for key, seconds in analog.s.items():
+        ledger.add(key, seconds, analog.j[key])
     errors = [p.predicted_rel_error or 0.0 for p in parts]
     return ledger.cost(device=device.name, host=host.name, method=method, factor_sizes=(n_a, n_g),
                        approximate=any(p.info["approximate"] for p in parts),

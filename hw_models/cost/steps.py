@@ -21,6 +21,7 @@ from hw_models.cost.layers import (
     digital_layer_cost,
     thermo_layer_cost,
 )
+from hw_models.defaults import DEFAULT_EPS, DEFAULT_KAPPA
 from hw_models.devices import PRECISIONS, DigitalDevice, ThermoDevice
 from hw_models.pricing import (
     Cost,
@@ -28,7 +29,7 @@ from hw_models.pricing import (
     ThermoCapacityError,
     gemm_time,
 )
-from hw_models.validation import check_choice, check_number, check_positive
+from hw_models.validation import check_bits, check_choice, check_number, check_positive
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ class Scenario:
 
     digital: DigitalDevice
     thermo: ThermoDevice
-    kappa: float = 100.0
-    eps: float = 0.1
+    kappa: float = DEFAULT_KAPPA
+    eps: float = DEFAULT_EPS
     bits: int | None = None
     method: str = "best"
     schedule: KFACSchedule = KFACSchedule()
@@ -396,7 +397,7 @@ def sweep(axis: str, values: Sequence[float] | None, scenario: Scenario, *, work
         elif axis == "kappa":
             scen = scenario.replace(kappa=float(x))
         elif axis == "bits":
-            scen = scenario.replace(bits=check_number("bits", x, low=1, high=32, integer=True))
+            scen = scenario.replace(bits=check_bits("bits", x))
         elif axis == "eps":
             scen = scenario.replace(eps=float(x), analog_time=None, burn_in=None)
         elif axis == "tau":

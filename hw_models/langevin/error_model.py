@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from hw_models.langevin import laws
-from hw_models.validation import check_choice, check_number, check_positive
+from hw_models.validation import check_bits, check_choice, check_number, check_positive
 
 SOLVE_STARTS = ("zero", "gradient", "previous", "stationary")
 INVERSE_STARTS = ("zero", "stationary")
@@ -293,7 +293,7 @@ def _step_var(bits: int, span: float, rounding: str = "nearest") -> float:
     """Variance of one rounding error: ``step^2/12`` to nearest; ``step^2/6`` stochastic (the
     error ``f step`` w.p. ``1-f``, ``(f-1) step`` w.p. ``f`` has variance ``f(1-f) step^2``,
     whose mean over a uniform fraction ``f`` is ``step^2/6``)."""
-    check_number("bits", bits, low=2, high=32, integer=True)
+    check_bits("bits", bits)
     check_choice("rounding", rounding, ("nearest", "stochastic"))
     return (span / (2 ** (bits - 1) - 1)) ** 2 / (6.0 if rounding == "stochastic" else 12.0)
 

@@ -20,8 +20,9 @@ a fixed range, when most entries lie below half a step, or when many entries rep
 constant border pixels of an image data set give a block of equal entries), the rounding errors
 are coherent: they follow the matrix itself, and their norm is many times the independent-entry
 estimate (measured: 0.38 against 0.03 at n = 785). :attr:`Feasibility.coherent` flags the first
-regime. :func:`perturbation_model` (for a caller with summary statistics only, no matrix at hand;
-no pricing path uses it yet) has only the independent-entry estimate and is optimistic there.
+regime. :func:`perturbation_model` (for a caller with summary statistics only, no matrix at hand:
+:func:`hw_models.layer_cost.model_feasibility`) has only the independent-entry estimate and is
+optimistic there.
 """
 
 from __future__ import annotations

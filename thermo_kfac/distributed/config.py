@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hw_models.cost import NETWORKS
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.devices import digital_device, thermo_device
 from hw_models.validation import check_choice, check_number, check_positive
 
@@ -55,10 +56,10 @@ class DistributedConfig:
     fusion_network: str = "measured"
     average_gradients: bool | None = None
     bucket_mb: float = 25.0
-    digital: str = "h100"
-    thermo: str = "chip"
-    kappa: float = 100.0
-    eps: float = 0.1
+    digital: str = DEFAULT_DIGITAL
+    thermo: str = DEFAULT_THERMO
+    kappa: float = DEFAULT_KAPPA
+    eps: float = DEFAULT_EPS
     group: Any = None
 
     def __post_init__(self) -> None:

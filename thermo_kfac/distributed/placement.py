@@ -12,12 +12,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hw_models import pricing
+from hw_models import layer_cost
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.devices import digital_device, thermo_device
+from hw_models.spectrum import SpectrumSummary
 from hw_models.validation import check_choice, check_positive
 from thermo_kfac.distributed.config import ASSIGNMENT_RULES
 
-DIGITAL_SOLVE_METHODS = ("eigh", "cholesky", "inverse")
+DIGITAL_SOLVE_METHODS = layer_cost.DIGITAL_METHODS
 GRANULARITIES = ("layer", "factor")
 
 
@@ -54,18 +56,20 @@ class Placement:
                 "makespan_s": self.makespan_s}
 
 
-def layer_solve_tasks(layers: Iterable[tuple[str, int, int]], *, digital: str = "h100",
-                      thermo: str = "chip", method: str = "eigh", kappa: float = 100.0,
-                      eps: float = 0.1, bits: int | None = None,
+def layer_solve_tasks(layers: Iterable[tuple[str, int, int]], *, digital: str = DEFAULT_DIGITAL,
+                      thermo: str = DEFAULT_THERMO, method: str = "eigh", kappa: float = DEFAULT_KAPPA,
+                      eps: float = DEFAULT_EPS, bits: int | None = None,
                       granularity: str = "layer", analog_method: str = "solve") -> list[SolveTask]:
     """Predicted solve times of layers given as ``(name, size of A, size of G)``.
 
-    Digital: one ``method`` decomposition per factor (:func:`hw_models.pricing.price_digital`).
-    Analog, on the ``thermo`` device (:func:`hw_models.pricing.price`, the geometric model spectrum
-    at condition number ``kappa``, target accuracy ``eps``; ``inf`` where the factor does not fit),
-    by the thermodynamic solver's ``analog_method``: ``"solve"`` (its default) programs the factor
-    and runs one resident solve with the other factor's size of right-hand sides; ``"inverse"``
-    samples the inverse (SPD-KFAC's inversion tasks, what the ``placement`` command compares).
+    Digital: one ``method`` decomposition per factor (:func:`hw_models.layer_cost.decomposition_seconds`).
+    Analog, on the ``thermo`` device (the geometric model spectrum at condition number ``kappa``,
+    target accuracy ``eps``; ``inf`` where the factor does not fit), by the thermodynamic solver's
+    ``analog_method``: ``"solve"`` (its default) programs the factor and runs one resident solve
+    with the other factor's size of right-hand sides; ``"inverse"`` samples the inverse (SPD-KFAC's
+    inversion tasks, what the ``placement`` command compares). Per factor, these are the
+    prepare-time halves of :func:`hw_models.layer_cost.analog_layer_seconds` (one
+    inverse update's work; preconditioning is not part of the solve phase).
     ``granularity="layer"``: one task per layer (both factors, as one solver prepares them);
     ``"factor"``: one task per factor (``name/A``, ``name/G``), the 2L inversion tasks that SPD-KFAC
     places.
@@ -75,21 +79,13 @@ def layer_solve_tasks(layers: Iterable[tuple[str, int, int]], *, digital: str = 
     check_choice("analog_method", analog_method, ("solve", "inverse"))
     host = digital_device(digital)
     device = thermo_device(thermo)
+    device = device if bits is None else device.replace(bits=bits)
 
     def times(n: int, n_rhs: int) -> tuple[float, float]:
         check_positive("factor size", n, integer=True)
-        try:
-            if analog_method == "inverse":
-                job = pricing.AnalogJob("inverse", n, kappa=kappa, target_eps=eps, bits=bits)
-                analog = pricing.price(job, device, host).seconds
-            else:
-                job = pricing.AnalogJob("solve", n, n_rhs, kappa=kappa, target_eps=eps, bits=bits,
-                                        resident=True)
-                analog = (pricing.price_program(n, device, bits=bits).seconds
-                          + pricing.price(job, device, host).seconds)
-        except pricing.ThermoCapacityError:
-            analog = math.inf  # the factor does not fit: it stays digital
-        return pricing.price_digital(method, n, device=host).seconds, analog
+        analog = layer_cost.analog_factor_seconds(n, n_rhs, device=device, host=host, method=analog_method,
+                                                  spectrum=SpectrumSummary.from_kappa(n, kappa), eps=eps)
+        return layer_cost.decomposition_seconds(method, (n,), host), math.inf if analog is None else analog
 
     tasks = []
     for name, n_a, n_g in layers:

@@ -34,6 +34,7 @@ from hw_models.cost import (
     step_cost,
     sweep,
 )
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.devices import (
     DIGITAL_PRESETS,
     OPS,
@@ -475,17 +476,19 @@ def register(subparsers: Any) -> None:
     proj.add_argument("--input-dtype", choices=["float", "long"], default="float",
                       help="input dtype of the meta forward pass (long for token ids)")
     proj.add_argument("--batch", type=int, default=None, help="examples per step (default: the workload's)")
-    proj.add_argument("--hardware", default="chip", metavar="PRESET",
+    proj.add_argument("--hardware", default=DEFAULT_THERMO, metavar="PRESET",
                       help=f"thermodynamic device preset: {', '.join(THERMO_PRESETS)}")
-    proj.add_argument("--digital", default="h100", metavar="PRESET",
+    proj.add_argument("--digital", default=DEFAULT_DIGITAL, metavar="PRESET",
                       help=f"digital device preset: {', '.join(DIGITAL_PRESETS)} (cpu = measured host)")
     proj.add_argument("--calibration", default=None, metavar="PATH",
                       help="calibration JSON for the cpu/cuda presets (default: the preset's file)")
     proj.add_argument("--method", choices=THERMO_METHODS, default="best",
                       help="thermodynamic method: invert the factors, solve with the gradient as "
                            "right-hand side, or the cheaper per layer")
-    proj.add_argument("--kappa", type=float, default=100.0, help="condition number of the damped factors")
-    proj.add_argument("--eps", type=float, default=0.1, help="target relative error of analog results")
+    proj.add_argument("--kappa", type=float, default=DEFAULT_KAPPA,
+                      help="condition number of the damped factors")
+    proj.add_argument("--eps", type=float, default=DEFAULT_EPS,
+                      help="target relative error of analog results")
     proj.add_argument("--bits", type=int, default=None,
                       help="coupling, DAC and ADC bits, all three (default: each the device's own; the "
                            "JSON lists them under assumptions.converter_bits)")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_EPS, DEFAULT_KAPPA, DEFAULT_THERMO
 from hw_models.validation import check_choice, check_positive
 from hw_models.workloads import WORKLOADS, workload
 from thermo_kfac.distributed import (
@@ -31,8 +32,9 @@ from thermo_kfac.experiments._io import atomic_write, int_list
 
 
 def simulate(models: Sequence[str] = ("resnet50",), ranks: Sequence[int] = (8, 16, 64),
-             analog_units: Sequence[int] = (0,), *, digital: str = "h100", thermo: str = "chip",
-             method: str = "eigh", kappa: float = 100.0, eps: float = 0.1,
+             analog_units: Sequence[int] = (0,), *, digital: str = DEFAULT_DIGITAL,
+             thermo: str = DEFAULT_THERMO, method: str = "eigh", kappa: float = DEFAULT_KAPPA,
+             eps: float = DEFAULT_EPS,
              bits: int | None = None, granularity: str = "factor") -> dict[str, Any]:
     """Round-robin vs balanced makespan for every model, rank count and analog units per rank."""
     if not models or not ranks or not analog_units:
@@ -157,16 +159,19 @@ def register(subparsers: Any) -> None:
                         help="rank counts (default 8,16,64)")
     parser.add_argument("--analog-units", type=int_list, default=[0], metavar="K,K,...",
                         help="thermodynamic solver units per rank (default 0)")
-    parser.add_argument("--digital", default="h100", help="digital preset of every rank (default h100)")
-    parser.add_argument("--thermo", default="chip",
-                        help="thermodynamic preset of an analog unit (default chip)")
+    parser.add_argument("--digital", default=DEFAULT_DIGITAL,
+                        help=f"digital preset of every rank (default {DEFAULT_DIGITAL})")
+    parser.add_argument("--thermo", default=DEFAULT_THERMO,
+                        help=f"thermodynamic preset of an analog unit (default {DEFAULT_THERMO})")
     parser.add_argument("--method", default="eigh", choices=DIGITAL_SOLVE_METHODS,
                         help="digital decomposition (default eigh)")
     parser.add_argument("--granularity", default="factor", choices=GRANULARITIES,
                         help="factor: 2L tasks, one per Kronecker factor (as SPD-KFAC); layer: one per "
                              "layer, as thermo-kfac train places them (default factor)")
-    parser.add_argument("--kappa", type=float, default=100.0, help="condition number for analog times (100)")
-    parser.add_argument("--eps", type=float, default=0.1, help="analog accuracy target (0.1)")
+    parser.add_argument("--kappa", type=float, default=DEFAULT_KAPPA,
+                        help=f"condition number for analog times ({DEFAULT_KAPPA:g})")
+    parser.add_argument("--eps", type=float, default=DEFAULT_EPS,
+                        help=f"analog accuracy target ({DEFAULT_EPS:g})")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot")
     parser.set_defaults(func=run_placement)

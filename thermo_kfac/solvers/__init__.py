@@ -1,5 +1,6 @@
 """Per-layer solvers for K-FAC's damped Kronecker systems (see :mod:`thermo_kfac.solvers.base`)."""
 
+from thermo_kfac.solvers.auto import AutoSolver
 from thermo_kfac.solvers.base import (
     Damping,
     KFACSolver,
@@ -22,6 +23,7 @@ from thermo_kfac.solvers.randomized import (
 from thermo_kfac.solvers.thermodynamic import ThermodynamicSolver
 
 __all__ = [
+    "AutoSolver",
     "CGSolver",
     "CholeskySolver",
     "Damping",

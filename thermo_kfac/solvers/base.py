@@ -155,6 +155,9 @@ class KFACSolver(ABC):
         ``ideal``, ``converters`` (the converter bits, ranges, rails, mismatch and read noise the
         simulator runs with), ``input_scale`` and the warm-start reload (``warm_start``,
         ``held_states``, ``reload_bits``; each call's ``reloaded_values`` are in its report).
+        ``thermo_device`` (the device object it simulates) is what it is priced on; a solver that
+        deflates adds ``deflate``, ``max_deflate``, ``target_error``, ``max_analog_time`` and
+        ``feasibility_margin``, and :mod:`hw_models.layer_cost` prices it by its own rule.
         """
         return {"digital_method": self.digital_method}
 

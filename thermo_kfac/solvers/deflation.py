@@ -24,18 +24,21 @@ three ``n x k x m`` products per solve (``U^T b``, ``U c``, the output projectio
 
 from __future__ import annotations
 
+__all__ = ["AUTO_DEPTHS", "OVERSAMPLE", "POWER_ITERATIONS", "Deflated", "apply_gemms", "auto_depths",
+           "deflate", "prepare_gemms"]
+
 from dataclasses import dataclass
 
 import torch
 
 from hw_models import pricing
+from hw_models.layer_cost import AUTO_DEPTHS, auto_depths
 from thermo_kfac.solvers.randomized import top_eigenpairs
 
-#: Deflation depths ``deflate="auto"`` tries, in order (each capped by ``max_deflate``).
-AUTO_DEPTHS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
-#: Oversampling and power iterations of the eigenpair sketch.
-OVERSAMPLE = 8
-POWER_ITERATIONS = 2
+#: Oversampling and power iterations of the eigenpair sketch (stated with its host GEMMs in
+#: :mod:`hw_models.pricing`; the depths ``deflate="auto"`` tries are :data:`AUTO_DEPTHS`).
+OVERSAMPLE = pricing.DEFLATION_OVERSAMPLE
+POWER_ITERATIONS = pricing.DEFLATION_POWER_ITERATIONS
 
 
 @dataclass
@@ -91,12 +94,3 @@ def prepare_gemms(n: int, k: int) -> list[tuple[int, int, int]]:
 def apply_gemms(n: int, k: int, m: int) -> list[tuple[int, int, int]]:
     """The GEMM shapes deflation adds to one solve with ``m`` right-hand sides."""
     return pricing.deflation_gemms(n, k, m)
-
-
-def auto_depths(n: int, max_deflate: int, start: int = 0) -> list[int]:
-    """The depths ``deflate="auto"`` tries for a size-``n`` factor, from the one before ``start``
-    (a factor that needed ``k`` last time rarely needs much less)."""
-    depths = [k for k in AUTO_DEPTHS if k <= min(max_deflate, n - 1)]
-    if start in depths:
-        depths = depths[max(depths.index(start) - 1, 0):]
-    return depths

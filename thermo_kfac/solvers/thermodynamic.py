@@ -38,6 +38,7 @@ from hw_models.devices import NOISE_FIELDS, digital_device, thermo_device
 from hw_models.langevin import AnalogConfig, ProgrammedMatrix, program, solve_programmed
 from hw_models.langevin import inverse as analog_inverse
 from hw_models.langevin.feasibility import DEFAULT_MARGIN, feasibility
+from hw_models.layer_cost import DEFAULT_DIGITAL, DEFAULT_THERMO, preconditioning_seconds
 from hw_models.noise import abs_max, read_out
 from hw_models.validation import check_choice, check_number, check_positive
 from thermo_kfac.solvers.base import Damping, KFACSolver, SolverFailure, SolverReport, register_solver
@@ -57,7 +58,7 @@ from thermo_kfac.solvers.thermo_device import (
     reload_start,
     result_info,
 )
-from thermo_kfac.solvers.thermo_pricing import ThermoPricing
+from thermo_kfac.solvers.thermo_pricing import PRICED_OPTIONS, ThermoPricing
 
 __all__ = ["LAMBDA_SAFETY", "ThermodynamicSolver", "lambda_max_estimate"]
 
@@ -67,7 +68,7 @@ WARM_STARTS = ("auto", "previous", "gradient", "zero")
 
 
 @register_solver
-class ThermodynamicSolver(ThermoPricing, KFACSolver):
+class ThermodynamicSolver(KFACSolver):
     """K-FAC solver backed by the thermodynamic-processor simulator (see the module docs).
 
     Options (:attr:`option_names`, the keys of the CLI's ``kfac:solver=thermo,key=value`` specs)
@@ -91,7 +92,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
     def __init__(self, method: str = "solve", analog_time: float | str | None = None, burn_in: float = 10.0,
                  kappa0: float | None = None, dt: float | str = "auto",
                  integrator: str = "analytic", backend: str = "torch", bits: int | None = None,
-                 device: str = "chip", host: str = "h100", seed: int = 0,
+                 device: str = DEFAULT_THERMO, host: str = DEFAULT_DIGITAL, seed: int = 0,
                  warm_start: str = "auto", track_exact: bool = False, jacobi: bool = False,
                  power_iterations: int = 20, dynamics: str = "overdamped", mass: float = 1.0,
                  friction: float = 1.0, residual_every: int = 10, ideal: bool = False,
@@ -187,10 +188,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         self.depths: dict[str, int] = {}  # per factor: the deflation depth of the last prepare
         self.solve_order = ("G", "A")  # which factor apply() solves first (prepare() chooses)
         self._order_prev = "G"  # the order Y_prev (the first solve's output) was made in
-        # pricing: the programmed spectra of the last prepare and its priced jobs (pure functions
-        # of those and the device, so priced once per prepare)
-        self.spectra: dict[str, pricing.SpectrumSummary] = {}
-        self._prices: dict[tuple, pricing.Price] = {}
+        self.pricing = ThermoPricing(self.device, self.host, self.config, program=self._program,
+                                     settings={k: getattr(self, k) for k in PRICED_OPTIONS})
         self._measured: list[float | None] | None = None  # apply(): the law per call, actual RHS
 
     def prepare(self, A: torch.Tensor, G: torch.Tensor, damping: Damping) -> None:
@@ -200,16 +199,16 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         coupling bits make it indefinite); the previous preparation is then kept.
         """
         lam_a, lam_g = damping.split(A, G)
-        self._prices = {}
+        self.pricing.reset()
         if self.method == "solve":
             factors = {"A": self._setup(A, lam_a, "A", G.shape[0]),
                        "G": self._setup(G, lam_g, "G", A.shape[0])}
             # host: the lambda_max estimate, Jacobi, and the law's rounding-error norm (quantized
             # couplings only), then the deflation's products
             law = FEASIBILITY_ITERATIONS if self.noise.programs_couplings else 0
-            costs = [self._host_cost(f.P.shape[0], self.power_iterations + (2 if self.jacobi else 0) + law)
-                     for f in factors.values()]
-            costs += [self._gemm_cost(prepare_gemms(f.P.shape[0], f.k)) for f in factors.values()]
+            vectors = self.power_iterations + (2 if self.jacobi else 0) + law
+            costs = [self.pricing.host_cost(f.P.shape[0], vectors) for f in factors.values()]
+            costs += [self.pricing.gemm_cost(prepare_gemms(f.P.shape[0], f.k)) for f in factors.values()]
             kappas = []
             for f in factors.values():
                 lam = f.prog.eigenvalues
@@ -230,11 +229,11 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             self.solve_order = ("A", "G") if kappa["A"] > kappa["G"] else ("G", "A")
             info["solve_order"] = "".join(self.solve_order)
             info.update(self._programming_info(factors))
-            info["pricing"] = self._pricing_info(factors)
+            info["pricing"] = self.pricing.info(factors)
             self.last_report = _report(costs, info)
             return
         factors = {"A": self._factor(A, lam_a), "G": self._factor(G, lam_g)}
-        costs = [self._host_cost(f.P.shape[0], self.power_iterations + (2 if self.jacobi else 0))
+        costs = [self.pricing.host_cost(f.P.shape[0], self.power_iterations + (2 if self.jacobi else 0))
                  for f in factors.values()]
         results, inverses = [], []
         for key, f in factors.items():
@@ -248,12 +247,12 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 inv = f.d[:, None] * inv * f.d[None, :]
             inverses.append(inv)
             results.append(res)
-            self.spectra[key] = pricing.SpectrumSummary.from_matrix(f.P)
-            costs.append(self._price(key, "inverse", 1))
+            self.pricing.spectra[key] = pricing.SpectrumSummary.from_matrix(f.P)
+            costs.append(self.pricing.price(factors, key, "inverse", 1))
         self.A_inv, self.G_inv = inverses
         self.factors = factors  # for the residual and the exact reference
         info = result_info("inverse", results)
-        info["pricing"] = self._pricing_info(factors, [("A", "inverse", 1), ("G", "inverse", 1)])
+        info["pricing"] = self.pricing.info(factors, [("A", "inverse", 1), ("G", "inverse", 1)])
         self.last_report = _report(costs, info)
 
     def apply(self, grad: torch.Tensor) -> torch.Tensor:
@@ -269,8 +268,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             info = {"method": "inverse", "digital_apply": True}
             info.update(self._accuracy(grad, X, None))
             n_g, n_a = grad.shape
-            seconds = (pricing.gemm_time(n_g, n_g, n_a, self.host)
-                       + pricing.gemm_time(n_g, n_a, n_a, self.host))  # the two host GEMMs
+            seconds = preconditioning_seconds("inverse", n_a, n_g, self.host)  # the two host GEMMs
             self.last_report = _report([pricing.Cost(seconds, seconds * self.host.power_w,
                                                      {"preconditioning": seconds},
                                                      {"preconditioning": seconds * self.host.power_w})],
@@ -298,13 +296,13 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         self.Y_prev, self.X_prev, self._order_prev = Y, X, first
         n_g, n_a = fG.P.shape[0], fA.P.shape[0]
         m_g, m_a = grad.shape[1], grad.shape[0]
-        costs = [self._host_cost(n_g, 2 * m_g / n_g), self._host_cost(n_a, 2 * m_a / n_a),
-                 self._gemm_cost(apply_gemms(n_g, fG.k, m_g) + apply_gemms(n_a, fA.k, m_a))]
+        costs = [self.pricing.host_cost(n_g, 2 * m_g / n_g), self.pricing.host_cost(n_a, 2 * m_a / n_a),
+                 self.pricing.gemm_cost(apply_gemms(n_g, fG.k, m_g) + apply_gemms(n_a, fA.k, m_a))]
         columns = {"G": m_g, "A": m_a}
         jobs = [(first, "solve", columns[first]), (second, "solve", columns[second])]
         if self.analog_time > 0:
-            costs += [self._price(key, op, m) for key, op, m in jobs]
-            costs += [self._reload_cost(key, m, run["reloaded_values"])
+            costs += [self.pricing.price(self.factors, key, op, m) for key, op, m in jobs]
+            costs += [self.pricing.reload_cost(self.factors, key, m, run["reloaded_values"])
                       for (key, _, m), run in zip(jobs, (run1, run2), strict=True)
                       if run["reloaded_values"]]
         (res_g, run_g), (res_a, run_a) = ((res1, run1), (res2, run2))[:: 1 if first == "G" else -1]
@@ -318,7 +316,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
         x_norm, inv_rms = float(X.norm()), inverse_rms(self.factors[second])
         amp = float(Y.norm()) * inv_rms / x_norm if inv_rms and x_norm > 0 else 1.0
         info["error_amplification"] = amp
-        info["pricing"] = self._pricing_info(self.factors, jobs if self.analog_time > 0 else [],
+        info["pricing"] = self.pricing.info(self.factors, jobs if self.analog_time > 0 else [],
                                              self._measured, amplification=amp)
         if self.overlap:  # return the previous call's solve; this one is used next time
             fresh, X = X, (X if self.X_stale is None else self.X_stale)
@@ -342,12 +340,15 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
         factors = state.pop("factors", None)
-        self.spectra, self._prices = {}, {}
+        self.pricing.reset(spectra=True)
         if factors is not None:  # programmed lazily from (P, seed): bit-identical to the original
             self.factors = {k: DeviceFactor(**{**v, "defl": None if v.get("defl") is None
                                                  else Deflated(**v["defl"])})
                             for k, v in factors.items()}
         super().load_state_dict(state)
+
+    def pricing_settings(self) -> dict[str, Any]:  # what the cost model needs: ThermoPricing.settings
+        return self.pricing.settings(self.factors)
 
     # ---------------------------------------------------------------------------- internals
     def _config(self, key: str | None = None) -> AnalogConfig:
@@ -409,10 +410,10 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                     raise SolverFailure(f"thermo solver (layer {self.layer_index}): factor {key} "
                                         f"cannot be programmed ({reason})") from err
                 continue
-            self.spectra[key] = dataclasses.replace(
+            self.pricing.spectra[key] = dataclasses.replace(
                 pricing.SpectrumSummary.from_eigenvalues(f.prog.eigenvalues[0]),
                 max_coupling=f.max_coupling)
-            reachable = (self.auto_window or self.deflate == "auto") and self._choose_window(f, key, n_rhs)
+            reachable = (self.auto_window or self.deflate == "auto") and self.pricing.plan(f, key, n_rhs)
             if reachable or last or self.deflate != "auto":
                 self.depths[key] = k
                 return f
@@ -449,7 +450,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 continue
             out["programmed_lambda_max"].append(float(f.prog.eigenvalues[:, -1].max()))
             out["max_coupling"].append(float(f.prog.A_hw.abs().amax()))
-        out["converters"] = self.converters()
+        out["converters"] = self.pricing.converters()
         return out
 
     def _solve(self, f: DeviceFactor, key: str, B: torch.Tensor, x0: torch.Tensor | None):
@@ -509,7 +510,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                     x0n = torch.where(far, 0.0, x0n)
                 else:
                     far = torch.zeros(x0n.shape[1], dtype=torch.bool, device=x0n.device)
-                x0n, run["reloaded_values"] = self._reload(f, x0n, ~far, r_eff)
+                x0n, run["reloaded_values"] = reload_start(f, x0n, ~far, self.noise, self._next_seed(), r_eff)
             elif self.warm_start == "gradient" and f.d is None:
                 rhs_scale, x0n = f.c, None  # x0n = c Rn: the loaded input itself, no product
             cols = end_columns(f, Rn.shape[1], self.device.units) if self.warm_start == "previous" else None
@@ -519,7 +520,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                                    input_error=self._measured is not None)
             Yn = res.x
             if self._measured is not None:  # the law on this call's actual inputs and start
-                self._measured.append(self._call_error(f, res, Rn, torch.where(sent, r_eff, 0.0),
+                self._measured.append(self.pricing.call_error(f, res, Rn, torch.where(sent, r_eff, 0.0),
                                                        x0n, rhs_scale))
             dg = res.diagnostics
             err, resid = predicted_error(prog.eigenvalues[0], dg, self.noise, f.max_coupling)
@@ -544,10 +545,6 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
 
     def _input_scale(self, f: DeviceFactor, prog: ProgrammedMatrix, n: int) -> float:
         return input_scale(f, prog.eigenvalues[0], n, self.noise.state_range)
-
-    def _reload(self, f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, r_eff: torch.Tensor
-                ) -> tuple[torch.Tensor, int]:
-        return reload_start(f, x0n, resend, self.noise, self._next_seed(), r_eff)
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor,
                   predicted: float | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_THERMO
 from thermo_kfac.data import Dataset
 from thermo_kfac.models import build_model
 
@@ -41,7 +42,8 @@ def base_step_seconds(model: str, model_options: dict[str, Any], data: Dataset, 
     try:
         work = workload_from_module(net, name=model, batch=min(batch_size, len(data.x_train)),
                                     input_shape=data.input_shape, input_dtype=dtype)
-        cost = step_cost(work, Scenario(digital=digital_device(digital), thermo=thermo_device("chip")))
+        scenario = Scenario(digital=digital_device(digital), thermo=thermo_device(DEFAULT_THERMO))
+        cost = step_cost(work, scenario)
     except ValueError:
         return None
     return float(cost.adam_s)
@@ -57,11 +59,11 @@ def add_predicted_times(results: dict[str, Any], model: str, model_options: dict
     kfac = [r for r in runs if any("predicted_digital_s" in h for h in r["history"])]
     if not kfac:
         return
-    default = kfac[0]["options"].get("digital", "h100")
+    default = kfac[0]["options"].get("digital", DEFAULT_DIGITAL)
     bases: dict[str, float | None] = {}
     for run in runs:
         if run in kfac:
-            preset = run["options"].get("digital", "h100")
+            preset = run["options"].get("digital", DEFAULT_DIGITAL)
         elif run["optimizer"] in FIRST_ORDER:
             preset = default
         else:

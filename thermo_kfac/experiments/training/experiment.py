@@ -294,8 +294,8 @@ def unique_labels(labels: list[str]) -> list[str]:
 def _print_assignments(runners: list[TrainingRun], after: bool = False) -> None:
     """The solver per layer; ``after`` training: only runs with ``auto`` layers, with each one's
     last decision (measured kappa, predicted analog/digital times, choice)."""
-    from thermo_kfac.layer_pricing import AutoSolver
     from thermo_kfac.policy import format_assignment
+    from thermo_kfac.solvers.auto import AutoSolver
 
     for runner in runners:
         precond = runner.preconditioner

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_THERMO
 from thermo_kfac.distributed import DistributedConfig, DistributedKFAC, is_distributed
 from thermo_kfac.experiments.training.options import (
     ADAPTIVE,
@@ -83,8 +84,8 @@ def build_optimizer(spec: OptimizerSpec, model: nn.Module, options: dict[str, An
         raise ValueError(f"solver_map cannot be combined with curvature={curvature!r}: the "
                          "Kronecker-SVD curvatures use their own solver on every layer")
     rules = parse_solver_map(options["solver_map"]) if options.get("solver_map") else ()
-    policy = SolverPolicy(rules=rules, hardware=options.get("hardware", "chip"),
-                          digital=options.get("digital", "h100"))
+    policy = SolverPolicy(rules=rules, hardware=options.get("hardware", DEFAULT_THERMO),
+                          digital=options.get("digital", DEFAULT_DIGITAL))
     precond = KFACPreconditioner(
         model, loss=loss, reduction="mean", fisher_type=options["fisher_type"],
         damping=options["damping"], pi_damping=options["pi_damping"],

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hw_models.defaults import DEFAULT_DIGITAL, DEFAULT_THERMO
 from hw_models.devices import DIGITAL_PRESETS, THERMO_PRESETS
 from hw_models.validation import check_choice, check_number
 from thermo_kfac.capture import KFAC_APPROXIMATIONS
@@ -157,7 +158,8 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adam": {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
     "kfac": {"base": "sgd", **BASE_OPTIMIZER_DEFAULTS["sgd"], "weight_decay": 0.0, "beta1": 0.9,
              "beta2": 0.999, "eps": 1e-8, **KFAC_DEFAULTS, "factor_dtype": "float32", "solver_map": None,
-             "hardware": "chip", "digital": "h100", "kfac_approx": "expand", "curvature": "kfac"},
+             "hardware": DEFAULT_THERMO, "digital": DEFAULT_DIGITAL, "kfac_approx": "expand",
+             "curvature": "kfac"},
 }
 # AdaFisher: the authors' defaults (lr, beta, lambda, T_cov = 100, EMA pair of their code).
 OPTIMIZER_DEFAULTS["adafisher"] = {"lr": 1e-3, "beta": 0.9, "gamma1": 0.92, "gamma2": 0.008, "damping": 1e-3,

@@ -29,8 +29,8 @@ from thermo_kfac.experiments.progress import LineThrottle, print_line, resolve_p
 from thermo_kfac.experiments.training.optimizers import build_optimizer
 from thermo_kfac.experiments.training.options import ADAPTIVE, LOSSES, OptimizerSpec
 from thermo_kfac.experiments.training.tensorboard import TensorBoardLogger
-from thermo_kfac.layer_pricing import AutoSolver
 from thermo_kfac.models import build_model
+from thermo_kfac.solvers.auto import AutoSolver
 from thermo_kfac.trace import TraceRecorder
 
 __all__ = ["MAX_EVAL_EXAMPLES", "WARMUP_STEPS", "TrainingRun", "evaluate", "loss_function",
