@@ -359,14 +359,14 @@ def _predicted(drawn: analytic.Draw, var_sum: float, copies: int) -> dict[str, n
     """Relative bias and variance of this very solve (exact for its input and start; copies
     averaged: bias over copies, variance / copies), per system."""
     k = drawn.bias2.shape[0] // copies
-    bias2 = diagnostics.copy_mean(drawn.bias2.double().cpu().numpy(), k, copies)
-    ref = diagnostics.copy_mean(drawn.xstar2.double().cpu().numpy(), k, copies)
+    # one transfer for the four per-system sums
+    sums = torch.stack([drawn.bias2, drawn.xstar2, drawn.resid2, drawn.b2]).double().cpu().numpy()
+    bias2, ref, resid2, b2 = (diagnostics.copy_mean(row, k, copies) for row in sums)
     m = drawn.mean.shape[-1]
     var = np.full(k, m * var_sum / copies)
     ref = np.maximum(ref, 1e-300)
     bias, std = np.sqrt(bias2 / ref), np.sqrt(var / ref)
-    resid2 = diagnostics.copy_mean(drawn.resid2.double().cpu().numpy(), k, copies)
-    b2 = np.maximum(diagnostics.copy_mean(drawn.b2.double().cpu().numpy(), k, copies), 1e-300)
+    b2 = np.maximum(b2, 1e-300)
     return {"predicted_bias": bias, "predicted_variance": std,
             "predicted_rel_error": np.hypot(bias, std), "predicted_residual": np.sqrt(resid2 / b2),
             "solution_norm2": ref / max(m, 1)}
