@@ -12,11 +12,13 @@ does not model. Before drawing, :func:`draw` checks the trajectory: the mean pat
 geometric grid up to the run's end) plus ``RAIL_SIGMAS`` standard deviations per coordinate
 (the largest over the run, at its end:
 ``sum_k Q_ik^2 kappa0/lam_k (1 - exp(-2 lam_k s))``). When that reaches ``R`` the law is not valid and
-:func:`draw` returns ``None``: the caller then runs the clipping ``"exact"`` integrator instead
-(``range_fallback`` in the diagnostics). A run whose bound ``|x*| + |Q| |d|`` (valid at every
-time) plus the margin stays inside passes at once; otherwise the grid check is a screen, not a
-proof: an excursion between grid points, or a thermal one beyond 4 sigma, is not caught (a
-thermal excursion that brief moves the time average by little). Callers that want the fast law
+:func:`draw` returns ``None``: the caller then runs the clipping integrator of
+:mod:`hw_models.langevin.clipping` on the columns at risk instead (``range_fallback`` in the
+diagnostics). A run whose bound ``|x*| + |Q| |d|`` (valid at every time) plus the margin stays
+inside passes at once; otherwise :func:`hw_models.langevin.clipping.columns_at_risk` bounds the
+mean path per mode on every interval between the check times (conservative: an excursion between
+check points is caught); only a thermal excursion beyond 4 sigma is not (one that brief moves the
+time average by little). Callers that want the fast law
 keep the state well inside the rails by scaling their input (the thermodynamic solver does).
 """
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hw_models.langevin import laws
+from hw_models.langevin import clipping, laws
 
 #: Thermal standard deviations added to the mean path in the rail check.
 RAIL_SIGMAS = 4.0
@@ -73,7 +75,7 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
         # the run is the end's: sum_k Q_ik^2 kappa0/lam_k (1 - exp(-2 lam_k s)) for coordinate i
         coord_sd = torch.sqrt((Q * Q) @ t(var_end))
         end = burn_in + window
-        times = tuple(sorted({0.0, *(min(v, end) for v in RAIL_TIMES)}))
+        times = tuple(sorted({0.0, *(min(v, end) for v in RAIL_TIMES), end}))
     return Law(lam=t(lam), w=t(w), sd=t(np.sqrt(var)), decay=t(decay), gain=t(gain),
                end_sd=t(end_sd), var_sum=float(np.mean(np.sum(var, axis=1))), coord_sd=coord_sd,
                rail_times=times)
@@ -82,8 +84,9 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
 def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor,
                  state_range: float) -> bool:
     """Whether the run stays inside ``+-state_range`` (module docs): the mean path
-    ``x* + Q exp(-Lambda t) d`` at the check times :data:`RAIL_TIMES` (scaled to the run's end)
-    plus ``RAIL_SIGMAS`` standard deviations per coordinate (their largest over the run)."""
+    ``x* + Q exp(-Lambda t) d`` over the whole run (bounded between the check times
+    :data:`RAIL_TIMES` and the run's end) plus ``RAIL_SIGMAS`` standard deviations per coordinate
+    (their largest over the run)."""
     assert law.coord_sd is not None
     margin = RAIL_SIGMAS * law.coord_sd
     # Bounds over the whole run first (one or two products, where the screen below takes one per
@@ -95,11 +98,9 @@ def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor
         return True
     if float(xstar.add_(Q.abs() @ d.abs()).amax()) <= state_range:
         return True
-    for t in law.rail_times:
-        path = ustar + torch.exp(-law.lam * t) * d
-        if float(((Q @ path).abs_() + margin).amax()) > state_range:
-            return False
-    return True
+    # between check points too: the mean path bounded per mode on every interval (clipping module)
+    end = law.rail_times[-1] if law.rail_times else 0.0
+    return not bool(clipping.columns_at_risk(law.lam, Q, ustar, d, margin, state_range, end).any())
 
 
 @dataclass
