@@ -1,6 +1,7 @@
 """The device side of the thermo solver: a factor as programmed (:class:`DeviceFactor`), the
 ``lambda_max`` estimate of its scaling, input ranging against the rails, the end states the
-device's units hold between calls and the DAC reload of the others, and the predicted error.
+device's units hold between calls (:class:`UnitBank`: one set per unit, time-shared by the factors
+placed there) and the DAC reload of the others, and the predicted error.
 (See ``docs/thermodynamic_kfac.md``; :mod:`thermo_kfac.solvers.thermodynamic` uses these.)"""
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class DeviceFactor:
     held: torch.Tensor | None = None  # end states the device units hold (device units, (n, h))
     held_cols: torch.Tensor | None = None  # and which right-hand-side columns they belong to
     held_r: torch.Tensor | None = None  # and those columns' input scale r/s when they were held
+    held_seq: int = 0  # the unit's hold event that wrote them (UnitBank: valid while the latest)
     peak: float | None = None  # last read-out peak |y| per unit input scale (input ranging)
     scale: float = 1.0  # last input scale s
     defl: Any = None  # the deflated top modes (thermo_kfac.solvers.deflation.Deflated) or None
@@ -61,7 +63,8 @@ class DeviceFactor:
         defl = None if self.defl is None else {"U": self.defl.U, "L": self.defl.L, "lam": self.defl.lam,
                                                 "residual": self.defl.residual}
         return {"M": self.M, "P": self.P, "c": self.c, "d": self.d, "seed": self.seed,
-                "held": self.held, "held_cols": self.held_cols, "held_r": self.held_r, "peak": self.peak,
+                "held": self.held, "held_cols": self.held_cols, "held_r": self.held_r,
+                "held_seq": self.held_seq, "peak": self.peak,
                 "scale": self.scale, "defl": defl, "lambda_min": self.lambda_min,
                 "window": self.window, "burn_in": self.burn_in, "max_coupling": self.max_coupling}
 
@@ -171,16 +174,66 @@ def input_scale(f: DeviceFactor, lam: np.ndarray, n: int, rails: float | None) -
     return min(1.0, RANGE_TARGET * rails / peak) if peak > 0 else 1.0
 
 
+class UnitBank:
+    """The end states the device's units hold between calls: ONE set per unit, written by the last
+    factor solved on it (factors placed on the same unit time-share it, so a factor's held states
+    survive only until another factor runs there). Shared by the solvers of one preconditioner
+    (``KFACSolver.shared``). Each hold is an event numbered in order; a factor's held states are
+    valid while its event is its unit's latest."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.latest: dict[int, int] = {}  # unit -> its latest hold event
+
+    def hold(self, unit: int) -> int:
+        """Record a hold on ``unit``; returns its event number."""
+        self.seq += 1
+        self.latest[int(unit)] = self.seq
+        return self.seq
+
+    def holds(self, unit: int, seq: int) -> bool:
+        """Whether ``unit`` still holds what event ``seq`` wrote (an unknown unit does: a resumed
+        factor's states, until :meth:`observe` or a hold says otherwise)."""
+        return seq > 0 and self.latest.get(int(unit), seq) == seq
+
+    def observe(self, unit: int, seq: int) -> None:
+        """A resumed factor's hold event: the unit's latest is the newest one seen."""
+        if seq > 0:
+            self.latest[int(unit)] = max(self.latest.get(int(unit), 0), seq)
+            self.seq = max(self.seq, seq)
+
+
+def unit_bank(shared: dict[str, Any], device: Any) -> UnitBank:
+    """The :class:`UnitBank` of ``device`` in a preconditioner's shared state (made on first use)."""
+    return shared.setdefault(f"thermo-units:{device.name}:{device.units}", UnitBank())
+
+
+def carry_over(old: dict[str, DeviceFactor], new: dict[str, DeviceFactor]) -> None:
+    """A new prepare's factors keep the ranging of the ``old`` ones of the same shape, and their
+    held end states only at the same scale ``c`` (a rescaled factor's are in stale units)."""
+    for key, f in new.items():
+        prev = old.get(key)
+        if prev is None or prev.P.shape != f.P.shape:
+            continue
+        if prev.c == f.c:
+            f.held, f.held_cols, f.held_r, f.held_seq = prev.held, prev.held_cols, prev.held_r, prev.held_seq
+        f.peak, f.scale = prev.peak, prev.scale
+
+
 def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise: NoiseConfig,
-                 seed: int, r_eff: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """The "previous" start as the device has it: the columns whose end state a unit still holds
-    continue from it; every other column in ``resend`` is re-sent by the host through the DAC
-    (quantized over the rails, stochastic rounding drawn from ``seed``), the rest start from 0.
-    Returns the start and the number of values re-sent."""
+                 seed: int, r_eff: torch.Tensor | None = None, bank: UnitBank | None = None,
+                 unit: int = 0) -> tuple[torch.Tensor, int]:
+    """The "previous" start as the device has it: the columns whose end state the factor's
+    ``unit`` still holds (by the ``bank``; without one, whatever the factor kept) continue from
+    it; every other column in
+    ``resend`` is re-sent by the host through the DAC (quantized over the rails, stochastic
+    rounding drawn from ``seed``), the rest start from 0. Returns the start and the number of
+    values re-sent."""
     gen = torch.Generator(device=x0n.device).manual_seed(int(seed))
     start, _ = load_state(x0n, noise, generator=gen)
     resend = resend.clone()
-    if f.held is not None and f.held_cols is not None and f.held.shape[0] == start.shape[0] \
+    held = bank is None or bank.holds(unit, f.held_seq)
+    if held and f.held is not None and f.held_cols is not None and f.held.shape[0] == start.shape[0] \
             and int(f.held_cols.max()) < start.shape[1]:
         held = f.held.to(start.dtype)
         if f.held_r is not None and r_eff is not None:  # into this call's units: x r_then / r_now
@@ -190,10 +243,11 @@ def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise
     return start, int(resend.sum()) * start.shape[0]
 
 
-def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int,
-                    r_eff: torch.Tensor | None = None) -> None:
-    """Keep the end states of the last round of columns, one per unit: the device runs the held
-    columns first in the next call, then the rest in order."""
+def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int, r_eff: torch.Tensor | None = None,
+                    bank: UnitBank | None = None, unit: int = 0) -> None:
+    """Keep the end states of the last ``units`` columns the factor's units ran (a factor is
+    placed on one ``unit``, which holds one: ``units=1``; the ``bank`` records the hold): the
+    device runs the held columns first in the next call, then the rest in order."""
     m = end.shape[1]
     held = [] if f.held_cols is None else [int(j) for j in f.held_cols if int(j) < m]
     taken = set(held)
@@ -201,6 +255,7 @@ def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int,
     last = torch.tensor(order[-min(units, m):], dtype=torch.long, device=end.device)
     f.held_cols, f.held = last, end[:, last].clone()
     f.held_r = None if r_eff is None else r_eff[last].clone()
+    f.held_seq = 0 if bank is None else bank.hold(unit)
 
 
 def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig,

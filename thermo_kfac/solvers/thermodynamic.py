@@ -46,6 +46,7 @@ from thermo_kfac.solvers.thermo_device import (
     FEASIBILITY_ITERATIONS,
     LAMBDA_SAFETY,
     DeviceFactor,
+    carry_over,
     combined,
     hold_end_states,
     input_scale,
@@ -55,6 +56,7 @@ from thermo_kfac.solvers.thermo_device import (
     predicted_error,
     reload_start,
     result_info,
+    unit_bank,
 )
 from thermo_kfac.solvers.thermo_pricing import ThermoPricing
 
@@ -212,12 +214,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 lam = f.prog.eigenvalues
                 kappas.append(float(lam[:, -1].max() / lam[:, 0].min()))
                 costs.append(pricing.price_program(f.P.shape[0], self.device, oversize="block"))
-            old = self.factors
-            for key, f in factors.items():  # ranging carries over; held end states only at the same c
-                if key in old and old[key].P.shape == f.P.shape:
-                    same = old[key].c == f.c
-                    f.held, f.held_cols = (old[key].held, old[key].held_cols) if same else (None, None)
-                    f.peak, f.scale = old[key].peak, old[key].scale
+            carry_over(self.factors, factors)  # ranging; held end states only at the same c
             self.factors = factors
             info = {"method": "solve", "programmed": True, "condition_number": kappas,
                     "scale": [f.c for f in factors.values()],
@@ -344,6 +341,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             self.factors = {k: DeviceFactor(**{**v, "defl": None if v.get("defl") is None
                                                  else Deflated(**v["defl"])})
                             for k, v in factors.items()}
+            for f in self.factors.values():  # the units' latest holds, as the device had them
+                unit_bank(self.shared, self.device).observe(self._unit(f)[1], f.held_seq)
         super().load_state_dict(state)
 
     # ---------------------------------------------------------------------------- internals
@@ -506,7 +505,8 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                     x0n = torch.where(far, 0.0, x0n)
                 else:
                     far = torch.zeros(x0n.shape[1], dtype=torch.bool, device=x0n.device)
-                x0n, run["reloaded_values"] = self._reload(f, x0n, ~far, r_eff)
+                x0n, run["reloaded_values"] = reload_start(f, x0n, ~far, self.noise, self._next_seed(),
+                                                           r_eff, *self._unit(f))
             elif self.warm_start == "gradient" and f.d is None:
                 rhs_scale, x0n = f.c, None  # x0n = c Rn: the loaded input itself, no product
             res = solve_programmed(prog, Rn, cfg, x0n, seed=self._next_seed(), x0_rhs_scale=rhs_scale,
@@ -522,7 +522,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                        range_fallback=dg["range_fallback"], predicted_rel_error=err,
                        predicted_residual=resid)
             if res.end_state is not None:
-                self._hold(f, res.end_state, r_eff)
+                hold_end_states(f, res.end_state, 1, r_eff, *self._unit(f))  # a unit holds one set
             peak = float(abs_max(Yn)) / scale
             f.peak = peak if math.isfinite(peak) and peak > 0 else f.peak
         f.scale = scale
@@ -540,12 +540,10 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
     def _input_scale(self, f: DeviceFactor, prog: ProgrammedMatrix, n: int) -> float:
         return input_scale(f, prog.eigenvalues[0], n, self.noise.state_range)
 
-    def _reload(self, f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, r_eff: torch.Tensor
-                ) -> tuple[torch.Tensor, int]:
-        return reload_start(f, x0n, resend, self.noise, self._next_seed(), r_eff)
-
-    def _hold(self, f: DeviceFactor, end: torch.Tensor, r_eff: torch.Tensor) -> None:
-        hold_end_states(f, end, self.device.units, r_eff)
+    def _unit(self, f: DeviceFactor) -> tuple[Any, int]:
+        """The device's unit bank (shared by the layers) and the unit factor ``f`` is placed on."""
+        return unit_bank(self.shared, self.device), int(self._placed(
+            "G" if self.factors.get("G") is f else "A").noise.unit)
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor,
                   predicted: float | None) -> dict[str, Any]:
