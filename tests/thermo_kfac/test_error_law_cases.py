@@ -74,7 +74,7 @@ def _held_factor(c: float) -> DeviceFactor:
     f.held = torch.arange(4.0, dtype=torch.float64)[:, None]
     f.held_cols = torch.tensor([2])
     f.held_r = torch.tensor([2.0], dtype=torch.float64)
-    f.held_seq, f.peak, f.scale = 3, 1.5, 0.5
+    f.peak, f.scale = 1.5, 0.5
     return f
 
 

@@ -1,12 +1,13 @@
 """The device side of the thermo solver: a factor as programmed (:class:`DeviceFactor`), the
 ``lambda_max`` estimate of its scaling, input ranging against the rails, the end states the
-device's units hold between calls (:class:`UnitBank`: one set per unit, time-shared by the factors
-placed there) and the DAC reload of the others, and the predicted error.
+device's units hold between calls (one set per unit, lost to another factor placed there:
+:func:`shares_unit`) and the DAC reload of the others, and the predicted error.
 (See ``docs/thermodynamic_kfac.md``; :mod:`thermo_kfac.solvers.thermodynamic` uses these.)"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,6 @@ class DeviceFactor:
     held: torch.Tensor | None = None  # end states the device units hold (device units, (n, h))
     held_cols: torch.Tensor | None = None  # and which right-hand-side columns they belong to
     held_r: torch.Tensor | None = None  # and those columns' input scale r/s when they were held
-    held_seq: int = 0  # the unit's hold event that wrote them (UnitBank: valid while the latest)
     peak: float | None = None  # last read-out peak |y| per unit input scale (input ranging)
     scale: float = 1.0  # last input scale s
     defl: Any = None  # the deflated top modes (thermo_kfac.solvers.deflation.Deflated) or None
@@ -63,8 +63,7 @@ class DeviceFactor:
         defl = None if self.defl is None else {"U": self.defl.U, "L": self.defl.L, "lam": self.defl.lam,
                                                 "residual": self.defl.residual}
         return {"M": self.M, "P": self.P, "c": self.c, "d": self.d, "seed": self.seed,
-                "held": self.held, "held_cols": self.held_cols, "held_r": self.held_r,
-                "held_seq": self.held_seq, "peak": self.peak,
+                "held": self.held, "held_cols": self.held_cols, "held_r": self.held_r, "peak": self.peak,
                 "scale": self.scale, "defl": defl, "lambda_min": self.lambda_min,
                 "window": self.window, "burn_in": self.burn_in, "max_coupling": self.max_coupling}
 
@@ -174,38 +173,19 @@ def input_scale(f: DeviceFactor, lam: np.ndarray, n: int, rails: float | None) -
     return min(1.0, RANGE_TARGET * rails / peak) if peak > 0 else 1.0
 
 
-class UnitBank:
-    """The end states the device's units hold between calls: ONE set per unit, written by the last
-    factor solved on it (factors placed on the same unit time-share it, so a factor's held states
-    survive only until another factor runs there). Shared by the solvers of one preconditioner
-    (``KFACSolver.shared``). Each hold is an event numbered in order; a factor's held states are
-    valid while its event is its unit's latest."""
+def shares_unit(layer_index: int, key: str, layers: Iterable[int], units: int,
+                fixed_unit: int | None = None) -> bool:
+    """Whether another analog factor is placed on the unit of factor ``key`` (``"G"``/``"A"``) of
+    layer ``layer_index``: G of layer ``i`` sits on unit ``2i mod units``, A on ``2i+1`` (or all
+    on ``fixed_unit``); ``layers`` are the analog layers' indices. The layers apply in turn every
+    step, so such a unit holds another factor's state whenever this one comes back to it: only a
+    factor alone on its unit continues from its own end state (one set per unit)."""
+    def unit(layer: int, k: str) -> int:
+        return fixed_unit if fixed_unit is not None else (2 * layer + (k == "A")) % units
 
-    def __init__(self) -> None:
-        self.seq = 0
-        self.latest: dict[int, int] = {}  # unit -> its latest hold event
-
-    def hold(self, unit: int) -> int:
-        """Record a hold on ``unit``; returns its event number."""
-        self.seq += 1
-        self.latest[int(unit)] = self.seq
-        return self.seq
-
-    def holds(self, unit: int, seq: int) -> bool:
-        """Whether ``unit`` still holds what event ``seq`` wrote (an unknown unit does: a resumed
-        factor's states, until :meth:`observe` or a hold says otherwise)."""
-        return seq > 0 and self.latest.get(int(unit), seq) == seq
-
-    def observe(self, unit: int, seq: int) -> None:
-        """A resumed factor's hold event: the unit's latest is the newest one seen."""
-        if seq > 0:
-            self.latest[int(unit)] = max(self.latest.get(int(unit), 0), seq)
-            self.seq = max(self.seq, seq)
-
-
-def unit_bank(shared: dict[str, Any], device: Any) -> UnitBank:
-    """The :class:`UnitBank` of ``device`` in a preconditioner's shared state (made on first use)."""
-    return shared.setdefault(f"thermo-units:{device.name}:{device.units}", UnitBank())
+    own = unit(layer_index, key)
+    return any(unit(j, k) == own for j in {*layers, layer_index} for k in "GA"
+               if (j, k) != (layer_index, key))
 
 
 def carry_over(old: dict[str, DeviceFactor], new: dict[str, DeviceFactor]) -> None:
@@ -216,15 +196,14 @@ def carry_over(old: dict[str, DeviceFactor], new: dict[str, DeviceFactor]) -> No
         if prev is None or prev.P.shape != f.P.shape:
             continue
         if prev.c == f.c:
-            f.held, f.held_cols, f.held_r, f.held_seq = prev.held, prev.held_cols, prev.held_r, prev.held_seq
+            f.held, f.held_cols, f.held_r = prev.held, prev.held_cols, prev.held_r
         f.peak, f.scale = prev.peak, prev.scale
 
 
 def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise: NoiseConfig,
-                 seed: int, r_eff: torch.Tensor | None = None, bank: UnitBank | None = None,
-                 unit: int = 0) -> tuple[torch.Tensor, int]:
-    """The "previous" start as the device has it: the columns whose end state the factor's
-    ``unit`` still holds (by the ``bank``; without one, whatever the factor kept) continue from
+                 seed: int, r_eff: torch.Tensor | None = None, held: bool = True) -> tuple[torch.Tensor, int]:
+    """The "previous" start as the device has it: the columns whose end state the factor's unit
+    still holds (``held``: no other factor ran there since, :func:`shares_unit`) continue from
     it; every other column in
     ``resend`` is re-sent by the host through the DAC (quantized over the rails, stochastic
     rounding drawn from ``seed``), the rest start from 0. Returns the start and the number of
@@ -232,7 +211,6 @@ def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise
     gen = torch.Generator(device=x0n.device).manual_seed(int(seed))
     start, _ = load_state(x0n, noise, generator=gen)
     resend = resend.clone()
-    held = bank is None or bank.holds(unit, f.held_seq)
     if held and f.held is not None and f.held_cols is not None and f.held.shape[0] == start.shape[0] \
             and int(f.held_cols.max()) < start.shape[1]:
         held = f.held.to(start.dtype)
@@ -243,11 +221,11 @@ def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise
     return start, int(resend.sum()) * start.shape[0]
 
 
-def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int, r_eff: torch.Tensor | None = None,
-                    bank: UnitBank | None = None, unit: int = 0) -> None:
+def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int,
+                    r_eff: torch.Tensor | None = None) -> None:
     """Keep the end states of the last ``units`` columns the factor's units ran (a factor is
-    placed on one ``unit``, which holds one: ``units=1``; the ``bank`` records the hold): the
-    device runs the held columns first in the next call, then the rest in order."""
+    placed on one unit, which holds one: ``units=1``): the device runs the held columns first in
+    the next call, then the rest in order."""
     m = end.shape[1]
     held = [] if f.held_cols is None else [int(j) for j in f.held_cols if int(j) < m]
     taken = set(held)
@@ -255,7 +233,6 @@ def hold_end_states(f: DeviceFactor, end: torch.Tensor, units: int, r_eff: torch
     last = torch.tensor(order[-min(units, m):], dtype=torch.long, device=end.device)
     f.held_cols, f.held = last, end[:, last].clone()
     f.held_r = None if r_eff is None else r_eff[last].clone()
-    f.held_seq = 0 if bank is None else bank.hold(unit)
 
 
 def predicted_error(lam: np.ndarray, dg: dict[str, Any], n: NoiseConfig,

@@ -56,7 +56,7 @@ from thermo_kfac.solvers.thermo_device import (
     predicted_error,
     reload_start,
     result_info,
-    unit_bank,
+    shares_unit,
 )
 from thermo_kfac.solvers.thermo_pricing import ThermoPricing
 
@@ -341,8 +341,6 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
             self.factors = {k: DeviceFactor(**{**v, "defl": None if v.get("defl") is None
                                                  else Deflated(**v["defl"])})
                             for k, v in factors.items()}
-            for f in self.factors.values():  # the units' latest holds, as the device had them
-                unit_bank(self.shared, self.device).observe(self._unit(f)[1], f.held_seq)
         super().load_state_dict(state)
 
     # ---------------------------------------------------------------------------- internals
@@ -506,7 +504,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                 else:
                     far = torch.zeros(x0n.shape[1], dtype=torch.bool, device=x0n.device)
                 x0n, run["reloaded_values"] = reload_start(f, x0n, ~far, self.noise, self._next_seed(),
-                                                           r_eff, *self._unit(f))
+                                                           r_eff, self._holds(f))
             elif self.warm_start == "gradient" and f.d is None:
                 rhs_scale, x0n = f.c, None  # x0n = c Rn: the loaded input itself, no product
             res = solve_programmed(prog, Rn, cfg, x0n, seed=self._next_seed(), x0_rhs_scale=rhs_scale,
@@ -522,7 +520,7 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
                        range_fallback=dg["range_fallback"], predicted_rel_error=err,
                        predicted_residual=resid)
             if res.end_state is not None:
-                hold_end_states(f, res.end_state, 1, r_eff, *self._unit(f))  # a unit holds one set
+                hold_end_states(f, res.end_state, 1, r_eff)  # its unit holds the last column's state
             peak = float(abs_max(Yn)) / scale
             f.peak = peak if math.isfinite(peak) and peak > 0 else f.peak
         f.scale = scale
@@ -540,10 +538,12 @@ class ThermodynamicSolver(ThermoPricing, KFACSolver):
     def _input_scale(self, f: DeviceFactor, prog: ProgrammedMatrix, n: int) -> float:
         return input_scale(f, prog.eigenvalues[0], n, self.noise.state_range)
 
-    def _unit(self, f: DeviceFactor) -> tuple[Any, int]:
-        """The device's unit bank (shared by the layers) and the unit factor ``f`` is placed on."""
-        return unit_bank(self.shared, self.device), int(self._placed(
-            "G" if self.factors.get("G") is f else "A").noise.unit)
+    def _holds(self, f: DeviceFactor) -> bool:
+        """Whether ``f``'s unit still holds its end state at its next solve (no other analog
+        factor of the preconditioner's layers is placed there; ``shared["analog_layers"]``)."""
+        return not shares_unit(self.layer_index, "G" if self.factors.get("G") is f else "A",
+                               self.shared.get("analog_layers", ()), self.device.units,
+                               self._placement.get("unit"))
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor,
                   predicted: float | None) -> dict[str, Any]:
