@@ -1,7 +1,8 @@
 """The error law at realistic width and the device state it relies on, each against an independent
 reference: a 257-wide layer on the chip preset (the exact damped solve), coupling quantization
-that moves the programmed spectrum (exact solves of the programmed matrix), and the held end
-states a new prepare keeps (the host-unit state they stand for)."""
+that moves the programmed spectrum (exact solves of the programmed matrix), the held end states
+a new prepare keeps (the host-unit state they stand for), and the simulator's result left in the
+device units it was returned in."""
 
 from __future__ import annotations
 
@@ -92,3 +93,27 @@ def test_held_end_states_survive_a_prepare_only_at_the_same_scale():
                             hm.NoiseConfig(), 0, r_eff=r_now)
     # the host-unit state: device value x r/s of the call that held it, whatever this call's r/s
     torch.testing.assert_close(start[:, 2] * r_now[2], old.held[:, 0] * old.held_r[0])
+
+
+def test_a_simulator_result_keeps_its_device_units(monkeypatch):
+    """The solver maps the simulator's result to host units in a new tensor: the result object
+    (inspected afterwards, e.g. by the law's per-call error) still holds what the device returned."""
+    import thermo_kfac.solvers.thermodynamic as thermodynamic
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        res = thermodynamic_solve(*args, **kwargs)
+        seen.append((res, res.x.clone()))
+        return res
+
+    thermodynamic_solve = thermodynamic.solve_programmed
+    monkeypatch.setattr(thermodynamic, "solve_programmed", spy)
+    gen = torch.Generator().manual_seed(0)
+    A, G = _factor(12, 0.2, gen), _factor(9, 0.2, gen)
+    solver = ThermodynamicSolver(seed=2, deflate=0)
+    solver.prepare(A, G, Damping(1e-2))
+    out = solver.apply(torch.randn(9, 12, generator=gen, dtype=torch.float64))
+    assert len(seen) == 2 and torch.isfinite(out).all()
+    for res, device_x in seen:
+        assert torch.equal(res.x, device_x)
