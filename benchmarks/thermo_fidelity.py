@@ -20,7 +20,7 @@ workload and layer the medians of measured and predicted error, the ratio's medi
 fraction, input scale, bits lost to ranging, saturated fraction and range fallbacks, and the
 pass/fail of the targets.
 
-    python benchmarks/thermo_fidelity.py [--steps 60] [--workloads digits,digits28] [--out result.json]
+    python benchmarks/thermo_fidelity.py [--steps 60 | --quick] [--workloads digits,digits28] [--out F]
 """
 
 from __future__ import annotations
@@ -158,12 +158,15 @@ def measure_digits28(steps: int, seed: int = 0) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="training steps per workload")
+    parser.add_argument("--quick", action="store_true", help="6 steps per workload (a smoke run)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--spec", default="kfac:solver=thermo,track_exact=true",
                         help="the digits workload's optimizer spec")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = min(args.steps, 6)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [w for w in args.workloads.split(",") if w]
