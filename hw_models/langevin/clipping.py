@@ -154,6 +154,7 @@ class ClippedRun:
     step_error: float
     tolerance: float
     step_ok: bool
+    columns: int = 0  # the columns it ran (set by a caller that ran only some)
 
 
 def _even(x: float) -> int:
@@ -202,7 +203,7 @@ def run_clipped(lam: np.ndarray, Q: torch.Tensor, P: torch.Tensor, ustar: torch.
         # a second-order scheme: the fine chain's error is about a third of the difference
         err = float((mean - coarse).norm(dim=1).amax()) / 3.0 if m else 0.0
         if err <= tol or not ok or dt is not None:
-            return ClippedRun(mean, end, sat, step, n_burn, n_avg, err, tol, err <= tol)
+            return ClippedRun(mean, end, sat, step, n_burn, n_avg, err, tol, err <= tol, m)
         h = step * min(0.7, max(0.125, 0.9 * math.sqrt(tol / err)))
 
 

@@ -254,6 +254,7 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
     end = None
     saturated = 0
     fallback = False
+    clip = None
     pred: dict[str, Any] = {}
     if integrator == "analytic":
         dt, n_burn, n_avg = None, 0, 0
@@ -318,6 +319,9 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
     law_d.update({key: diagnostics.per_system(v, prob.batched) for key, v in pred.items()})
     rails_d = diagnostics.rails(rails, saturated, (n_burn + n_avg) * int(Xbar.numel()), fallback,
                                 integrator)
+    if clip is not None:  # the clipping integrator's step against its rule, and the columns it ran
+        rails_d.update(rail_step_error=clip.step_error, rail_step_tolerance=clip.tolerance,
+                       rail_step_ok=clip.step_ok, clipped_columns=clip.columns)
     d = run.diagnostics(clipped_outputs=clipped_out, target=target, dt=dt,
                         n_steps=n_burn + n_avg, burn_in=burn, window=window, laws=law_d,
                         rails=rails_d, **errors)

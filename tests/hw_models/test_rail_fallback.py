@@ -136,6 +136,9 @@ def test_clipping_integrator_matches_fine_euler(backend):
     res = hm.solve(P, B, hm.AnalogConfig(integrator="exact", seed=2, noise=nz, backend=backend, **kw))
     gap = float((res.x.mean(1) - ref.x.mean(1)).norm())
     assert gap < 2e-3 * float(ref.x.mean(1).norm())
+    d = res.diagnostics
+    assert d["rail_step_ok"] and d["rail_step_error"] <= d["rail_step_tolerance"]
+    assert d["clipped_columns"] == 16
     assert res.diagnostics["saturated_fraction"] == pytest.approx(ref.diagnostics["saturated_fraction"],
                                                                   rel=0.05)
 
