@@ -270,6 +270,9 @@ class LayerTable(Mapping[str, LayerState]):
 
     def __init__(self) -> None:
         self._states: dict[str, LayerState] = {}
+        #: what the layers' solvers share (``KFACSolver.shared``): ``"analog_layers"``, the indices
+        #: of the layers on the analog device (their factors time-share its units)
+        self.shared: dict[str, Any] = {}
 
     def __getitem__(self, name: str) -> LayerState:
         try:
@@ -287,6 +290,10 @@ class LayerTable(Mapping[str, LayerState]):
         """Register a layer (the preconditioner's registration; names are unique)."""
         if name in self._states:
             raise ValueError(f"a layer named {name!r} is already registered; choose another name")
+        state.solver.shared = self.shared
+        analog = self.shared.setdefault("analog_layers", [])
+        if state.solver.analog and state.solver.layer_index not in analog:
+            analog.append(state.solver.layer_index)  # the layers placed on the analog device's units
         self._states[name] = state
 
     def owner_of(self, param: torch.Tensor) -> str | None:
@@ -347,6 +354,7 @@ class LayerTable(Mapping[str, LayerState]):
         """Give layer ``name`` a new solver (keeping its ``layer_index``); its fallback is dropped."""
         state = self[name]
         solver.layer_index = state.solver.layer_index
+        solver.shared = state.solver.shared
         state.solver = solver
         state.fallback = None
 

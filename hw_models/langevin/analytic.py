@@ -11,20 +11,21 @@ does not model. Before drawing, :func:`draw` checks that the mean path
 ``x(t) = x* + Q exp(-Lambda t) d`` (``d = Q^T x0 - u*``) plus ``RAIL_SIGMAS`` thermal standard
 deviations per coordinate (the largest over the run: the end's,
 ``sum_k Q_ik^2 kappa0/lam_k (1 - exp(-2 lam_k s))``) stays inside; when it cannot show that, the law
-is not valid and :func:`draw` returns ``None``: the caller then runs the clipping ``"exact"``
-integrator instead (``range_fallback`` in the diagnostics). The checks, cheapest first, each a
-bound valid at EVERY time (no excursion between check points escapes them):
+is not valid and :func:`draw` returns ``None``: the caller then runs the clipping integrator of
+:mod:`hw_models.langevin.clipping` on the columns at risk instead (``range_fallback`` in the
+diagnostics). The checks, cheapest first, each a bound valid at EVERY time (no excursion between
+check points escapes them; only a thermal excursion beyond 4 sigma is not caught, and one that
+brief moves the time average by little):
 
 1. the midpoint bound (:func:`midpoint_peak`): every ``exp(-lam_k t)`` lies in ``(0, 1]``, i.e.
    ``1/2 + delta_k`` with ``|delta_k| <= 1/2``, so
    ``|x_i(t)| <= |x* + x0|_i / 2 + (|Q| |d|)_i / 2``: two products, computed in bfloat16 where the
    hardware multiplies it fast (:func:`low_precision_dtype`), with the rounding of the operands and
    the result added to the bound, so the screen never passes a run the exact bound would fail;
-2. ``|x*| + ||d||`` and ``|x*| + |Q| |d|`` in the working precision (each a bound at every time:
-   ``0 < exp(-lam t) <= 1`` and the rows of ``Q`` have unit norm);
-3. the mean path at :data:`RAIL_TIMES` (a screen, not a proof: an excursion between those times,
-   or a thermal one beyond 4 sigma, is not caught; a brief excursion moves the time average by
-   little).
+2. ``|x*| + ||d||`` and ``|x*| + |Q| |d|`` in the working precision (``0 < exp(-lam t) <= 1`` and
+   the rows of ``Q`` have unit norm);
+3. :func:`hw_models.langevin.clipping.columns_at_risk`: the mean path bounded per mode on every
+   interval between the check times :data:`RAIL_TIMES` and the run's end.
 
 Callers that want the fast law keep the state well inside the rails by scaling their input (the
 thermodynamic solver does), and the midpoint bound then passes almost always.
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hw_models.langevin import laws
+from hw_models.langevin import clipping, laws
 
 #: Thermal standard deviations added to the mean path in the rail check.
 RAIL_SIGMAS = 4.0
@@ -109,7 +110,7 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
         # the run is the end's: sum_k Q_ik^2 kappa0/lam_k (1 - exp(-2 lam_k s)) for coordinate i
         coord_sd = torch.sqrt((Q * Q) @ t(var_end))
         end = burn_in + window
-        times = tuple(sorted({0.0, *(min(v, end) for v in RAIL_TIMES)}))
+        times = tuple(sorted({0.0, *(min(v, end) for v in RAIL_TIMES), end}))
         low = low_precision_dtype(Q.device.type)
         screen_Q = (Q if low is None else Q.to(low)).contiguous()
         screen_absQ = screen_Q.abs().contiguous()
@@ -167,11 +168,9 @@ def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor
         return True
     if float(xstar.add_(Q.abs() @ d.abs()).amax()) <= state_range:
         return True
-    for t in law.rail_times:
-        path = ustar + torch.exp(-law.lam * t) * d
-        if float(((Q @ path).abs_() + margin).amax()) > state_range:
-            return False
-    return True
+    # between check points too: the mean path bounded per mode on every interval (clipping module)
+    end = law.rail_times[-1] if law.rail_times else 0.0
+    return not bool(clipping.columns_at_risk(law.lam, Q, ustar, d, margin, state_range, end).any())
 
 
 @dataclass

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hw_models import noise as hw_noise
-from hw_models.langevin import analytic, diagnostics, laws, schedule
+from hw_models.langevin import analytic, clipping, diagnostics, laws, schedule
 from hw_models.langevin.backends import draw_seed, make_streams
 from hw_models.langevin.config import AnalogConfig, as_config, compute_device
 from hw_models.langevin.problem import Array, Problem, check_finite, prepare
@@ -266,6 +266,7 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
     end = None
     saturated = 0
     fallback = read_drawn = False
+    clip = None
     pred: dict[str, Any] = {}
     if integrator == "analytic":
         dt, n_burn, n_avg = None, 0, 0
@@ -286,8 +287,13 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
                 pred = _predicted(drawn, law.var_sum, c)
     if integrator != "analytic":
         dt, n_burn, n_avg = schedule.steps(cfg, window, dt0)
-        burn, window = n_burn * dt, n_avg * dt
         mode_var = None
+        if rails is not None and integrator == "exact":  # the clipping integrator, its own step
+            clip = _rail_run(run, spec, A_hw, B_hw, X0, window, rails, law if fallback else None)
+            Xbar, end, saturated = clip.mean, clip.end, clip.saturated
+            dt, n_burn, n_avg, burn = clip.dt, clip.n_burn, clip.n_avg, cfg.burn_in  # both exact
+        else:
+            burn, window = n_burn * dt, n_avg * dt
         if integrator == "euler":
             Xbar, end, saturated = run.backend.euler_mean(
                 A_hw, B_hw, X0, dt=dt, n_burn=n_burn, n_avg=n_avg, state_range=rails,
@@ -295,13 +301,7 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
             if spec.symmetric and not underdamped:
                 a, s = laws.euler_ar(lam, dt, cfg.kappa0)
                 mode_var = laws.discrete_average(a, s, a**n_burn, n_avg)[1]
-        elif rails is not None:
-            Q, ustar, U0 = _eigen_rhs(spec, B_hw, X0)
-            Xbar, end, saturated = run.backend.eig_mean_clipped(
-                schedule.mode_coefficients(cfg, lam, dt), Q, ustar,
-                (-ustar if U0 is None else U0).contiguous(), n_burn=n_burn, n_avg=n_avg,
-                state_range=rails)
-        else:
+        elif rails is None:
             Xbar, end = _exact_mean(run, spec, B_hw, X0, dt, n_burn, n_avg)
             if not underdamped:
                 a, _ = laws.od_transition(lam, dt, cfg.kappa0)
@@ -333,6 +333,9 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
     law_d.update({key: diagnostics.per_system(v, prob.batched) for key, v in pred.items()})
     rails_d = diagnostics.rails(rails, saturated, (n_burn + n_avg) * int(Xbar.numel()), fallback,
                                 integrator)
+    if clip is not None:  # the clipping integrator's step against its rule, and the columns it ran
+        rails_d.update(rail_step_error=clip.step_error, rail_step_tolerance=clip.tolerance,
+                       rail_step_ok=clip.step_ok, clipped_columns=clip.columns)
     d = run.diagnostics(clipped_outputs=clipped_out, target=target, dt=dt,
                         n_steps=n_burn + n_avg, burn_in=burn, window=window, laws=law_d,
                         rails=rails_d, **errors)
@@ -523,6 +526,43 @@ def _eigen_rhs(spec: Spectrum, B_hw: torch.Tensor, X0: torch.Tensor
     ustar = (Qt @ B_hw).div_(lam)
     U0 = None if not bool(X0.count_nonzero()) else (Qt @ X0).sub_(ustar)
     return Q, ustar, U0
+
+
+def _rail_run(run: _Run, spec: Spectrum, A_hw: torch.Tensor, B_hw: torch.Tensor, X0: torch.Tensor,
+              window: float, rails: float, law: analytic.Law | None) -> clipping.ClippedRun:
+    """The clipping integrator (:mod:`hw_models.langevin.clipping`, step chosen for the rails
+    unless ``dt`` is given). As the analytic law's fallback (``law``) it runs only the columns that
+    may reach the rails; the others take the law's draw."""
+    cfg = run.cfg
+    Q, ustar, U0 = _eigen_rhs(spec, B_hw, X0)
+    U0 = -ustar if U0 is None else U0
+    if law is None:
+        var = laws.od_time_average(spec.lam, cfg.burn_in, window, cfg.kappa0)[1]
+        var_sum = float(np.mean(np.sum(var, axis=1)))
+        risk = torch.ones(ustar.shape[-1], dtype=torch.bool, device=ustar.device)
+    else:
+        var_sum = law.var_sum
+        assert law.coord_sd is not None
+        risk = clipping.columns_at_risk(law.lam, Q, ustar, U0, analytic.RAIL_SIGMAS * law.coord_sd,
+                                        rails, cfg.burn_in + window)
+    cols = risk.nonzero().squeeze(1)
+
+    def normal(shape: tuple[int, ...]) -> torch.Tensor:
+        return run.backend.normal(shape, B_hw)
+
+    clip = clipping.run_clipped(spec.lam, Q, A_hw, ustar[..., cols], U0[..., cols], kappa0=cfg.kappa0,
+                                burn_in=cfg.burn_in, window=window, state_range=rails, normal=normal,
+                                var_sum=var_sum, dt=None if cfg.dt == "auto" else float(cfg.dt))
+    if law is not None and not bool(risk.all()):  # the law's draw for the columns clear of the rails
+        safe = (~risk).nonzero().squeeze(1)
+        drawn = analytic.draw(law, Q, B_hw[..., safe], normal, x0_eigen=ustar[..., safe] + U0[..., safe],
+                              want_end=True)
+        assert drawn is not None and drawn.end is not None
+        mean, end = torch.empty_like(ustar), torch.empty_like(ustar)
+        mean[..., cols], end[..., cols] = clip.mean, clip.end
+        mean[..., safe], end[..., safe] = drawn.mean, drawn.end
+        clip.mean, clip.end = mean, end
+    return clip
 
 
 def _exact_mean(run: _Run, spec: Spectrum, B_hw: torch.Tensor, X0: torch.Tensor, dt: float,

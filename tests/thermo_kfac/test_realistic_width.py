@@ -230,7 +230,7 @@ def test_held_end_states_are_converted_to_the_current_calls_units():
     f = DeviceFactor(M=torch.eye(n), P=torch.eye(n), c=1.0, d=None, seed=0)
     host = torch.randn(n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     r_then = torch.linspace(1.0, 2.0, m, dtype=torch.float64)
-    cols = end_columns(f, m, units=2)
+    cols = end_columns(f, m, units=2)  # two of the five columns
     hold_end_states(f, (host / r_then)[:, cols], cols, r_eff=r_then)  # device units of that call
     r_now = torch.linspace(0.5, 4.0, m, dtype=torch.float64)
     noise = hm.NoiseConfig()  # an ideal DAC: the reload adds nothing

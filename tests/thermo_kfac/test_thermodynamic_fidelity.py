@@ -113,8 +113,9 @@ def test_input_ranging_keeps_the_state_inside_the_rails():
 
 
 def test_previous_warm_start_continues_held_end_states_and_reloads_the_rest():
-    """The device holds one end state per unit (chip: 4 units): those columns continue from the
-    device's own state; every other column is re-sent through the DAC (counted for pricing)."""
+    """A factor is placed on one unit, which holds the end state of the last column it ran: that
+    column continues from the device's own state; every other column is re-sent through the DAC
+    (counted for pricing)."""
     A, G = _spd([1.0, 0.4, 0.2, 0.1, 0.05, 0.3], seed=5), _spd([1.0, 0.5, 0.25, 0.6, 0.2], seed=6)
     grad = torch.randn(5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     solver = ThermodynamicSolver(analog_time=2.0, burn_in=0.0, seed=3)
@@ -123,14 +124,14 @@ def test_previous_warm_start_continues_held_end_states_and_reloads_the_rest():
     assert solver.last_report.info["reloaded_values"] == [0, 0]  # the first call starts from 0
     units = hm.thermo_device("chip").units
     fG, fA = solver.factors["G"], solver.factors["A"]
-    assert fG.held_cols.tolist() == [2, 3, 4, 5] and fA.held_cols.tolist() == [1, 2, 3, 4]
-    assert fG.held.shape == (5, units) and fA.held.shape == (6, units)
+    assert fG.held_cols.tolist() == [5] and fA.held_cols.tolist() == [4]
+    assert fG.held.shape == (5, 1) and fA.held.shape == (6, 1)
     forgetful = copy.deepcopy(solver)  # the same device, but its units were reset
     for f in forgetful.factors.values():
         f.held = f.held_cols = None
     out = solver.apply(grad)
     out_reset = forgetful.apply(grad)
-    assert solver.last_report.info["reloaded_values"] == [5 * (6 - units), 6 * (5 - units)]
+    assert solver.last_report.info["reloaded_values"] == [5 * (6 - 1), 6 * (5 - 1)]
     assert forgetful.last_report.info["reloaded_values"] == [5 * 6, 6 * 5]
     assert not torch.allclose(out, out_reset)  # the held columns started elsewhere
     settings = solver.pricing_settings()

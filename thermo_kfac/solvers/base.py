@@ -112,6 +112,9 @@ class KFACSolver(ABC):
         #: Position of the layer this copy serves (set by the preconditioner), so that solvers
         #: drawing random numbers give every layer its own stream from one ``seed``.
         self.layer_index = 0
+        #: State the solvers of one preconditioner share (set by the preconditioner; a solver used
+        #: alone keeps its own): e.g. the thermo device's units, which the layers time-share.
+        self.shared: dict[str, Any] = {}
 
     def observe_batch(self, a_rows: torch.Tensor, g_rows: torch.Tensor) -> None:
         """The current step's rows, scaled so that ``a_rows.T @ a_rows`` and ``g_rows.T @ g_rows``

@@ -1,11 +1,13 @@
 """The device side of the thermo solver: a factor as programmed (:class:`DeviceFactor`), the
 ``lambda_max`` estimate of its scaling, input ranging against the rails, the end states the
-device's units hold between calls and the DAC reload of the others, and the predicted error.
+device's units hold between calls (one set per unit, lost to another factor placed there:
+:func:`shares_unit`) and the DAC reload of the others, and the predicted error.
 (See ``docs/thermodynamic_kfac.md``; :mod:`thermo_kfac.solvers.thermodynamic` uses these.)"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,16 +173,45 @@ def input_scale(f: DeviceFactor, lam: np.ndarray, n: int, rails: float | None) -
     return min(1.0, RANGE_TARGET * rails / peak) if peak > 0 else 1.0
 
 
+def shares_unit(layer_index: int, key: str, layers: Iterable[int], units: int,
+                fixed_unit: int | None = None) -> bool:
+    """Whether another analog factor is placed on the unit of factor ``key`` (``"G"``/``"A"``) of
+    layer ``layer_index``: G of layer ``i`` sits on unit ``2i mod units``, A on ``2i+1`` (or all
+    on ``fixed_unit``); ``layers`` are the analog layers' indices. The layers apply in turn every
+    step, so such a unit holds another factor's state whenever this one comes back to it: only a
+    factor alone on its unit continues from its own end state (one set per unit)."""
+    def unit(layer: int, k: str) -> int:
+        return fixed_unit if fixed_unit is not None else (2 * layer + (k == "A")) % units
+
+    own = unit(layer_index, key)
+    return any(unit(j, k) == own for j in {*layers, layer_index} for k in "GA"
+               if (j, k) != (layer_index, key))
+
+
+def carry_over(old: dict[str, DeviceFactor], new: dict[str, DeviceFactor]) -> None:
+    """A new prepare's factors keep the ranging of the ``old`` ones of the same shape, and their
+    held end states only at the same scale ``c`` (a rescaled factor's are in stale units)."""
+    for key, f in new.items():
+        prev = old.get(key)
+        if prev is None or prev.P.shape != f.P.shape:
+            continue
+        if prev.c == f.c:
+            f.held, f.held_cols, f.held_r = prev.held, prev.held_cols, prev.held_r
+        f.peak, f.scale = prev.peak, prev.scale
+
+
 def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise: NoiseConfig,
-                 seed: int, r_eff: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """The "previous" start as the device has it: the columns whose end state a unit still holds
-    continue from it; every other column in ``resend`` is re-sent by the host through the DAC
-    (quantized over the rails, stochastic rounding drawn from ``seed``), the rest start from 0.
-    Returns the start and the number of values re-sent."""
+                 seed: int, r_eff: torch.Tensor | None = None, held: bool = True) -> tuple[torch.Tensor, int]:
+    """The "previous" start as the device has it: the columns whose end state the factor's unit
+    still holds (``held``: no other factor ran there since, :func:`shares_unit`) continue from
+    it; every other column in
+    ``resend`` is re-sent by the host through the DAC (quantized over the rails, stochastic
+    rounding drawn from ``seed``), the rest start from 0. Returns the start and the number of
+    values re-sent."""
     gen = torch.Generator(device=x0n.device).manual_seed(int(seed))
     start, _ = load_state(x0n, noise, generator=gen)
     resend = resend.clone()
-    if f.held is not None and f.held_cols is not None and f.held.shape[0] == start.shape[0] \
+    if held and f.held is not None and f.held_cols is not None and f.held.shape[0] == start.shape[0] \
             and int(f.held_cols.max()) < start.shape[1]:
         held = f.held.to(start.dtype)
         if f.held_r is not None and r_eff is not None:  # into this call's units: x r_then / r_now
@@ -190,10 +221,10 @@ def reload_start(f: DeviceFactor, x0n: torch.Tensor, resend: torch.Tensor, noise
     return start, int(resend.sum()) * start.shape[0]
 
 
-def end_columns(f: DeviceFactor, m: int, units: int) -> torch.Tensor:
-    """The columns of an ``m``-column call whose end states the units hold afterwards: the last
-    round, one per unit (the device runs the held columns first, then the rest in order); only
-    their end states are simulated."""
+def end_columns(f: DeviceFactor, m: int, units: int = 1) -> torch.Tensor:
+    """The columns of an ``m``-column call whose end states the factor's units hold afterwards
+    (a factor is placed on one unit, which holds one: ``units=1``): the last round, the device
+    running the held columns first, then the rest in order; only their end states are simulated."""
     held = [] if f.held_cols is None else [int(j) for j in f.held_cols if int(j) < m]
     taken = set(held)
     order = held + [j for j in range(m) if j not in taken]

@@ -47,6 +47,7 @@ from thermo_kfac.solvers.thermo_device import (
     FEASIBILITY_ITERATIONS,
     LAMBDA_SAFETY,
     DeviceFactor,
+    carry_over,
     combined,
     end_columns,
     hold_end_states,
@@ -57,6 +58,7 @@ from thermo_kfac.solvers.thermo_device import (
     predicted_error,
     reload_start,
     result_info,
+    shares_unit,
 )
 from thermo_kfac.solvers.thermo_pricing import PRICED_OPTIONS, ThermoPricing
 
@@ -214,12 +216,7 @@ class ThermodynamicSolver(KFACSolver):
                 lam = f.prog.eigenvalues
                 kappas.append(float(lam[:, -1].max() / lam[:, 0].min()))
                 costs.append(pricing.price_program(f.P.shape[0], self.device, oversize="block"))
-            old = self.factors
-            for key, f in factors.items():  # ranging carries over; held end states only at the same c
-                if key in old and old[key].P.shape == f.P.shape:
-                    same = old[key].c == f.c
-                    f.held, f.held_cols = (old[key].held, old[key].held_cols) if same else (None, None)
-                    f.peak, f.scale = old[key].peak, old[key].scale
+            carry_over(self.factors, factors)  # ranging; held end states only at the same c
             self.factors = factors
             info = {"method": "solve", "programmed": True, "condition_number": kappas,
                     "scale": [f.c for f in factors.values()],
@@ -478,7 +475,7 @@ class ThermodynamicSolver(KFACSolver):
         sent = r > 0
         safe_r = torch.where(sent, r, 1.0)
         prog = self._program(f, key)
-        scale = self._input_scale(f, prog, R.shape[0])
+        scale = input_scale(f, prog.eigenvalues[0], R.shape[0], self.noise.state_range)
         r_eff = safe_r / scale  # the input entering the device is s * R / r
         Rn = R / r_eff
         run: dict[str, Any] = {"input_scale": scale, "snr_lost_db": -20.0 * math.log10(scale),
@@ -510,10 +507,11 @@ class ThermodynamicSolver(KFACSolver):
                     x0n = torch.where(far, 0.0, x0n)
                 else:
                     far = torch.zeros(x0n.shape[1], dtype=torch.bool, device=x0n.device)
-                x0n, run["reloaded_values"] = reload_start(f, x0n, ~far, self.noise, self._next_seed(), r_eff)
+                x0n, run["reloaded_values"] = reload_start(f, x0n, ~far, self.noise, self._next_seed(),
+                                                           r_eff, self._holds(f))
             elif self.warm_start == "gradient" and f.d is None:
                 rhs_scale, x0n = f.c, None  # x0n = c Rn: the loaded input itself, no product
-            cols = end_columns(f, Rn.shape[1], self.device.units) if self.warm_start == "previous" else None
+            cols = end_columns(f, Rn.shape[1]) if self.warm_start == "previous" else None
             res = solve_programmed(prog, Rn, cfg, x0n, seed=self._next_seed(), x0_rhs_scale=rhs_scale,
                                    rhs_absmax=torch.where(sent, scale, 0.0).to(Rn.dtype),
                                    end_state=cols is not None, end_cols=cols,
@@ -543,8 +541,12 @@ class ThermodynamicSolver(KFACSolver):
             f.cfg = cfg if f.window is None else cfg.replace(analog_time=f.window, burn_in=f.burn_in)
         return f.cfg
 
-    def _input_scale(self, f: DeviceFactor, prog: ProgrammedMatrix, n: int) -> float:
-        return input_scale(f, prog.eigenvalues[0], n, self.noise.state_range)
+    def _holds(self, f: DeviceFactor) -> bool:
+        """Whether ``f``'s unit still holds its end state at its next solve (no other analog
+        factor of the preconditioner's layers is placed there; ``shared["analog_layers"]``)."""
+        return not shares_unit(self.layer_index, "G" if self.factors.get("G") is f else "A",
+                               self.shared.get("analog_layers", ()), self.device.units,
+                               self._placement.get("unit"))
 
     def _accuracy(self, grad: torch.Tensor, X: torch.Tensor,
                   predicted: float | None) -> dict[str, Any]:
