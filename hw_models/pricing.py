@@ -518,7 +518,9 @@ def deflation_gemms(n: int, k: int, n_rhs: int | None = None, *, oversample: int
                     power_iterations: int = DEFLATION_POWER_ITERATIONS) -> list[tuple[int, int, int]]:
     """The host's ``(m, k, n)`` GEMM shapes of deflating ``k`` top modes of a size-``n`` factor:
     once per inverse update (``n_rhs=None``: randomized range, power iterations, Rayleigh-Ritz,
-    the remainder) or per solve with ``n_rhs`` columns (split, combine, output projection)."""
+    the remainder) or per solve with ``n_rhs`` columns (the split: ``U^T B`` and ``B - U C``; the
+    combination with the output's projection: ``U^T X`` and ``X + U (...)``, as
+    ``thermo_kfac.solvers.deflation.Deflated`` computes them)."""
     if k <= 0:
         return []
     if n_rhs is not None:

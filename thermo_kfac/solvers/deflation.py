@@ -57,7 +57,7 @@ class Deflated:
     def split(self, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U^T B, Pc B)``: the deflated coefficients and the remainder's right-hand side."""
         C = self.U.T @ B
-        return C, B - self.U @ C
+        return C, torch.addmm(B, self.U, C, alpha=-1.0)
 
     def project(self, X: torch.Tensor) -> torch.Tensor:
         """``Pc X``: the complement part of a (device) solution."""
@@ -65,7 +65,9 @@ class Deflated:
 
     def combine(self, C: torch.Tensor, X_rem: torch.Tensor) -> torch.Tensor:
         """``U (L + lam)^-1 C + Pc X_rem``: the full solution."""
-        return self.U @ (C / (self.L + self.lam)[:, None]) + self.project(X_rem)
+        # X_rem + U ((L + lam)^-1 C - U^T X_rem): one product with U instead of two, no temporary
+        coef = (C / (self.L + self.lam)[:, None]).sub_(self.U.T @ X_rem)
+        return torch.addmm(X_rem, self.U, coef)
 
 
 def deflate(F: torch.Tensor, k: int, lam: float, seed: int) -> tuple[Deflated | None, torch.Tensor]:
