@@ -70,16 +70,19 @@ class HardwarePricer:
         rows = self._rows.get(name, 1)
         analog = is_analog(solver)
         settings = solver.pricing_settings()
-        key = (name, rows, analog, tuple(sorted((k, str(v)) for k, v in settings.items())))
-        if key not in self._cache:
-            self._cache[key] = self._model_costs(settings, n_a, n_g, rows)
-        statistics, digital_s = self._cache[key]
+        # the digital side depends on the method and the shapes only (an analog solver's settings
+        # carry per-call values such as its input scales: keying on them missed every step)
+        digital_key = (rows, settings["digital_method"], n_a, n_g)
+        if digital_key not in self._cache:
+            self._cache[digital_key] = self._model_costs(settings, n_a, n_g, rows)
+        statistics, digital_s = self._cache[digital_key]
         if not analog:
             return statistics + digital_s, statistics + digital_s
         prepared, applied = self._reported.get(name, [None, None])
         if prepared is not None or applied is not None:
             analog_s = (prepared or 0.0) / self.schedule.inverse_every + (applied or 0.0)
         else:  # no report yet (or a solver that reports none): the model price of its settings
+            key = (name, rows, tuple(sorted((k, str(v)) for k, v in settings.items())))
             if key not in self._analog:
                 self._analog[key] = price_layer(
                     settings, settings["digital_method"], n_a, n_g, hardware=self.policy.hardware,

@@ -49,6 +49,9 @@ RAIL_SIGMAS = 4.0
 RAIL_TIMES = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 #: Unit roundoff of bfloat16 (8 significant bits): the rounding allowance of the screen products.
 BF16_ROUNDOFF = 2.0**-8
+#: Smallest size whose rail screen runs in bfloat16: below it the products are too small for the
+#: faster multiply to pay for the conversions.
+LOW_PRECISION_MIN = 256
 
 
 @functools.cache
@@ -88,6 +91,7 @@ class Law:
     resid_var: torch.Tensor | None = None  # (K,) sum_k lam_k^2 sd_k^2 (the variance's residual)
     screen_Q: torch.Tensor | None = None  # Q and |Q| in the screen's precision (rails)
     screen_absQ: torch.Tensor | None = None
+    one_minus_w: torch.Tensor | None = None  # 1 - w (K, n, 1)
 
 
 def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, kappa0: float,
@@ -111,7 +115,7 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
         coord_sd = torch.sqrt((Q * Q) @ t(var_end))
         end = burn_in + window
         times = tuple(sorted({0.0, *(min(v, end) for v in RAIL_TIMES), end}))
-        low = low_precision_dtype(Q.device.type)
+        low = low_precision_dtype(Q.device.type) if Q.shape[-1] >= LOW_PRECISION_MIN else None
         screen_Q = (Q if low is None else Q.to(low)).contiguous()
         screen_absQ = screen_Q.abs().contiguous()
     lam2 = lam**2
@@ -120,7 +124,7 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
                rail_times=times, lam2=torch.as_tensor(lam2, **opts),
                w2=torch.as_tensor(w**2, **opts),
                resid_var=torch.as_tensor(np.sum(lam2 * var, axis=1), **opts),
-               screen_Q=screen_Q, screen_absQ=screen_absQ)
+               screen_Q=screen_Q, screen_absQ=screen_absQ, one_minus_w=t(1.0 - w))
 
 
 def midpoint_peak(law: Law, ustar: torch.Tensor, d: torch.Tensor | None) -> float:
@@ -136,7 +140,7 @@ def midpoint_peak(law: Law, ustar: torch.Tensor, d: torch.Tensor | None) -> floa
     # Rounding allowances: each operand rounded once (u), the product accumulated (acc, relative to
     # |Q| |v|) and rounded (u); |Q| |v| is itself bounded by the |Q| product over (1 - 2u - acc).
     if d is None:  # a zero start: both products of u*, in place on one rounded copy
-        v = ustar.to(Qs.dtype)
+        v = ustar.to(Qs.dtype, copy=True)  # a copy even in the working precision: |.| in place
         a = (Qs @ v).abs_()
         b = absQ @ v.abs_()
         ca = 0.5 / (1.0 - u)
@@ -227,7 +231,7 @@ def draw(law: Law, Q: torch.Tensor, B_hw: torch.Tensor, normal: Callable[[tuple[
         end_noise = end_noise.clone()
     # the time average U = u* + w d + noise, in place on the noise
     if d is None:
-        U = noise.addcmul_(ustar, 1.0 - law.w)
+        U = noise.addcmul_(ustar, law.one_minus_w if law.one_minus_w is not None else 1.0 - law.w)
     else:
         U = noise.add_(ustar).addcmul_(law.w, d)
     end = None

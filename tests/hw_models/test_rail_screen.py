@@ -45,7 +45,9 @@ def test_midpoint_bound_is_never_below_the_mean_paths_peak(screen, start):
                                   screen_absQ=Q[None].to(dtype).abs().contiguous())
         ustar = (Q.T @ B) / lam.float()[:, None]
         d = None if start == "zero" else (Q.T @ x0) - ustar
+        before = ustar.clone()
         bound = analytic.midpoint_peak(law, ustar[None], None if d is None else d[None])
+        assert torch.equal(ustar, before)  # the screen leaves the solve's u* alone
         margin = analytic.RAIL_SIGMAS * law.coord_sd[0].double()
         ref = _brute_peak(Q, lam, ustar.double(), (-ustar if d is None else d).double(), margin, times)
         assert bound >= ref * (1 - 1e-6), (seed, bound, ref)
