@@ -297,3 +297,23 @@ def test_default_solver_is_priced_as_simulated_and_charges_its_reloads():
         # each re-sent value crosses the link once more at the simulated DAC width (independent
         # formula; the DAC is the input converter, 12 bits on the chip, not the 10-bit couplings)
         assert seconds == pytest.approx(values * chip.noise.input_bits / chip.io_bandwidth_bps, rel=1e-9)
+
+
+def test_auto_warm_start_is_zero_under_the_law_window_and_previous_under_a_fixed_one():
+    """``warm_start="auto"`` (the default): a zero start when the window comes from the law (the
+    law prices that start exactly; nothing is re-sent), the previous solution under a fixed window;
+    the priced start is the simulated one."""
+    A, G = _factors(3)
+    auto = ThermodynamicSolver()
+    fixed = ThermodynamicSolver(analog_time=20.0)
+    assert (auto.warm_start, fixed.warm_start) == ("zero", "previous")
+    assert auto.pricing_settings()["start"] == "zero" and fixed.pricing_settings()["start"] == "previous"
+    for solver in (auto, fixed):
+        solver.prepare(A, G, Damping(1e-2))
+        for _ in range(3):
+            solver.apply(torch.randn(16, 24, dtype=torch.float64))
+    assert sum(auto.last_report.info["reloaded_values"]) == 0
+    assert "reload" not in auto.last_report.info["hardware_breakdown_s"]
+    assert sum(fixed.last_report.info["reloaded_values"]) > 0
+    with pytest.raises(ValueError, match="'hot'"):
+        ThermodynamicSolver(warm_start="hot")
