@@ -17,6 +17,9 @@ diagnostics). The checks, cheapest first, each a bound valid at EVERY time (no e
 check points escapes them; only a thermal excursion beyond 4 sigma is not caught, and one that
 brief moves the time average by little):
 
+0. the log-norm bound (no product): with ``rate = min_i (2 P_ii - sum_j |P_ij|) > 0`` (a
+   diagonally dominant programmed matrix, e.g. a well-conditioned G factor),
+   ``||exp(-P t)||_inf <= exp(-rate t)``, so ``|x_i(t)| <= ||x0||_inf + ||b||_inf / rate``;
 1. the midpoint bound (:func:`midpoint_peak`): every ``exp(-lam_k t)`` lies in ``(0, 1]``, i.e.
    ``1/2 + delta_k`` with ``|delta_k| <= 1/2``, so
    ``|x_i(t)| <= |x* + x0|_i / 2 + (|Q| |d|)_i / 2``: two products, computed in bfloat16 where the
@@ -92,11 +95,13 @@ class Law:
     screen_Q: torch.Tensor | None = None  # Q and |Q| in the screen's precision (rails)
     screen_absQ: torch.Tensor | None = None
     one_minus_w: torch.Tensor | None = None  # 1 - w (K, n, 1)
+    rate: torch.Tensor | None = None  # (K,) min_i (2 P_ii - sum_j |P_ij|): the log-norm bound's
 
 
 def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, kappa0: float,
-             rails: bool) -> Law:
-    """The :class:`Law` of the programmed spectrum ``lam`` ``(K, n)`` with eigenvectors ``Q``."""
+             rails: bool, A: torch.Tensor | None = None) -> Law:
+    """The :class:`Law` of the programmed spectrum ``lam`` ``(K, n)`` with eigenvectors ``Q``
+    (``A``: the programmed matrices, for the rail check's log-norm bound)."""
     w, var = laws.od_time_average(lam, burn_in, window, kappa0)
     decay, var_end, cov = laws.od_end_state(lam, burn_in, window, kappa0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -107,7 +112,7 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(x, **opts).unsqueeze(-1)
 
-    coord_sd = screen_Q = screen_absQ = None
+    coord_sd = screen_Q = screen_absQ = rate = None
     times: tuple[float, ...] = ()
     if rails:
         # the state's variance grows monotonically from a given start, so its largest value over
@@ -118,13 +123,17 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
         low = low_precision_dtype(Q.device.type) if Q.shape[-1] >= LOW_PRECISION_MIN else None
         screen_Q = (Q if low is None else Q.to(low)).contiguous()
         screen_absQ = screen_Q.abs().contiguous()
+        if A is not None:  # 2 P_ii - sum_j |P_ij| = P_ii - sum_{j != i} |P_ij| for P_ii > 0
+            Ad = A.double()
+            rate = (2.0 * torch.diagonal(Ad, dim1=-2, dim2=-1) - Ad.abs().sum(dim=-1)).amin(dim=-1)
     lam2 = lam**2
     return Law(lam=t(lam), w=t(w), sd=t(np.sqrt(var)), decay=t(decay), gain=t(gain),
                end_sd=t(end_sd), var_sum=float(np.mean(np.sum(var, axis=1))), coord_sd=coord_sd,
                rail_times=times, lam2=torch.as_tensor(lam2, **opts),
                w2=torch.as_tensor(w**2, **opts),
                resid_var=torch.as_tensor(np.sum(lam2 * var, axis=1), **opts),
-               screen_Q=screen_Q, screen_absQ=screen_absQ, one_minus_w=t(1.0 - w))
+               screen_Q=screen_Q, screen_absQ=screen_absQ, one_minus_w=t(1.0 - w),
+               rate=rate)
 
 
 def midpoint_peak(law: Law, ustar: torch.Tensor, d: torch.Tensor | None) -> float:
@@ -155,11 +164,29 @@ def midpoint_peak(law: Law, ustar: torch.Tensor, d: torch.Tensor | None) -> floa
     return float(a.add_(b, alpha=0.5 / (1.0 - 3.0 * u - acc)).amax()) + margin
 
 
+def log_norm_peak(law: Law, b_max: torch.Tensor, x0_max: torch.Tensor | None) -> float | None:
+    """Check 0 of the module docs: ``max_i |x_i(t)|`` over the run is at most
+    ``||x0||_inf + ||b||_inf / rate`` per system (plus the thermal margin) when every programmed
+    matrix has ``rate > 0``; ``None`` otherwise. ``b_max``, ``x0_max``: ``(K,)`` abs-maxima."""
+    if law.rate is None or law.coord_sd is None or not bool((law.rate > 0).all()):
+        return None
+    peak = b_max.double().cpu() / law.rate.cpu()
+    if x0_max is not None:
+        peak = peak + x0_max.double().cpu()
+    return float(peak.max()) + RAIL_SIGMAS * float(law.coord_sd.amax())
+
+
 def within_rails(law: Law, Q: torch.Tensor, ustar: torch.Tensor, d: torch.Tensor | None,
-                 state_range: float) -> bool:
-    """Whether the run stays inside ``+-state_range`` (module docs: the three checks in turn).
-    ``d = None`` is a zero start (``d = -u*``)."""
+                 state_range: float, b_max: torch.Tensor | None = None,
+                 x0_max: torch.Tensor | None = None) -> bool:
+    """Whether the run stays inside ``+-state_range`` (module docs: the checks in turn).
+    ``d = None`` is a zero start (``d = -u*``); ``b_max`` (and for a start other than zero
+    ``x0_max``), ``(K,)``, enable the log-norm bound."""
     assert law.coord_sd is not None
+    if b_max is not None and (d is None or x0_max is not None):
+        peak = log_norm_peak(law, b_max, x0_max)
+        if peak is not None and peak <= state_range:
+            return True
     if midpoint_peak(law, ustar, d) <= state_range:
         return True
     if d is None:
@@ -220,8 +247,15 @@ def draw(law: Law, Q: torch.Tensor, B_hw: torch.Tensor, normal: Callable[[tuple[
         d = (Q.transpose(1, 2) @ x0).sub_(ustar)
     else:
         d = None
-    if state_range is not None and not within_rails(law, Q, ustar, d, state_range):
-        return None
+    if state_range is not None:
+        b_max = torch.maximum(B_hw.amax(dim=(-2, -1)), B_hw.amin(dim=(-2, -1)).neg())
+        x0_max = None
+        if x0 is not None and d is not None and x0_eigen is None and x0_rhs_scale is None:
+            x0_max = torch.maximum(x0.amax(dim=(-2, -1)), x0.amin(dim=(-2, -1)).neg())
+        elif x0_rhs_scale is not None:
+            x0_max = b_max * abs(x0_rhs_scale)
+        if not within_rails(law, Q, ustar, d, state_range, b_max=b_max, x0_max=x0_max):
+            return None
     fold = read_sd > 0 and not want_end
     noise = normal(tuple(ustar.shape)).mul_(law.sd.square().add(read_sd**2).sqrt_() if fold else law.sd)
     cols = None if end_cols is None else end_cols.to(ustar.device)

@@ -26,7 +26,9 @@ class TorchBackend:
         self.generator.manual_seed(key % 2**63)
 
     def normal(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, dtype=like.dtype, device=like.device)
+        from hw_models.langevin import torch_backend
+
+        return torch_backend.normal(shape, dtype=like.dtype, device=like.device, generator=self.generator)
 
     def euler_mean(self, A, B, X0, **kw) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         from hw_models.langevin import torch_backend

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hw_models import noise as hw_noise
-from hw_models.langevin import analytic, clipping, diagnostics, laws, schedule
+from hw_models.langevin import analytic, clipping, diagnostics, laws, schedule, torch_backend
 from hw_models.langevin.backends import draw_seed, make_streams
 from hw_models.langevin.config import AnalogConfig, as_config, compute_device
 from hw_models.langevin.problem import Array, Problem, check_finite, prepare
@@ -274,7 +274,7 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
         if underdamped:
             Xbar, mode_var = _underdamped_mean(run, spec, B_hw, X0, window)
         else:
-            law = _law(programmed, spec, cfg, window, rails is not None)
+            law = _law(programmed, spec, cfg, window, rails is not None, A_hw)
             drawn = analytic.draw(law, spec.Q, B_hw, lambda shape: run.backend.normal(shape, B_hw),
                                   x0=X0, want_end=end_state, state_range=rails,
                                   read_sd=float(cfg.noise.read_noise or 0.0))
@@ -347,10 +347,12 @@ def _solve_general(A: Array, B: Array, cfg: AnalogConfig, x0: Array | None, seed
 
 
 def _law(programmed: ProgrammedMatrix | None, spec: Spectrum, cfg: AnalogConfig, window: float,
-         rails: bool) -> analytic.Law:
-    """The analytic law of this setting (cached on a programmed matrix)."""
+         rails: bool, A_hw: torch.Tensor | None = None) -> analytic.Law:
+    """The analytic law of this setting (cached on a programmed matrix); ``A_hw``, the programmed
+    matrices, gives the rail check its log-norm bound."""
     def build() -> analytic.Law:
-        return analytic.make_law(spec.lam, spec.Q, cfg.burn_in, window, cfg.kappa0, rails)
+        return analytic.make_law(spec.lam, spec.Q, cfg.burn_in, window, cfg.kappa0, rails,
+                                 A=A_hw if rails else None)
 
     if programmed is None:
         return build()
@@ -404,11 +406,11 @@ def _solve_analytic(prog: ProgrammedMatrix, B: torch.Tensor, x0: torch.Tensor | 
     B_hw, clipped_in = hw_noise.load_inputs(B.unsqueeze(0), noise, copies=c, generator=gen,
                                             col_absmax=span)
     Q = prog.spectrum.Q
-    law = _law(prog, prog.spectrum, cfg, window, noise.state_range is not None)
+    law = _law(prog, prog.spectrum, cfg, window, noise.state_range is not None, prog.A_hw)
     X0 = None
     if x0 is not None and x0_eigen is None and x0_rhs_scale is None:
         X0 = x0.unsqueeze(0).repeat(c, 1, 1) if c > 1 else x0.unsqueeze(0)
-    drawn = analytic.draw(law, Q, B_hw, lambda shape: torch.randn(
+    drawn = analytic.draw(law, Q, B_hw, lambda shape: torch_backend.normal(
         shape, generator=dyn, dtype=B_hw.dtype, device=B_hw.device), x0=X0, x0_eigen=x0_eigen,
         x0_rhs_scale=x0_rhs_scale, want_end=end_state, end_cols=end_cols,
         state_range=noise.state_range, read_sd=float(noise.read_noise or 0.0))

@@ -99,3 +99,34 @@ def test_folded_read_noise_has_the_variance_of_a_separate_draw():
     expected = Q @ torch.diag(law.sd[0, :, 0] ** 2 + read_sd**2) @ Q.T
     assert torch.allclose(cov, expected, atol=6.0 * float(expected.diag().max()) / m**0.5)
     assert not analytic.draw(law, Q[None], B, normal, read_sd=read_sd, want_end=True).read_noise_drawn
+
+
+@pytest.mark.parametrize("start", ["zero", "warm"])
+def test_log_norm_bound_is_never_below_the_mean_paths_peak(start):
+    """Diagonally dominant programmed matrices (a well-conditioned factor): ``||x0||_inf +
+    ||b||_inf / rate`` bounds the mean path at every time (fine-grid reference)."""
+    times = np.concatenate([[0.0], np.geomspace(1e-3, 2e3, 400)])
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        n, m = 20, 4
+        E = torch.randn(n, n, generator=gen, dtype=torch.float64) * 0.02
+        P = torch.eye(n, dtype=torch.float64) * 0.9 + (E + E.T) / 2
+        lam, Q = torch.linalg.eigh(P)
+        B = torch.randn(n, m, generator=gen, dtype=torch.float64)
+        x0 = torch.randn(n, m, generator=gen, dtype=torch.float64) if start == "warm" else None
+        law = analytic.make_law(lam.numpy()[None], Q.float()[None], 10.0, 50.0, 1e-4, True,
+                                A=P.float()[None])
+        assert float(law.rate) > 0
+        b_max = B.abs().amax().reshape(1)
+        x0_max = None if x0 is None else x0.abs().amax().reshape(1)
+        bound = analytic.log_norm_peak(law, b_max, x0_max)
+        ustar = (Q.T @ B) / lam[:, None]
+        d = -ustar if x0 is None else Q.T @ x0 - ustar
+        margin = analytic.RAIL_SIGMAS * law.coord_sd[0].double()
+        ref = _brute_peak(Q.float(), lam, ustar, d, margin, times)
+        assert bound >= ref * (1 - 1e-6), (seed, bound, ref)
+    # a matrix that is not diagonally dominant has no such bound
+    P = torch.full((4, 4), 0.3, dtype=torch.float64) + 0.1 * torch.eye(4, dtype=torch.float64)
+    lam, Q = torch.linalg.eigh(P)
+    law = analytic.make_law(lam.numpy()[None], Q.float()[None], 10.0, 50.0, 1e-4, True, A=P.float()[None])
+    assert analytic.log_norm_peak(law, torch.ones(1), None) is None
