@@ -302,6 +302,29 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
 }
 
 
+# The option that sets a model's width (``--width`` on the command line): the hidden layer of the
+# CNN's classifier, the ViT's embedding dimension (its MLP blocks are ``mlp_ratio`` times wider),
+# the RNN's state. The MLP and the auto-encoder take a list of widths (``--widths``) instead.
+WIDTH_OPTIONS: dict[str, str] = {"cnn": "hidden", "vit": "dim", "rnn": "hidden"}
+
+
+def with_width(name: str, options: dict[str, Any], width: int) -> dict[str, Any]:
+    """``options`` plus the width option of model ``name`` (:data:`WIDTH_OPTIONS`) set to ``width``.
+
+    Raises ``ValueError`` for a model without a single width, a non-positive width, or options that
+    already set that width to another value.
+    """
+    check_choice("model", name, tuple(MODELS))
+    if name not in WIDTH_OPTIONS:
+        raise ValueError(f"--width applies to {', '.join(WIDTH_OPTIONS)}, not model {name!r}; use "
+                         f"--widths W,W,... for mlp, autoencoder and gcn")
+    check_positive("width", width, integer=True)
+    key = WIDTH_OPTIONS[name]
+    if key in options and options[key] != width:
+        raise ValueError(f"--width {width} and the model option {key}={options[key]} disagree; give one")
+    return {**options, key: int(width)}
+
+
 def available_models() -> list[str]:
     """Names accepted by :func:`build_model`."""
     return list(MODELS)

@@ -25,7 +25,7 @@ from thermo_kfac.experiments.noise_study.study import (
 from thermo_kfac.experiments.progress import add_progress_argument, progress_mode
 from thermo_kfac.experiments.run_notes import children_ignore_sigint
 from thermo_kfac.experiments.training import DEFAULT_BATCH_SIZE
-from thermo_kfac.models import available_models
+from thermo_kfac.models import available_models, with_width
 
 __all__ = ["register"]
 
@@ -38,6 +38,8 @@ def _cli(args: argparse.Namespace) -> int:
     model_options = dict(args.model_options)
     if args.widths is not None:
         model_options["widths"] = args.widths
+    if args.width is not None:
+        model_options = with_width(args.model, model_options, args.width)
     dataset_options: dict[str, Any] = {}
     if args.max_train is not None:
         dataset_options["max_train"] = check_positive("--max-train", args.max_train, integer=True)
@@ -100,6 +102,9 @@ def register(subparsers: Any) -> None:
                         help=f"model: {', '.join(available_models())} (default mlp)")
     parser.add_argument("--widths", type=widths_list, default=None, metavar="W,W,...",
                         help="hidden widths of mlp / encoder widths of autoencoder")
+    parser.add_argument("--width", type=int, default=None, metavar="W",
+                        help="the single width of cnn (classifier hidden layer), vit (embedding "
+                             "dimension) or rnn (state), e.g. 256")
     parser.add_argument("--model-options", type=kv_list, default={}, metavar="K=V,...",
                         help="further model options")
     parser.add_argument("--max-train", type=int, default=None, metavar="N",

@@ -36,7 +36,7 @@ from thermo_kfac.experiments.training.options import (
     OPTIONS,
 )
 from thermo_kfac.experiments.training.outputs import format_table, format_warnings
-from thermo_kfac.models import available_models
+from thermo_kfac.models import available_models, with_width
 
 __all__ = ["add_common_arguments", "register"]
 
@@ -60,6 +60,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                       help="hidden widths of mlp or encoder widths of autoencoder (default: 128,128 "
                            "for mlp; 1000,500,250,30 for autoencoder on 784 inputs, scaled for smaller "
                            "inputs)")
+    task.add_argument("--width", type=int, default=None, metavar="W",
+                      help="the single width of cnn (classifier hidden layer), vit (embedding "
+                           "dimension) or rnn (state), e.g. 256 for the realistic-width workload "
+                           "on digits28 (default: the model's, 64 / 32 / 64)")
     task.add_argument("--activation", default=None, metavar="NAME",
                       help="hidden activation: relu, tanh, sigmoid, gelu, elu, silu (default: relu; "
                            "sigmoid for autoencoder)")
@@ -180,6 +184,8 @@ def _experiment_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("--widths applies to mlp and autoencoder; use --model-options "
                              "channels=...,hidden=... for cnn")
         model_options["widths"] = args.widths
+    if args.width is not None:
+        model_options = with_width(args.model, model_options, args.width)
     if args.activation is not None:
         model_options["activation"] = args.activation
     dataset_options: dict[str, Any] = {}
