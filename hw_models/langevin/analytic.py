@@ -95,7 +95,7 @@ class Law:
     screen_Q: torch.Tensor | None = None  # Q and |Q| in the screen's precision (rails)
     screen_absQ: torch.Tensor | None = None
     one_minus_w: torch.Tensor | None = None  # 1 - w (K, n, 1)
-    rate: torch.Tensor | None = None  # (K,) min_i (2 P_ii - sum_j |P_ij|): the log-norm bound's
+    rate: torch.Tensor | None = None  # (K,) CPU min_i (2 P_ii - sum_j |P_ij|), None unless all > 0
 
 
 def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, kappa0: float,
@@ -125,7 +125,8 @@ def make_law(lam: np.ndarray, Q: torch.Tensor, burn_in: float, window: float, ka
         screen_absQ = screen_Q.abs().contiguous()
         if A is not None:  # 2 P_ii - sum_j |P_ij| = P_ii - sum_{j != i} |P_ij| for P_ii > 0
             Ad = A.double()
-            rate = (2.0 * torch.diagonal(Ad, dim1=-2, dim2=-1) - Ad.abs().sum(dim=-1)).amin(dim=-1)
+            rate = (2.0 * torch.diagonal(Ad, dim1=-2, dim2=-1) - Ad.abs().sum(dim=-1)).amin(dim=-1).cpu()
+            rate = rate if bool((rate > 0).all()) else None  # the bound needs every system dominant
     lam2 = lam**2
     return Law(lam=t(lam), w=t(w), sd=t(np.sqrt(var)), decay=t(decay), gain=t(gain),
                end_sd=t(end_sd), var_sum=float(np.mean(np.sum(var, axis=1))), coord_sd=coord_sd,
@@ -168,9 +169,9 @@ def log_norm_peak(law: Law, b_max: torch.Tensor, x0_max: torch.Tensor | None) ->
     """Check 0 of the module docs: ``max_i |x_i(t)|`` over the run is at most
     ``||x0||_inf + ||b||_inf / rate`` per system (plus the thermal margin) when every programmed
     matrix has ``rate > 0``; ``None`` otherwise. ``b_max``, ``x0_max``: ``(K,)`` abs-maxima."""
-    if law.rate is None or law.coord_sd is None or not bool((law.rate > 0).all()):
+    if law.rate is None or law.coord_sd is None:
         return None
-    peak = b_max.double().cpu() / law.rate.cpu()
+    peak = b_max.double().cpu() / law.rate
     if x0_max is not None:
         peak = peak + x0_max.double().cpu()
     return float(peak.max()) + RAIL_SIGMAS * float(law.coord_sd.amax())
@@ -248,12 +249,13 @@ def draw(law: Law, Q: torch.Tensor, B_hw: torch.Tensor, normal: Callable[[tuple[
     else:
         d = None
     if state_range is not None:
-        b_max = torch.maximum(B_hw.amax(dim=(-2, -1)), B_hw.amin(dim=(-2, -1)).neg())
-        x0_max = None
-        if x0 is not None and d is not None and x0_eigen is None and x0_rhs_scale is None:
-            x0_max = torch.maximum(x0.amax(dim=(-2, -1)), x0.amin(dim=(-2, -1)).neg())
-        elif x0_rhs_scale is not None:
-            x0_max = b_max * abs(x0_rhs_scale)
+        b_max = x0_max = None
+        if law.rate is not None:  # the log-norm bound applies: the loaded input's (and start's) peaks
+            b_max = torch.maximum(B_hw.amax(dim=(-2, -1)), B_hw.amin(dim=(-2, -1)).neg())
+            if x0 is not None and d is not None and x0_eigen is None and x0_rhs_scale is None:
+                x0_max = torch.maximum(x0.amax(dim=(-2, -1)), x0.amin(dim=(-2, -1)).neg())
+            elif x0_rhs_scale is not None:
+                x0_max = b_max * abs(x0_rhs_scale)
         if not within_rails(law, Q, ustar, d, state_range, b_max=b_max, x0_max=x0_max):
             return None
     fold = read_sd > 0 and not want_end
@@ -265,7 +267,8 @@ def draw(law: Law, Q: torch.Tensor, B_hw: torch.Tensor, normal: Callable[[tuple[
         end_noise = end_noise.clone()
     # the time average U = u* + w d + noise, in place on the noise
     if d is None:
-        U = noise.addcmul_(ustar, law.one_minus_w if law.one_minus_w is not None else 1.0 - law.w)
+        assert law.one_minus_w is not None
+        U = noise.addcmul_(ustar, law.one_minus_w)
     else:
         U = noise.add_(ustar).addcmul_(law.w, d)
     end = None

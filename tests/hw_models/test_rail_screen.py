@@ -92,7 +92,7 @@ def test_folded_read_noise_has_the_variance_of_a_separate_draw():
     B = torch.zeros(1, n, m)
     gen = torch.Generator().manual_seed(0)
     normal = lambda shape: torch.randn(shape, generator=gen)  # noqa: E731
-    read_sd = 0.05
+    read_sd = 0.5  # its variance (0.25) well above the tolerance: a missing fold would fail
     drawn = analytic.draw(law, Q[None], B, normal, read_sd=read_sd)
     assert drawn.read_noise_drawn
     cov = drawn.mean[0] @ drawn.mean[0].T / m
@@ -116,7 +116,7 @@ def test_log_norm_bound_is_never_below_the_mean_paths_peak(start):
         x0 = torch.randn(n, m, generator=gen, dtype=torch.float64) if start == "warm" else None
         law = analytic.make_law(lam.numpy()[None], Q.float()[None], 10.0, 50.0, 1e-4, True,
                                 A=P.float()[None])
-        assert float(law.rate) > 0
+        assert law.rate is not None and float(law.rate) > 0
         b_max = B.abs().amax().reshape(1)
         x0_max = None if x0 is None else x0.abs().amax().reshape(1)
         bound = analytic.log_norm_peak(law, b_max, x0_max)
